@@ -1,0 +1,76 @@
+"""The explicit key/value cache pytree.
+
+Conventions (axis letters from STYLE.md): B batch, L layers, S cache rows,
+G kv heads, H head dim.
+
+* `k[l]`, `v[l]`: layer l's keys and values, `[B, S, G, H]`. Keys are stored
+  *after* RoPE at `positions`, so a row carries its position with it.
+* `positions`: `[B, S]` int32, the RoPE position of each row.
+* `valid`: `[B, S]` bool, rows that hold a real token (False for padding and
+  for rows not yet written).
+* `index`: scalar int32, the next row to write; shared by the batch (prompts
+  of different lengths are left-padded so that they all end on the same row).
+
+Attention over a cache uses the *row order* for causality (a query written at
+row r sees valid rows <= r) and `positions` only for RoPE. That is what lets
+a merged cache of K branches, all starting at position 0, sit in rows before
+the synthesizer's own tokens and be fully visible to them.
+
+A stack of K branch caches is the same type whose batch axis is the branch
+axis K (see `psynth_jax.workers.Branches`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from psynth_jax.model.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+  k: tuple[jax.Array, ...]  # L x [B, S, G, H]
+  v: tuple[jax.Array, ...]  # L x [B, S, G, H]
+  positions: jax.Array  # [B, S] int32
+  valid: jax.Array  # [B, S] bool
+  index: jax.Array  # [] int32, next row to write
+
+  @classmethod
+  def empty(cls, config: ModelConfig, batch: int, capacity: int) -> KVCache:
+    dtype = jnp.dtype(config.dtype)
+    shape = (batch, capacity, config.num_kv_heads, config.head_dim)
+    return cls(
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        positions=jnp.zeros((batch, capacity), jnp.int32),
+        valid=jnp.zeros((batch, capacity), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+  @property
+  def batch(self) -> int:
+    return self.valid.shape[0]
+
+  @property
+  def capacity(self) -> int:
+    return self.valid.shape[1]
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.k)
+
+  def lengths(self) -> jax.Array:
+    """Number of valid rows per sequence, [B]."""
+    return self.valid.sum(axis=-1).astype(jnp.int32)
+
+  def check_compatible(self, config: ModelConfig) -> None:
+    """Raises ValueError if this cache was not made by a model with `config`."""
+    want = (config.num_layers, config.num_kv_heads, config.head_dim, jnp.dtype(config.dtype))
+    got = (self.num_layers, *self.k[0].shape[2:], self.k[0].dtype)
+    if want != got:
+      raise ValueError(
+          "KV cache does not match the model: (layers, kv_heads, head_dim, dtype)"
+          f" is {got} in the cache but {want} in the model config"
+      )

@@ -1,0 +1,102 @@
+"""Grouped-query attention with RoPE, optional qkv bias, q/k RMSNorm and LoRA.
+
+Queries attend over the layer's cache rows: row s is visible to a query
+written at row r iff `valid[s]` and s <= r (see `psynth_jax.kv_cache`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.layers import RMSNorm, param
+from psynth_jax.model.rope import apply_rope
+
+_MASKED = -1e30  # finite, so a fully masked (padding) query stays NaN-free
+
+
+class LoRALayer(NamedTuple):
+  """One layer's adapters: target -> (A [D_in, R], B [R, D_out]), and alpha/rank."""
+
+  weights: dict[str, tuple[jax.Array, jax.Array]]
+  scale: float
+
+  def delta(self, target: str, x: jax.Array) -> jax.Array | None:
+    if target not in self.weights:
+      return None
+    a, b = self.weights[target]
+    return (x @ a.astype(x.dtype)) @ b.astype(x.dtype) * jnp.asarray(self.scale, x.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    d, n, g, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    dtype = jnp.dtype(config.dtype)
+    self.config = config
+    self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype)
+    self.k = param(rngs, (d, g, h), ("embed", "kv_heads", "head_dim"), dtype)
+    self.v = param(rngs, (d, g, h), ("embed", "kv_heads", "head_dim"), dtype)
+    self.o = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype, (n * h) ** -0.5)
+    if config.qkv_bias:
+      self.q_bias = nnx.Param(jnp.zeros((n, h), dtype), axes=("heads", "head_dim"))
+      self.k_bias = nnx.Param(jnp.zeros((g, h), dtype), axes=("kv_heads", "head_dim"))
+      self.v_bias = nnx.Param(jnp.zeros((g, h), dtype), axes=("kv_heads", "head_dim"))
+    if config.qk_norm:
+      self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype, "head_dim")
+      self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype, "head_dim")
+
+  def _project(self, x, name: str, lora: LoRALayer | None) -> jax.Array:
+    w = getattr(self, name)[...]  # [D, heads, H]
+    y = jnp.einsum("BTD,DNH->BTNH", x, w)
+    if self.config.qkv_bias:
+      y = y + getattr(self, f"{name}_bias")[...]
+    if lora is not None and (delta := lora.delta(name, x)) is not None:
+      y = y + delta.reshape(y.shape)
+    return y
+
+  def __call__(
+      self,
+      x: jax.Array,  # [B, T, D]
+      positions: jax.Array,  # [B, T]
+      inv_freq: np.ndarray,
+      cache_kv: tuple[jax.Array, jax.Array] | None,  # 2 x [B, S, G, H]
+      index: jax.Array | None,  # [] first row written by x
+      key_mask: jax.Array,  # [B, T, S] bool
+      lora: LoRALayer | None = None,
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    cfg = self.config
+    q = self._project(x, "q", lora)  # [B, T, N, H]
+    k = self._project(x, "k", lora)  # [B, T, G, H]
+    v = self._project(x, "v", lora)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+
+    if cache_kv is not None:
+      k_cache, v_cache = cache_kv
+      start = (0, index, 0, 0)
+      k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+      v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      k, v, new_kv = k_cache, v_cache, (k_cache, v_cache)
+    else:
+      new_kv = None
+
+    b, t, n, h = q.shape
+    g = cfg.num_kv_heads
+    q = q.reshape(b, t, g, n // g, h)  # query heads grouped by their kv head
+    logits = jnp.einsum("BTGQH,BSGH->BGQTS", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (h**-0.5)
+    logits = jnp.where(key_mask[:, None, None], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BGQTS,BSGH->BTGQH", probs, v).reshape(b, t, n, h)
+
+    y = jnp.einsum("BTNH,NHD->BTD", out, self.o[...])
+    if lora is not None and (delta := lora.delta("o", out.reshape(b, t, n * h))) is not None:
+      y = y + delta
+    return y, new_kv

@@ -1,0 +1,144 @@
+"""Model configuration: one frozen dataclass for every supported decoder family.
+
+Supported `model_type`s: llama (incl. Llama-3 RoPE scaling), mistral, qwen2
+(qkv bias), qwen3 (q/k RMSNorm). `ModelConfig.from_hf` reads a Hugging Face
+`config.json` dict in either the transformers v4 schema (`rope_theta`,
+`rope_scaling`, `torch_dtype`) or the v5 schema (`rope_parameters`, `dtype`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModelError(ValueError):
+  """The checkpoint's architecture or one of its options is not supported."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling. `kind` is 'linear' or 'llama3'."""
+
+  kind: str
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static description of a decoder-only transformer (hashable: used as a jit key)."""
+
+  model_type: str
+  vocab_size: int  # V
+  hidden_size: int  # D
+  intermediate_size: int  # F
+  num_layers: int  # L
+  num_heads: int  # N
+  num_kv_heads: int  # G
+  head_dim: int  # H
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  max_position_embeddings: int = 32768
+  dtype: str = "float32"  # parameter and activation dtype: float32 | bfloat16
+
+  def __post_init__(self):
+    if self.model_type not in SUPPORTED_MODEL_TYPES:
+      raise UnsupportedModelError(
+          f"model_type {self.model_type!r} is not supported; expected one of"
+          f" {SUPPORTED_MODEL_TYPES}"
+      )
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} is not a multiple of"
+          f" num_kv_heads={self.num_kv_heads}"
+      )
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+  def replace(self, **changes) -> ModelConfig:
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
+    """Builds a config from a Hugging Face `config.json` dict (v4 or v5 schema)."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      archs = hf.get("architectures")
+      raise UnsupportedModelError(
+          f"unsupported model_type {model_type!r} (architectures={archs});"
+          f" psynth_jax supports {SUPPORTED_MODEL_TYPES}"
+      )
+    if hf.get("mlp_bias"):
+      raise UnsupportedModelError("mlp_bias=True is not supported")
+    num_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+    rope_theta, rope_scaling = _rope_from_hf(hf)
+    if model_type == "qwen2":
+      qkv_bias = True  # Qwen2 always has q/k/v biases; the config does not say so.
+    else:
+      qkv_bias = bool(hf.get("attention_bias", False))
+    if dtype is None:
+      dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+      dtype = "bfloat16" if dtype == "bfloat16" else "float32"
+    return cls(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        qk_norm=model_type == "qwen3",
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        dtype=dtype,
+    )
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+    d = dict(d)
+    if d.get("rope_scaling"):
+      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return cls(**d)
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+  """Reads RoPE theta and scaling from either config schema."""
+  params = hf.get("rope_parameters")  # transformers v5
+  if params is None:
+    params = dict(hf.get("rope_scaling") or {})  # transformers v4
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  kind = params.get("rope_type") or params.get("type") or "default"
+  if kind == "default":
+    return theta, None
+  if kind == "linear":
+    return theta, RopeScaling("linear", float(params["factor"]))
+  if kind == "llama3":
+    return theta, RopeScaling(
+        "llama3",
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+    )
+  raise UnsupportedModelError(f"RoPE scaling type {kind!r} is not supported")

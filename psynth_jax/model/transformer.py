@@ -1,0 +1,204 @@
+"""The decoder and its pure forward function.
+
+`logits, cache = forward(params, tokens, positions, cache, mask)`: params and
+the cache are explicit pytrees passed in and returned. The NNX modules below
+only *define* the computation; `Params` holds a config (static) and the
+module's `nnx.State`, and `forward` merges them inside whatever jit calls it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from psynth_jax.kv_cache import KVCache
+from psynth_jax.model.attention import Attention, LoRALayer
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.layers import MLP, Embed, RMSNorm, param
+from psynth_jax.model.rope import inv_frequencies
+
+
+class Block(nnx.Module):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    dtype = jnp.dtype(config.dtype)
+    self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+    self.attn = Attention(config, rngs)
+    self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+    self.mlp = MLP(config, rngs)
+
+  def __call__(self, x, positions, inv_freq, cache_kv, index, key_mask, lora):
+    h, new_kv = self.attn(
+        self.attn_norm(x), positions, inv_freq, cache_kv, index, key_mask, lora
+    )
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), new_kv
+
+
+class Transformer(nnx.Module):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    self.config = config
+    self.embed = Embed(config, rngs)
+    self.layers = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, jnp.dtype(config.dtype))
+    if not config.tie_word_embeddings:
+      self.lm_head = param(
+          rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
+          jnp.dtype(config.dtype),
+      )
+
+  def unembed(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
+    if self.config.tie_word_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...])
+    return logits.astype(jnp.float32)
+
+
+@struct.dataclass
+class Params:
+  """A model's weights: its config (static) and the decoder's `nnx.State`."""
+
+  config: ModelConfig = struct.field(pytree_node=False)
+  state: nnx.State
+
+  def module(self) -> Transformer:
+    return nnx.merge(graphdef(self.config), self.state)
+
+
+@functools.lru_cache(maxsize=64)
+def graphdef(config: ModelConfig) -> nnx.GraphDef:
+  abstract = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0)))
+  return nnx.split(abstract)[0]
+
+
+def abstract_params(config: ModelConfig) -> Params:
+  """Shapes and dtypes of every parameter (no memory allocated)."""
+  abstract = nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0)))
+  return Params(config, nnx.state(abstract))
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> Params:
+  """Randomly initialised weights (for tests and pretraining from scratch)."""
+  model = Transformer(config, nnx.Rngs(seed))
+  return Params(config, nnx.state(model))
+
+
+def hidden_states(
+    params: Params,
+    tokens: jax.Array,  # [B, T] int
+    positions: jax.Array,  # [B, T] int
+    cache: KVCache | None = None,
+    mask: jax.Array | None = None,  # [B, T] bool, False for padding tokens
+    lora: tuple[LoRALayer, ...] | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+  """Runs the decoder stack; returns final-normed hidden states [B, T, D] and the cache.
+
+  With a cache, the T tokens are written at rows [cache.index, cache.index + T)
+  and attend to every valid earlier row; without one they attend causally to
+  each other only.
+  """
+  model = params.module()
+  config = params.config
+  b, t = tokens.shape
+  if mask is None:
+    mask = jnp.ones((b, t), bool)
+  inv_freq = inv_frequencies(config)
+
+  if cache is None:
+    index = None
+    rows = jnp.arange(t)
+    key_mask = mask[:, None, :] & (rows[None, :] <= rows[:, None])[None]  # [B, T, T]
+  else:
+    index = cache.index
+    positions_all = jax.lax.dynamic_update_slice(
+        cache.positions, positions.astype(jnp.int32), (0, index)
+    )
+    valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+    query_rows = index + jnp.arange(t)  # [T]
+    key_rows = jnp.arange(cache.capacity)  # [S]
+    key_mask = valid[:, None, :] & (key_rows[None, :] <= query_rows[:, None])[None]
+
+  x = model.embed(tokens)
+  new_k, new_v = [], []
+  for i, block in enumerate(model.layers):
+    cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+    layer_lora = None if lora is None else lora[i]
+    x, kv = block(x, positions, inv_freq, cache_kv, index, key_mask, layer_lora)
+    if kv is not None:
+      new_k.append(kv[0])
+      new_v.append(kv[1])
+  x = model.final_norm(x)
+
+  if cache is not None:
+    cache = KVCache(
+        k=tuple(new_k), v=tuple(new_v), positions=positions_all, valid=valid, index=index + t
+    )
+  return x, cache
+
+
+def unembed(params: Params, x: jax.Array) -> jax.Array:
+  """Hidden states [B, T, D] -> float32 logits [B, T, V]."""
+  return params.module().unembed(x)
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache | None = None,
+    mask: jax.Array | None = None,
+    lora: tuple[LoRALayer, ...] | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+  """`logits [B, T, V] float32, cache = forward(params, tokens, positions, cache, mask)`."""
+  x, cache = hidden_states(params, tokens, positions, cache, mask, lora)
+  return unembed(params, x), cache
+
+
+def flat_state(params: Params) -> dict[str, np.ndarray | jax.Array]:
+  """Parameters as {'layers.0.attn.q': array, ...} (the names converters target)."""
+  return {
+      ".".join(str(p) for p in path): var[...]
+      for path, var in nnx.to_flat_state(params.state)
+  }
+
+
+def params_from_flat(
+    config: ModelConfig, arrays: dict[str, np.ndarray], source: str = "checkpoint"
+) -> Params:
+  """Builds Params from {name: array}, checking every name and shape.
+
+  Raises:
+    KeyError: a parameter is missing or an unexpected one is present (names all).
+    ValueError: an array has the wrong shape (names it and both shapes).
+  """
+  abstract = abstract_params(config)
+  want = {
+      ".".join(str(p) for p in path): var
+      for path, var in nnx.to_flat_state(abstract.state)
+  }
+  missing = sorted(set(want) - set(arrays))
+  unexpected = sorted(set(arrays) - set(want))
+  if missing or unexpected:
+    raise KeyError(
+        f"{source} does not match the {config.model_type} model: missing={missing},"
+        f" unexpected={unexpected}"
+    )
+  dtype = jnp.dtype(config.dtype)
+  flat = []
+  for name, var in want.items():
+    arr = arrays[name]
+    if tuple(arr.shape) != tuple(var.shape):
+      raise ValueError(
+          f"{source}: parameter {name!r} has shape {tuple(arr.shape)}, expected"
+          f" {tuple(var.shape)}"
+      )
+    flat.append((tuple(_key(p) for p in name.split(".")), var.replace(jnp.asarray(arr, dtype))))
+  return Params(config, nnx.from_flat_state(flat))
+
+
+def _key(part: str):
+  return int(part) if part.isdigit() else part

@@ -1,0 +1,46 @@
+"""psynth_jax: Parallel-Synthesis (latent KV-cache synthesis of parallel agent branches) in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="psynth_jax",
+    version="0.1.0",
+    description="Parallel-Synthesis in JAX/Flax: synthesizers that read the KV caches of parallel agent branches.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["psynth_jax", "psynth_jax.*"]),
+    package_data={"psynth_jax": ["assets/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2",
+        "orbax-checkpoint>=0.12",
+        "ml_collections",
+        "absl-py",
+        "numpy",
+        "safetensors",
+        "tokenizers",
+        "tensorflow-datasets>=4.9",
+        "array_record",
+        "tqdm",
+        "matplotlib",
+        "tensorboardX",
+    ],
+    extras_require={
+        "hf": ["torch==2.13.0", "transformers>=4.51", "safetensors", "gguf", "accelerate", "peft"],
+        "test": [
+            "pytest",
+            "torch==2.13.0",
+            "transformers>=4.51",
+            "gguf",
+            "accelerate",
+            "peft",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "ruff",
+        ],
+        "tpu": ["jax[tpu]"],
+    },
+    entry_points={"console_scripts": ["psynth=psynth_jax.cli:main"]},
+)

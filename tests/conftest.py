@@ -1,0 +1,25 @@
+"""Shared test setup: float32 at full matmul precision, 8 emulated CPU devices, --runslow."""
+
+import os
+
+# Must happen before jax is imported anywhere: the sharding tests need 8 devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_addoption(parser):
+  parser.addoption("--runslow", action="store_true", default=False, help="run slow tests")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--runslow"):
+    return
+  skip = pytest.mark.skip(reason="slow: pass --runslow")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
