@@ -42,11 +42,11 @@ class KVCache:
     dtype = jnp.dtype(config.dtype)
     shape = (batch, capacity, config.num_kv_heads, config.head_dim)
     return cls(
-        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        positions=jnp.zeros((batch, capacity), jnp.int32),
-        valid=jnp.zeros((batch, capacity), bool),
-        index=jnp.zeros((), jnp.int32),
+      k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+      v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+      positions=jnp.zeros((batch, capacity), jnp.int32),
+      valid=jnp.zeros((batch, capacity), bool),
+      index=jnp.zeros((), jnp.int32),
     )
 
   @property
@@ -71,6 +71,6 @@ class KVCache:
     got = (self.num_layers, *self.k[0].shape[2:], self.k[0].dtype)
     if want != got:
       raise ValueError(
-          "KV cache does not match the model: (layers, kv_heads, head_dim, dtype)"
-          f" is {got} in the cache but {want} in the model config"
+        "KV cache does not match the model: (layers, kv_heads, head_dim, dtype)"
+        f" is {got} in the cache but {want} in the model config"
       )

@@ -60,14 +60,14 @@ class Attention(nnx.Module):
     return y
 
   def __call__(
-      self,
-      x: jax.Array,  # [B, T, D]
-      positions: jax.Array,  # [B, T]
-      inv_freq: np.ndarray,
-      cache_kv: tuple[jax.Array, jax.Array] | None,  # 2 x [B, S, G, H]
-      index: jax.Array | None,  # [] first row written by x
-      key_mask: jax.Array,  # [B, T, S] bool
-      lora: LoRALayer | None = None,
+    self,
+    x: jax.Array,  # [B, T, D]
+    positions: jax.Array,  # [B, T]
+    inv_freq: np.ndarray,
+    cache_kv: tuple[jax.Array, jax.Array] | None,  # 2 x [B, S, G, H]
+    index: jax.Array | None,  # [] first row written by x
+    key_mask: jax.Array,  # [B, T, S] bool
+    lora: LoRALayer | None = None,
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     cfg = self.config
     q = self._project(x, "q", lora)  # [B, T, N, H]

@@ -53,13 +53,11 @@ class ModelConfig:
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
       raise UnsupportedModelError(
-          f"model_type {self.model_type!r} is not supported; expected one of"
-          f" {SUPPORTED_MODEL_TYPES}"
+        f"model_type {self.model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
       )
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"num_heads={self.num_heads} is not a multiple of"
-          f" num_kv_heads={self.num_kv_heads}"
+        f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
       )
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
@@ -76,8 +74,8 @@ class ModelConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
       archs = hf.get("architectures")
       raise UnsupportedModelError(
-          f"unsupported model_type {model_type!r} (architectures={archs});"
-          f" psynth_jax supports {SUPPORTED_MODEL_TYPES}"
+        f"unsupported model_type {model_type!r} (architectures={archs});"
+        f" psynth_jax supports {SUPPORTED_MODEL_TYPES}"
       )
     if hf.get("mlp_bias"):
       raise UnsupportedModelError("mlp_bias=True is not supported")
@@ -92,22 +90,22 @@ class ModelConfig:
       dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
       dtype = "bfloat16" if dtype == "bfloat16" else "float32"
     return cls(
-        model_type=model_type,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=head_dim,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=qkv_bias,
-        qk_norm=model_type == "qwen3",
-        max_position_embeddings=hf.get("max_position_embeddings", 32768),
-        dtype=dtype,
+      model_type=model_type,
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=num_heads,
+      num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+      head_dim=head_dim,
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      rope_theta=rope_theta,
+      rope_scaling=rope_scaling,
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      qkv_bias=qkv_bias,
+      qk_norm=model_type == "qwen3",
+      max_position_embeddings=hf.get("max_position_embeddings", 32768),
+      dtype=dtype,
     )
 
   def to_dict(self) -> dict[str, Any]:
@@ -135,10 +133,10 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     return theta, RopeScaling("linear", float(params["factor"]))
   if kind == "llama3":
     return theta, RopeScaling(
-        "llama3",
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+      "llama3",
+      factor=float(params["factor"]),
+      low_freq_factor=float(params["low_freq_factor"]),
+      high_freq_factor=float(params["high_freq_factor"]),
+      original_max_position_embeddings=int(params["original_max_position_embeddings"]),
     )
   raise UnsupportedModelError(f"RoPE scaling type {kind!r} is not supported")

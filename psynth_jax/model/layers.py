@@ -39,7 +39,7 @@ class Embed(nnx.Module):
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.dtype)
     self.embedding = param(
-        rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype, 0.02
+      rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype, 0.02
     )
 
   def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]

@@ -31,9 +31,7 @@ class Block(nnx.Module):
     self.mlp = MLP(config, rngs)
 
   def __call__(self, x, positions, inv_freq, cache_kv, index, key_mask, lora):
-    h, new_kv = self.attn(
-        self.attn_norm(x), positions, inv_freq, cache_kv, index, key_mask, lora
-    )
+    h, new_kv = self.attn(self.attn_norm(x), positions, inv_freq, cache_kv, index, key_mask, lora)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), new_kv
 
@@ -46,8 +44,10 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, jnp.dtype(config.dtype))
     if not config.tie_word_embeddings:
       self.lm_head = param(
-          rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
-          jnp.dtype(config.dtype),
+        rngs,
+        (config.hidden_size, config.vocab_size),
+        ("embed", "vocab"),
+        jnp.dtype(config.dtype),
       )
 
   def unembed(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
@@ -88,12 +88,12 @@ def init_params(config: ModelConfig, seed: int = 0) -> Params:
 
 
 def hidden_states(
-    params: Params,
-    tokens: jax.Array,  # [B, T] int
-    positions: jax.Array,  # [B, T] int
-    cache: KVCache | None = None,
-    mask: jax.Array | None = None,  # [B, T] bool, False for padding tokens
-    lora: tuple[LoRALayer, ...] | None = None,
+  params: Params,
+  tokens: jax.Array,  # [B, T] int
+  positions: jax.Array,  # [B, T] int
+  cache: KVCache | None = None,
+  mask: jax.Array | None = None,  # [B, T] bool, False for padding tokens
+  lora: tuple[LoRALayer, ...] | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
   """Runs the decoder stack; returns final-normed hidden states [B, T, D] and the cache.
 
@@ -115,7 +115,7 @@ def hidden_states(
   else:
     index = cache.index
     positions_all = jax.lax.dynamic_update_slice(
-        cache.positions, positions.astype(jnp.int32), (0, index)
+      cache.positions, positions.astype(jnp.int32), (0, index)
     )
     valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
     query_rows = index + jnp.arange(t)  # [T]
@@ -135,7 +135,7 @@ def hidden_states(
 
   if cache is not None:
     cache = KVCache(
-        k=tuple(new_k), v=tuple(new_v), positions=positions_all, valid=valid, index=index + t
+      k=tuple(new_k), v=tuple(new_v), positions=positions_all, valid=valid, index=index + t
     )
   return x, cache
 
@@ -146,12 +146,12 @@ def unembed(params: Params, x: jax.Array) -> jax.Array:
 
 
 def forward(
-    params: Params,
-    tokens: jax.Array,
-    positions: jax.Array,
-    cache: KVCache | None = None,
-    mask: jax.Array | None = None,
-    lora: tuple[LoRALayer, ...] | None = None,
+  params: Params,
+  tokens: jax.Array,
+  positions: jax.Array,
+  cache: KVCache | None = None,
+  mask: jax.Array | None = None,
+  lora: tuple[LoRALayer, ...] | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
   """`logits [B, T, V] float32, cache = forward(params, tokens, positions, cache, mask)`."""
   x, cache = hidden_states(params, tokens, positions, cache, mask, lora)
@@ -160,14 +160,11 @@ def forward(
 
 def flat_state(params: Params) -> dict[str, np.ndarray | jax.Array]:
   """Parameters as {'layers.0.attn.q': array, ...} (the names converters target)."""
-  return {
-      ".".join(str(p) for p in path): var[...]
-      for path, var in nnx.to_flat_state(params.state)
-  }
+  return {".".join(str(p) for p in path): var[...] for path, var in nnx.to_flat_state(params.state)}
 
 
 def params_from_flat(
-    config: ModelConfig, arrays: dict[str, np.ndarray], source: str = "checkpoint"
+  config: ModelConfig, arrays: dict[str, np.ndarray], source: str = "checkpoint"
 ) -> Params:
   """Builds Params from {name: array}, checking every name and shape.
 
@@ -176,16 +173,13 @@ def params_from_flat(
     ValueError: an array has the wrong shape (names it and both shapes).
   """
   abstract = abstract_params(config)
-  want = {
-      ".".join(str(p) for p in path): var
-      for path, var in nnx.to_flat_state(abstract.state)
-  }
+  want = {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(abstract.state)}
   missing = sorted(set(want) - set(arrays))
   unexpected = sorted(set(arrays) - set(want))
   if missing or unexpected:
     raise KeyError(
-        f"{source} does not match the {config.model_type} model: missing={missing},"
-        f" unexpected={unexpected}"
+      f"{source} does not match the {config.model_type} model: missing={missing},"
+      f" unexpected={unexpected}"
     )
   dtype = jnp.dtype(config.dtype)
   flat = []
@@ -193,8 +187,7 @@ def params_from_flat(
     arr = arrays[name]
     if tuple(arr.shape) != tuple(var.shape):
       raise ValueError(
-          f"{source}: parameter {name!r} has shape {tuple(arr.shape)}, expected"
-          f" {tuple(var.shape)}"
+        f"{source}: parameter {name!r} has shape {tuple(arr.shape)}, expected {tuple(var.shape)}"
       )
     flat.append((tuple(_key(p) for p in name.split(".")), var.replace(jnp.asarray(arr, dtype))))
   return Params(config, nnx.from_flat_state(flat))

@@ -1,0 +1,175 @@
+"""`LanguageModel`: weights + tokenizer + the jitted entry points users call."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psynth_jax import decode
+from psynth_jax.model.transformer import Params, forward
+
+
+@jax.jit
+def _logits(params: Params, tokens: jax.Array, mask: jax.Array, lora=None) -> jax.Array:
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  return forward(params, tokens, positions, None, mask, lora)[0]
+
+
+@dataclasses.dataclass
+class LanguageModel:
+  """A decoder with its tokenizer (optional: token-id APIs work without one).
+
+  Attributes:
+    params: the frozen base weights.
+    tokenizer: a `psynth_jax.tokenizer.Tokenizer`-like object or None.
+    stop_ids: token ids that end generation (the checkpoint's EOS ids).
+    pad_id: id written into padding slots (never fed to the model unmasked).
+  """
+
+  params: Params
+  tokenizer: Any = None
+  stop_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+
+  @property
+  def config(self):
+    return self.params.config
+
+  def logits(self, tokens, lora=None) -> jax.Array:
+    """Full causal forward without a cache: tokens [B, T] -> float32 logits [B, T, V]."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    self._check_ids(tokens)
+    return _logits(self.params, tokens, jnp.ones(tokens.shape, bool), lora)
+
+  def generate(
+    self,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_ids: Sequence[int] | None = None,
+    lora=None,
+  ) -> list[list[int]]:
+    """Generates for a batch of token-id prompts of different lengths.
+
+    Returns, per prompt, the new token ids up to (not including) the first stop id.
+    """
+    spec, batch, capacity = self._prepare(
+      prompts, max_new_tokens, temperature, top_k, top_p, stop_ids
+    )
+    state = decode.generate_tokens(
+      self.params,
+      jnp.asarray(batch.tokens),
+      jnp.asarray(batch.positions),
+      jnp.asarray(batch.mask),
+      jax.random.key(seed),
+      spec,
+      capacity,
+      lora,
+    )
+    return decode.trim(jax.device_get(state.tokens), spec.stop_ids)
+
+  def stream(
+    self,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+  ) -> Iterator[int]:
+    """Yields new tokens one at a time (Python step loop over the same decode step)."""
+    spec, batch, capacity = self._prepare([prompt], max_new_tokens, temperature, top_k, top_p, None)
+    first = decode.jit_begin(
+      self.params,
+      jnp.asarray(batch.tokens),
+      jnp.asarray(batch.positions),
+      jnp.asarray(batch.mask),
+      jax.random.key(seed),
+      spec,
+      capacity,
+    )
+    for state in decode.step_loop(self.params, first, spec):
+      token = int(state.last[0])
+      if token in spec.stop_ids:
+        return
+      yield token
+
+  def _prepare(self, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids):
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    length = decode.bucket(max((len(p) for p in prompts), default=0))
+    batch = decode.pad_prompts(prompts, length, self.pad_id)
+    self._check_ids(batch.tokens)
+    capacity = decode.bucket(length + max_new_tokens)
+    limit = self.config.max_position_embeddings
+    if batch.lengths.max() + max_new_tokens > limit:
+      raise ValueError(
+        f"prompt ({batch.lengths.max()} tokens) + max_new_tokens ({max_new_tokens}) exceeds"
+        f" the model's max_position_embeddings ({limit})"
+      )
+    spec = decode.DecodeSpec(
+      max_new_tokens=max_new_tokens,
+      sampling=decode.Sampling(temperature, top_k, top_p),
+      stop_ids=tuple(self.stop_ids if stop_ids is None else stop_ids),
+      pad_id=self.pad_id,
+    )
+    return spec, batch, capacity
+
+  def _check_ids(self, tokens) -> None:
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+      raise ValueError(
+        f"token ids must be in [0, {self.config.vocab_size}), got range"
+        f" [{tokens.min()}, {tokens.max()}]"
+      )
+
+  # Text helpers (need a tokenizer).
+
+  def encode_chat(self, user: str, system: str | None = None) -> list[int]:
+    """Chat-templated prompt ids for one user message."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": user})
+    text = self._tokenizer().apply_chat_template(messages, add_generation_prompt=True)
+    return self._tokenizer().encode(text)
+
+  def decode_text(self, ids: Sequence[int]) -> str:
+    return self._tokenizer().decode(list(ids))
+
+  def _tokenizer(self):
+    if self.tokenizer is None:
+      raise ValueError("this LanguageModel has no tokenizer; pass token ids instead")
+    return self.tokenizer
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str | None = None) -> LanguageModel:
+  """Loads a model from an HF folder, a converted psynth folder, or a .gguf file.
+
+  Args:
+    path: folder with `config.json` + safetensors (Hugging Face), folder with
+      `psynth_config.json` (written by `psynth convert`), or a `.gguf` file.
+    dtype: "float32" or "bfloat16"; default: the checkpoint's.
+  """
+  from psynth_jax.convert.checkpoint import load_params
+  from psynth_jax.tokenizer import Tokenizer
+
+  params = load_params(path, dtype=dtype)
+  folder = os.fspath(path) if os.path.isdir(path) else os.path.dirname(os.fspath(path))
+  tokenizer = None
+  if os.path.exists(os.path.join(folder, "tokenizer.json")):
+    tokenizer = Tokenizer.from_folder(folder)
+  stop_ids = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
+  pad_id = (
+    tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+  )
+  return LanguageModel(params, tokenizer, stop_ids, pad_id)
