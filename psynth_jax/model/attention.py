@@ -21,15 +21,21 @@ _MASKED = -1e30  # finite, so a fully masked (padding) query stays NaN-free
 
 
 class LoRALayer(NamedTuple):
-  """One layer's adapters: target -> (A [D_in, R], B [R, D_out]), and alpha/rank."""
+  """One layer's adapters: target -> (A [D_in, R], B [R, D_out]); see `model/lora.py`."""
 
   weights: dict[str, tuple[jax.Array, jax.Array]]
   scale: float
+  dropout: float = 0.0
+  rng: jax.Array | None = None  # dropout is applied only when a key is given
 
   def delta(self, target: str, x: jax.Array) -> jax.Array | None:
     if target not in self.weights:
       return None
     a, b = self.weights[target]
+    if self.dropout > 0.0 and self.rng is not None:
+      key = jax.random.fold_in(self.rng, "qkvo".index(target))
+      keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
     return (x @ a.astype(x.dtype)) @ b.astype(x.dtype) * jnp.asarray(self.scale, x.dtype)
 
 

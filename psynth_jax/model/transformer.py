@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx, struct
 
 from psynth_jax.kv_cache import KVCache
-from psynth_jax.model.attention import Attention, LoRALayer
+from psynth_jax.model.attention import Attention
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.layers import MLP, Embed, RMSNorm, param
 from psynth_jax.model.rope import inv_frequencies
@@ -93,13 +93,15 @@ def hidden_states(
   positions: jax.Array,  # [B, T] int
   cache: KVCache | None = None,
   mask: jax.Array | None = None,  # [B, T] bool, False for padding tokens
-  lora: tuple[LoRALayer, ...] | None = None,
+  lora=None,
+  lora_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
   """Runs the decoder stack; returns final-normed hidden states [B, T, D] and the cache.
 
   With a cache, the T tokens are written at rows [cache.index, cache.index + T)
   and attend to every valid earlier row; without one they attend causally to
-  each other only.
+  each other only. `lora` is a `psynth_jax.model.lora.LoRAWeights` (or None);
+  `lora_rng` turns on its dropout.
   """
   model = params.module()
   config = params.config
@@ -122,11 +124,12 @@ def hidden_states(
     key_rows = jnp.arange(cache.capacity)  # [S]
     key_mask = valid[:, None, :] & (key_rows[None, :] <= query_rows[:, None])[None]
 
+  lora_layers = None if lora is None else lora.layers(lora_rng)
   x = model.embed(tokens)
   new_k, new_v = [], []
   for i, block in enumerate(model.layers):
     cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-    layer_lora = None if lora is None else lora[i]
+    layer_lora = None if lora_layers is None else lora_layers[i]
     x, kv = block(x, positions, inv_freq, cache_kv, index, key_mask, layer_lora)
     if kv is not None:
       new_k.append(kv[0])
@@ -151,7 +154,7 @@ def forward(
   positions: jax.Array,
   cache: KVCache | None = None,
   mask: jax.Array | None = None,
-  lora: tuple[LoRALayer, ...] | None = None,
+  lora=None,
 ) -> tuple[jax.Array, KVCache | None]:
   """`logits [B, T, V] float32, cache = forward(params, tokens, positions, cache, mask)`."""
   x, cache = hidden_states(params, tokens, positions, cache, mask, lora)
