@@ -158,6 +158,9 @@ def decode_loop(params: Params, state: DecodeState, spec: DecodeSpec, lora=None)
   )
 
 
+jit_decode_loop = jax.jit(decode_loop, static_argnames=("spec",), donate_argnames=("state",))
+
+
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
 def jit_decode_step(params: Params, state: DecodeState, spec: DecodeSpec, lora=None):
   return decode_step(params, state, spec, lora)

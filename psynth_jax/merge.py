@@ -1,0 +1,85 @@
+"""Re-encode, map and merge K branch caches into one synthesizer cache.
+
+1. Re-encoding: branch i's keys were rotated at offsets[i] + t; rotating them
+   by -offsets[i] puts every branch at positions t in [0, L_i), all starting at
+   the same branching point. RoPE rotations compose, so this equals recomputing
+   the keys at the new positions (up to float rounding). Values are untouched.
+2. Mapping: `psynth_jax.mapper` coefficients, per branch and layer.
+3. Merging: the valid rows of all branches are packed, in branch order, into
+   rows [0, sum L_i) of a fresh cache; the synthesizer's own tokens follow
+   from row `rows` on. Attention treats all branch rows alike (fully visible,
+   order-free), so the synthesizer's view does not depend on branch order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from psynth_jax.kv_cache import KVCache
+from psynth_jax.mapper import Mapper, apply
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.rope import apply_rope, inv_frequencies
+
+
+def reencode(k: jax.Array, offsets: jax.Array, config: ModelConfig) -> jax.Array:
+  """Rotates keys [K, S, G, H] by -offsets [K] (every row of branch i alike)."""
+  shift = jnp.broadcast_to(-offsets[:, None], k.shape[:2])
+  return apply_rope(k, shift, inv_frequencies(config))
+
+
+def mapped_branch_kv(branches, config: ModelConfig, mapper: Mapper | None, num_workers=None):
+  """Re-encoded and mapped branch keys/values: two tuples of L x [K, S, G, H]."""
+  k = tuple(reencode(kl, branches.offsets, config) for kl in branches.cache.k)
+  v = branches.cache.v
+  if mapper is not None and mapper.kind != "identity":
+    if mapper.num_layers != config.num_layers:
+      raise ValueError(f"mapper has {mapper.num_layers} layers, the model {config.num_layers}")
+    if num_workers is None:
+      num_workers = jnp.asarray(branches.num_branches)
+    k, v = apply(mapper.coefficients(k, v, branches.lengths, num_workers), k, v)
+  return k, v
+
+
+def merge(
+  branches, config: ModelConfig, mapper: Mapper | None, rows: int, capacity: int, num_workers=None
+) -> KVCache:
+  """One example's branches -> a batch-1 cache of `capacity` rows, branch rows packed first.
+
+  Args:
+    branches: `Branches` with K branches (rows [0, L_i) valid in each).
+    config: the model config (RoPE variant).
+    mapper: a `Mapper` or None (identity).
+    rows: static number of rows reserved for branches (>= sum of lengths).
+    capacity: total rows (>= rows), the rest left for the synthesizer's tokens.
+    num_workers: K as the mapper sees it (default: the number of branches).
+
+  Returns:
+    KVCache [1, capacity] with valid rows [0, sum L_i), positions t within each
+    branch, and `index` = rows (where the synthesizer prompt is written).
+  """
+  k, v = mapped_branch_kv(branches, config, mapper, num_workers)
+  lengths = branches.lengths
+  starts = jnp.cumsum(lengths) - lengths  # [K]
+  total = lengths.sum()
+  r = jnp.arange(rows)
+  branch = jnp.clip(jnp.searchsorted(jnp.cumsum(lengths), r, side="right"), 0, lengths.shape[0] - 1)
+  local = jnp.clip(r - starts[branch], 0, branches.capacity - 1)  # [rows]
+  valid = r < total
+
+  def gather(x):  # [K, S, G, H] -> [1, capacity, G, H]
+    packed = x[branch, local]
+    return jnp.pad(packed, ((0, capacity - rows), (0, 0), (0, 0)))[None]
+
+  return KVCache(
+    k=tuple(gather(kl) for kl in k),
+    v=tuple(gather(vl) for vl in v),
+    positions=jnp.pad(jnp.where(valid, local, 0), (0, capacity - rows))[None].astype(jnp.int32),
+    valid=jnp.pad(valid, (0, capacity - rows))[None],
+    index=jnp.asarray(rows, jnp.int32),
+  )
+
+
+def synth_start_position(branches) -> jax.Array:
+  """The synthesizer prompt starts at position max_i L_i."""
+  return branches.lengths.max()

@@ -1,0 +1,252 @@
+"""Synthesis: from K branch caches (Parallel-Synthesis) or from concatenated text (baseline).
+
+Cache path (`synthesize`): re-encode + map + merge the branch caches, prefill
+the synthesizer prompt S at positions max_i L_i + j with the synthesizer's
+LoRA, sample, then decode. Text path (`synthesize_text`): the base model
+prefills the whole concatenated prompt and decodes with the same decoder and
+the same sampling.
+
+TTFT (DESIGN.md §2) is measured from "branch caches ready" to "first token on
+the host". By default each path runs as two compiled programs: everything up
+to the first token (one jit: merge + prefill + first sample), then the
+`lax.while_loop` decode, so the first token reaches the host before decoding
+finishes. `fused=True` compiles the whole path as one program (no TTFT).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psynth_jax import decode
+from psynth_jax.mapper import Mapper
+from psynth_jax.merge import merge, synth_start_position
+from psynth_jax.model.transformer import Params, hidden_states, unembed
+from psynth_jax.workers import Branches
+
+
+@dataclasses.dataclass
+class SynthesisResult:
+  tokens: list[int]  # generated ids (stop id excluded)
+  text: str | None
+  ttft_s: float | None  # caches ready (or text given) -> first token on host
+  total_s: float
+  prompt_tokens: int  # tokens the synthesizer prefilled
+  stages: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _first_token(
+  params: Params,
+  branches: Branches,
+  tokens,
+  positions,
+  mask,
+  mapper,
+  lora,
+  rng,
+  spec,
+  rows,
+  capacity,
+):
+  cache = merge(branches, params.config, mapper, rows, capacity)
+  positions = positions + synth_start_position(branches)
+  logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
+  return decode.start(logits, positions[:, -1] + 1, cache, rng, spec)
+
+
+_jit_first_token = jax.jit(_first_token, static_argnames=("spec", "rows", "capacity"))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "rows", "capacity"))
+def _fused(params, branches, tokens, positions, mask, mapper, lora, rng, spec, rows, capacity):
+  state = _first_token(
+    params, branches, tokens, positions, mask, mapper, lora, rng, spec, rows, capacity
+  )
+  return decode.decode_loop(params, state, spec, lora)
+
+
+_jit_merge = jax.jit(merge, static_argnames=("config", "rows", "capacity"))
+
+
+def check_branches(lm, branches: Branches) -> None:
+  """Clear errors for branches that this model cannot read."""
+  if branches.num_branches == 0:
+    raise ValueError("synthesis needs at least one branch")
+  branches.cache.check_compatible(lm.config)
+
+
+def branch_rows(branches: Branches) -> int:
+  """Static rows reserved for the merged branches: a bucket of sum L_i."""
+  return decode.bucket(int(np.asarray(branches.lengths).sum()))
+
+
+def synthesize(
+  lm,
+  branches: Branches,
+  synth_prompt: Sequence[int],
+  mapper: Mapper | None = None,
+  lora=None,
+  max_new_tokens: int = 64,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  seed: int = 0,
+  fused: bool = False,
+  profile: bool = False,
+) -> SynthesisResult:
+  """Parallel-Synthesis: the synthesizer reads the merged branch caches.
+
+  Args:
+    lm: the `LanguageModel` (base weights; workers made `branches` with it).
+    branches: the K worker branches (`run_workers` or `encode_branches`).
+    synth_prompt: the synthesizer's own prompt ids (restating the question).
+    mapper: cache mapper (None: identity, the naive merge).
+    lora: the synthesizer's `LoRAWeights` (None: base model).
+    fused: one compiled program for the whole path (then `ttft_s` is None).
+    profile: also time the merge and the prefill as separate programs.
+  """
+  check_branches(lm, branches)
+  spec, batch, _ = lm._prepare([synth_prompt], max_new_tokens, temperature, top_k, top_p, None)
+  rows = branch_rows(branches)
+  start = int(np.asarray(branches.lengths).max())
+  if start + batch.lengths[0] + max_new_tokens > lm.config.max_position_embeddings:
+    raise ValueError(
+      "longest branch + synthesizer prompt + max_new_tokens exceed max_position_embeddings"
+    )
+  capacity = rows + decode.bucket(batch.tokens.shape[1] + max_new_tokens)
+  args = (
+    lm.params,
+    branches,
+    jnp.asarray(batch.tokens),
+    jnp.asarray(batch.positions),
+    jnp.asarray(batch.mask),
+    mapper,
+    lora,
+    jax.random.key(seed),
+    spec,
+    rows,
+    capacity,
+  )
+  stages = _profile_cache_path(lm, branches, mapper, rows, capacity) if profile else {}
+  return _run(lm, args, spec, fused, _jit_first_token, _fused, lora, len(synth_prompt), stages)
+
+
+def synthesize_text(
+  lm,
+  prompt: str | Sequence[int],
+  max_new_tokens: int = 64,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  seed: int = 0,
+  fused: bool = False,
+) -> SynthesisResult:
+  """Text-concatenation baseline: the base model prefills the whole prompt.
+
+  `prompt` is text (tokenised inside the timed region, as DESIGN.md §2 says)
+  or token ids.
+  """
+  t0 = time.perf_counter()
+  ids = lm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+  spec, batch, capacity = lm._prepare([ids], max_new_tokens, temperature, top_k, top_p, None)
+  tokenize_s = time.perf_counter() - t0
+  args = (
+    lm.params,
+    jnp.asarray(batch.tokens),
+    jnp.asarray(batch.positions),
+    jnp.asarray(batch.mask),
+    jax.random.key(seed),
+    spec,
+    capacity,
+  )
+  result = _run(
+    lm,
+    args,
+    spec,
+    fused,
+    decode.jit_begin,
+    decode.generate_tokens,
+    None,
+    len(ids),
+    {"tokenize": tokenize_s},
+  )
+  if result.ttft_s is not None:
+    result.ttft_s += tokenize_s
+  result.total_s += tokenize_s
+  return result
+
+
+def _run(lm, args, spec, fused, first_fn, fused_fn, lora, n_prompt, stages) -> SynthesisResult:
+  params = args[0]
+  t0 = time.perf_counter()
+  if fused:
+    state = fused_fn(*args)
+    ttft = None
+  else:
+    state = first_fn(*args)
+    first = int(jax.device_get(state.tokens[0, 0]))  # first token on the host
+    ttft = time.perf_counter() - t0
+    del first
+    state = decode.jit_decode_loop(params, state, spec, lora)
+  tokens = decode.trim(jax.device_get(state.tokens), spec.stop_ids)[0]
+  total = time.perf_counter() - t0
+  text = lm.decode_text(tokens) if lm.tokenizer is not None else None
+  return SynthesisResult(tokens, text, ttft, total, n_prompt, stages)
+
+
+def _profile_cache_path(lm, branches, mapper, rows, capacity) -> dict[str, float]:
+  t0 = time.perf_counter()
+  jax.block_until_ready(_jit_merge(branches, lm.config, mapper, rows, capacity))
+  return {"reencode_map_merge": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------
+# Logits over the synthesizer's tokens (tests, training).
+
+
+def latent_hidden(
+  params: Params,
+  branches: Branches,  # leading batch axis B over examples: [B, K, ...]
+  tokens: jax.Array,  # [B, T] right-padded synthesizer tokens
+  mask: jax.Array,  # [B, T]
+  mapper: Mapper | None,
+  lora,
+  rows: int,
+  num_workers: jax.Array | None = None,  # [B], K per example (default: K)
+  lora_rng: jax.Array | None = None,
+) -> jax.Array:
+  """Final hidden states [B, T, D] of the synthesizer over merged branch caches."""
+  b, t = tokens.shape
+  if num_workers is None:
+    num_workers = jnp.full((b,), branches.lengths.shape[1])
+
+  def one(br, nw):
+    cache = merge(br, params.config, mapper, rows, rows + t, nw)
+    return jax.tree.map(lambda x: x[0] if x.ndim else x, cache), synth_start_position(br)
+
+  caches, starts = jax.vmap(one)(branches, num_workers)
+  cache = caches.replace(index=jnp.asarray(rows, jnp.int32))  # vmap stacked the index
+  positions = starts[:, None] + jnp.arange(t)[None, :]
+  x, _ = hidden_states(params, tokens, positions, cache, mask, lora, lora_rng)
+  return x
+
+
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _synthesis_logits(params, branches, tokens, mapper, lora, rows):
+  batched = jax.tree.map(lambda x: x[None], branches)
+  x = latent_hidden(params, batched, tokens, jnp.ones(tokens.shape, bool), mapper, lora, rows)
+  return unembed(params, x)[0]
+
+
+def synthesis_logits(lm, branches: Branches, synth_prompt: Sequence[int], mapper=None, lora=None):
+  """Logits [T, V] over the synthesizer prompt tokens, reading the merged branch caches."""
+  check_branches(lm, branches)
+  tokens = jnp.asarray([list(synth_prompt)], jnp.int32)
+  lm._check_ids(tokens)
+  return _synthesis_logits(lm.params, branches, tokens, mapper, lora, branch_rows(branches))

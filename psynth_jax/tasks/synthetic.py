@@ -1,0 +1,400 @@
+"""Seeded synthetic agent-workflow suite, its prompt formats and a character tokenizer.
+
+Three families mirror real worker-branch roles; every text is short, lowercase and
+regular so that a tiny character-level model can learn the whole suite:
+
+- `evidence`: each branch is a retrieved passage ("zed lives in oslo."); the
+  question needs 2-3 of them (multi-hop), the other branches are distractors.
+  City->country maps are random per example, so answers must be read, not recalled.
+- `candidates`: branches show worked solutions of one expression ("7+5*2: 5*2=10,
+  7+10=17"); wrong ones go left to right or right to left; at least one is right.
+- `tools`: branches hold tool results ("price(apple)=4") to sum, max, min, sort,
+  count or add in pairs, sometimes mixed with another tool's results.
+
+Splits are disjoint by construction: an example belongs to the split picked by a hash
+of its question and branches, or of its question alone where that fixes the answer
+(`candidates`), so no test answer can be memorised. All prompt formats live here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import string
+from collections.abc import Iterable, Sequence
+
+FAMILIES = ("evidence", "candidates", "tools")
+SPLITS = ("train", "validation", "test")
+MAX_WORKERS = 8
+# Percent of the content-hash space owned by each split.
+_SPLIT_BUCKETS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>", "<unk>")
+ALPHABET = "\n .,:?=+-*()[]'" + string.digits + string.ascii_lowercase
+END_MARKER = "<eos>"
+
+PEOPLE = ("zed", "ann", "bob", "kim", "lea", "max", "ida", "tom", "eva", "sam", "joe", "mia")
+CITIES = ("oslo", "rome", "lima", "kyiv", "doha", "riga", "baku", "bern", "pune", "cork", "quito")
+COUNTRIES = ("norway", "peru", "chad", "mali", "fiji", "cuba", "oman", "laos", "togo", "spain")
+_PERSON_FILLERS = ("likes tea", "likes jazz", "has a dog", "has a cat", "plays chess", "can swim")
+_PLACE_FILLERS = ("is big", "is old", "is by the sea", "has a port", "is cold", "is hot")
+_TOOLS = {
+  "price": ("fruit", "fruits", ("apple", "fig", "kiwi", "lime", "pear", "plum", "date", "mango")),
+  "weight": ("animal", "animals", ("cat", "dog", "cow", "pig", "fox", "owl", "yak", "hen")),
+  "age": ("person", "people", PEOPLE[:8]),
+}
+_METHODS = {"precedence": "by precedence", "left": "left to right", "right": "right to left"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One workflow instance: K worker prompts, their outputs (branches) and the answer."""
+
+  id: str
+  family: str
+  question: str
+  branches: tuple[str, ...]
+  worker_prompts: tuple[str, ...]
+  answer: str
+
+  def to_json(self) -> dict:
+    """The trainer's JSONL record (`task` is the family), plus the fields to rebuild self."""
+    return {
+      "id": self.id,
+      "task": self.family,
+      "question": self.question,
+      "branches": list(self.branches),
+      "worker_prompts": list(self.worker_prompts),
+      "synth_prompt": synth_prompt_text(self),
+      "target": target_text(self),
+      "answer": self.answer,
+    }
+
+  @classmethod
+  def from_json(cls, record: dict) -> Example:
+    """Inverse of `to_json`; records without `answer` take it from `target`."""
+    answer = record["answer"] if "answer" in record else record["target"].split(END_MARKER)[0]
+    return cls(
+      id=str(record["id"]),
+      family=record.get("task", record.get("family", "")),
+      question=record["question"],
+      branches=tuple(record["branches"]),
+      worker_prompts=tuple(record.get("worker_prompts", ())),
+      answer=answer.strip(),
+    )
+
+
+# ---------------------------------------------------------------- prompt formats
+def worker_prompt_text(example: Example, i: int) -> str:
+  """Worker i's prompt: restates the task, then its own instruction and data."""
+  return f"q: {example.question}\n{example.worker_prompts[i]}\nout: "
+
+
+def worker_target_text(example: Example, i: int, end_marker: str = END_MARKER) -> str:
+  """What worker i should emit after `worker_prompt_text` (for pretraining workers)."""
+  return example.branches[i] + end_marker
+
+
+def synth_prompt_text(example: Example) -> str:
+  """Synthesizer prompt S that follows the merged branch caches."""
+  return f"given latent info from previous agents.\nq: {example.question}\na: "
+
+
+def text_synthesis_prompt_text(example: Example) -> str:
+  """Text-concatenation baseline: every worker output as text, then the question."""
+  blocks = "".join(f"[worker {i + 1}]: {b}\n" for i, b in enumerate(example.branches))
+  return f"{blocks}q: {example.question}\na: "
+
+
+def single_agent_prompt_text(example: Example) -> str:
+  """Single-agent baseline: the question alone."""
+  return f"q: {example.question}\na: "
+
+
+def target_text(example: Example, end_marker: str = END_MARKER) -> str:
+  """Answer then the end marker; pass the tokenizer's eos string for other vocabularies."""
+  return example.answer + end_marker
+
+
+def _normalise(text: str) -> str:
+  text = re.split(r"<|\n", text, maxsplit=1)[0].strip().lower()
+  text = re.sub(r"^(a|answer)\s*:", "", text).strip().rstrip(".").strip()
+  text = re.sub(r"\s*,\s*", ",", re.sub(r"\s+", " ", text))
+  try:
+    return repr(float(text))
+  except ValueError:
+    return text
+
+
+def answer_matches(pred: str, gold: str) -> bool:
+  """Normalised exact match of pred's first answer span (up to an end marker or newline)."""
+  return _normalise(pred) == _normalise(gold) != ""
+
+
+# ---------------------------------------------------------------- families
+def _with_fillers(rng: random.Random, subject: str, fact: str, person: bool) -> str:
+  """Pads a passage with 0-2 irrelevant sentences so branch lengths vary."""
+  pool = _PERSON_FILLERS if person else _PLACE_FILLERS
+  n = rng.choices((0, 1, 2), weights=(5, 3, 2))[0]
+  sentences = [f"{subject} {f}." for f in rng.sample(pool, n)]
+  sentences.insert(rng.randint(0, n), fact)
+  return " ".join(sentences)
+
+
+def _evidence(rng: random.Random, k: int):
+  variants = ["country", "who", "friend_city"] + (["friend_country"] if k >= 3 else [])
+  variant = rng.choice(variants)
+  people = rng.sample(PEOPLE, len(PEOPLE))
+  cities = rng.sample(CITIES, len(CITIES))
+  countries = rng.sample(COUNTRIES, len(COUNTRIES))
+  p, friend, city, country = people[0], people[1], cities[0], countries[0]
+  lives = (friend if variant.startswith("friend") else p, f"lives in {city}.", True)
+  chain = [lives]  # (subject, predicate, is_person)
+  if variant != "friend_city":
+    chain.append((city, f"is in {country}.", False))
+  if variant.startswith("friend"):
+    chain.append((f"{p}'s friend", f"is {friend}.", True))
+  question, answer = {
+    "country": (f"which country does {p} live in?", country),
+    "who": (f"who lives in {country}?", p),
+    "friend_city": (f"which city does {p}'s friend live in?", city),
+    "friend_country": (f"which country does {p}'s friend live in?", country),
+  }[variant]
+  # Distractors come from a separate consistent world, so they never touch the chain.
+  dp, dc, dn = people[2:6], cities[1:5], countries[1:]
+  world = [(q, f"lives in {rng.choice(dc)}.", True) for q in dp]
+  world += [(c, f"is in {rng.choice(dn)}.", False) for c in dc]
+  world += [(f"{x}'s friend", f"is {y}.", True) for x, y in (dp[:2], dp[2:])]
+  facts = chain + rng.sample(world, k - len(chain))
+  rng.shuffle(facts)
+  branches, prompts = [], []
+  for subject, predicate, person in facts:
+    key = subject.split("'")[0]
+    branches.append(_with_fillers(rng, key, f"{subject} {predicate}", person))
+    prompts.append(f"look up: {key}\nfound: {branches[-1]}")
+  return question, branches, prompts, answer
+
+
+def _solve(nums: Sequence[int], ops: Sequence[str], method: str) -> tuple[list[str], int | None]:
+  """Evaluates step by step in the given order; None when a step goes negative."""
+  nums, ops, steps = list(nums), list(ops), []
+  while ops:
+    first_mul = ops.index("*") if "*" in ops else 0
+    j = {"precedence": first_mul, "left": 0, "right": len(ops) - 1}[method]
+    a, b, op = nums[j], nums[j + 1], ops[j]
+    value = a + b if op == "+" else a - b if op == "-" else a * b
+    if value < 0:
+      return steps, None
+    steps.append(f"{a}{op}{b}={value}")
+    nums[j : j + 2] = [value]
+    del ops[j]
+  return steps, nums[0]
+
+
+def _candidates(rng: random.Random, k: int):
+  while True:
+    n_ops = rng.choice((2, 2, 3))
+    ops = [rng.choice("+-*") for _ in range(n_ops)]
+    if "*" not in ops or not set(ops) & set("+-"):
+      continue
+    nums = [rng.randint(2, 9) for _ in range(n_ops + 1)]
+    solved = {m: _solve(nums, ops, m) for m in _METHODS}
+    right = solved["precedence"][1]
+    wrong = [m for m, (_, v) in solved.items() if v is not None and v != right]
+    if right is not None and wrong:
+      break
+  expr = "".join(f"{x}{o}" for x, o in zip(nums, ops, strict=False)) + str(nums[-1])
+  correct = [m for m, (_, v) in solved.items() if v == right]
+  n_right = rng.randint(1, k - 1)
+  methods = [rng.choice(correct) for _ in range(n_right)] + [
+    rng.choice(wrong) for _ in range(k - n_right)
+  ]
+  rng.shuffle(methods)
+  branches = [f"{expr}: {', '.join(solved[m][0])}" for m in methods]
+  prompts = [f"solve {expr} {_METHODS[m]}\ncalc: {', '.join(solved[m][0])}" for m in methods]
+  return f"what is {expr}?", branches, prompts, str(right)
+
+
+def _tools(rng: random.Random, k: int):
+  attr, other = rng.sample(sorted(_TOOLS), 2)
+  noun, plural, pool = _TOOLS[attr]
+  n_other = rng.randint(1, k - 2) if k >= 4 and rng.random() < 0.4 else 0
+  n_main = k - n_other
+  n_items = min(len(pool), n_main + sum(rng.random() < 0.25 for _ in range(n_main)))
+  items = rng.sample(pool, n_items)
+  values = dict(zip(items, rng.sample(range(1, 21), n_items), strict=True))
+  groups = [[item] for item in items[:n_main]]
+  for item in items[n_main:]:
+    rng.choice(groups).append(item)
+  other_items = rng.sample(_TOOLS[other][2], n_other)
+  groups += [[(other, item, rng.randint(1, 20))] for item in other_items]
+  groups = [[(attr, x, values[x]) if isinstance(x, str) else x for x in g] for g in groups]
+  rng.shuffle(groups)
+  branches = [", ".join(f"{a}({x})={v}" for a, x, v in g) for g in groups]
+  prompts = [
+    f"call: {', '.join(f'{a}({x})' for a, x, _ in g)}\nresult: {', '.join(str(v) for *_, v in g)}"
+    for g in groups
+  ]
+  ranked = sorted(items, key=values.get)
+  t = rng.choice([t for t in range(1, 21) if t not in values.values()])
+  a, b = rng.sample(items, 2)
+  question, answer = {
+    "sum": (f"what is the total {attr} of all {plural}?", str(sum(values.values()))),
+    "max": (f"which {noun} has the highest {attr}?", ranked[-1]),
+    "min": (f"which {noun} has the lowest {attr}?", ranked[0]),
+    "sort": (f"sort the {plural} by {attr}, lowest first.", ",".join(ranked)),
+    "count": (
+      f"how many {plural} have {attr} above {t}?",
+      str(sum(v > t for v in values.values())),
+    ),
+    "pair": (f"what is the {attr} of {a} plus {b}?", str(values[a] + values[b])),
+  }[rng.choice(("sum", "max", "min", "sort", "count", "pair"))]
+  return question, branches, prompts, answer
+
+
+_GENERATORS = {"evidence": _evidence, "candidates": _candidates, "tools": _tools}
+
+
+def _content_key(question: str, branches: Iterable[str]) -> str:
+  return "\x1f".join([question, *branches])
+
+
+def split_of(example: Example) -> str:
+  """The only split whose `generate` can emit this example's content."""
+  branches = () if example.family == "candidates" else example.branches
+  digest = hashlib.sha256(_content_key(example.question, branches).encode()).hexdigest()
+  bucket = int(digest[:8], 16) % 100
+  return next(s for s, (lo, hi) in _SPLIT_BUCKETS.items() if lo <= bucket < hi)
+
+
+def generate(
+  split: str,
+  n: int,
+  seed: int = 0,
+  families: Sequence[str] | None = None,
+  min_workers: int = 2,
+  max_workers: int = MAX_WORKERS,
+) -> list[Example]:
+  """Generates n distinct examples of one split, deterministic for (split, n, seed).
+
+  Families alternate in order; K is uniform in [min_workers, max_workers]. A
+  shorter run is a prefix of a longer one with the same arguments.
+
+  Args:
+    split: "train", "validation" or "test"; splits never share content or ids.
+    n: number of examples.
+    seed: picks one of many suites per split.
+    families: subset of FAMILIES (default all).
+    min_workers: smallest K (>= 2).
+    max_workers: largest K (<= MAX_WORKERS).
+
+  Returns:
+    The examples, ids "<split>-<seed>-<index>".
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  families = tuple(families or FAMILIES)
+  if unknown := set(families) - set(FAMILIES):
+    raise ValueError(f"unknown families {sorted(unknown)}")
+  if not 2 <= min_workers <= max_workers <= MAX_WORKERS:
+    raise ValueError(f"need 2 <= min_workers <= max_workers <= {MAX_WORKERS}")
+  # The split name is part of the seed so that splits also draw different streams.
+  digest = hashlib.sha256(f"psynth-synthetic/{split}/{seed}".encode()).digest()
+  rng = random.Random(int.from_bytes(digest[:8], "big"))
+  examples, seen = [], set()
+  for _ in range(200 * n + 1000):
+    if len(examples) == n:
+      break
+    family = families[len(examples) % len(families)]
+    k = rng.randint(min_workers, max_workers)
+    question, branches, prompts, answer = _GENERATORS[family](rng, k)
+    example_id = f"{split}-{seed}-{len(examples):06d}"
+    example = Example(example_id, family, question, tuple(branches), tuple(prompts), answer)
+    key = _content_key(question, branches)
+    if key in seen or split_of(example) != split:
+      continue
+    seen.add(key)
+    examples.append(example)
+  if len(examples) < n:
+    raise RuntimeError(f"only {len(examples)} distinct {split} examples found, asked for {n}")
+  return examples
+
+
+def write_jsonl(examples: Iterable[Example], path: str) -> None:
+  """Writes one `Example.to_json()` record per line."""
+  with open(path, "w", encoding="utf-8") as f:
+    for example in examples:
+      f.write(json.dumps(example.to_json()) + "\n")
+
+
+def read_jsonl(path: str) -> list[Example]:
+  """Reads records written by `write_jsonl` (or the trainer's schema)."""
+  with open(path, encoding="utf-8") as f:
+    return [Example.from_json(json.loads(line)) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------- tokenizer
+class CharTokenizer:
+  """One id per character of ALPHABET, after SPECIAL_TOKENS (<pad>=0, <bos>, <eos>, <sep>, <unk>).
+
+  Special-token strings inside the text (e.g. the "<eos>" end marker) encode to
+  their ids, as in Hugging Face `tokenizers`; other unknown characters map to <unk>.
+  """
+
+  pad_token_id, bos_token_id, eos_token_id, sep_token_id, unk_token_id = range(5)
+
+  def __init__(self):
+    self.vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + tuple(ALPHABET))}
+    self._tokens = list(self.vocab)
+    self._special = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.vocab)
+
+  @property
+  def eos_token_ids(self) -> tuple[int, ...]:
+    return (self.eos_token_id,)
+
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Character ids; with add_special_tokens, <bos> first."""
+    ids = [self.bos_token_id] if add_special_tokens else []
+    pos = 0
+    for match in [*self._special.finditer(text), None]:
+      end = match.start() if match else len(text)
+      ids.extend(self.vocab.get(c, self.unk_token_id) for c in text[pos:end])
+      if match:
+        ids.append(self.vocab[match.group()])
+        pos = match.end()
+    return ids
+
+  def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    """Text of ids; specials (ids below len(SPECIAL_TOKENS)) are dropped unless asked for."""
+    first = len(SPECIAL_TOKENS) if skip_special_tokens else 0
+    return "".join(self._tokens[int(i)] for i in ids if int(i) >= first)
+
+  def save(self, folder: str) -> str:
+    """Writes `tokenizer.json` (+ transformers config) to folder; returns the json path."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(models.WordLevel(vocab=self.vocab, unk_token="<unk>"))
+    # "[\s\S]" rather than "." so that newlines are split off too.
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.post_processor = processors.TemplateProcessing(
+      single="<bos> $A", special_tokens=[("<bos>", self.bos_token_id)]
+    )
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "tokenizer.json")
+    tokenizer.save(path)
+    # Lets transformers' AutoTokenizer load the folder too.
+    config = {f"{t[1:-1]}_token": t for t in SPECIAL_TOKENS}
+    config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+      json.dump(config, f, indent=2)
+    return path

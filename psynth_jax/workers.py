@@ -1,0 +1,163 @@
+"""Worker branches: K prompts decoded together, keeping the cache rows of their outputs.
+
+`Branches` is what the synthesizer reads. Its `cache` is a `KVCache` whose
+batch axis is the branch axis K; branch i's rows [0, lengths[i]) hold the keys
+(already RoPE-rotated at positions offsets[i] + t) and values of its output
+tokens; later rows are padding. Two ways to get one:
+
+* `run_workers`: the frozen base model decodes K prompts in one compiled
+  program (batched over branches, each stopping on its own); rows of the
+  *output* tokens are kept, prompt rows dropped (the paper's default), and
+  offsets[i] is the position of the first output token.
+* `encode_branches`: given texts are prefilled independently from position 0
+  (offsets 0); this is how training builds branch caches.
+
+An empty branch (length 0) is allowed: it contributes no rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from psynth_jax import decode
+from psynth_jax.kv_cache import KVCache
+from psynth_jax.model.transformer import Params, hidden_states
+
+
+@struct.dataclass
+class Branches:
+  cache: KVCache  # batch axis = K branches
+  lengths: jax.Array  # [K] int32, output tokens kept per branch
+  offsets: jax.Array  # [K] int32, RoPE position of row 0 of each branch
+  tokens: jax.Array  # [K, S] int32, the branch tokens (pad beyond lengths)
+
+  @property
+  def num_branches(self) -> int:
+    return self.lengths.shape[0]
+
+  @property
+  def capacity(self) -> int:
+    return self.cache.capacity
+
+  def take(self, order: Sequence[int]) -> Branches:
+    """The same branches in another order."""
+    idx = jnp.asarray(order)
+    return jax.tree.map(lambda x: x[idx] if x.ndim else x, self)
+
+
+@dataclasses.dataclass
+class WorkerOutputs:
+  tokens: list[list[int]]  # output ids per branch (stop id excluded)
+  texts: list[str] | None
+  branches: Branches
+  seconds: float  # wall time of the worker program
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "capacity"))
+def _worker_program(params, tokens, positions, mask, rng, spec, capacity):
+  state = decode.begin(params, tokens, positions, mask, rng, spec, capacity)
+  state = decode.decode_loop(params, state, spec)
+  # The last recorded token has not been fed yet; feed it so every output
+  # token has its cache row.
+  _, cache = hidden_states(params, state.last[:, None], state.position[:, None], state.cache)
+  return state.tokens, _output_branches(
+    cache, state.tokens, positions[:, -1] + 1, tokens.shape[1], spec
+  )
+
+
+def _output_branches(
+  cache: KVCache, out_tokens, first_positions, prompt_rows: int, spec
+) -> Branches:
+  """Cuts the output rows [prompt_rows, prompt_rows + max_new) out of a worker cache."""
+  n = spec.max_new_tokens
+  is_stop = jnp.isin(out_tokens, jnp.asarray(spec.stop_ids or (-1,), jnp.int32))
+  lengths = jnp.where(is_stop.any(-1), jnp.argmax(is_stop, -1), n).astype(jnp.int32)
+  valid = jnp.arange(n)[None, :] < lengths[:, None]
+  rows = slice(prompt_rows, prompt_rows + n)
+  out = KVCache(
+    k=tuple(k[:, rows] for k in cache.k),
+    v=tuple(v[:, rows] for v in cache.v),
+    positions=cache.positions[:, rows],
+    valid=valid,
+    index=jnp.asarray(n, jnp.int32),
+  )
+  tokens = jnp.where(valid, out_tokens, spec.pad_id)
+  return Branches(out, lengths, first_positions.astype(jnp.int32), tokens)
+
+
+def run_workers(
+  lm,
+  prompts: Sequence[Sequence[int]],
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  seed: int = 0,
+) -> WorkerOutputs:
+  """Decodes K worker prompts (token lists) together with the frozen base model.
+
+  Returns the output ids/texts per branch and their `Branches` (output rows only).
+  """
+  if len(prompts) == 0:
+    raise ValueError("run_workers needs at least one prompt")
+  spec, batch, _ = lm._prepare(prompts, max_new_tokens, temperature, top_k, top_p, None)
+  capacity = batch.tokens.shape[1] + max_new_tokens
+  t0 = time.perf_counter()
+  out_tokens, branches = _worker_program(
+    lm.params,
+    jnp.asarray(batch.tokens),
+    jnp.asarray(batch.positions),
+    jnp.asarray(batch.mask),
+    jax.random.key(seed),
+    spec,
+    capacity,
+  )
+  token_lists = decode.trim(jax.device_get(out_tokens), spec.stop_ids)
+  seconds = time.perf_counter() - t0
+  texts = [lm.decode_text(t) for t in token_lists] if lm.tokenizer is not None else None
+  return WorkerOutputs(token_lists, texts, branches, seconds)
+
+
+@functools.partial(jax.jit, static_argnames=())
+def _encode_program(params: Params, tokens, mask):
+  k, s = tokens.shape
+  cache = KVCache.empty(params.config, k, s)
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (k, s))
+  _, cache = hidden_states(params, tokens, positions, cache, mask)
+  lengths = mask.sum(-1).astype(jnp.int32)
+  return Branches(cache, lengths, jnp.zeros((k,), jnp.int32), tokens)
+
+
+def encode_branches(
+  lm, token_lists: Sequence[Sequence[int]], capacity: int | None = None
+) -> Branches:
+  """Prefills each token list independently from position 0 (right-padded to a bucket).
+
+  Args:
+    lm: the `LanguageModel` (frozen base, no adapter).
+    token_lists: K branch token lists (an empty list gives an empty branch).
+    capacity: rows per branch; default: the length bucket of the longest branch.
+  """
+  if len(token_lists) == 0:
+    raise ValueError("encode_branches needs at least one branch")
+  longest = max(len(t) for t in token_lists)
+  capacity = capacity or decode.bucket(longest)
+  if longest > capacity:
+    raise ValueError(f"a branch has {longest} tokens, more than the capacity {capacity}")
+  if longest > lm.config.max_position_embeddings:
+    raise ValueError(f"a branch has {longest} tokens, beyond max_position_embeddings")
+  tokens = np.full((len(token_lists), capacity), lm.pad_id, np.int32)
+  mask = np.zeros(tokens.shape, bool)
+  for i, t in enumerate(token_lists):
+    tokens[i, : len(t)] = t
+    mask[i, : len(t)] = True
+  lm._check_ids(tokens)
+  return _encode_program(lm.params, jnp.asarray(tokens), jnp.asarray(mask))

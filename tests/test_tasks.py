@@ -1,0 +1,206 @@
+"""Tests of the synthetic workflow suite, its prompt formats and the char tokenizer.
+
+Answers are checked by a solver written here from the texts alone (branches and
+question), independent of the generator's internals.
+"""
+
+import collections
+import re
+
+import pytest
+import tokenizers
+
+from psynth_jax import tasks
+
+
+@pytest.fixture(scope="module")
+def train():
+  return tasks.generate("train", 900, seed=0)
+
+
+def _sentences(branches):
+  for branch in branches:
+    yield from (s.strip() for s in branch.split(".") if s.strip())
+
+
+def _solve_evidence(question, branches):
+  lives, country_of, friend = {}, {}, {}
+  for s in _sentences(branches):
+    for pattern, table in (
+      (r"(\w+) lives in (\w+)", lives),
+      (r"(\w+) is in (\w+)", country_of),
+      (r"(\w+)'s friend is (\w+)", friend),
+    ):
+      if m := re.fullmatch(pattern, s):
+        assert table.setdefault(m[1], m[2]) == m[2], f"contradicting facts about {m[1]}"
+  if m := re.fullmatch(r"which (city|country) does (\w+)('s friend)? live in\?", question):
+    city = lives.get(friend.get(m[2]) if m[3] else m[2])
+    return city if m[1] == "city" else country_of.get(city)
+  m = re.fullmatch(r"who lives in (\w+)\?", question)
+  who = [p for p, c in lives.items() if country_of.get(c) == m[1]]
+  return who[0] if len(who) == 1 else None
+
+
+def _solve_candidates(question, branches):
+  expr = re.fullmatch(r"what is ([0-9+*-]+)\?", question)[1]
+  return str(eval(expr))  # Python's own precedence: safe, the regex admits only digits and ops.
+
+
+def _solve_tools(question, branches):
+  table = collections.defaultdict(dict)
+  for branch in branches:
+    for attr, item, value in re.findall(r"(\w+)\((\w+)\)=(\d+)", branch):
+      table[attr][item] = int(value)
+  if m := re.fullmatch(r"what is the total (\w+) of all \w+\?", question):
+    return str(sum(table[m[1]].values()))
+  if m := re.fullmatch(r"which \w+ has the (highest|lowest) (\w+)\?", question):
+    values = table[m[2]]
+    best = (max if m[1] == "highest" else min)(values.values())
+    return [i for i, v in values.items() if v == best][0] if values else None
+  if m := re.fullmatch(r"sort the \w+ by (\w+), lowest first\.", question):
+    return ",".join(sorted(table[m[1]], key=table[m[1]].get))
+  if m := re.fullmatch(r"how many \w+ have (\w+) above (\d+)\?", question):
+    return str(sum(v > int(m[2]) for v in table[m[1]].values()))
+  m = re.fullmatch(r"what is the (\w+) of (\w+) plus (\w+)\?", question)
+  values = table[m[1]]
+  return str(values[m[2]] + values[m[3]]) if m[2] in values and m[3] in values else None
+
+
+def solve(family, question, branches):
+  return {"evidence": _solve_evidence, "candidates": _solve_candidates, "tools": _solve_tools}[
+    family
+  ](question, list(branches))
+
+
+def _every_branch_needed(ex):
+  rest = [ex.branches[:i] + ex.branches[i + 1 :] for i in range(len(ex.branches))]
+  return all(solve(ex.family, ex.question, r) != ex.answer for r in rest)
+
+
+def test_deterministic_and_seeded():
+  a = tasks.generate("train", 60, seed=0)
+  assert a == tasks.generate("train", 60, seed=0)
+  assert a[:20] == tasks.generate("train", 20, seed=0)
+  b = tasks.generate("train", 60, seed=1)
+  assert [(e.question, e.branches) for e in a] != [(e.question, e.branches) for e in b]
+
+
+def test_splits_disjoint():
+  contents, ids, sums = {}, {}, {}
+  for split, seed in (("train", 0), ("validation", 0), ("test", 0), ("test", 1)):
+    examples = tasks.generate(split, 600 if split == "train" else 300, seed=seed)
+    assert all(tasks.split_of(e) == split for e in examples)
+    contents.setdefault(split, set()).update((e.question, e.branches) for e in examples)
+    ids.setdefault(split, set()).update(e.id for e in examples)
+    # A candidates question fixes its answer, so such questions must not cross splits.
+    sums.setdefault(split, set()).update(e.question for e in examples if e.family == "candidates")
+    assert len({(e.question, e.branches) for e in examples}) == len(examples)
+  for s1, s2 in (("train", "validation"), ("train", "test"), ("validation", "test")):
+    assert not contents[s1] & contents[s2]
+    assert not ids[s1] & ids[s2]
+    assert not sums[s1] & sums[s2]
+  with pytest.raises(ValueError):
+    tasks.generate("dev", 1)
+
+
+def test_answers_match_independent_solver(train):
+  for ex in train:
+    assert solve(ex.family, ex.question, ex.branches) == ex.answer, ex
+
+
+def test_candidates_mix_right_and_wrong_workings(train):
+  for ex in (e for e in train if e.family == "candidates"):
+    finals = []
+    for branch in ex.branches:
+      expr, steps = branch.split(": ")
+      assert f"what is {expr}?" == ex.question
+      for a, op, b, v in re.findall(r"(\d+)([+*-])(\d+)=(-?\d+)", steps):
+        assert eval(f"{a}{op}{b}") == int(v)  # every step is honest arithmetic
+      finals.append(steps.rsplit("=", 1)[1])
+    assert ex.answer in finals and set(finals) - {ex.answer}
+
+
+def test_coverage(train):
+  assert {e.family for e in train} == set(tasks.FAMILIES)
+  assert {len(e.branches) for e in train} == set(range(2, 9))
+  assert all(len(e.branches) == len(e.worker_prompts) for e in train)
+  lengths = [len(b) for e in train for b in e.branches]
+  assert 8 <= min(lengths) and max(lengths) <= 64
+  needed = [e for e in train if _every_branch_needed(e)]
+  assert {e.family for e in needed} >= {"evidence", "tools"}
+  assert {len(e.branches) for e in needed} == set(range(2, 9))
+  # Distractors exist too: some branches can be dropped without changing the answer.
+  assert len(needed) < len([e for e in train if e.family != "candidates"])
+  only = tasks.generate("test", 20, families=["tools"], min_workers=5, max_workers=5)
+  assert {(e.family, len(e.branches)) for e in only} == {("tools", 5)}
+
+
+def test_worker_output_is_a_function_of_worker_prompt(train):
+  seen = {}
+  for ex in train:
+    for i, branch in enumerate(ex.branches):
+      prompt = tasks.worker_prompt_text(ex, i)
+      assert ex.question in prompt
+      assert seen.setdefault(prompt, branch) == branch
+
+
+def test_prompt_formats(train):
+  ex = train[0]
+  text = tasks.text_synthesis_prompt_text(ex)
+  for i, branch in enumerate(ex.branches):
+    assert f"[worker {i + 1}]: {branch}\n" in text
+  for prompt in (text, tasks.synth_prompt_text(ex), tasks.single_agent_prompt_text(ex)):
+    assert prompt.endswith(f"q: {ex.question}\na: ")
+  assert "latent" in tasks.synth_prompt_text(ex)
+  assert tasks.target_text(ex) == ex.answer + tasks.END_MARKER
+  assert tasks.worker_target_text(ex, 0, end_marker="") == ex.branches[0]
+
+
+def _all_texts(examples):
+  for ex in examples:
+    yield tasks.synth_prompt_text(ex)
+    yield tasks.text_synthesis_prompt_text(ex)
+    yield tasks.single_agent_prompt_text(ex)
+    yield from (tasks.worker_prompt_text(ex, i) for i in range(len(ex.branches)))
+
+
+def test_tokenizer_round_trip_and_hf_parity(train, tmp_path):
+  tok = tasks.CharTokenizer()
+  assert tok.vocab_size <= 64 and tok.pad_token_id == 0
+  assert tok.eos_token_id in tok.eos_token_ids
+  for text in _all_texts(train):
+    ids = tok.encode(text)
+    assert tok.unk_token_id not in ids and tok.decode(ids) == text
+  target = tasks.target_text(train[0])
+  ids = tok.encode(target, add_special_tokens=True)
+  assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+  assert tok.decode(ids) == train[0].answer
+  assert tok.decode(ids, skip_special_tokens=False) == "<bos>" + target
+  hf = tokenizers.Tokenizer.from_file(tok.save(str(tmp_path)))
+  assert hf.get_vocab_size() == tok.vocab_size
+  odd = "Zed!<eos> <pad>x\n\n  "
+  for text in [*list(_all_texts(train[:30])), target, odd]:
+    for special in (False, True):
+      ids = tok.encode(text, add_special_tokens=special)
+      assert hf.encode(text, add_special_tokens=special).ids == ids
+      assert hf.decode(ids) == tok.decode(ids)
+      assert hf.decode(ids, skip_special_tokens=False) == tok.decode(ids, skip_special_tokens=False)
+
+
+def test_answer_matches():
+  m = tasks.answer_matches
+  assert m("norway<eos>", "norway") and m(" Norway.\nmore text", "norway")
+  assert m("a: 17", "17") and m("17.0", "17") and m("kiwi, apple,fig", "kiwi,apple,fig")
+  assert not m("norwa", "norway") and not m("18", "17") and not m("", "")
+  assert not m("apple,kiwi", "kiwi,apple") and not m("17 apples", "17")
+
+
+def test_jsonl_round_trip(train, tmp_path):
+  path = str(tmp_path / "suite.jsonl")
+  tasks.write_jsonl(train[:50], path)
+  assert tasks.read_jsonl(path) == train[:50]
+  record = train[0].to_json()
+  assert record["task"] == train[0].family and record["target"] == tasks.target_text(train[0])
+  bare = {k: record[k] for k in ("id", "task", "question", "branches", "target")}
+  ex = tasks.Example.from_json(bare)
+  assert ex.answer == train[0].answer and ex.worker_prompts == ()
