@@ -61,16 +61,34 @@ class WorkerOutputs:
   seconds: float  # wall time of the worker program
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "capacity"))
-def _worker_program(params, tokens, positions, mask, rng, spec, capacity):
-  state = decode.begin(params, tokens, positions, mask, rng, spec, capacity)
+def _finish(params, state, first_positions, prompt_rows, spec):
   state = decode.decode_loop(params, state, spec)
   # The last recorded token has not been fed yet; feed it so every output
   # token has its cache row.
   _, cache = hidden_states(params, state.last[:, None], state.position[:, None], state.cache)
-  return state.tokens, _output_branches(
-    cache, state.tokens, positions[:, -1] + 1, tokens.shape[1], spec
-  )
+  return state.tokens, _output_branches(cache, state.tokens, first_positions, prompt_rows, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "capacity"))
+def _worker_program(params, tokens, positions, mask, rng, spec, capacity):
+  state = decode.begin(params, tokens, positions, mask, rng, spec, capacity)
+  return _finish(params, state, positions[:, -1] + 1, tokens.shape[1], spec)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "capacity"))
+def _shared_prefix_program(
+  params, prefix, prefix_mask, tokens, positions, mask, rng, spec, capacity
+):
+  """Prefills the common prefix once (batch 1), then the K suffixes on copies of its cache."""
+  k, p = tokens.shape[0], prefix.shape[1]
+  prefix_positions = jnp.maximum(jnp.cumsum(prefix_mask, axis=1) - 1, 0)
+  cache = KVCache.empty(params.config, 1, capacity)
+  _, cache = hidden_states(params, prefix, prefix_positions, cache, prefix_mask)
+  cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape[1:])) if x.ndim else x, cache)
+  positions = positions + prefix_mask.sum()
+  logits, cache = decode.prefill(params, tokens, positions, mask, cache)
+  state = decode.start(logits, positions[:, -1] + 1, cache, rng, spec)
+  return _finish(params, state, positions[:, -1] + 1, p + tokens.shape[1], spec)
 
 
 def _output_branches(
@@ -101,32 +119,52 @@ def run_workers(
   top_k: int | None = None,
   top_p: float | None = None,
   seed: int = 0,
+  shared_prefix: Sequence[int] | None = None,
 ) -> WorkerOutputs:
   """Decodes K worker prompts (token lists) together with the frozen base model.
 
-  Returns the output ids/texts per branch and their `Branches` (output rows only).
+  Args:
+    lm: the `LanguageModel` (frozen base weights, no adapter).
+    prompts: K prompts (token ids); with `shared_prefix`, the per-worker suffixes.
+    max_new_tokens: output budget per worker (its cache rows are kept).
+    shared_prefix: tokens common to every worker prompt (e.g. system prompt +
+      task). They are prefilled once instead of K times; worker i then sees
+      [shared_prefix + prompts[i]], so outputs match the unshared run.
+
+  Returns:
+    Output ids/texts per branch and their `Branches` (output rows only).
   """
   if len(prompts) == 0:
     raise ValueError("run_workers needs at least one prompt")
+  prefix = list(shared_prefix or [])
+  full = [prefix + list(p) for p in prompts]
+  lm._prepare(full, max_new_tokens, temperature, top_k, top_p, None)  # validates full prompts
   spec, batch, _ = lm._prepare(prompts, max_new_tokens, temperature, top_k, top_p, None)
-  capacity = batch.tokens.shape[1] + max_new_tokens
-  t0 = time.perf_counter()
-  out_tokens, branches = _worker_program(
-    lm.params,
+  key = jax.random.key(seed)
+  args = (
     jnp.asarray(batch.tokens),
     jnp.asarray(batch.positions),
     jnp.asarray(batch.mask),
-    jax.random.key(seed),
+    key,
     spec,
-    capacity,
   )
+  t0 = time.perf_counter()
+  if prefix:
+    pre = decode.pad_prompts([prefix], decode.bucket(len(prefix)), lm.pad_id)
+    capacity = pre.tokens.shape[1] + batch.tokens.shape[1] + max_new_tokens
+    out_tokens, branches = _shared_prefix_program(
+      lm.params, jnp.asarray(pre.tokens), jnp.asarray(pre.mask), *args, capacity
+    )
+  else:
+    capacity = batch.tokens.shape[1] + max_new_tokens
+    out_tokens, branches = _worker_program(lm.params, *args, capacity)
   token_lists = decode.trim(jax.device_get(out_tokens), spec.stop_ids)
   seconds = time.perf_counter() - t0
   texts = [lm.decode_text(t) for t in token_lists] if lm.tokenizer is not None else None
   return WorkerOutputs(token_lists, texts, branches, seconds)
 
 
-@functools.partial(jax.jit, static_argnames=())
+@jax.jit
 def _encode_program(params: Params, tokens, mask):
   k, s = tokens.shape
   cache = KVCache.empty(params.config, k, s)

