@@ -48,6 +48,7 @@ class ModelConfig:
   qkv_bias: bool = False
   qk_norm: bool = False
   max_position_embeddings: int = 32768
+  sliding_window: int | None = None  # Mistral: attend to at most this many positions back
   dtype: str = "float32"  # parameter and activation dtype: float32 | bfloat16
 
   def __post_init__(self):
@@ -79,13 +80,24 @@ class ModelConfig:
       )
     if hf.get("mlp_bias"):
       raise UnsupportedModelError("mlp_bias=True is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+      raise UnsupportedModelError(f"hidden_act={hf['hidden_act']!r} is not supported (only silu)")
+    if model_type != "qwen2" and hf.get("attention_bias"):
+      # In Llama/Mistral/Qwen3 this flag also biases o_proj, which we do not model.
+      raise UnsupportedModelError(f"{model_type} with attention_bias=True is not supported")
     num_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
     rope_theta, rope_scaling = _rope_from_hf(hf)
-    if model_type == "qwen2":
-      qkv_bias = True  # Qwen2 always has q/k/v biases; the config does not say so.
-    else:
-      qkv_bias = bool(hf.get("attention_bias", False))
+    qkv_bias = model_type == "qwen2"  # Qwen2 always has q/k/v biases; its config does not say so.
+    sliding_window = hf.get("sliding_window")
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+      sliding_window = None  # Qwen2 configs carry a window that is off unless enabled
+    if model_type == "qwen2" and sliding_window is not None:
+      raise UnsupportedModelError(
+        "Qwen2 use_sliding_window=True (per-layer windows) is not supported"
+      )
+    if model_type in ("llama", "qwen3"):
+      sliding_window = None
     if dtype is None:
       dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
       dtype = "bfloat16" if dtype == "bfloat16" else "float32"
@@ -105,6 +117,7 @@ class ModelConfig:
       qkv_bias=qkv_bias,
       qk_norm=model_type == "qwen3",
       max_position_embeddings=hf.get("max_position_embeddings", 32768),
+      sliding_window=sliding_window,
       dtype=dtype,
     )
 

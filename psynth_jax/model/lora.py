@@ -59,7 +59,9 @@ class LoRA(nnx.Module):
       d_in, d_out = target_dims(model_config, t)
       # PEFT: kaiming_uniform_(a=sqrt(5)) on [R, D_in] == U(-1/sqrt(D_in), 1/sqrt(D_in)).
       bound = 1.0 / math.sqrt(d_in)
-      a = jax.random.uniform(rngs.params(), (n_layers, d_in, config.rank), jnp.float32, -bound, bound)
+      a = jax.random.uniform(
+        rngs.params(), (n_layers, d_in, config.rank), jnp.float32, -bound, bound
+      )
       setattr(self, f"a_{t}", nnx.LoRAParam(a, axes=("layers", None, None)))
       b = jnp.zeros((n_layers, config.rank, d_out), jnp.float32)
       setattr(self, f"b_{t}", nnx.LoRAParam(b, axes=("layers", None, None)))

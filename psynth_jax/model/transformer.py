@@ -114,6 +114,7 @@ def hidden_states(
     index = None
     rows = jnp.arange(t)
     key_mask = mask[:, None, :] & (rows[None, :] <= rows[:, None])[None]  # [B, T, T]
+    key_positions = positions
   else:
     index = cache.index
     positions_all = jax.lax.dynamic_update_slice(
@@ -123,6 +124,11 @@ def hidden_states(
     query_rows = index + jnp.arange(t)  # [T]
     key_rows = jnp.arange(cache.capacity)  # [S]
     key_mask = valid[:, None, :] & (key_rows[None, :] <= query_rows[:, None])[None]
+    key_positions = positions_all
+  if config.sliding_window is not None:
+    # Mistral-style window over positions: a query sees keys less than `window` back.
+    distance = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
+    key_mask = key_mask & (distance < config.sliding_window)
 
   lora_layers = None if lora is None else lora.layers(lora_rng)
   x = model.embed(tokens)

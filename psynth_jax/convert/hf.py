@@ -1,0 +1,282 @@
+"""Hugging Face checkpoints (config.json + safetensors) -> psynth_jax `Params`.
+
+Each supported family has one explicit name table, {our name: (HF name, quirk)},
+where the quirk is a small named function that turns the HF tensor into our
+layout and checks its HF shape first (a transposed weight can have the right
+number of elements, so reshaping alone would not catch it). Torch `Linear`
+weights are [out, in]; ours are [in, ...out] with heads split out, e.g.
+q_proj.weight [N*H, D] -> attn.q [D, N, H]. RoPE uses the HF "rotate half"
+layout on both sides, so q/k need no permutation. Every HF tensor must be
+consumed; `params_from_flat` then checks every name and shape once more.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from psynth_jax.model.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
+from psynth_jax.model.transformer import Params, params_from_flat
+
+Quirk = Callable[[np.ndarray, ModelConfig], np.ndarray]
+NameTable = dict[str, tuple[str, Quirk]]
+
+# HF tensors that carry no weights of their own (recomputed from the config).
+HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _expect(w: np.ndarray, shape: tuple[int, ...]) -> None:
+  if tuple(w.shape) != tuple(shape):
+    raise ValueError(f"has shape {tuple(w.shape)}, expected {tuple(shape)}")
+
+
+# --- layout quirks: HF tensor -> our layout ----------------------------------
+
+
+def keep_vector(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """Norm scales: [D] or [H], same layout on both sides."""
+  return w
+
+
+def keep_embedding(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """embed_tokens.weight [V, D] is already ours."""
+  _expect(w, (c.vocab_size, c.hidden_size))
+  return w
+
+
+def lm_head_to_dv(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """lm_head.weight [V, D] -> [D, V]."""
+  _expect(w, (c.vocab_size, c.hidden_size))
+  return w.T
+
+
+def q_proj_to_dnh(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """q_proj.weight [N*H, D] -> [D, N, H]."""
+  _expect(w, (c.num_heads * c.head_dim, c.hidden_size))
+  return w.T.reshape(c.hidden_size, c.num_heads, c.head_dim)
+
+
+def kv_proj_to_dgh(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """k_proj/v_proj.weight [G*H, D] -> [D, G, H]."""
+  _expect(w, (c.num_kv_heads * c.head_dim, c.hidden_size))
+  return w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim)
+
+
+def o_proj_to_nhd(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """o_proj.weight [D, N*H] -> [N, H, D]."""
+  _expect(w, (c.hidden_size, c.num_heads * c.head_dim))
+  return w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)
+
+
+def q_bias_to_nh(b: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """q_proj.bias [N*H] -> [N, H]."""
+  _expect(b, (c.num_heads * c.head_dim,))
+  return b.reshape(c.num_heads, c.head_dim)
+
+
+def kv_bias_to_gh(b: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """k_proj/v_proj.bias [G*H] -> [G, H]."""
+  _expect(b, (c.num_kv_heads * c.head_dim,))
+  return b.reshape(c.num_kv_heads, c.head_dim)
+
+
+def up_proj_to_df(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """gate_proj/up_proj.weight [F, D] -> [D, F]."""
+  _expect(w, (c.intermediate_size, c.hidden_size))
+  return w.T
+
+
+def down_proj_to_fd(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """down_proj.weight [D, F] -> [F, D]."""
+  _expect(w, (c.hidden_size, c.intermediate_size))
+  return w.T
+
+
+# --- name tables ---------------------------------------------------------------
+
+LLAMA_LAYER: NameTable = {
+  "attn_norm.scale": ("input_layernorm.weight", keep_vector),
+  "mlp_norm.scale": ("post_attention_layernorm.weight", keep_vector),
+  "attn.q": ("self_attn.q_proj.weight", q_proj_to_dnh),
+  "attn.k": ("self_attn.k_proj.weight", kv_proj_to_dgh),
+  "attn.v": ("self_attn.v_proj.weight", kv_proj_to_dgh),
+  "attn.o": ("self_attn.o_proj.weight", o_proj_to_nhd),
+  "mlp.gate": ("mlp.gate_proj.weight", up_proj_to_df),
+  "mlp.up": ("mlp.up_proj.weight", up_proj_to_df),
+  "mlp.down": ("mlp.down_proj.weight", down_proj_to_fd),
+}
+# Qwen2 (only) has q/k/v biases and no o_proj bias.
+QKV_BIAS: NameTable = {
+  "attn.q_bias": ("self_attn.q_proj.bias", q_bias_to_nh),
+  "attn.k_bias": ("self_attn.k_proj.bias", kv_bias_to_gh),
+  "attn.v_bias": ("self_attn.v_proj.bias", kv_bias_to_gh),
+}
+# Qwen3 RMS-normalises each query/key head before RoPE.
+QK_NORM: NameTable = {
+  "attn.q_norm.scale": ("self_attn.q_norm.weight", keep_vector),
+  "attn.k_norm.scale": ("self_attn.k_norm.weight", keep_vector),
+}
+
+
+def _no_attention_bias(c: ModelConfig) -> None:
+  # In Llama/Mistral/Qwen3, attention_bias=True also biases o_proj, which we lack.
+  if c.qkv_bias:
+    raise UnsupportedModelError(
+      f"{c.model_type} with attention_bias=True (q/k/v/o_proj biases) is not supported"
+    )
+
+
+def llama_table(c: ModelConfig) -> NameTable:
+  """Llama and Mistral (identical tensor names)."""
+  _no_attention_bias(c)
+  return _full_table(c, LLAMA_LAYER)
+
+
+def qwen2_table(c: ModelConfig) -> NameTable:
+  """Llama's names plus q/k/v biases."""
+  return _full_table(c, {**LLAMA_LAYER, **QKV_BIAS})
+
+
+def qwen3_table(c: ModelConfig) -> NameTable:
+  """Llama's names plus per-head q/k RMSNorm."""
+  _no_attention_bias(c)
+  return _full_table(c, {**LLAMA_LAYER, **QK_NORM})
+
+
+FAMILY_TABLES: dict[str, Callable[[ModelConfig], NameTable]] = {
+  "llama": llama_table,
+  "mistral": llama_table,
+  "qwen2": qwen2_table,
+  "qwen3": qwen3_table,
+}
+
+
+def _full_table(c: ModelConfig, layer: NameTable) -> NameTable:
+  table: NameTable = {
+    "embed.embedding": ("model.embed_tokens.weight", keep_embedding),
+    "final_norm.scale": ("model.norm.weight", keep_vector),
+  }
+  if not c.tie_word_embeddings:
+    table["lm_head"] = ("lm_head.weight", lm_head_to_dv)
+  for i in range(c.num_layers):
+    for ours, (theirs, quirk) in layer.items():
+      table[f"layers.{i}.{ours}"] = (f"model.layers.{i}.{theirs}", quirk)
+  return table
+
+
+def name_table(config: ModelConfig) -> NameTable:
+  """{our name: (HF name, quirk)} for every parameter of `config`'s model."""
+  if config.model_type not in FAMILY_TABLES:
+    raise UnsupportedModelError(
+      f"no conversion table for model_type {config.model_type!r}; supported:"
+      f" {SUPPORTED_MODEL_TYPES}"
+    )
+  return FAMILY_TABLES[config.model_type](config)
+
+
+# --- conversion ------------------------------------------------------------------
+
+
+def hf_state_to_flat(
+  config: ModelConfig, state: dict[str, np.ndarray], source: str = "HF checkpoint"
+) -> dict[str, np.ndarray]:
+  """Renames and re-lays out an HF state dict into our flat parameter names.
+
+  Args:
+    config: the model's config (from `ModelConfig.from_hf`).
+    state: HF tensor name -> numpy array (any float dtype; not cast here).
+    source: what to call the checkpoint in error messages.
+
+  Returns:
+    {our name: array}, ready for `params_from_flat`.
+
+  Raises:
+    KeyError: HF tensors are missing or left over (all are named).
+    ValueError: an HF tensor has the wrong shape (names it).
+  """
+  table = name_table(config)
+  missing = sorted(theirs for theirs, _ in table.values() if theirs not in state)
+  used = {theirs for theirs, _ in table.values()}
+  leftover = sorted(k for k in state if k not in used and not _ignorable(k, config))
+  if missing or leftover:
+    raise KeyError(
+      f"{source} does not match a {config.model_type} model with {config.num_layers}"
+      f" layers: missing HF tensors {missing}, unused HF tensors {leftover}"
+    )
+  flat = {}
+  for ours, (theirs, quirk) in table.items():
+    try:
+      flat[ours] = quirk(np.asarray(state[theirs]), config)
+    except ValueError as e:
+      raise ValueError(f"{source}: HF tensor {theirs!r} (-> {ours!r}) {e}") from None
+  return flat
+
+
+def _ignorable(name: str, config: ModelConfig) -> bool:
+  if name.endswith(HARMLESS_SUFFIXES):
+    return True
+  # A tied checkpoint may still store the head; it is the embedding by definition.
+  return config.tie_word_embeddings and name == "lm_head.weight"
+
+
+def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
+  """Reads every tensor of the given files as numpy (bf16 as ml_dtypes.bfloat16)."""
+  state = {}
+  for f in files:
+    try:
+      with safe_open(str(f), framework="numpy") as reader:
+        for name in reader.keys():
+          if name in state:
+            raise ValueError(f"{f}: tensor {name!r} also appears in an earlier shard")
+          state[name] = reader.get_tensor(name)
+    except FileNotFoundError:
+      raise FileNotFoundError(f"missing safetensors file {f}") from None
+    except (OSError, SafetensorError) as e:
+      raise ValueError(f"cannot read safetensors file {f}: {e}") from e
+  return state
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+  """The folder's weight files: from model.safetensors.index.json, else every *.safetensors."""
+  index = folder / "model.safetensors.index.json"
+  if index.exists():
+    weight_map = read_json(index)["weight_map"]
+    files = [folder / name for name in sorted(set(weight_map.values()))]
+    absent = [str(f) for f in files if not f.exists()]
+    if absent:
+      raise FileNotFoundError(f"{index} names shards that do not exist: {absent}")
+    return files
+  files = sorted(folder.glob("*.safetensors"))
+  if not files:
+    raise FileNotFoundError(f"no *.safetensors files in {folder}")
+  return files
+
+
+def read_json(path: Path) -> dict:
+  try:
+    return json.loads(Path(path).read_text())
+  except FileNotFoundError:
+    raise FileNotFoundError(f"missing file {path}") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_hf_folder(path: str | Path, dtype: str | None = None) -> Params:
+  """Loads an HF model folder (config.json + single or sharded safetensors).
+
+  Args:
+    path: the folder.
+    dtype: "float32" | "bfloat16"; default: the checkpoint's own dtype.
+
+  Returns:
+    `Params` with every tensor converted and shape-checked.
+  """
+  folder = Path(path)
+  config = ModelConfig.from_hf(read_json(folder / "config.json"), dtype=dtype)
+  state = read_safetensors(safetensors_files(folder))
+  flat = hf_state_to_flat(config, state, source=str(folder))
+  return params_from_flat(config, flat, source=str(folder))

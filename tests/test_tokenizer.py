@@ -1,0 +1,184 @@
+"""Tokenizer: same ids, text and chat prompts as transformers' AutoTokenizer."""
+
+import json
+
+import pytest
+import tokenizers
+import transformers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from psynth_jax.tokenizer import Tokenizer
+
+CORPUS = [
+  "def add(a, b):\n    return a + b\n",
+  "The quick brown fox jumps over the lazy dog. Don't panic!",
+  "Résumé: naïve café — 東京 and emoji 🙂 too.",
+  "You are a helpful assistant. Answer the question step by step.",
+]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen-like: block tags without '-' so trim_blocks/lstrip_blocks matter, tools via
+# tojson (which must not HTML-escape), raise_exception, bos_token as a variable.
+QWEN_LIKE_TEMPLATE = """{{ bos_token }}
+{% if tools %}
+<|im_start|>system
+{% for tool in tools %}
+{{ tool | tojson }}
+{% endfor %}<|im_end|>
+{% elif messages[0]['role'] != 'system' %}
+<|im_start|>system
+You are a helpful assistant.<|im_end|>
+{% endif %}
+{% for message in messages %}
+    {% if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('bad role ' + message['role']) }}
+    {% endif %}
+<|im_start|>{{ message['role'] }}
+{{ message['content'] }}<|im_end|>
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}"""
+MESSAGES = [
+  {"role": "system", "content": "Be brief."},
+  {"role": "user", "content": 'What is 2+2? <b>bold</b> & "quotes"'},
+  {"role": "assistant", "content": "4"},
+  {"role": "user", "content": "And 東京?"},
+]
+TOOLS = [{"name": "search", "description": "Finds <things> & 'stuff'", "parameters": {"q": "str"}}]
+
+
+@pytest.fixture(scope="module")
+def bpe_folder(tmp_path_factory):
+  """A byte-level BPE tokenizer with Qwen-style special tokens, template in tokenizer_config."""
+  folder = tmp_path_factory.mktemp("bpe")
+  backend = tokenizers.Tokenizer(models.BPE())
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  backend.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+  )
+  backend.train_from_iterator(CORPUS, trainer)
+  backend.save(str(folder / "tokenizer.json"))
+  config = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "bos_token": None,
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|endoftext|>",
+    "clean_up_tokenization_spaces": False,
+    "chat_template": QWEN_LIKE_TEMPLATE,
+  }
+  (folder / "tokenizer_config.json").write_text(json.dumps(config))
+  gen = {"eos_token_id": [backend.token_to_id("<|im_end|>"), backend.token_to_id("<|endoftext|>")]}
+  (folder / "generation_config.json").write_text(json.dumps(gen))
+  return folder
+
+
+@pytest.fixture(scope="module")
+def wordlevel_folder(tmp_path_factory):
+  """A WordLevel tokenizer; template in chat_template.jinja, tokens in special_tokens_map."""
+  folder = tmp_path_factory.mktemp("wordlevel")
+  words = "hello world , . ! ? do n't it 's what is 2+2 be brief and 東京 4".split()
+  vocab = {tok: i for i, tok in enumerate(["<unk>", "<s>", "</s>", *words])}
+  backend = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  # Joins words with spaces; its own clean-up is off so that ours (transformers') is tested.
+  backend.decoder = decoders.WordPiece(cleanup=False)
+  backend.add_special_tokens(["<unk>", "<s>", "</s>"])
+  backend.save(str(folder / "tokenizer.json"))
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True}
+  (folder / "tokenizer_config.json").write_text(json.dumps(config))
+  special = {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "unk_token": "<unk>"}
+  (folder / "special_tokens_map.json").write_text(json.dumps(special))
+  (folder / "chat_template.jinja").write_text(
+    "{% for m in messages %}{{ bos_token }}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+  )
+  return folder
+
+
+def _hf(folder):
+  return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("text", [*CORPUS, "<|im_start|>user\nhi<|im_end|>", "unseen ß words"])
+def test_bpe_encode_decode_match_transformers(bpe_folder, text):
+  ours, theirs = Tokenizer.from_folder(bpe_folder), _hf(bpe_folder)
+  ids = ours.encode(text)
+  assert ids == theirs.encode(text, add_special_tokens=False)
+  assert ours.encode(text, add_special_tokens=True) == theirs.encode(text)
+  for skip in (True, False):
+    assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+      ids, skip_special_tokens=skip
+    )
+  assert ours.decode(ids, skip_special_tokens=False) == text
+
+
+@pytest.mark.parametrize("generation_prompt", [True, False])
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_bpe_chat_template_matches_transformers(bpe_folder, generation_prompt, tools):
+  ours, theirs = Tokenizer.from_folder(bpe_folder), _hf(bpe_folder)
+  for messages in (MESSAGES, MESSAGES[1:2]):
+    got = ours.apply_chat_template(messages, add_generation_prompt=generation_prompt, tools=tools)
+    want = theirs.apply_chat_template(
+      messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False
+    )
+    assert got == want
+  assert "<things>" in ours.apply_chat_template(MESSAGES, tools=TOOLS)  # tojson does not escape
+
+
+def test_bpe_special_ids(bpe_folder):
+  ours = Tokenizer.from_folder(bpe_folder)
+  im_end, eot = ours.token_id("<|im_end|>"), ours.token_id("<|endoftext|>")
+  assert ours.eos_token_ids == (im_end, eot)
+  assert ours.pad_token_id == eot == _hf(bpe_folder).pad_token_id
+  assert ours.vocab_size == len(_hf(bpe_folder))
+
+
+def test_template_errors_surface(bpe_folder):
+  import jinja2
+
+  ours = Tokenizer.from_folder(bpe_folder)
+  with pytest.raises(jinja2.TemplateError, match="bad role robot"):
+    ours.apply_chat_template([{"role": "robot", "content": "beep"}])
+
+
+def test_wordlevel_matches_transformers(wordlevel_folder):
+  ours, theirs = Tokenizer.from_folder(wordlevel_folder), _hf(wordlevel_folder)
+  text = "hello world , do n't what is 2+2 ? it 's 4 ."
+  ids = ours.encode(text)
+  assert ids == theirs.encode(text, add_special_tokens=False)
+  assert ours.decode(ids) == theirs.decode(ids) == "hello world, don't what is 2+2? it's 4."
+  got = ours.apply_chat_template(MESSAGES[1:3])
+  assert got == theirs.apply_chat_template(
+    MESSAGES[1:3], add_generation_prompt=True, tokenize=False
+  )
+  assert got.startswith("<s>user: ")
+  assert ours.eos_token_ids == (ours.token_id("</s>"),)
+  assert ours.pad_token_id is None
+
+
+def test_missing_tokenizer_file_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    Tokenizer.from_folder(tmp_path)
+  (tmp_path / "tokenizer.json").write_text("{broken")
+  with pytest.raises(ValueError, match="tokenizer.json"):
+    Tokenizer.from_folder(tmp_path)
+
+
+@pytest.mark.slow
+def test_real_qwen_tokenizer_matches_transformers():
+  from psynth_jax.convert.weights import fetch_qwen_coder
+
+  folder = fetch_qwen_coder()
+  ours, theirs = Tokenizer.from_folder(folder), _hf(folder)
+  for text in [*CORPUS, "<|im_start|>user\nprint('hi')<|im_end|>\n"]:
+    ids = ours.encode(text)
+    assert ids == theirs.encode(text, add_special_tokens=False)
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+  for tools in (None, TOOLS):
+    want = theirs.apply_chat_template(
+      MESSAGES, tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    assert ours.apply_chat_template(MESSAGES, tools=tools) == want
+  assert ours.eos_token_ids == (151645, 151643)
+  assert ours.pad_token_id == 151643
