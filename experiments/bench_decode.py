@@ -96,11 +96,10 @@ def tiny_models(tmp: Path):
 
 
 def qwen_models():
-  from psynth_jax.convert.gguf import load_gguf_torch
-  from psynth_jax.convert.weights import QWEN_CODER_NAME, cache_root, fetch_qwen_coder
+  from psynth_jax.convert.weights import fetch_qwen_coder, qwen_coder_transformers
 
   folder = fetch_qwen_coder()
-  hf = load_gguf_torch(cache_root() / "gguf" / f"{QWEN_CODER_NAME}.gguf").eval()
+  hf = qwen_coder_transformers()
   return load_pretrained(folder), load_pretrained(folder, dtype="bfloat16"), hf
 
 

@@ -107,11 +107,10 @@ def load_case(name: str):
     tmp = tempfile.mkdtemp()
     hf.save_pretrained(tmp)
     return load_pretrained(tmp), hf
-  from psynth_jax.convert.gguf import load_gguf_torch
-  from psynth_jax.convert.weights import QWEN_CODER_NAME, cache_root, fetch_qwen_coder
+  from psynth_jax.convert.weights import fetch_qwen_coder, qwen_coder_transformers
 
   lm = load_pretrained(fetch_qwen_coder())
-  hf = load_gguf_torch(cache_root() / "gguf" / f"{QWEN_CODER_NAME}.gguf").eval()
+  hf = qwen_coder_transformers()
   return lm, hf
 
 

@@ -146,4 +146,32 @@ def fetch_qwen_coder(cache_dir: str | Path | None = None) -> Path:
   return out
 
 
+def qwen_coder_transformers(cache_dir: str | Path | None = None):
+  """The same weights as a transformers (PyTorch, float32) model: the peer in parity tests
+  and benchmarks.
+
+  The first call reads the GGUF (minutes: transformers dequantises every tensor)
+  and saves a plain HF folder under <cache>/hf/; later calls load that in seconds.
+  """
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  from psynth_jax.convert.gguf import load_gguf_torch
+
+  root = cache_root(cache_dir)
+  folder = root / "hf" / QWEN_CODER_NAME
+  if (folder / "config.json").is_file():
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+  fetch_qwen_coder(cache_dir)
+  model = load_gguf_torch(root / "gguf" / f"{QWEN_CODER_NAME}.gguf").eval()
+  # save_pretrained refuses a GGUF-loaded model until its quantizer is cleared.
+  model.hf_quantizer = None
+  if hasattr(model.config, "quantization_config"):
+    del model.config.quantization_config
+  tmp = folder.with_name(folder.name + ".tmp")
+  model.save_pretrained(tmp)
+  os.replace(tmp, folder)
+  return model
+
+
 KNOWN_MODELS: dict[str, Callable[..., Path]] = {QWEN_CODER_NAME: fetch_qwen_coder}
