@@ -44,8 +44,8 @@ class LanguageModel:
   def logits(self, tokens, lora=None) -> jax.Array:
     """Full causal forward without a cache: tokens [B, T] -> float32 logits [B, T, V]."""
     tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim != 2:
-      raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if tokens.ndim != 2 or 0 in tokens.shape:
+      raise ValueError(f"tokens must be a non-empty [B, T] array, got shape {tokens.shape}")
     self._check_ids(tokens)
     return _logits(self.params, tokens, jnp.ones(tokens.shape, bool), lora)
 

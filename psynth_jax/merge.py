@@ -50,9 +50,12 @@ def merge(
     branches: `Branches` with K branches (rows [0, L_i) valid in each).
     config: the model config (RoPE variant).
     mapper: a `Mapper` or None (identity).
-    rows: static number of rows reserved for branches (>= sum of lengths).
+    rows: static number of rows reserved for branches; must be >= sum of
+      lengths (not checkable under jit: callers check it on the host, as
+      `synthesis.branch_rows` and the training batcher do).
     capacity: total rows (>= rows), the rest left for the synthesizer's tokens.
-    num_workers: K as the mapper sees it (default: the number of branches).
+    num_workers: K as the mapper sees it (default: the number of branches,
+      empty ones included: an empty branch adds no rows but still counts).
 
   Returns:
     KVCache [1, capacity] with valid rows [0, sum L_i), positions t within each

@@ -79,6 +79,11 @@ def check_branches(lm, branches: Branches) -> None:
   if branches.num_branches == 0:
     raise ValueError("synthesis needs at least one branch")
   branches.cache.check_compatible(lm.config)
+  lengths = np.asarray(branches.lengths)
+  if lengths.min() < 0 or lengths.max() > branches.capacity:
+    raise ValueError(
+      f"branch lengths {lengths.tolist()} do not fit the branch cache capacity {branches.capacity}"
+    )
 
 
 def branch_rows(branches: Branches) -> int:
@@ -153,7 +158,7 @@ def synthesize_text(
   or token ids.
   """
   t0 = time.perf_counter()
-  ids = lm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+  ids = lm._tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
   spec, batch, capacity = lm._prepare([ids], max_new_tokens, temperature, top_k, top_p, None)
   tokenize_s = time.perf_counter() - t0
   args = (
@@ -247,6 +252,8 @@ def _synthesis_logits(params, branches, tokens, mapper, lora, rows):
 def synthesis_logits(lm, branches: Branches, synth_prompt: Sequence[int], mapper=None, lora=None):
   """Logits [T, V] over the synthesizer prompt tokens, reading the merged branch caches."""
   check_branches(lm, branches)
+  if len(synth_prompt) == 0:
+    raise ValueError("the synthesizer prompt is empty")
   tokens = jnp.asarray([list(synth_prompt)], jnp.int32)
   lm._check_ids(tokens)
   return _synthesis_logits(lm.params, branches, tokens, mapper, lora, branch_rows(branches))
