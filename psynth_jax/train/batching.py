@@ -1,0 +1,249 @@
+"""Trace examples -> fixed-shape token arrays, with token-budget guards.
+
+One example (a `psynth_jax.train.data` record) becomes:
+
+* K branch token rows, each prefilled by the frozen base from position 0;
+* the synthesizer sequence S + Y (its prompt S, then the target Y), which reads
+  the merged branch caches;
+* optionally the text-concatenation teacher's sequence P + Y (its prompt P
+  holds every branch as text), for the token-level KL.
+
+Y is tokenised once and appended to both prompts, so target token j sits at
+`len(S) + j` for the student and `len(P) + j` for the teacher; the logits that
+predict it are one position earlier (`score_pos`, `teacher_pos`). Only those
+N target positions are scored.
+
+Every array has a static shape (`BatchSpec`), so the train step compiles
+once. An example that does not fit (too many branches, a branch or the sum of
+branches over budget, a prompt + target too long, an empty target or prompt)
+is *skipped*: its row stays padding with zero weight, `skipped` marks it, and
+the reason is counted. Padding rows keep the per-host batch size fixed, which
+a multi-host step needs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flax import struct
+
+from psynth_jax import prompts
+from psynth_jax.tasks import synthetic
+
+SKIP_REASONS = (
+  "too_many_branches",
+  "branch_too_long",
+  "branches_over_budget",
+  "synth_too_long",
+  "target_too_long",
+  "teacher_too_long",
+  "empty_target",
+  "empty_prompt",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+  """Static shapes and token budgets (the guards).
+
+  Attributes:
+    max_branches: K, branches per example (fewer are padded with empty ones).
+    branch_tokens: S, tokens per branch.
+    branch_rows: rows of the merged cache, the budget for sum_i L_i.
+    synth_tokens: T, synthesizer prompt + target.
+    target_tokens: N, scored target tokens per example.
+    teacher_tokens: teacher prompt + target; 0 disables the teacher.
+  """
+
+  max_branches: int
+  branch_tokens: int
+  branch_rows: int
+  synth_tokens: int
+  target_tokens: int
+  teacher_tokens: int = 0
+
+  def __post_init__(self):
+    for name in ("max_branches", "branch_tokens", "branch_rows", "synth_tokens", "target_tokens"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"BatchSpec.{name} must be >= 1, got {getattr(self, name)}")
+    if self.target_tokens >= self.synth_tokens:
+      raise ValueError("target_tokens must leave room for the prompt in synth_tokens")
+
+
+@struct.dataclass
+class Batch:
+  """Token arrays of B examples (numpy on the host, jax arrays inside the step)."""
+
+  branch_tokens: Any  # [B, K, S] int32, right-padded
+  branch_mask: Any  # [B, K, S] bool
+  num_workers: Any  # [B] int32, real branches per example
+  tokens: Any  # [B, T] int32, synthesizer prompt + target, right-padded
+  mask: Any  # [B, T] bool
+  score_pos: Any  # [B, N] int32, student positions whose logits predict `labels`
+  labels: Any  # [B, N] int32, target tokens
+  weights: Any  # [B, N] float32, 1 for real target tokens
+  skipped: Any  # [B] int32, 1 for a skipped example (its row is padding)
+  teacher_tokens: Any = None  # [B, P] int32, teacher prompt + target
+  teacher_mask: Any = None  # [B, P] bool
+  teacher_pos: Any = None  # [B, N] int32
+
+
+# ---------------------------------------------------------------- prompt formats
+def _synthetic_example(example: Mapping[str, Any]) -> synthetic.Example:
+  branches = tuple(example["branches"])
+  return synthetic.Example("", example.get("task", ""), example["question"], branches, (), "")
+
+
+def _chat(tokenizer, user: str) -> str:
+  return tokenizer.apply_chat_template([{"role": "user", "content": user}])
+
+
+# name -> (synthesizer prompt, text-concatenation teacher prompt), both from an example dict.
+# "chat" uses the messages of `psynth_jax.prompts`, which inference uses too.
+PROMPT_FORMATS: dict[str, tuple[Callable, Callable]] = {
+  "synthetic": (
+    lambda ex, tok: synthetic.synth_prompt_text(_synthetic_example(ex)),
+    lambda ex, tok: synthetic.text_synthesis_prompt_text(_synthetic_example(ex)),
+  ),
+  "chat": (
+    lambda ex, tok: _chat(tok, prompts.latent_synth_message(ex["question"])),
+    lambda ex, tok: _chat(tok, prompts.text_synth_message(ex["question"], ex["branches"])),
+  ),
+}
+
+
+def synth_prompt(example: Mapping[str, Any], fmt: str, tokenizer) -> str:
+  """The synthesizer prompt S: the example's own `synth_prompt`, else the format's."""
+  return example.get("synth_prompt") or PROMPT_FORMATS[fmt][0](example, tokenizer)
+
+
+def teacher_prompt(example: Mapping[str, Any], fmt: str, tokenizer) -> str:
+  """The text-concatenation prompt P (every branch as text, then the question)."""
+  return PROMPT_FORMATS[fmt][1](example, tokenizer)
+
+
+# ---------------------------------------------------------------- batcher
+class Batcher:
+  """Tokenises examples into a `Batch` of a fixed size, skipping those over budget."""
+
+  def __init__(
+    self, tokenizer, spec: BatchSpec, prompt_format: str, pad_id: int, eos_id: int | None
+  ):
+    """Creates the batcher.
+
+    Args:
+      tokenizer: anything with `encode(text) -> list[int]` (no special tokens added).
+      spec: shapes and budgets.
+      prompt_format: a key of `PROMPT_FORMATS`.
+      pad_id: id written into padding (always masked).
+      eos_id: appended to targets that do not already end with it, so the
+        synthesizer learns to stop; None to leave targets as they are.
+    """
+    if prompt_format not in PROMPT_FORMATS:
+      raise ValueError(f"prompt_format must be one of {sorted(PROMPT_FORMATS)}: {prompt_format}")
+    self.tokenizer, self.spec, self.prompt_format = tokenizer, spec, prompt_format
+    self.pad_id, self.eos_id = pad_id, eos_id
+
+  def encode(self, example: Mapping[str, Any]) -> tuple[dict[str, list] | None, str | None]:
+    """(token lists, None) for an example that fits, else (None, skip reason)."""
+    spec, enc = self.spec, self.tokenizer.encode
+    branches = [enc(b) for b in example["branches"]]
+    target = enc(example["target"])
+    if target and self.eos_id is not None and target[-1] != self.eos_id:
+      target.append(self.eos_id)
+    prompt = enc(synth_prompt(example, self.prompt_format, self.tokenizer))
+    teacher = None
+    if spec.teacher_tokens:
+      teacher = enc(teacher_prompt(example, self.prompt_format, self.tokenizer))
+    checks = (
+      ("too_many_branches", len(branches) > spec.max_branches),
+      ("branch_too_long", any(len(b) > spec.branch_tokens for b in branches)),
+      ("branches_over_budget", sum(len(b) for b in branches) > spec.branch_rows),
+      ("empty_target", not target),
+      ("empty_prompt", not prompt or (teacher is not None and not teacher)),
+      ("target_too_long", len(target) > spec.target_tokens),
+      ("synth_too_long", len(prompt) + len(target) > spec.synth_tokens),
+      (
+        "teacher_too_long",
+        teacher is not None and len(teacher) + len(target) > spec.teacher_tokens,
+      ),
+    )
+    for reason, failed in checks:
+      if failed:
+        return None, reason
+    return {"branches": branches, "prompt": prompt, "target": target, "teacher": teacher}, None
+
+  def __call__(
+    self, examples: Sequence[Mapping[str, Any]], batch_size: int | None = None
+  ) -> tuple[Batch, collections.Counter]:
+    """Tokenises `examples` into a Batch of `batch_size` rows (default: len(examples)).
+
+    Returns:
+      The batch (numpy arrays) and a Counter of skip reasons.
+    """
+    spec = self.spec
+    b = len(examples) if batch_size is None else batch_size
+    if len(examples) > b:
+      raise ValueError(f"{len(examples)} examples do not fit a batch of {b}")
+    k, s, t, n, p = (
+      spec.max_branches,
+      spec.branch_tokens,
+      spec.synth_tokens,
+      spec.target_tokens,
+      spec.teacher_tokens,
+    )
+    out = {
+      "branch_tokens": np.full((b, k, s), self.pad_id, np.int32),
+      "branch_mask": np.zeros((b, k, s), bool),
+      "num_workers": np.zeros((b,), np.int32),
+      "tokens": np.full((b, t), self.pad_id, np.int32),
+      "mask": np.zeros((b, t), bool),
+      "score_pos": np.zeros((b, n), np.int32),
+      "labels": np.zeros((b, n), np.int32),
+      "weights": np.zeros((b, n), np.float32),
+      "skipped": np.zeros((b,), np.int32),
+    }
+    if p:
+      out["teacher_tokens"] = np.full((b, p), self.pad_id, np.int32)
+      out["teacher_mask"] = np.zeros((b, p), bool)
+      out["teacher_pos"] = np.zeros((b, n), np.int32)
+    reasons: collections.Counter = collections.Counter()
+    for row, example in enumerate(examples):
+      encoded, reason = self.encode(example)
+      if encoded is None:
+        reasons[reason] += 1
+        out["skipped"][row] = 1
+        continue
+      for i, branch in enumerate(encoded["branches"]):
+        out["branch_tokens"][row, i, : len(branch)] = branch
+        out["branch_mask"][row, i, : len(branch)] = True
+      out["num_workers"][row] = len(encoded["branches"])
+      target, prompt = encoded["target"], encoded["prompt"]
+      seq = prompt + target
+      out["tokens"][row, : len(seq)] = seq
+      out["mask"][row, : len(seq)] = True
+      nt = len(target)
+      out["score_pos"][row, :nt] = len(prompt) - 1 + np.arange(nt)
+      out["labels"][row, :nt] = target
+      out["weights"][row, :nt] = 1.0
+      if p:
+        teacher = encoded["teacher"] + target
+        out["teacher_tokens"][row, : len(teacher)] = teacher
+        out["teacher_mask"][row, : len(teacher)] = True
+        out["teacher_pos"][row, :nt] = len(encoded["teacher"]) - 1 + np.arange(nt)
+    return Batch(**out), reasons
+
+
+def token_counts(batch: Batch) -> dict[str, int]:
+  """Tokens a step processes: branch prefill, synthesizer, teacher, and scored targets."""
+  counts = {
+    "branch_tokens": int(np.sum(batch.branch_mask)),
+    "synth_tokens": int(np.sum(batch.mask)),
+    "target_tokens": int(np.sum(batch.weights)),
+  }
+  counts["teacher_tokens"] = 0 if batch.teacher_mask is None else int(np.sum(batch.teacher_mask))
+  return counts

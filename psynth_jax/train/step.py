@@ -1,0 +1,289 @@
+"""The distillation train step: one jitted program per step.
+
+  branch tokens [B, K, S] --frozen base prefill, stop_gradient--> branch caches
+  --re-encode + mapper + merge (`synthesis.latent_hidden`)--> synthesizer with
+  LoRA over prompt + target [B, T] --> logits at the N target positions
+  --> CE on target tokens (+ kl_weight * KL to the text-concatenation teacher,
+  whose logits the frozen base computes in the same program).
+
+Trainable parameters are `{"mapper": Mapper, "lora": LoRAWeights}`; the
+frozen base `Params` is a separate argument that is never differentiated and
+never returned. `trainable` picks what learns (`both | mapper_only |
+lora_only`): the other part is wrapped in `stop_gradient` and its optimizer
+branch is `optax.set_to_zero`, so it neither receives gradient nor Adam
+state. A batch without any target token (every example skipped) leaves the
+parameters and optimizer state untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from psynth_jax import sharding
+from psynth_jax.kv_cache import KVCache
+from psynth_jax.mapper import Mapper
+from psynth_jax.model.lora import LoRAWeights
+from psynth_jax.model.transformer import Params, hidden_states, unembed
+from psynth_jax.synthesis import latent_hidden
+from psynth_jax.train import losses
+from psynth_jax.train.batching import Batch
+from psynth_jax.workers import Branches
+
+TRAINABLE = ("both", "mapper_only", "lora_only")
+SCHEDULES = ("constant", "warmup_constant", "warmup_cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW; the defaults are the paper's (lr 1e-4, no weight decay, no schedule)."""
+
+  learning_rate: float = 1e-4
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  decay_steps: int = 0  # optimizer updates of the cosine decay (after warmup)
+  end_lr_fraction: float = 0.0
+  grad_clip_norm: float = 0.0  # 0 turns clipping off
+  grad_accum_steps: int = 1  # micro-batches per update (optax.MultiSteps)
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+    if self.schedule == "warmup_cosine" and self.decay_steps < 1:
+      raise ValueError("warmup_cosine needs decay_steps >= 1")
+    if self.grad_accum_steps < 1:
+      raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """What one step computes (static under jit)."""
+
+  branch_rows: int  # rows of the merged branch cache (BatchSpec.branch_rows)
+  trainable: str = "both"
+  ce_weight: float = 1.0
+  kl_weight: float = 0.0
+  kl_temperature: float = 1.0
+  seed: int = 0  # LoRA dropout keys are fold_in(key(seed), step): resuming replays them
+
+  def __post_init__(self):
+    if self.trainable not in TRAINABLE:
+      raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+
+  def trains(self, part: str) -> bool:
+    return trains(self.trainable, part)
+
+
+def trains(trainable: str, part: str) -> bool:
+  """Whether `part` ("mapper" or "lora") learns in mode `trainable`."""
+  return trainable == "both" or trainable == f"{part}_only"
+
+
+class Optimizer(NamedTuple):
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule  # update count -> learning rate
+  accum_steps: int
+
+
+def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+  lr = cfg.learning_rate
+  if cfg.schedule == "constant":
+    return optax.constant_schedule(lr)
+  warmup = optax.linear_schedule(0.0, lr, max(cfg.warmup_steps, 1))
+  if cfg.schedule == "warmup_constant":
+    after = optax.constant_schedule(lr)
+  else:
+    after = optax.cosine_decay_schedule(lr, cfg.decay_steps, cfg.end_lr_fraction)
+  return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimizerConfig, trainable: str) -> Optimizer:
+  """AdamW (+ clipping) on the trainable part, zero updates elsewhere, optional accumulation."""
+  schedule = make_schedule(cfg)
+  adamw = optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)
+  if cfg.grad_clip_norm > 0:
+    adamw = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
+
+  def labels(params):
+    return {
+      part: jax.tree.map(lambda _, p=part: "train" if trains(trainable, p) else "frozen", tree)
+      for part, tree in params.items()
+    }
+
+  tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+  if cfg.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
+  return Optimizer(tx, schedule, cfg.grad_accum_steps)
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds besides the data position (never the frozen base)."""
+
+  step: jax.Array  # [] int32, micro-steps taken
+  params: dict[str, Any]  # {"mapper": Mapper, "lora": LoRAWeights}
+  opt_state: Any
+  skipped: jax.Array  # [] int32, examples skipped by the token guards so far
+
+
+def init_state(mapper: Mapper, lora: LoRAWeights, optimizer: Optimizer) -> TrainState:
+  params = {"mapper": mapper, "lora": lora}
+  state = TrainState(
+    jnp.zeros((), jnp.int32), params, optimizer.tx.init(params), jnp.zeros((), jnp.int32)
+  )
+  # Distinct buffers: the step donates the state, and a buffer cannot be donated twice.
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+
+
+def encode_branch_batch(base: Params, tokens: jax.Array, mask: jax.Array) -> Branches:
+  """Prefills [B, K, S] right-padded branch tokens from position 0 -> Branches [B, K, ...].
+
+  The computation of `workers.encode_branches`, batched over examples (B * K
+  independent sequences), without gradient: the workers are the frozen base.
+  """
+  b, k, s = tokens.shape
+  flat_tokens, flat_mask = tokens.reshape(b * k, s), mask.reshape(b * k, s)
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b * k, s))
+  cache = KVCache.empty(base.config, b * k, s)
+  _, cache = hidden_states(base, flat_tokens, positions, cache, flat_mask)
+  cache = jax.lax.stop_gradient(cache)
+
+  def unflat(x):
+    return x.reshape((b, k) + x.shape[1:])
+
+  cache = KVCache(
+    k=tuple(unflat(x) for x in cache.k),
+    v=tuple(unflat(x) for x in cache.v),
+    positions=unflat(cache.positions),
+    valid=unflat(cache.valid),
+    index=jnp.full((b,), s, jnp.int32),  # latent_hidden vmaps every leaf over B
+  )
+  lengths = mask.sum(-1).astype(jnp.int32)
+  return Branches(cache, lengths, jnp.zeros((b, k), jnp.int32), tokens)
+
+
+def teacher_logits(base: Params, batch: Batch) -> jax.Array:
+  """The text-concatenation teacher's logits at the target positions [B, N, V] (no gradient)."""
+  p = batch.teacher_tokens.shape[1]
+  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), batch.teacher_tokens.shape)
+  x, _ = hidden_states(base, batch.teacher_tokens, positions, None, batch.teacher_mask)
+  x = losses.gather_positions(jax.lax.stop_gradient(x), batch.teacher_pos)
+  return jax.lax.stop_gradient(unembed(base, x))
+
+
+def loss_fn(params, base: Params, batch: Batch, rng: jax.Array, config: StepConfig):
+  """(loss, metrics) of one batch; differentiable in `params` only."""
+  params = {
+    part: tree if config.trains(part) else jax.lax.stop_gradient(tree)
+    for part, tree in params.items()
+  }
+  lora = params["lora"]
+  branches = encode_branch_batch(base, batch.branch_tokens, batch.branch_mask)
+  lora_rng = rng if lora.config.dropout > 0 else None
+  x = latent_hidden(
+    base,
+    branches,
+    batch.tokens,
+    batch.mask,
+    params["mapper"],
+    lora,
+    config.branch_rows,
+    batch.num_workers,
+    lora_rng,
+  )
+  logits = unembed(base, losses.gather_positions(x, batch.score_pos))  # [B, N, V]
+  ce = losses.cross_entropy(logits, batch.labels, batch.weights)
+  metrics = {"ce": ce, "accuracy": losses.accuracy(logits, batch.labels, batch.weights)}
+  loss = config.ce_weight * ce
+  if config.kl_weight > 0:
+    if batch.teacher_tokens is None:
+      raise ValueError("kl_weight > 0 needs teacher tokens (BatchSpec.teacher_tokens > 0)")
+    kl = losses.kl_to_teacher(
+      logits, teacher_logits(base, batch), batch.weights, config.kl_temperature
+    )
+    metrics["kl"] = kl
+    loss = loss + config.kl_weight * kl
+  return loss, metrics
+
+
+def _select(pred, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def _processed_tokens(batch: Batch, with_teacher: bool) -> jax.Array:
+  """Tokens run through a model this step: branch prefill + synthesizer (+ teacher)."""
+  total = jnp.sum(batch.branch_mask) + jnp.sum(batch.mask)
+  if with_teacher:
+    total = total + jnp.sum(batch.teacher_mask)
+  return total
+
+
+def train_step(
+  state: TrainState, base: Params, batch: Batch, *, config: StepConfig, optimizer: Optimizer
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer (micro-)step; returns the new state and scalar metrics."""
+  rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, metrics), grads = grad_fn(state.params, base, batch, rng, config)
+  updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # Every example of the batch was skipped: no information, so no update at all.
+  has_tokens = jnp.sum(batch.weights) > 0
+  params = _select(has_tokens, params, state.params)
+  opt_state = _select(has_tokens, opt_state, state.opt_state)
+  skipped = jnp.sum(batch.skipped).astype(jnp.int32)
+  metrics.update(
+    loss=loss,
+    grad_norm=optax.global_norm(grads),
+    learning_rate=optimizer.schedule(state.step // optimizer.accum_steps),
+    skipped=skipped,
+    examples=batch.skipped.shape[0] - skipped,
+    target_tokens=jnp.sum(batch.weights),
+    tokens=_processed_tokens(batch, with_teacher=config.kl_weight > 0),
+  )
+  new_state = TrainState(state.step + 1, params, opt_state, state.skipped + skipped)
+  return new_state, metrics
+
+
+def make_train_step(
+  config: StepConfig,
+  optimizer: Optimizer,
+  mesh=None,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  state: TrainState | None = None,
+  base: Params | None = None,
+  batch: Batch | None = None,
+  compiler_options: dict[str, Any] | None = None,
+):
+  """`train_step` jitted once; with a mesh, with explicit in/out shardings.
+
+  The state (small: mapper, LoRA, Adam moments) is replicated, the frozen base
+  is sharded by the logical-axis rules, and the batch is split over the batch
+  mesh axes. `state`, `base` and `batch` (arrays or abstract shapes) give the
+  pytree structures the shardings are built for. The state is donated.
+  `compiler_options` go to XLA (e.g. {"xla_backend_optimization_level": 0}
+  compiles tiny CPU test models several times faster).
+  """
+  fn = functools.partial(train_step, config=config, optimizer=optimizer)
+  if mesh is None:
+    return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options)
+  state_sh = sharding.tree_shardings(state, mesh, rules)
+  base_sh = sharding.tree_shardings(base, mesh, rules)
+  batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, rules, x.ndim), batch)
+  return jax.jit(
+    fn,
+    in_shardings=(state_sh, base_sh, batch_sh),
+    out_shardings=(state_sh, sharding.replicated(mesh)),
+    donate_argnums=0,
+    compiler_options=compiler_options,
+  )

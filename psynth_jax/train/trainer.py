@@ -1,0 +1,400 @@
+"""The training loop behind `experiments/train.py`: config in, trained mapper + LoRA out.
+
+`train(config, workdir)` reads an `ml_collections` config (`default_config`
+lists every field; `configs/*.py` start from it), and:
+
+1. joins a multi-host run if the config says so (`sharding.maybe_initialize_distributed`);
+2. loads the frozen base (a converted folder) or initialises a random one,
+   sharded over the (data, fsdp, tensor) mesh;
+3. prepares the trace dataset (tfds array_record under the workdir) and a
+   per-host `BatchIterator`;
+4. restores the newest readable checkpoint of the workdir (state + data
+   position), or starts fresh;
+5. runs the jitted step with a tqdm bar, writing metrics to
+   `workdir/metrics.jsonl` and TensorBoard events to `workdir/tensorboard`
+   (loss, CE, KL, skipped examples, tokens/s, learning rate, ...; the first
+   row's rates include compilation);
+6. saves checkpoints every `checkpoint.every` steps and at the end, then
+   exports the LoRA (a PEFT adapter) and the mapper (the reference's state
+   dict names) to `workdir/export/` (`checkpoints.export`).
+
+The workdir must be shared storage in a multi-host run (checkpoints, data).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+from ml_collections import ConfigDict
+from tensorboardX import SummaryWriter
+
+from psynth_jax import sharding
+from psynth_jax.mapper import Mapper
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.lora import LoRAConfig, LoRAWeights
+from psynth_jax.model.transformer import init_params
+from psynth_jax.tasks import synthetic
+from psynth_jax.train import batching, checkpoints, data
+from psynth_jax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: step_lib.TrainState
+  step: int
+  history: list[dict[str, Any]]  # the metrics rows this run logged
+  skip_reasons: dict[str, int]  # this host's skipped examples by reason (whole run, resumed too)
+  export_dir: str | None
+
+
+SYNTHETIC_BASE = os.path.join(
+  os.path.dirname(os.path.dirname(__file__)), "assets", "synthetic_base"
+)
+
+
+# ---------------------------------------------------------------- the config schema
+def default_config() -> ConfigDict:
+  """Every field `train` reads, with the paper's defaults where it has one (configs/ start here)."""
+  rules = {name: ",".join(sharding.as_tuple(axes)) for name, axes in sharding.DEFAULT_RULES}
+  return ConfigDict(
+    dict(
+      seed=0,
+      fast_compile=False,  # CPU: cheap XLA compilation (tests, tiny models)
+      prompt_format="synthetic",  # batching.PROMPT_FORMATS
+      log_every=10,
+      # path: converted model folder; "" = random init from `init` (a ModelConfig dict).
+      # tokenizer: "" = the folder's, "char" = the synthetic suite's CharTokenizer.
+      model=dict(path="", dtype="", tokenizer="", init=ConfigDict(), init_seed=0),
+      data=dict(
+        source="synthetic",  # synthetic (suite examples, gold targets) | jsonl (traces)
+        train_jsonl="",
+        tfds_dir="",  # default WORKDIR/tfds
+        synthetic_examples=2000,
+        synthetic_seed=0,
+        min_workers=2,
+        max_workers=8,
+        append_eos=True,  # end every target with the tokenizer's eos id
+      ),
+      batch=dict(  # shapes and token-budget guards (batching.BatchSpec)
+        batch_size=8,  # global, used when per_device_batch_size is 0
+        per_device_batch_size=0,  # x (data * fsdp) mesh devices
+        max_branches=8,
+        branch_tokens=64,
+        branch_rows=320,
+        synth_tokens=160,
+        target_tokens=48,
+        teacher_tokens=512,  # used only when train.kl_weight > 0
+      ),
+      mapper=dict(kind="affine", features="both"),
+      lora=dict(rank=16, alpha=32.0, dropout=0.0, targets=("q", "k", "v", "o")),
+      train=dict(
+        trainable="both",  # both | mapper_only | lora_only
+        num_steps=0,  # 0: num_epochs passes over the data
+        num_epochs=1,
+        ce_weight=1.0,
+        kl_weight=0.0,
+        kl_temperature=1.0,
+      ),
+      optimizer=dataclasses.asdict(step_lib.OptimizerConfig()),
+      # shape over (data, fsdp, tensor); rules: logical axis -> "data,fsdp" | "fsdp" | "".
+      mesh=dict(shape=(1, -1, 1), rules=rules),
+      checkpoint=dict(every=50, max_to_keep=3, async_save=False),
+      export=dict(enabled=True),
+      distributed=dict(coordinator_address="", num_processes=0, process_id=0, auto=False),
+    )
+  )
+
+
+# ---------------------------------------------------------------- config -> library types
+def batch_spec(config: ConfigDict) -> batching.BatchSpec:
+  b = config.batch
+  teacher = b.teacher_tokens if config.train.kl_weight > 0 else 0
+  return batching.BatchSpec(
+    b.max_branches, b.branch_tokens, b.branch_rows, b.synth_tokens, b.target_tokens, teacher
+  )
+
+
+def step_config(config: ConfigDict) -> step_lib.StepConfig:
+  t = config.train
+  return step_lib.StepConfig(
+    config.batch.branch_rows, t.trainable, t.ce_weight, t.kl_weight, t.kl_temperature, config.seed
+  )
+
+
+def optimizer_config(config: ConfigDict) -> step_lib.OptimizerConfig:
+  return step_lib.OptimizerConfig(**config.optimizer.to_dict())
+
+
+def mesh_config(config: ConfigDict) -> sharding.MeshConfig:
+  rules = dict(sharding.DEFAULT_RULES)
+  for name, axes in config.mesh.rules.items():  # "data,fsdp" | "fsdp" | "" (replicated)
+    parts = tuple(a for a in axes.split(",") if a)
+    rules[name] = None if not parts else parts[0] if len(parts) == 1 else parts
+  return sharding.MeshConfig(tuple(config.mesh.shape), tuple(rules.items()))
+
+
+# ---------------------------------------------------------------- setup
+def load_base(config: ConfigDict, mesh, rules):
+  """(sharded base Params, tokenizer, pad id, eos id)."""
+  m = config.model
+  if m.path:
+    from psynth_jax.language_model import load_pretrained
+
+    lm = load_pretrained(os.path.expanduser(m.path), dtype=m.dtype or None)
+    params = sharding.shard_tree(lm.params, mesh, rules)
+    if m.tokenizer == "char":
+      tokenizer = synthetic.CharTokenizer()
+      return params, tokenizer, tokenizer.pad_token_id, tokenizer.eos_token_id
+    if lm.tokenizer is None:
+      raise ValueError(f"{m.path} has no tokenizer.json; set model.tokenizer='char' if it is ours")
+    return params, lm.tokenizer, lm.pad_id, lm.stop_ids[0] if lm.stop_ids else None
+  model_config = ModelConfig(**m.init.to_dict())
+  key = ("base", model_config, m.init_seed, mesh, rules, _compiler_options(config) is not None)
+  params = _initializer(key, lambda: init_params(model_config, m.init_seed), mesh, rules, config)()
+  tokenizer = synthetic.CharTokenizer()
+  if model_config.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"model.init.vocab_size must be >= {tokenizer.vocab_size} (char tokenizer)")
+  return params, tokenizer, tokenizer.pad_token_id, tokenizer.eos_token_id
+
+
+def load_traces(config: ConfigDict, workdir: str) -> data.TraceSource:
+  """The training split: a trace JSONL (or synthetic examples with gold targets) as tfds."""
+  d = config.data
+  tfds_dir = d.tfds_dir or os.path.join(workdir, "tfds")
+  path = d.train_jsonl
+  if d.source == "synthetic":
+    path = os.path.join(workdir, "traces", "train.jsonl")
+  elif d.source != "jsonl":
+    raise ValueError(f"data.source must be 'synthetic' or 'jsonl', got {d.source!r}")
+  if jax.process_index() == 0:
+    if d.source == "synthetic":
+      examples = synthetic.generate(
+        "train", d.synthetic_examples, d.synthetic_seed, None, d.min_workers, d.max_workers
+      )
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "w", encoding="utf-8") as f:
+        for e in examples:
+          f.write(json.dumps({k: e.to_json()[k] for k in data.FIELDS}) + "\n")
+    data.build_dataset({"train": path}, tfds_dir)
+  checkpoints._sync("psynth_traces_ready")
+  return data.load_split(tfds_dir, "train")
+
+
+# Jitted programs shared by every `train` call of this process with the same
+# program (sweeps, notebooks, tests): keyed by everything they depend on.
+_PROGRAMS: dict[Any, Any] = {}
+
+
+def _compiler_options(config: ConfigDict) -> dict[str, Any] | None:
+  fast = config.fast_compile and jax.default_backend() == "cpu"
+  return {"xla_backend_optimization_level": 0} if fast else None
+
+
+def _initializer(key, init_fn, mesh, rules, config: ConfigDict):
+  if key not in _PROGRAMS:
+    options = _compiler_options(config)
+    _PROGRAMS[key] = sharding.sharded_initializer(init_fn, mesh, rules, options)
+  return _PROGRAMS[key]
+
+
+def compiled_step(config: ConfigDict, mesh, rules, state, base, batch):
+  """The jitted train step (cached, see `_PROGRAMS`)."""
+  step_cfg, opt_cfg = step_config(config), optimizer_config(config)
+  options = _compiler_options(config)
+  structure = jax.tree.structure((state, base, batch))
+  key = ("step", step_cfg, opt_cfg, mesh, rules, options is not None, structure)
+  if key not in _PROGRAMS:
+    optimizer = optimizer_for(config)
+    _PROGRAMS[key] = step_lib.make_train_step(
+      step_cfg, optimizer, mesh, rules, state, base, batch, options
+    )
+  return _PROGRAMS[key]
+
+
+_OPTIMIZERS: dict[Any, step_lib.Optimizer] = {}
+
+
+def optimizer_for(config: ConfigDict) -> step_lib.Optimizer:
+  key = (optimizer_config(config), config.train.trainable)
+  if key not in _OPTIMIZERS:
+    _OPTIMIZERS[key] = step_lib.make_optimizer(*key)
+  return _OPTIMIZERS[key]
+
+
+def fetch(tree: Any) -> Any:
+  """Replicated device arrays -> numpy on this host (works when they span several hosts)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+# ---------------------------------------------------------------- logging
+def _row_step(line: str) -> float:
+  """A metrics row's step; a half-written row (killed mid-write) counts as after everything."""
+  try:
+    return json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return float("inf")
+
+
+class MetricsLog:
+  """metrics.jsonl + TensorBoard on process 0; resuming drops rows after the restored step."""
+
+  def __init__(self, workdir: str, start_step: int):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if not self.active:
+      return
+    if os.path.exists(self.path):
+      with open(self.path, encoding="utf-8") as f:
+        rows = [line for line in f if _row_step(line) <= start_step]
+      with open(self.path, "w", encoding="utf-8") as f:
+        f.writelines(rows)
+    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+
+  def write(self, row: dict[str, Any]) -> None:
+    if not self.active:
+      return
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+    for name, value in row.items():
+      if name != "step" and isinstance(value, int | float):
+        self.writer.add_scalar(f"train/{name}", value, row["step"])
+    self.writer.flush()
+
+  def close(self) -> None:
+    if self.active:
+      self.writer.close()
+
+
+# ---------------------------------------------------------------- the loop
+def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> TrainResult:
+  """Trains (or resumes training) the mapper and LoRA; see the module docstring.
+
+  Args:
+    config: an experiment config (`configs/*.py`).
+    workdir: checkpoints, metrics, data and exports live here.
+    stop_after: stop after this global step without a final checkpoint or
+      export, as a kill would (tests of resuming).
+  """
+  dist = config.distributed
+  sharding.maybe_initialize_distributed(
+    dist.coordinator_address or None, dist.num_processes, dist.process_id, dist.auto
+  )
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh_cfg = mesh_config(config)
+  mesh, rules = sharding.make_mesh(mesh_cfg), mesh_cfg.rules
+  base, tokenizer, pad_id, eos_id = load_base(config, mesh, rules)
+  spec = batch_spec(config)
+  if spec.branch_tokens + spec.synth_tokens > base.config.max_position_embeddings:
+    raise ValueError("batch.branch_tokens + batch.synth_tokens exceed max_position_embeddings")
+  batcher = batching.Batcher(
+    tokenizer, spec, config.prompt_format, pad_id, eos_id if config.data.append_eos else None
+  )
+
+  data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  global_batch = config.batch.per_device_batch_size * data_ways or config.batch.batch_size
+  if global_batch % data_ways or global_batch % jax.process_count():
+    raise ValueError(f"global batch {global_batch} must divide over {data_ways} data shards")
+  local_batch = global_batch // jax.process_count()
+  source = load_traces(config, workdir)
+  iterator = data.BatchIterator(
+    source,
+    seed=config.seed,
+    batch_size=global_batch,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  num_steps = config.train.num_steps or config.train.num_epochs * iterator.steps_per_epoch
+
+  optimizer = optimizer_for(config)
+  model_config = base.config
+  lora_config = LoRAConfig(**{**config.lora.to_dict(), "targets": tuple(config.lora.targets)})
+
+  def init():
+    mapper = Mapper.create(config.mapper.kind, model_config.num_layers, config.mapper.features)
+    lora = LoRAWeights.init(model_config, lora_config, config.seed)
+    return step_lib.init_state(mapper, lora, optimizer)
+
+  key = (
+    "state",
+    model_config,
+    lora_config,
+    config.mapper.kind,
+    config.mapper.features,
+    optimizer_config(config),
+    config.train.trainable,
+    config.seed,
+    mesh,
+    rules,
+    _compiler_options(config) is not None,
+  )
+  state = _initializer(key, init, mesh, rules, config)()
+  ckpt = checkpoints.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    config.checkpoint.max_to_keep,
+    config.checkpoint.async_save,
+  )
+  skip_reasons: collections.Counter = collections.Counter()
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    start, state, data_state = restored
+    iterator.set_state(data_state["iterator"])
+    skip_reasons.update(data_state.get("skip_reasons", {}))
+    logging.info("resumed from step %d of %s", start, ckpt.directory)
+    if jax.process_index() == 0:
+      tqdm.tqdm.write(f"resumed from step {start} of {ckpt.directory}")
+  else:
+    start = 0
+  log = MetricsLog(workdir, start)
+  history, pending, step_fn = [], [], None
+  bar = tqdm.tqdm(
+    total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
+  )
+  t_last, step = time.perf_counter(), start
+  for step in range(start + 1, num_steps + 1):
+    host_batch, reasons = batcher(next(iterator), local_batch)
+    skip_reasons.update(reasons)
+    batch = sharding.host_local_to_global(host_batch, mesh, rules)
+    if step_fn is None:
+      step_fn = compiled_step(config, mesh, rules, state, base, batch)
+    state, metrics = step_fn(state, base, batch)
+    pending.append(metrics)
+    bar.update(1)
+    if step % config.log_every == 0 or step == num_steps or step == start + 1:
+      rows = fetch(pending)
+      now = time.perf_counter()
+      dt = max(now - t_last, 1e-9)
+      row = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+      for k in ("examples", "tokens", "target_tokens"):
+        row[f"{k}_per_s"] = float(sum(r[k] for r in rows)) / dt
+      row.update(step=step, skipped_total=int(fetch(state.skipped)), seconds=dt)
+      row["skip_reasons"] = dict(skip_reasons)
+      log.write(row)
+      history.append(row)
+      bar.set_postfix(loss=f"{row['loss']:.4f}", skipped=row["skipped_total"])
+      pending, t_last = [], time.perf_counter()
+    if stop_after is not None and step >= stop_after:
+      break
+    if step % config.checkpoint.every == 0 or step == num_steps:
+      position = {"iterator": iterator.get_state(), "skip_reasons": dict(skip_reasons)}
+      ckpt.save(step, state, position, {"config": config.to_json_best_effort()})
+  bar.close()
+  ckpt.wait()
+  ckpt.close()
+  log.close()
+  export_dir = None
+  if stop_after is None and config.export.enabled and jax.process_index() == 0:
+    folder = os.path.join(workdir, "export")
+    export_dir = checkpoints.export(fetch(state.params), folder, config.model.path)
+  return TrainResult(state, step, history, dict(skip_reasons), export_dir)

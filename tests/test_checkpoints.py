@@ -1,0 +1,231 @@
+"""Tests for psynth_jax.train.checkpoints and resuming the trainer: exact resume, damaged steps."""
+
+import glob
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from psynth_jax.convert.peft import load_peft_lora
+from psynth_jax.convert.reference import mapper_from_state_dict
+from psynth_jax.mapper import Mapper
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.lora import LoRAConfig, LoRAWeights
+from psynth_jax.tasks import synthetic
+from psynth_jax.train import batching, checkpoints, data, trainer
+from psynth_jax.train import step as step_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = ModelConfig("llama", 56, 32, 64, 1, 2, 1, 16)
+
+
+@pytest.fixture(scope="module")
+def state():
+  optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(), "both")
+  mapper = Mapper.create("affine", CONFIG.num_layers)
+  return step_lib.init_state(mapper, LoRAWeights.init(CONFIG, LoRAConfig(rank=2)), optimizer)
+
+
+def _with_step(state, step):
+  return state.replace(step=np.asarray(step, np.int32))
+
+
+def _damage(directory, step, how):
+  """Truncates (or flips bytes in) every array data file of a saved step."""
+  files = glob.glob(os.path.join(directory, str(step), "state", "**", "d", "*"), recursive=True)
+  assert files
+  for path in files:
+    with open(path, "rb") as f:
+      content = bytearray(f.read())
+    if how == "truncate":
+      content = content[: len(content) // 2]
+    else:
+      for i in range(len(content) // 3, len(content) // 3 + 16):
+        content[i] ^= 0x5A
+    with open(path, "wb") as f:
+      f.write(bytes(content))
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b)
+  )
+
+
+def test_round_trip_keeps_the_last_n_steps(tmp_path, state):
+  ckpt = checkpoints.Checkpointer(tmp_path / "ckpt", max_to_keep=2)
+  for step in (1, 2, 3):
+    ckpt.save(step, _with_step(state, step), {"iterator": {"epoch": 0, "index": step}})
+  assert ckpt.all_steps() == [2, 3]
+  restored, position = ckpt.restore(2, state)
+  _assert_trees_equal(restored, _with_step(state, 2))
+  assert position == {"iterator": {"epoch": 0, "index": 2}}
+  assert isinstance(restored.params["lora"], LoRAWeights)
+  assert restored.params["mapper"].state["fc2"]["kernel"][...].sharding == (
+    state.params["mapper"].state["fc2"]["kernel"][...].sharding
+  )
+  ckpt.close()
+  # The frozen base is not in it: only mapper, LoRA, optimizer state and counters.
+  names = checkpoints.flatten(state)[0]
+  assert all(n.split(".")[0] in ("step", "params", "opt_state", "skipped") for n in names)
+
+
+def test_structure_mismatch_names_the_keys(tmp_path, state):
+  ckpt = checkpoints.Checkpointer(tmp_path / "ckpt")
+  ckpt.save(1, state)
+  other = state.replace(params={**state.params, "mapper": Mapper.create("identity", 1)})
+  with pytest.raises(checkpoints.CheckpointError, match="another state structure: missing=.*fc1"):
+    ckpt.restore(1, other)
+
+
+# orbax's reader threads report the failed read once more, from a closed event loop.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("how", ["truncate", "garbage"])
+def test_a_damaged_step_gives_a_clear_error_and_the_previous_one_is_used(tmp_path, state, how):
+  directory = str(tmp_path / "ckpt")
+  ckpt = checkpoints.Checkpointer(directory)
+  for step in (1, 2):
+    ckpt.save(step, _with_step(state, step), {"iterator": {"epoch": 0, "index": step}})
+  ckpt.close()
+  _damage(directory, 2, how)
+  ckpt = checkpoints.Checkpointer(directory)
+  with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint step 2 in {directory}"):
+    ckpt.restore(2, state)
+  step, restored, position = ckpt.restore_latest(state)
+  assert step == 1 and position["iterator"]["index"] == 1
+  _assert_trees_equal(restored, _with_step(state, 1))
+  assert "falling back" in ckpt.fallbacks[0] and "step 2" in ckpt.fallbacks[0]
+  assert ckpt.all_steps() == [1] and os.listdir(directory + "_corrupt")[0].startswith("2-")
+  ckpt.save(2, _with_step(state, 2))  # the bad step is out of the way
+  assert ckpt.all_steps() == [1, 2]
+
+
+def test_tampered_arrays_fail_the_digest(tmp_path, state):
+  directory = str(tmp_path / "ckpt")
+  ckpt = checkpoints.Checkpointer(directory)
+  ckpt.save(1, state)
+  ckpt.close()
+  meta_path = os.path.join(directory, "1", "meta", "metadata")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  meta["digest"] = "0" * 64  # as if the arrays had been rewritten behind the metadata's back
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(checkpoints.CheckpointError, match="corrupt"):
+    checkpoints.Checkpointer(directory).restore(1, state)
+  with pytest.raises(checkpoints.CheckpointError, match="no checkpoint can be restored"):
+    checkpoints.Checkpointer(directory).restore_latest(state)
+
+
+def test_an_interrupted_save_is_invisible(tmp_path, state):
+  directory = tmp_path / "ckpt"
+  ckpt = checkpoints.Checkpointer(directory)
+  ckpt.save(1, state)
+  ckpt.close()
+  # What a kill during the save of step 2 leaves: orbax's temporary directory.
+  partial = directory / "2.orbax-checkpoint-tmp-1234"
+  os.makedirs(partial / "state")
+  (partial / "state" / "junk").write_bytes(b"\0" * 10)
+  ckpt = checkpoints.Checkpointer(directory)
+  assert ckpt.all_steps() == [1] and ckpt.restore_latest(state)[0] == 1
+  assert not partial.exists()  # cleaned up on start
+
+
+# ---------------------------------------------------------------- resuming the trainer
+def _config(num_steps=6):
+  spec = importlib.util.spec_from_file_location("synthetic_config", f"{REPO}/configs/synthetic.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("random,fast")
+  config.model.init.update(num_layers=1, hidden_size=32, intermediate_size=64)
+  config.data.update(synthetic_examples=24, max_workers=5)
+  # Budgets that some examples exceed (K = 5, long answers): they are skipped.
+  config.batch.update(
+    batch_size=4, max_branches=4, branch_rows=160, synth_tokens=112, target_tokens=6
+  )
+  config.lora.rank = 4
+  config.train.num_steps = num_steps
+  config.optimizer.learning_rate = 1e-2
+  config.mesh.shape = (1, 1, 1)
+  config.checkpoint.every = 2
+  config.log_every = 1
+  return config
+
+
+def _params(result):
+  return jax.tree.map(np.asarray, trainer.fetch(result.state.params))
+
+
+def _logged_steps(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["step"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  return workdir, trainer.train(_config(), workdir)
+
+
+def test_uninterrupted_run_skips_and_counts_oversize_examples(uninterrupted):
+  workdir, result = uninterrupted
+  config = _config()
+  source = data.load_split(os.path.join(workdir, "tfds"), "train")
+  it = data.BatchIterator(source, seed=0, batch_size=4, process_index=0, process_count=1)
+  tok = synthetic.CharTokenizer()
+  spec = trainer.batch_spec(config)
+  batcher = batching.Batcher(tok, spec, "synthetic", tok.pad_token_id, tok.eos_token_id)
+  reasons = [batcher.encode(e)[1] for _ in range(6) for e in next(it)]
+  want = {r: reasons.count(r) for r in set(reasons) - {None}}
+  assert want and result.skip_reasons == want
+  assert int(trainer.fetch(result.state.skipped)) == sum(want.values())
+  assert result.history[-1]["skipped_total"] == sum(want.values())
+  assert _logged_steps(workdir) == [1, 2, 3, 4, 5, 6]
+  assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+
+
+def test_export_round_trips_through_peft_and_the_reference_mapper(uninterrupted):
+  workdir, result = uninterrupted
+  params = _params(result)
+  lora = load_peft_lora(os.path.join(workdir, "export", "lora"), params["lora"].model_config)
+  assert lora.config == params["lora"].config
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.tree.map(np.asarray, lora.state), params["lora"].state
+  )
+  state_dict = safetensors.numpy.load_file(
+    os.path.join(workdir, "export", "mapper", "mapper.safetensors")
+  )
+  mapper = mapper_from_state_dict(state_dict, params["mapper"].num_layers)
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.tree.map(np.asarray, mapper.state), params["mapper"].state
+  )
+
+
+def test_kill_and_resume_gives_the_uninterrupted_params(tmp_path, uninterrupted):
+  _, want = uninterrupted
+  workdir = str(tmp_path)
+  stopped = trainer.train(_config(), workdir, stop_after=3)  # killed after step 3: last save at 2
+  assert stopped.step == 3 and stopped.export_dir is None
+  resumed = trainer.train(_config(), workdir)
+  assert [row["step"] for row in resumed.history] == [3, 4, 5, 6]
+  jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(want))
+  assert resumed.skip_reasons == want.skip_reasons
+  for got, ref in zip(resumed.history, want.history[2:], strict=True):
+    assert got["loss"] == ref["loss"] and got["skipped_total"] == ref["skipped_total"]
+  assert _logged_steps(workdir) == [1, 2, 3, 4, 5, 6]  # rows after step 2 were replaced
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, uninterrupted):
+  _, want = uninterrupted
+  workdir = str(tmp_path)
+  trainer.train(_config(), workdir, stop_after=5)  # saves at 2 and 4
+  _damage(os.path.join(workdir, "checkpoints"), 4, "truncate")
+  resumed = trainer.train(_config(), workdir)
+  assert resumed.history[0]["step"] == 3  # step 4 was unreadable: resumed from 2
+  jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(want))
+  assert os.listdir(os.path.join(workdir, "checkpoints_corrupt"))[0].startswith("4-")

@@ -1,0 +1,241 @@
+"""Tests for the train step: batching guards, losses, what trains, parity with inference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from psynth_jax.language_model import LanguageModel
+from psynth_jax.mapper import Mapper
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.lora import LoRAConfig, LoRAWeights
+from psynth_jax.model.transformer import abstract_params, forward, params_from_flat
+from psynth_jax.synthesis import synthesis_logits
+from psynth_jax.tasks import synthetic
+from psynth_jax.train import batching, losses
+from psynth_jax.train import step as step_lib
+from psynth_jax.workers import encode_branches
+
+TOK = synthetic.CharTokenizer()
+CONFIG = ModelConfig("llama", TOK.vocab_size, 64, 128, 2, 4, 2, 16, max_position_embeddings=1024)
+SPEC = batching.BatchSpec(
+  max_branches=4,
+  branch_tokens=64,
+  branch_rows=160,
+  synth_tokens=112,
+  target_tokens=16,
+  teacher_tokens=256,
+)
+FAST = {"xla_backend_optimization_level": 0}  # tiny model: compile time dominates
+
+
+def _records(n, seed=0):
+  fields = ("id", "task", "question", "branches", "synth_prompt", "target")
+  examples = synthetic.generate("train", n, seed, max_workers=SPEC.max_branches)
+  return [{k: e.to_json()[k] for k in fields} for e in examples]
+
+
+def _batcher(spec=SPEC):
+  return batching.Batcher(TOK, spec, "synthetic", TOK.pad_token_id, TOK.eos_token_id)
+
+
+@pytest.fixture(scope="module")
+def base():
+  """Random weights drawn with numpy: compiling jax's initialisers costs more than the tests."""
+  rng = np.random.default_rng(0)
+  flat = {}
+  for path, var in nnx.to_flat_state(abstract_params(CONFIG).state):
+    name, shape = ".".join(str(p) for p in path), var.get_value().shape
+    flat[name] = np.ones(shape) if name.endswith("scale") else rng.normal(size=shape) * 0.1
+  return params_from_flat(CONFIG, flat)
+
+
+@pytest.fixture(scope="module")
+def batch():
+  host, reasons = _batcher()(_records(4))
+  assert not reasons
+  return host
+
+
+def _trainables(seed=0, perturb=0.0):
+  """A mapper and LoRA; with `perturb`, moved off their identity init so they matter."""
+  mapper = Mapper.create("affine", CONFIG.num_layers, seed=seed)
+  lora = LoRAWeights.init(CONFIG, LoRAConfig(rank=4), seed=seed)
+  if perturb:
+    rng = np.random.default_rng(seed + 1)
+    mapper, lora = jax.tree.map(
+      lambda x: np.asarray(x) + perturb * rng.normal(size=x.shape).astype(np.float32),
+      (mapper, lora),
+    )
+  return mapper, lora
+
+
+@functools.cache
+def _step_fn(trainable: str, lr: float):
+  optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(learning_rate=lr), trainable)
+  config = step_lib.StepConfig(branch_rows=SPEC.branch_rows, trainable=trainable)
+  return optimizer, step_lib.make_train_step(config, optimizer, compiler_options=FAST)
+
+
+def _copy(tree):
+  return jax.tree.map(np.array, tree)
+
+
+# ---------------------------------------------------------------- batching
+def test_targets_align_with_student_and_teacher_positions(batch):
+  records = _records(4)
+  for row, record in enumerate(records):
+    n = int(batch.weights[row].sum())
+    target = TOK.encode(record["target"])
+    assert target[-1] == TOK.eos_token_id and n == len(target)
+    labels = batch.labels[row, :n]
+    np.testing.assert_array_equal(labels, target)
+    # The logits at score_pos / teacher_pos predict the next token: the label.
+    np.testing.assert_array_equal(batch.tokens[row, batch.score_pos[row, :n] + 1], labels)
+    np.testing.assert_array_equal(batch.teacher_tokens[row, batch.teacher_pos[row, :n] + 1], labels)
+    prompt = TOK.decode(batch.tokens[row, : batch.score_pos[row, 0] + 1])
+    assert prompt == record["synth_prompt"]
+    k = len(record["branches"])
+    assert batch.num_workers[row] == k
+    for i, text in enumerate(record["branches"]):
+      assert TOK.decode(batch.branch_tokens[row, i][batch.branch_mask[row, i]]) == text
+    assert not batch.branch_mask[row, k:].any()  # padding branches are empty
+
+
+def test_oversize_examples_are_skipped_and_counted():
+  good = _records(1)[0]
+  cases = {
+    "too_many_branches": {"branches": ["a"] * (SPEC.max_branches + 1)},
+    "branch_too_long": {"branches": ["x" * (SPEC.branch_tokens + 1)]},
+    "branches_over_budget": {"branches": ["x" * 60] * 3},
+    "target_too_long": {"target": "9" * SPEC.target_tokens},
+    "empty_target": {"target": ""},
+    "synth_too_long": {"synth_prompt": "p" * (SPEC.synth_tokens - 4)},
+    "teacher_too_long": {"question": "q" * SPEC.teacher_tokens, "synth_prompt": "s"},
+  }
+  examples = [good] + [{**good, **change} for change in cases.values()] + [good]
+  host, reasons = _batcher()(examples, batch_size=len(examples) + 2)
+  assert dict(reasons) == {reason: 1 for reason in cases}
+  np.testing.assert_array_equal(host.skipped, [0] + [1] * len(cases) + [0, 0, 0])
+  assert host.weights[1:-3].sum() == 0 and not host.branch_mask[1:-3].any()
+  assert host.weights[0].sum() > 0 and host.weights[-3].sum() > 0
+  with pytest.raises(ValueError, match="do not fit"):
+    _batcher()(examples, batch_size=2)
+
+
+# ---------------------------------------------------------------- losses
+def test_kl_is_zero_for_the_teacher_itself_and_positive_otherwise():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 11)).astype(np.float32)
+  weights = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], np.float32)
+  kl = jax.jit(losses.kl_to_teacher, static_argnums=3)
+  assert abs(float(kl(logits, logits, weights, 2.0))) < 1e-6
+  other = logits + rng.normal(size=logits.shape).astype(np.float32)
+  assert float(kl(other, logits, weights, 1.0)) > 0.01
+  # Padding positions do not count, however wrong they are.
+  garbage = other.copy()
+  garbage[0, 2], garbage[1, 1:] = 1e3, -1e3
+  np.testing.assert_allclose(kl(garbage, logits, weights, 1.0), kl(other, logits, weights, 1.0))
+
+
+def test_teacher_logits_are_the_base_model_over_the_text_prompt(base, batch):
+  @jax.jit
+  def both(base, batch):
+    positions = jnp.broadcast_to(
+      jnp.arange(batch.teacher_tokens.shape[1]), batch.teacher_mask.shape
+    )
+    full = forward(base, batch.teacher_tokens, positions, None, batch.teacher_mask)[0]
+    return step_lib.teacher_logits(base, batch), full
+
+  got, full = both(base, jax.tree.map(jnp.asarray, batch))
+  for row in range(len(batch.weights)):
+    n = int(batch.weights[row].sum())
+    np.testing.assert_allclose(got[row, :n], full[row, batch.teacher_pos[row, :n]], atol=1e-5)
+
+
+def test_training_logits_equal_the_inference_path(base, batch):
+  """The loss reads the same logits that `synthesis_logits` (inference) computes."""
+  mapper, lora = _trainables(perturb=0.05)
+  lm = LanguageModel(base, TOK, (TOK.eos_token_id,), TOK.pad_token_id)
+
+  @jax.jit
+  def train_logits(base, batch, mapper, lora):
+    from psynth_jax.synthesis import latent_hidden
+
+    branches = step_lib.encode_branch_batch(base, batch.branch_tokens, batch.branch_mask)
+    x = latent_hidden(
+      base, branches, batch.tokens, batch.mask, mapper, lora, SPEC.branch_rows, batch.num_workers
+    )
+    return lm.params.module().unembed(losses.gather_positions(x, batch.score_pos))
+
+  got = train_logits(base, jax.tree.map(jnp.asarray, batch), mapper, lora)
+  row = 1
+  k = int(batch.num_workers[row])
+  token_lists = [batch.branch_tokens[row, i][batch.branch_mask[row, i]].tolist() for i in range(k)]
+  branches = encode_branches(lm, token_lists)
+  sequence = batch.tokens[row][batch.mask[row]].tolist()
+  want = synthesis_logits(lm, branches, sequence, mapper, lora)
+  n = int(batch.weights[row].sum())
+  np.testing.assert_allclose(got[row, :n], want[batch.score_pos[row, :n]], atol=2e-4)
+
+
+# ---------------------------------------------------------------- the step
+@pytest.mark.parametrize("trainable", ["both", "mapper_only", "lora_only"])
+def test_only_the_chosen_part_trains_and_loss_falls(trainable, base, batch):
+  optimizer, step_fn = _step_fn(trainable, 1e-2)
+  mapper, lora = _trainables()
+  state = step_lib.init_state(mapper, lora, optimizer)
+  before, base_before = _copy(state.params), _copy(base)
+  device_batch = jax.tree.map(jnp.asarray, batch)
+  steps = 12 if trainable == "both" else 3
+  history = []
+  for _ in range(steps):
+    state, metrics = step_fn(state, base, device_batch)
+    history.append(float(metrics["loss"]))
+  after = _copy(state.params)
+  jax.tree.map(np.testing.assert_array_equal, _copy(base), base_before)
+  for part in ("mapper", "lora"):
+    changed = [
+      not np.array_equal(a, b)
+      for a, b in zip(jax.tree.leaves(before[part]), jax.tree.leaves(after[part]), strict=True)
+    ]
+    trains = trainable in ("both", f"{part}_only")
+    assert any(changed) == trains, (part, changed)
+  assert int(state.step) == steps and int(state.skipped) == 0
+  assert history[-1] < history[0]
+  if trainable == "both":  # overfitting one batch of 4 examples
+    assert history[-1] < 0.7 * history[0], history
+
+
+def test_a_batch_of_skipped_examples_changes_nothing(base, batch):
+  optimizer, step_fn = _step_fn("both", 1e-2)
+  state = step_lib.init_state(*_trainables(), optimizer)
+  state, _ = step_fn(state, base, jax.tree.map(jnp.asarray, batch))  # non-zero Adam moments
+  before = _copy((state.params, state.opt_state))
+  empty = batch.replace(weights=np.zeros_like(batch.weights), skipped=np.ones_like(batch.skipped))
+  state, metrics = step_fn(state, base, jax.tree.map(jnp.asarray, empty))
+  jax.tree.map(np.testing.assert_array_equal, _copy((state.params, state.opt_state)), before)
+  assert int(metrics["skipped"]) == 4 and int(state.skipped) == 4 and int(state.step) == 2
+
+
+def test_optimizer_options():
+  cfg = step_lib.OptimizerConfig(
+    learning_rate=1.0, schedule="warmup_cosine", warmup_steps=10, decay_steps=100
+  )
+  schedule = step_lib.make_schedule(cfg)
+  assert float(schedule(0)) == 0.0 and abs(float(schedule(10)) - 1.0) < 1e-6
+  assert float(schedule(110)) < 1e-6
+  accum = step_lib.make_optimizer(step_lib.OptimizerConfig(grad_accum_steps=2), "lora_only")
+  params = {"mapper": {"w": np.zeros(3, np.float32)}, "lora": {"a": np.zeros(2, np.float32)}}
+  grads = jax.tree.map(np.ones_like, params)
+  update = jax.jit(accum.tx.update)
+  state = accum.tx.init(params)
+  first, state = update(grads, state, params)  # accumulated, not applied yet
+  second, state = update(grads, state, params)
+  assert not np.any(first["lora"]["a"]) and np.all(np.asarray(second["lora"]["a"]) < 0)
+  assert not np.any(first["mapper"]["w"]) and not np.any(second["mapper"]["w"])  # frozen
+  with pytest.raises(ValueError, match="trainable"):
+    step_lib.StepConfig(branch_rows=8, trainable="base")
