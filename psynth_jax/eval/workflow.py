@@ -1,0 +1,249 @@
+"""The evaluation workflow: workers once, then every synthesis mode on the same outputs.
+
+For each example the frozen base model first runs the K worker prompts
+(greedy, batched over branches, `run_workers`). Every synthesis mode then
+answers from those very outputs:
+
+* `single_agent`: the question alone (`single_agent_prompt_text`), no branches;
+* `text_synthesis`: the worker outputs pasted as text (`text_synthesis_prompt_text`);
+* cache modes (`synthesize`), each a `CacheMode` (mapper, LoRA): `naive_merge`
+  (re-encoding only), `mapper_only`, `lora_only`, and `parallel_synthesis/<variant>`
+  (mapper + LoRA trained together) for every mapper variant given.
+
+Accuracy is the normalised exact match of `answer_matches`. TTFT (DESIGN.md §2)
+is measured separately in `measure_ttft`: warm (one untimed call per shape
+first), the median of repeats per example, then the median over examples.
+Worker prompts are padded to a fixed number of branches (the padding outputs
+are dropped) so that one compiled worker program serves every K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Sequence
+
+from psynth_jax.mapper import Mapper
+from psynth_jax.model.lora import LoRAWeights
+from psynth_jax.synthesis import synthesize, synthesize_text
+from psynth_jax.tasks import synthetic
+from psynth_jax.workers import Branches, run_workers
+
+SINGLE_AGENT = "single_agent"
+TEXT_SYNTHESIS = "text_synthesis"
+NAIVE_MERGE = "naive_merge"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheMode:
+  """A synthesis mode that reads branch caches: a mapper (None: identity) and a LoRA."""
+
+  name: str
+  mapper: Mapper | None = None
+  lora: LoRAWeights | None = None
+
+
+def cache_modes(
+  mapper_only: Mapper | None = None,
+  lora_only: LoRAWeights | None = None,
+  full: dict[str, tuple[Mapper, LoRAWeights]] | None = None,
+) -> list[CacheMode]:
+  """The standard cache modes; those whose trained weights are not given are skipped.
+
+  Args:
+    mapper_only: a mapper trained without LoRA.
+    lora_only: a LoRA trained without a mapper (identity re-encoding).
+    full: mapper variant name -> (mapper, LoRA) trained together.
+  """
+  modes = [CacheMode(NAIVE_MERGE)]
+  if mapper_only is not None:
+    modes.append(CacheMode("mapper_only", mapper=mapper_only))
+  if lora_only is not None:
+    modes.append(CacheMode("lora_only", lora=lora_only))
+  for variant, (mapper, lora) in (full or {}).items():
+    modes.append(CacheMode(f"parallel_synthesis/{variant}", mapper=mapper, lora=lora))
+  return modes
+
+
+@dataclasses.dataclass
+class ExampleRecord:
+  """Everything one example produced: worker outputs and each mode's answer."""
+
+  id: str
+  family: str
+  num_workers: int
+  answer: str
+  worker_texts: list[str]
+  worker_exact: float  # fraction of worker outputs equal to the gold branch
+  worker_s: float
+  predictions: dict[str, str] = dataclasses.field(default_factory=dict)
+  correct: dict[str, bool] = dataclasses.field(default_factory=dict)
+
+
+def run_example_workers(
+  lm, example: synthetic.Example, max_new_tokens: int, pad_to: int = synthetic.MAX_WORKERS
+) -> tuple[list[str], Branches, float]:
+  """Runs one example's workers; returns their texts, `Branches` and wall seconds.
+
+  Prompts are padded with copies of the first one up to `pad_to` rows (then cut
+  off again), so that every K reuses the same compiled program.
+  """
+  k = len(example.branches)
+  prompts = [lm.tokenizer.encode(synthetic.worker_prompt_text(example, i)) for i in range(k)]
+  out = run_workers(lm, prompts + [prompts[0]] * max(0, pad_to - k), max_new_tokens)
+  branches = out.branches.take(list(range(k))) if pad_to > k else out.branches
+  return out.texts[:k], branches, out.seconds
+
+
+def _answer(lm, mode, example, worker_example, branches, max_new_tokens):
+  """One mode's SynthesisResult for one example."""
+  if mode == SINGLE_AGENT:
+    return synthesize_text(lm, synthetic.single_agent_prompt_text(example), max_new_tokens)
+  if mode == TEXT_SYNTHESIS:
+    prompt = synthetic.text_synthesis_prompt_text(worker_example)
+    return synthesize_text(lm, prompt, max_new_tokens)
+  prompt_ids = lm.tokenizer.encode(synthetic.synth_prompt_text(example))
+  return synthesize(lm, branches, prompt_ids, mode.mapper, mode.lora, max_new_tokens)
+
+
+def mode_names(modes: Sequence[CacheMode], single_agent: bool = True, text: bool = True):
+  names = ([SINGLE_AGENT] if single_agent else []) + ([TEXT_SYNTHESIS] if text else [])
+  return names + [m.name for m in modes]
+
+
+def run_workflow(
+  lm,
+  examples: Sequence[synthetic.Example],
+  modes: Sequence[CacheMode] = (CacheMode(NAIVE_MERGE),),
+  single_agent: bool = True,
+  text: bool = True,
+  worker_max_new_tokens: int = 64,
+  answer_max_new_tokens: int = 48,
+  progress: bool = True,
+) -> list[ExampleRecord]:
+  """Workers, then every mode, example by example (greedy throughout).
+
+  Args:
+    lm: the base `LanguageModel` with a tokenizer.
+    examples: suite examples (their branches are the gold worker outputs).
+    modes: cache modes (see `cache_modes`).
+    single_agent: also run the single-agent baseline.
+    text: also run text-concatenation synthesis.
+    worker_max_new_tokens: worker decode budget.
+    answer_max_new_tokens: synthesizer decode budget.
+    progress: show a tqdm bar.
+
+  Returns:
+    One `ExampleRecord` per example, in order.
+  """
+  from tqdm.auto import tqdm
+
+  wanted = ([SINGLE_AGENT] if single_agent else []) + ([TEXT_SYNTHESIS] if text else [])
+  wanted += list(modes)
+  records = []
+  for ex in tqdm(examples, desc="eval", disable=not progress, mininterval=2):
+    texts, branches, seconds = run_example_workers(lm, ex, worker_max_new_tokens)
+    worker_ex = dataclasses.replace(ex, branches=tuple(texts))
+    exact = sum(a == b for a, b in zip(texts, ex.branches, strict=True)) / len(texts)
+    rec = ExampleRecord(ex.id, ex.family, len(texts), ex.answer, texts, exact, seconds)
+    for mode in wanted:
+      name = mode if isinstance(mode, str) else mode.name
+      result = _answer(lm, mode, ex, worker_ex, branches, answer_max_new_tokens)
+      rec.predictions[name] = result.text
+      rec.correct[name] = synthetic.answer_matches(result.text, ex.answer)
+    records.append(rec)
+  return records
+
+
+def accuracy(records: Sequence[ExampleRecord], mode: str) -> dict[str, float]:
+  """Accuracy of one mode per family (suite order) and "overall"."""
+  out = {}
+  for family in synthetic.FAMILIES:
+    hits = [r.correct[mode] for r in records if r.family == family]
+    if hits:
+      out[family] = sum(hits) / len(hits)
+  hits = [r.correct[mode] for r in records]
+  out["overall"] = sum(hits) / len(hits) if hits else 0.0
+  return out
+
+
+def measure_ttft(
+  lm,
+  examples: Sequence[synthetic.Example],
+  modes: Sequence[CacheMode] = (CacheMode(NAIVE_MERGE),),
+  single_agent: bool = True,
+  text: bool = True,
+  repeats: int = 3,
+  worker_max_new_tokens: int = 64,
+  answer_max_new_tokens: int = 48,
+) -> dict[str, float]:
+  """Median warm TTFT per mode (seconds) over `examples`, workers excluded.
+
+  Per example and mode: one untimed call (compiles new shapes), then `repeats`
+  timed ones; the example's value is their median, the mode's the median of those.
+  The decode budget is the accuracy run's, so caches have the same capacity.
+  """
+  wanted = ([SINGLE_AGENT] if single_agent else []) + ([TEXT_SYNTHESIS] if text else [])
+  wanted += list(modes)
+  per_mode: dict[str, list[float]] = {m if isinstance(m, str) else m.name: [] for m in wanted}
+  for ex in examples:
+    texts, branches, _ = run_example_workers(lm, ex, worker_max_new_tokens)
+    worker_ex = dataclasses.replace(ex, branches=tuple(texts))
+    for mode in wanted:
+      name = mode if isinstance(mode, str) else mode.name
+      args = (lm, mode, ex, worker_ex, branches, answer_max_new_tokens)
+      _answer(*args)
+      times = [_answer(*args).ttft_s for _ in range(repeats)]
+      per_mode[name].append(statistics.median(times))
+  return {name: statistics.median(v) for name, v in per_mode.items() if v}
+
+
+def ttft_by_length(
+  lm,
+  example: synthetic.Example,
+  lengths: Sequence[int] = (16, 32, 64, 128),
+  num_workers: int = 4,
+  mode: CacheMode = CacheMode(NAIVE_MERGE),
+  repeats: int = 3,
+  max_new_tokens: int = 48,
+) -> list[dict[str, float]]:
+  """Warm median TTFT of text vs cache synthesis for K branches of each token length.
+
+  Every branch is `example`'s first branch text repeated and cut to the length
+  (only the cost matters here); the cache path reads them via `encode_branches`,
+  the text path pastes them into the text-synthesis prompt. `max_new_tokens`
+  only sizes the caches (pass the accuracy run's to reuse its compiled programs).
+
+  Returns:
+    Per length: {"length", "num_workers", "text_s", "cache_s", "ratio"} (ratio = text / cache).
+  """
+  from psynth_jax.workers import encode_branches
+
+  rows = []
+  base = example.branches[0] + " "
+  synth_ids = lm.tokenizer.encode(synthetic.synth_prompt_text(example))
+  for length in lengths:
+    branch = (base * (length // len(base) + 1))[:length]
+    worker_ex = dataclasses.replace(example, branches=(branch,) * num_workers)
+    prompt = synthetic.text_synthesis_prompt_text(worker_ex)
+    branches = encode_branches(lm, [lm.tokenizer.encode(branch)] * num_workers)
+
+    def text_path(prompt=prompt):
+      return synthesize_text(lm, prompt, max_new_tokens).ttft_s
+
+    def cache_path(branches=branches):
+      return synthesize(lm, branches, synth_ids, mode.mapper, mode.lora, max_new_tokens).ttft_s
+
+    text_path(), cache_path()  # compile
+    text_s = statistics.median(text_path() for _ in range(repeats))
+    cache_s = statistics.median(cache_path() for _ in range(repeats))
+    rows.append(
+      {
+        "length": length,
+        "num_workers": num_workers,
+        "text_s": text_s,
+        "cache_s": cache_s,
+        "ratio": text_s / cache_s,
+      }
+    )
+  return rows

@@ -1,0 +1,100 @@
+"""The evaluation harness end to end on a tiny random model and a handful of examples."""
+
+import json
+
+import pytest
+
+from psynth_jax.eval import compare, workflow
+from psynth_jax.language_model import LanguageModel
+from psynth_jax.mapper import Mapper
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.lora import LoRAConfig, LoRAWeights
+from psynth_jax.model.transformer import init_params
+from psynth_jax.tasks import synthetic
+
+
+@pytest.fixture(scope="module")
+def lm():
+  tok = synthetic.CharTokenizer()
+  config = ModelConfig(
+    model_type="llama",
+    vocab_size=tok.vocab_size,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=2,
+    head_dim=16,
+    tie_word_embeddings=True,
+    max_position_embeddings=1024,
+  )
+  return LanguageModel(init_params(config, 0), tok, tok.eos_token_ids, tok.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def report(lm):
+  # One family and K = 2: few distinct shapes, so few compiles.
+  examples = synthetic.generate("test", 2, seed=0, families=("tools",), max_workers=2)
+  n_layers = lm.config.num_layers
+  lora = LoRAWeights.init(lm.config, LoRAConfig(rank=2, alpha=4.0))
+  modes = workflow.cache_modes(
+    mapper_only=Mapper.create("affine", n_layers),
+    lora_only=lora,
+    full={"affine": (Mapper.create("affine", n_layers), lora)},
+  )
+  return compare.compare_modes(
+    lm,
+    examples,
+    modes,
+    ttft_examples=1,
+    ttft_repeats=1,
+    lengths=(4, 8),
+    length_workers=2,
+    worker_max_new_tokens=8,
+    answer_max_new_tokens=4,
+    progress=False,
+  )
+
+
+def test_every_mode_scores_and_times(report):
+  assert report.modes == [
+    "single_agent",
+    "text_synthesis",
+    "naive_merge",
+    "mapper_only",
+    "lora_only",
+    "parallel_synthesis/affine",
+  ]
+  for mode in report.modes:
+    acc = report.accuracy[mode]
+    assert 0.0 <= acc["overall"] <= 1.0
+    assert set(acc) <= {*synthetic.FAMILIES, "overall"}
+    assert report.ttft_s[mode] > 0
+  assert 0.0 <= report.workers["exact"] <= 1.0
+  assert [r["length"] for r in report.ttft_by_length] == [4, 8]
+  assert all(r["ratio"] > 0 for r in report.ttft_by_length)
+
+
+def test_modes_without_weights_are_skipped():
+  assert [m.name for m in workflow.cache_modes()] == ["naive_merge"]
+
+
+def test_outputs_written(report, tmp_path):
+  table = compare.format_table(report)
+  assert "text_synthesis" in table and "parallel_synthesis/affine" in table
+  path = tmp_path / "out" / "report.json"
+  compare.write_json(report, path)
+  assert json.loads(path.read_text())["modes"] == report.modes
+  assert compare.read_json(path) == report
+  png = tmp_path / "report.png"
+  compare.plot(report, png)
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_counts_answers():
+  records = [
+    workflow.ExampleRecord("a", "tools", 2, "3", [], 1.0, 0.0, correct={"m": True}),
+    workflow.ExampleRecord("b", "tools", 2, "4", [], 1.0, 0.0, correct={"m": False}),
+    workflow.ExampleRecord("c", "evidence", 2, "x", [], 1.0, 0.0, correct={"m": True}),
+  ]
+  assert workflow.accuracy(records, "m") == {"evidence": 1.0, "tools": 0.5, "overall": 2 / 3}
