@@ -1,0 +1,342 @@
+"""Full-parameter pretraining of a tiny character-level base model on the synthetic suite.
+
+The base model must do two jobs before any mapper or LoRA exists: act as every
+worker (worker prompt -> branch text) and synthesize from concatenated worker
+outputs (text-synthesis prompt -> answer). It is trained from scratch, with
+next-token cross-entropy on completion tokens only, on a mix of three formats
+from `psynth_jax.tasks.synthetic`:
+
+* text synthesis: `text_synthesis_prompt_text` -> `target_text`;
+* worker: `worker_prompt_text(i)` -> `worker_target_text(i)` (one branch per example);
+* single agent: `single_agent_prompt_text` -> `target_text`.
+
+Sequences carry no <bos>; `<eos>` ends every completion. They are
+right-padded into a few length buckets, with the rows per batch chosen so that
+every batch holds about `batch_tokens` tokens, so a handful of shapes compile
+once. The optimiser is AdamW with linear warmup then cosine decay.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from psynth_jax.language_model import LanguageModel
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.transformer import Params, forward, init_params
+from psynth_jax.tasks import synthetic
+
+FORMATS = ("text", "worker", "single")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+  """Model size, data mix and optimiser settings (defaults: the shipped base model)."""
+
+  hidden_size: int = 256  # D
+  num_layers: int = 4  # L
+  num_heads: int = 4  # N (= G: no grouping at this size)
+  intermediate_size: int = 688  # F
+  max_positions: int = 1024
+  steps: int = 2000
+  batch_tokens: int = 4096  # tokens per batch, padding included
+  buckets: tuple[int, ...] = (128, 192, 256, 320, 384, 448, 576)  # padded sequence lengths
+  learning_rate: float = 2e-3
+  warmup_steps: int = 100
+  final_lr_fraction: float = 0.05
+  weight_decay: float = 0.05
+  grad_clip: float = 1.0
+  # Weight of prompt tokens in the loss (completion tokens weigh 1). 0 trains on
+  # completions only; a small weight teaches the model the formats' text too.
+  prompt_weight: float = 0.0
+  # Sequences drawn per training example: one text-synthesis sequence, and
+  # `worker_rate` worker / `single_rate` single-agent sequences on average.
+  worker_rate: float = 0.5
+  text_rate: float = 1.0
+  single_rate: float = 0.1
+  # Curriculum: the first `copy_steps` steps see worker sequences only. They are
+  # short and mostly completion, so the copy (induction) circuits that every
+  # format needs form several times faster than on the full mix.
+  copy_steps: int = 0
+  train_examples: int = 20000
+  min_workers: int = 2
+  max_workers: int = synthetic.MAX_WORKERS
+  seed: int = 0
+  eval_every: int = 500  # 0: evaluate only at the end
+  eval_examples: int = 150
+  max_new_tokens: int = 64
+
+  def model_config(self) -> ModelConfig:
+    return ModelConfig(
+      model_type="llama",
+      vocab_size=len(synthetic.SPECIAL_TOKENS) + len(synthetic.ALPHABET),
+      hidden_size=self.hidden_size,
+      intermediate_size=self.intermediate_size,
+      num_layers=self.num_layers,
+      num_heads=self.num_heads,
+      num_kv_heads=self.num_heads,
+      head_dim=self.hidden_size // self.num_heads,
+      rms_norm_eps=1e-5,
+      tie_word_embeddings=True,
+      max_position_embeddings=self.max_positions,
+    )
+
+
+# ---------------------------------------------------------------- data
+
+
+def format_pair(example: synthetic.Example, fmt: str, branch: int = 0) -> tuple[str, str]:
+  """(prompt, completion) text of one example in one format."""
+  if fmt == "text":
+    return synthetic.text_synthesis_prompt_text(example), synthetic.target_text(example)
+  if fmt == "worker":
+    prompt = synthetic.worker_prompt_text(example, branch)
+    return prompt, synthetic.worker_target_text(example, branch)
+  if fmt == "single":
+    return synthetic.single_agent_prompt_text(example), synthetic.target_text(example)
+  raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def training_sequences(
+  examples: Sequence[synthetic.Example],
+  tokenizer: synthetic.CharTokenizer,
+  config: PretrainConfig,
+  rng: np.random.Generator,
+) -> list[tuple[np.ndarray, int]]:
+  """Token sequences with their prompt lengths, following the format mix of `config`."""
+  seqs = []
+  for ex in examples:
+    pairs = [format_pair(ex, "text")] if rng.random() < config.text_rate else []
+    for _ in range(rng.poisson(config.worker_rate)):
+      pairs.append(format_pair(ex, "worker", int(rng.integers(len(ex.branches)))))
+    if rng.random() < config.single_rate:
+      pairs.append(format_pair(ex, "single"))
+    for prompt, completion in pairs:
+      p, c = tokenizer.encode(prompt), tokenizer.encode(completion)
+      seqs.append((np.asarray(p + c, np.int32), len(p)))
+  return seqs
+
+
+def batches(
+  seqs: Sequence[tuple[np.ndarray, int]],
+  buckets: Sequence[int],
+  batch_tokens: int,
+  rng: np.random.Generator,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Endless length-bucketed batches (reshuffled every pass).
+
+  Yields:
+    tokens [B, T] int32 right-padded with 0, and loss_mask [B, T] bool, True on
+    completion tokens; T is a bucket and B = batch_tokens // T (short batches
+    are filled with all-padding rows, which carry no loss).
+  """
+  too_long = max(len(s) for s, _ in seqs)
+  if too_long > max(buckets):
+    raise ValueError(f"a sequence has {too_long} tokens, longer than the largest bucket")
+  by_bucket = collections.defaultdict(list)
+  for i, (s, _) in enumerate(seqs):
+    by_bucket[next(b for b in sorted(buckets) if b >= len(s))].append(i)
+  while True:
+    plan = []
+    for length, idx in by_bucket.items():
+      rows = max(1, batch_tokens // length)
+      order = rng.permutation(idx)
+      plan += [(length, order[i : i + rows], rows) for i in range(0, len(order), rows)]
+    for j in rng.permutation(len(plan)):
+      length, idx, rows = plan[j]
+      tokens = np.zeros((rows, length), np.int32)
+      loss_mask = np.zeros((rows, length), bool)
+      for r, i in enumerate(idx):
+        s, n_prompt = seqs[i]
+        tokens[r, : len(s)] = s
+        loss_mask[r, n_prompt : len(s)] = True
+      yield tokens, loss_mask
+
+
+# ---------------------------------------------------------------- loss and step
+
+
+def completion_loss(
+  params: Params, tokens: jax.Array, loss_mask: jax.Array, prompt_weight: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+  """Next-token cross-entropy on completion tokens (and optionally down-weighted prompt tokens).
+
+  Position t predicts token t+1, which has weight 1 if `loss_mask[:, t+1]`
+  (completion), `prompt_weight` if it is another real token (prompt) and 0 for
+  padding.
+
+  Returns:
+    (the weighted mean cross-entropy, the mean over completion tokens alone).
+  """
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  b, t = inputs.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  # Only padding uses id 0. Right padding is causally invisible to real tokens anyway;
+  # the mask keeps all-padding rows finite.
+  valid = inputs != 0
+  logits, _ = forward(params, inputs, positions, None, valid)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  completion = loss_mask[:, 1:].astype(jnp.float32)
+  weights = completion + prompt_weight * ((targets != 0) & ~loss_mask[:, 1:])
+  completion_nll = (nll * completion).sum() / jnp.maximum(completion.sum(), 1)
+  return (nll * weights).sum() / jnp.maximum(weights.sum(), 1), completion_nll
+
+
+def make_optimizer(config: PretrainConfig) -> optax.GradientTransformation:
+  """AdamW, warmup + cosine decay; no weight decay on norms (vectors)."""
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0,
+    config.learning_rate,
+    config.warmup_steps,
+    max(config.steps, config.warmup_steps + 1),
+    config.learning_rate * config.final_lr_fraction,
+  )
+  return optax.chain(
+    optax.clip_by_global_norm(config.grad_clip),
+    optax.adamw(
+      schedule,
+      b1=0.9,
+      b2=0.98,
+      weight_decay=config.weight_decay,
+      mask=lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree),
+    ),
+  )
+
+
+@functools.partial(
+  jax.jit, static_argnames=("optimizer", "prompt_weight"), donate_argnames=("params", "opt_state")
+)
+def train_step(params: Params, opt_state, tokens, loss_mask, optimizer, prompt_weight: float = 0.0):
+  """One AdamW step on all parameters; returns (params, opt_state, completion loss)."""
+  grad_fn = jax.value_and_grad(completion_loss, has_aux=True)
+  (_, completion_nll), grads = grad_fn(params, tokens, loss_mask, prompt_weight)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, completion_nll
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def generate_batched(
+  lm: LanguageModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 64
+) -> list[list[int]]:
+  """Greedy generation in length-sorted batches (so little padding), in input order."""
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  out: list[list[int]] = [[] for _ in prompts]
+  for start in range(0, len(order), batch_size):
+    idx = order[start : start + batch_size]
+    # Pad the batch to a fixed size with copies so that one shape serves all batches.
+    batch = [prompts[i] for i in idx] + [prompts[idx[0]]] * (batch_size - len(idx))
+    for i, tokens in zip(idx, lm.generate(batch, max_new_tokens), strict=False):
+      out[i] = tokens
+  return out
+
+
+def accuracy_by_family(
+  examples: Sequence[synthetic.Example], predictions: Sequence[str]
+) -> dict[str, float]:
+  """Answer accuracy per family and "overall" (normalised exact match)."""
+  hits = collections.defaultdict(list)
+  for ex, pred in zip(examples, predictions, strict=True):
+    ok = synthetic.answer_matches(pred, ex.answer)
+    hits[ex.family].append(ok)
+    hits["overall"].append(ok)
+  return {name: float(np.mean(v)) for name, v in hits.items()}
+
+
+def evaluate(
+  lm: LanguageModel,
+  examples: Sequence[synthetic.Example],
+  max_new_tokens: int = 64,
+  batch_size: int = 64,
+) -> dict[str, dict[str, float]]:
+  """Text synthesis over gold branches (per family) and worker exact match."""
+  tok = lm.tokenizer
+  prompts = [tok.encode(synthetic.text_synthesis_prompt_text(ex)) for ex in examples]
+  preds = [tok.decode(t) for t in generate_batched(lm, prompts, max_new_tokens, batch_size)]
+  # Workers are copy-like and many: a third of the examples is enough to track them.
+  worker_pairs = [
+    (ex, i) for ex in examples[: len(examples) // 3 + 1] for i in range(len(ex.branches))
+  ]
+  prompts = [tok.encode(synthetic.worker_prompt_text(ex, i)) for ex, i in worker_pairs]
+  outs = generate_batched(lm, prompts, max_new_tokens, batch_size)
+  worker_ok = [
+    tok.decode(o) == ex.branches[i] for (ex, i), o in zip(worker_pairs, outs, strict=True)
+  ]
+  return {"text": accuracy_by_family(examples, preds), "worker": {"exact": np.mean(worker_ok)}}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def language_model(params: Params) -> LanguageModel:
+  """Wraps params with the character tokenizer (stop on <eos>, pad with <pad>)."""
+  tok = synthetic.CharTokenizer()
+  return LanguageModel(params, tok, tok.eos_token_ids, tok.pad_token_id)
+
+
+def pretrain(
+  config: PretrainConfig, progress: bool = True, log=print
+) -> tuple[LanguageModel, list[dict]]:
+  """Trains a base model from scratch; returns it and the eval history.
+
+  Args:
+    config: sizes, mix and optimiser settings.
+    progress: show a tqdm bar with the running loss.
+    log: where evaluation lines go.
+
+  Returns:
+    The trained `LanguageModel` and one dict per evaluation
+    (step, seconds, text accuracy per family, worker exact match).
+  """
+  from tqdm.auto import tqdm
+
+  t0, cpu0 = time.perf_counter(), time.process_time()
+  tok = synthetic.CharTokenizer()
+  rng = np.random.default_rng(config.seed)
+  train = synthetic.generate(
+    "train", config.train_examples, config.seed, None, config.min_workers, config.max_workers
+  )
+  val = synthetic.generate("validation", config.eval_examples, config.seed)
+  seqs = training_sequences(train, tok, config, rng)
+  stream = batches(seqs, config.buckets, config.batch_tokens, rng)
+  if config.copy_steps:
+    copy_mix = dataclasses.replace(config, text_rate=0.0, worker_rate=2.0, single_rate=0.0)
+    copy_seqs = training_sequences(train, tok, copy_mix, rng)
+    copy_stream = batches(copy_seqs, config.buckets, config.batch_tokens, rng)
+  params = init_params(config.model_config(), config.seed)
+  optimizer = make_optimizer(config)
+  opt_state = optimizer.init(params)
+
+  history, ema = [], None
+  bar = tqdm(range(1, config.steps + 1), disable=not progress, desc="pretrain", mininterval=2)
+  for step in bar:
+    tokens, loss_mask = next(copy_stream if step <= config.copy_steps else stream)
+    params, opt_state, loss = train_step(
+      params, opt_state, tokens, loss_mask, optimizer, config.prompt_weight
+    )
+    if step % 10 == 0 or step == config.steps:
+      loss = float(loss)
+      ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+      bar.set_postfix(loss=f"{ema:.3f}")
+    if step == config.steps or (config.eval_every and step % config.eval_every == 0):
+      scores = evaluate(language_model(params), val, config.max_new_tokens)
+      seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+      history.append({"step": step, "seconds": seconds, "cpu_seconds": cpu, **scores})
+      text = " ".join(f"{k}={v:.3f}" for k, v in scores["text"].items())
+      log(f"step {step}: loss {ema:.3f} | val text synthesis {text}")
+      log(f"  worker exact {scores['worker']['exact']:.3f} | {seconds:.0f}s wall, {cpu:.0f}s cpu")
+  return language_model(params), history
+
+
+def num_params(params: Params) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params.state))
