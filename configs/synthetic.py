@@ -4,6 +4,10 @@ Run (from the repository root):
 
   python experiments/train.py --config configs/synthetic.py:tiny --workdir /tmp/psynth/synthetic_tiny
 
+The same file drives the whole from-scratch reproduction (base model, every
+adapter, evaluation): `python experiments/reproduce_synthetic.py --config
+configs/synthetic.py` reads `pretrain` and `reproduce` below as well.
+
 Arguments after the colon, comma-separated:
   tiny     the shipped char-level base model (psynth_jax/assets/synthetic_base)
   random   a random 2-layer char-level model instead (tests, smoke runs; no files needed)
@@ -17,8 +21,11 @@ model's text-synthesis outputs instead, write them with experiments/make_traces.
 and pass `--config.data.source=jsonl --config.data.train_jsonl=PATH`.
 """
 
+import dataclasses
+
 from ml_collections import ConfigDict
 
+from psynth_jax.pretrain import PretrainConfig
 from psynth_jax.tasks import synthetic
 from psynth_jax.train.trainer import SYNTHETIC_BASE, default_config
 
@@ -70,4 +77,22 @@ def get_config(arg: str = "tiny") -> ConfigDict:
   if "kl" in options:
     c.train.kl_weight = 0.5
   c.fast_compile = "fast" in options
+  # Read by experiments/reproduce_synthetic.py only (the trainer ignores them).
+  c.pretrain = ConfigDict(dataclasses.asdict(PretrainConfig()))
+  c.reproduce = ConfigDict(
+    dict(
+      # adapter name -> (trainable, mapper kind); names as in psynth_jax.assets.
+      adapters=dict(
+        mapper_only=("mapper_only", "affine"),
+        lora_only=("lora_only", "affine"),  # the mapper stays at its identity init
+        parallel_synthesis_affine=("both", "affine"),
+        parallel_synthesis_head_affine=("both", "head_affine"),
+      ),
+      adapter_steps=500,
+      eval_examples=300,  # test split, seed 0: the accuracy table
+      check_examples=60,  # the fixed subset whose accuracy the shipped-model tests re-check
+      ttft_examples=8,
+      lengths=(16, 32, 64, 128),
+    )
+  )
   return c

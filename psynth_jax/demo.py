@@ -1,129 +1,71 @@
-"""`psynth demo`: Parallel-Synthesis end to end on a real model, offline.
+"""`psynth demo`: the synthetic reproduction with the models that ship in the package.
 
-Takes Qwen2.5-Coder-0.5B-Instruct from the PyPI packages named in DESIGN.md §4
-(assembled, checked and converted on first use), runs K workers per built-in
-question in one jitted program, then synthesizes from the same worker outputs
-twice: from their concatenated text (base model) and from their KV caches
-(re-encoding + merge; the mapper and LoRA are untrained, so this is the naive
-merge). Prints both answers, the warm TTFT of each path and their ratio, and
-writes `demo.json` and `demo.png` under --out.
+Loads the tiny character-level base model and its trained mappers/LoRAs
+(`psynth_jax.assets`), takes the first `--examples` test examples of the
+built-in suite, lets the base model run every example's K workers, then answers
+each example in every mode from the same worker outputs: single agent, text
+synthesis, naive cache merge, mapper only, LoRA only and full
+Parallel-Synthesis per mapper. Prints accuracy per family and mode, warm TTFT
+per mode, text vs cache TTFT as branches grow, and the figures recorded for the
+shipped models on the larger test set; writes `demo.json` and `demo.png`.
+Nothing is downloaded. About 2-3 minutes on a 2-core CPU, mostly compilation.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import statistics
+import os
 import time
-from pathlib import Path
-
-QUESTIONS = (
-  "Write a Python function that returns the n-th Fibonacci number iteratively.",
-  "What is the time complexity of binary search, and why?",
-  "Write a Python one-liner that reverses the words in a sentence.",
-)
-
-
-def _warm_ttft(fn, repeats: int = 3) -> tuple[float, object]:
-  result = fn()  # compiles
-  times = []
-  for _ in range(repeats):
-    result = fn()
-    times.append(result.ttft_s)
-  return statistics.median(times), result
 
 
 def run(
-  model_dir: str | None,
-  num_workers: int,
-  worker_tokens: int,
-  answer_tokens: int,
-  out: str,
-  questions=QUESTIONS,
-) -> list[dict]:
-  from psynth_jax import Mapper, load_pretrained, prompts, run_workers, synthesize, synthesize_text
+  num_examples: int = 60,
+  lengths=(16, 32, 64, 128),
+  ttft_examples: int = 4,
+  out: str = "outputs/demo",
+  progress: bool = True,
+):
+  """Runs the comparison; returns the `compare.Report` (also written under `out`)."""
+  from psynth_jax import assets
+  from psynth_jax.eval import compare
+  from psynth_jax.pretrain import num_params
+  from psynth_jax.tasks import synthetic
 
-  if model_dir is None:
-    try:
-      from psynth_jax.convert.weights import fetch_qwen_coder
-    except ImportError as e:  # torch/transformers are needed once, to read the GGUF
-      raise SystemExit(f"psynth demo needs the hf extra once: pip install -e '.[hf]' ({e})") from e
-    model_dir = str(fetch_qwen_coder())
-  print(f"[demo] loading {model_dir}", flush=True)
-  lm = load_pretrained(model_dir)
-  mapper = Mapper.create("affine", lm.config.num_layers)  # identity at init: the naive merge
-  rows = []
-  for qi, question in enumerate(questions):
-    print(f"\n[demo] question {qi + 1}/{len(questions)}: {question}", flush=True)
-    worker_prompts = [
-      lm.encode_chat(prompts.worker_message(question, i, num_workers)) for i in range(num_workers)
-    ]
-    t0 = time.perf_counter()
-    workers = run_workers(lm, worker_prompts, worker_tokens)
-    print(f"[demo] {num_workers} workers: {time.perf_counter() - t0:.1f}s (first call compiles)")
-    text_prompt = lm.tokenizer.apply_chat_template(
-      [{"role": "user", "content": prompts.text_synth_message(question, workers.texts)}],
-      add_generation_prompt=True,
-    )
-    synth_prompt = lm.encode_chat(prompts.latent_synth_message(question))
-    text_ttft, text = _warm_ttft(functools.partial(synthesize_text, lm, text_prompt, answer_tokens))
-    cache_ttft, cache = _warm_ttft(
-      functools.partial(
-        synthesize, lm, workers.branches, synth_prompt, mapper=mapper, max_new_tokens=answer_tokens
-      )
-    )
-    for i, t in enumerate(workers.texts):
-      print(f"  [worker {i + 1}, {len(workers.tokens[i])} tokens] {t[:160]!r}")
-    print(f"  [text synthesis]  {text.text[:300]!r}")
-    print(f"  [cache synthesis] {cache.text[:300]!r}")
-    row = dict(
-      question=question,
-      branch_tokens=[len(t) for t in workers.tokens],
-      text_prompt_tokens=text.prompt_tokens,
-      cache_prompt_tokens=cache.prompt_tokens,
-      text_ttft_s=text_ttft,
-      cache_ttft_s=cache_ttft,
-      ttft_ratio=text_ttft / cache_ttft,
-      text_answer=text.text,
-      cache_answer=cache.text,
-    )
-    rows.append(row)
-    print(
-      f"  TTFT (warm median): text {text_ttft * 1e3:.0f} ms ({text.prompt_tokens} prompt tokens)"
-      f" | cache {cache_ttft * 1e3:.0f} ms ({cache.prompt_tokens}) | {row['ttft_ratio']:.2f}x"
-    )
-  _report(rows, Path(out))
-  return rows
-
-
-def _report(rows: list[dict], out: Path) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  out.mkdir(parents=True, exist_ok=True)
-  print("\n| question | branch tokens | text TTFT ms | cache TTFT ms | ratio |")
-  print("|---|---|---|---|---|")
-  for i, r in enumerate(rows):
-    print(
-      f"| {i + 1} | {sum(r['branch_tokens'])} | {r['text_ttft_s'] * 1e3:.0f} |"
-      f" {r['cache_ttft_s'] * 1e3:.0f} | {r['ttft_ratio']:.2f}x |"
-    )
-  (out / "demo.json").write_text(json.dumps(rows, indent=1))
-  fig, ax = plt.subplots(figsize=(6, 3.5))
-  x = range(len(rows))
-  ax.bar([i - 0.2 for i in x], [r["text_ttft_s"] * 1e3 for r in rows], 0.4, label="text synthesis")
-  ax.bar(
-    [i + 0.2 for i in x], [r["cache_ttft_s"] * 1e3 for r in rows], 0.4, label="cache synthesis"
+  t0 = time.perf_counter()
+  lm = assets.load_synthetic_base()
+  modes = assets.load_synthetic_modes(lm.config)
+  print(
+    f"[demo] base model: {num_params(lm.params) / 1e6:.2f}M parameters, {lm.config.num_layers} layers;"
+    f" {len(modes)} cache modes; {num_examples} test examples (K = 2-8 workers each)",
+    flush=True,
   )
-  ax.set_xticks(list(x), [f"Q{i + 1}" for i in x])
-  ax.set_ylabel("synthesizer TTFT (ms, warm)")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(out / "demo.png", dpi=120)
-  print(f"wrote {out / 'demo.json'} and {out / 'demo.png'}")
+  examples = synthetic.generate("test", num_examples, seed=0)
+  report = compare.compare_modes(
+    lm,
+    examples,
+    modes,
+    ttft_examples=ttft_examples,
+    lengths=tuple(lengths),
+    progress=progress,
+    meta={"source": "psynth demo", "date": time.strftime("%Y-%m-%d")},
+  )
+  print()
+  print(compare.format_table(report))
+  try:
+    recorded = assets.recorded_results()
+  except FileNotFoundError:
+    recorded = None
+  if recorded:
+    n = recorded["eval_examples"]
+    print(f"\nrecorded for the shipped models on {n} test examples ({recorded['date']}):")
+    for mode, acc in recorded["accuracy"].items():
+      print(f"  {mode:<34} {100 * acc['overall']:5.1f}%")
+  os.makedirs(out, exist_ok=True)
+  compare.write_json(report, os.path.join(out, "demo.json"))
+  compare.plot(report, os.path.join(out, "demo.png"))
+  print(f"\nwrote {out}/demo.json and {out}/demo.png in {time.perf_counter() - t0:.0f} s")
+  return report
 
 
 def main(args) -> None:
-  run(args.model, args.workers, args.worker_tokens, args.answer_tokens, args.out)
+  lengths = tuple(int(x) for x in args.lengths.split(",") if x)
+  run(args.examples, lengths, args.ttft_examples, args.out)

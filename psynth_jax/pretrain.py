@@ -42,15 +42,15 @@ FORMATS = ("text", "worker", "single")
 class PretrainConfig:
   """Model size, data mix and optimiser settings (defaults: the shipped base model)."""
 
-  hidden_size: int = 256  # D
+  hidden_size: int = 128  # D
   num_layers: int = 4  # L
   num_heads: int = 4  # N (= G: no grouping at this size)
-  intermediate_size: int = 688  # F
+  intermediate_size: int = 384  # F
   max_positions: int = 1024
-  steps: int = 2000
-  batch_tokens: int = 4096  # tokens per batch, padding included
-  buckets: tuple[int, ...] = (128, 192, 256, 320, 384, 448, 576)  # padded sequence lengths
-  learning_rate: float = 2e-3
+  steps: int = 3600
+  batch_tokens: int = 2048  # tokens per batch, padding included
+  buckets: tuple[int, ...] = (128, 192, 256, 384, 576)  # padded sequence lengths
+  learning_rate: float = 3e-3
   warmup_steps: int = 100
   final_lr_fraction: float = 0.05
   weight_decay: float = 0.05
@@ -58,21 +58,21 @@ class PretrainConfig:
   # Weight of prompt tokens in the loss (completion tokens weigh 1). 0 trains on
   # completions only; a small weight teaches the model the formats' text too.
   prompt_weight: float = 0.0
-  # Sequences drawn per training example: one text-synthesis sequence, and
-  # `worker_rate` worker / `single_rate` single-agent sequences on average.
+  # Sequences drawn per training example, on average: `text_rate` text-synthesis,
+  # `worker_rate` worker (each a random branch) and `single_rate` single-agent ones.
   worker_rate: float = 0.5
   text_rate: float = 1.0
   single_rate: float = 0.1
   # Curriculum: the first `copy_steps` steps see worker sequences only. They are
   # short and mostly completion, so the copy (induction) circuits that every
   # format needs form several times faster than on the full mix.
-  copy_steps: int = 0
-  train_examples: int = 20000
+  copy_steps: int = 600
+  train_examples: int = 30000
   min_workers: int = 2
   max_workers: int = synthetic.MAX_WORKERS
   seed: int = 0
-  eval_every: int = 500  # 0: evaluate only at the end
-  eval_examples: int = 150
+  eval_every: int = 1200  # 0: evaluate only at the end
+  eval_examples: int = 60
   max_new_tokens: int = 64
 
   def model_config(self) -> ModelConfig:
@@ -336,6 +336,26 @@ def pretrain(
       log(f"step {step}: loss {ema:.3f} | val text synthesis {text}")
       log(f"  worker exact {scores['worker']['exact']:.3f} | {seconds:.0f}s wall, {cpu:.0f}s cpu")
   return language_model(params), history
+
+
+def save_base(lm: LanguageModel, out: str, info: dict, dtype: str = "float32") -> None:
+  """Writes a converted model folder (+ the character tokenizer files) and pretrain_info.json."""
+  import json
+  import os
+  import tempfile
+
+  from psynth_jax.convert.checkpoint import save_converted
+  from psynth_jax.model.transformer import flat_state, params_from_flat
+
+  params = lm.params
+  if dtype != params.config.dtype:
+    params = params_from_flat(params.config.replace(dtype=dtype), flat_state(params))
+  with tempfile.TemporaryDirectory() as tmp:
+    synthetic.CharTokenizer().save(tmp)
+    save_converted(params, out, tokenizer_src=tmp)
+  with open(os.path.join(out, "pretrain_info.json"), "w") as f:
+    json.dump({**info, "date": time.strftime("%Y-%m-%d")}, f, indent=2)
+    f.write("\n")
 
 
 def num_params(params: Params) -> int:

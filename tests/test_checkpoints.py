@@ -205,6 +205,28 @@ def test_export_round_trips_through_peft_and_the_reference_mapper(uninterrupted)
   )
 
 
+@pytest.mark.parametrize("kind", ["affine", "head_affine"])
+def test_load_export_reads_back_what_export_wrote(tmp_path, kind):
+  rng = np.random.default_rng(0)
+
+  def randomise(tree):
+    return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), tree)
+
+  mapper = Mapper.create(kind, CONFIG.num_layers)
+  mapper = mapper.replace(state=randomise(mapper.state))
+  lora = LoRAWeights.init(CONFIG, LoRAConfig(rank=2))
+  lora = lora.replace(state=randomise(lora.state))
+  folder = checkpoints.export({"mapper": mapper, "lora": lora}, str(tmp_path / "export"))
+  got_mapper, got_lora = checkpoints.load_export(folder, CONFIG)
+  assert (got_mapper.kind, got_mapper.features) == (kind, mapper.features)
+  _assert_trees_equal(got_mapper.state, mapper.state)
+  _assert_trees_equal(got_lora.state, lora.state)
+  with pytest.raises(ValueError, match="layers"):
+    checkpoints.load_export(folder, CONFIG.replace(num_layers=3))
+  with pytest.raises(FileNotFoundError, match="not an export folder"):
+    checkpoints.load_export(str(tmp_path), CONFIG)
+
+
 def test_kill_and_resume_gives_the_uninterrupted_params(tmp_path, uninterrupted):
   _, want = uninterrupted
   workdir = str(tmp_path)

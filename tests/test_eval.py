@@ -21,7 +21,7 @@ def lm():
     vocab_size=tok.vocab_size,
     hidden_size=32,
     intermediate_size=64,
-    num_layers=2,
+    num_layers=1,
     num_heads=2,
     num_kv_heads=2,
     head_dim=16,

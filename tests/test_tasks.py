@@ -103,9 +103,29 @@ def test_splits_disjoint():
     tasks.generate("dev", 1)
 
 
+def _solve_working(ex):
+  """The working the target shows: the linking hop, the listed or looked-up values."""
+  q, text = ex.question, " ".join(ex.branches)
+  if ex.family == "evidence":
+    if m := re.fullmatch(r"which city does (\w+)'s friend live in\?", q):
+      return re.search(rf"{m[1]}'s friend is (\w+)", text)[1]
+    if m := re.fullmatch(r"which country does (\w+) live in\?", q):
+      return re.search(rf"{m[1]} lives in (\w+)", text)[1]
+    country = re.fullmatch(r"who lives in (\w+)\?", q)[1]
+    return re.search(rf"(\w+) is in {country}", text)[1]
+  values = re.findall(r"(\w+)\((\w+)\)=(\d+)", text)
+  if m := re.fullmatch(r"what is the (\w+) of (\w+) plus (\w+)\?", q):
+    table = {x: v for a, x, v in values if a == m[1]}
+    return f"{table[m[2]]}+{table[m[3]]}"
+  if m := re.fullmatch(r"how many \w+ have (\w+) above (\d+)\?", q):
+    return ",".join(x for a, x, v in values if a == m[1] and int(v) > int(m[2])) or "none"
+  return ""
+
+
 def test_answers_match_independent_solver(train):
   for ex in train:
     assert solve(ex.family, ex.question, ex.branches) == ex.answer, ex
+    assert _solve_working(ex) == ex.working, ex
 
 
 def test_candidates_mix_right_and_wrong_workings(train):
@@ -128,7 +148,9 @@ def test_coverage(train):
   assert 8 <= min(lengths) and max(lengths) <= 64
   needed = [e for e in train if _every_branch_needed(e)]
   assert {e.family for e in needed} >= {"evidence", "tools"}
-  assert {len(e.branches) for e in needed} == set(range(2, 9))
+  assert {len(e.branches) for e in needed} >= set(range(2, 6))
+  six = [e for e in tasks.generate("train", 300, families=["tools"], min_workers=6, max_workers=6)]
+  assert any(_every_branch_needed(e) for e in six)
   # Distractors exist too: some branches can be dropped without changing the answer.
   assert len(needed) < len([e for e in train if e.family != "candidates"])
   only = tasks.generate("test", 20, families=["tools"], min_workers=5, max_workers=5)
@@ -152,7 +174,8 @@ def test_prompt_formats(train):
   for prompt in (text, tasks.synth_prompt_text(ex), tasks.single_agent_prompt_text(ex)):
     assert prompt.endswith(f"q: {ex.question}\na: ")
   assert "latent" in tasks.synth_prompt_text(ex)
-  assert tasks.target_text(ex) == ex.answer + tasks.END_MARKER
+  working = f"{ex.working} => " if ex.working else ""
+  assert tasks.target_text(ex) == working + ex.answer + tasks.END_MARKER
   assert tasks.worker_target_text(ex, 0, end_marker="") == ex.branches[0]
 
 
@@ -174,7 +197,7 @@ def test_tokenizer_round_trip_and_hf_parity(train, tmp_path):
   target = tasks.target_text(train[0])
   ids = tok.encode(target, add_special_tokens=True)
   assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
-  assert tok.decode(ids) == train[0].answer
+  assert tok.decode(ids) == target.removesuffix(tasks.END_MARKER)
   assert tok.decode(ids, skip_special_tokens=False) == "<bos>" + target
   hf = tokenizers.Tokenizer.from_file(tok.save(str(tmp_path)))
   assert hf.get_vocab_size() == tok.vocab_size
@@ -193,6 +216,9 @@ def test_answer_matches():
   assert m("a: 17", "17") and m("17.0", "17") and m("kiwi, apple,fig", "kiwi,apple,fig")
   assert not m("norwa", "norway") and not m("18", "17") and not m("", "")
   assert not m("apple,kiwi", "kiwi,apple") and not m("17 apples", "17")
+  # Working before "=>" is not scored; only the last answer counts.
+  assert m("oslo => norway<eos>", "norway") and m("4+7 => 11", "11") and m("a => b => 3", "3")
+  assert not m("norway => oslo", "norway") and not m("norway =>", "norway")
 
 
 def test_jsonl_round_trip(train, tmp_path):
@@ -201,6 +227,8 @@ def test_jsonl_round_trip(train, tmp_path):
   assert tasks.read_jsonl(path) == train[:50]
   record = train[0].to_json()
   assert record["task"] == train[0].family and record["target"] == tasks.target_text(train[0])
-  bare = {k: record[k] for k in ("id", "task", "question", "branches", "target")}
-  ex = tasks.Example.from_json(bare)
-  assert ex.answer == train[0].answer and ex.worker_prompts == ()
+  for original in train[:50]:
+    bare = {**original.to_json(), "worker_prompts": []}
+    del bare["answer"], bare["working"]
+    ex = tasks.Example.from_json(bare)
+    assert (ex.answer, ex.working, ex.worker_prompts) == (original.answer, original.working, ())

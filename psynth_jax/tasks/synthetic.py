@@ -4,12 +4,18 @@ Three families mirror real worker-branch roles; every text is short, lowercase a
 regular so that a tiny character-level model can learn the whole suite:
 
 - `evidence`: each branch is a retrieved passage ("zed lives in oslo."); the
-  question needs 2-3 of them (multi-hop), the other branches are distractors.
+  question needs two of them (two hops), the other branches are distractors.
   City->country maps are random per example, so answers must be read, not recalled.
 - `candidates`: branches show worked solutions of one expression ("7+5*2: 5*2=10,
   7+10=17"); wrong ones go left to right or right to left; at least one is right.
-- `tools`: branches hold tool results ("price(apple)=4") to sum, max, min, sort,
-  count or add in pairs, sometimes mixed with another tool's results.
+- `tools`: branches hold tool results ("price(apple)=4", values 1-9) to max, min,
+  count, sort or add in pairs, sometimes mixed with another tool's results.
+
+Targets may carry a short working before the answer ("oslo => norway": the
+intermediate hop; "4+7 => 11": the looked-up values). A synthesizer then does one
+lookup per emitted token instead of composing two in one forward pass, which is
+what makes the suite learnable by a few-million-parameter model on a CPU.
+`answer_matches` scores only the part after the last "=>".
 
 Splits are disjoint by construction: an example belongs to the split picked by a hash
 of its question and branches, or of its question alone where that fixes the answer
@@ -34,7 +40,7 @@ MAX_WORKERS = 8
 _SPLIT_BUCKETS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>", "<unk>")
-ALPHABET = "\n .,:?=+-*()[]'" + string.digits + string.ascii_lowercase
+ALPHABET = "\n .,:?=>+-*()[]'" + string.digits + string.ascii_lowercase
 END_MARKER = "<eos>"
 
 PEOPLE = ("zed", "ann", "bob", "kim", "lea", "max", "ida", "tom", "eva", "sam", "joe", "mia")
@@ -60,6 +66,7 @@ class Example:
   branches: tuple[str, ...]
   worker_prompts: tuple[str, ...]
   answer: str
+  working: str = ""  # target text before " => answer"; empty: the target is the answer
 
   def to_json(self) -> dict:
     """The trainer's JSONL record (`task` is the family), plus the fields to rebuild self."""
@@ -72,12 +79,18 @@ class Example:
       "synth_prompt": synth_prompt_text(self),
       "target": target_text(self),
       "answer": self.answer,
+      "working": self.working,
     }
 
   @classmethod
   def from_json(cls, record: dict) -> Example:
     """Inverse of `to_json`; records without `answer` take it from `target`."""
-    answer = record["answer"] if "answer" in record else record["target"].split(END_MARKER)[0]
+    working = record.get("working", "")
+    if "answer" in record:
+      answer = record["answer"]
+    else:
+      target = record["target"].split(END_MARKER)[0]
+      working, _, answer = target.rpartition(" => ")
     return cls(
       id=str(record["id"]),
       family=record.get("task", record.get("family", "")),
@@ -85,6 +98,7 @@ class Example:
       branches=tuple(record["branches"]),
       worker_prompts=tuple(record.get("worker_prompts", ())),
       answer=answer.strip(),
+      working=working,
     )
 
 
@@ -116,12 +130,13 @@ def single_agent_prompt_text(example: Example) -> str:
 
 
 def target_text(example: Example, end_marker: str = END_MARKER) -> str:
-  """Answer then the end marker; pass the tokenizer's eos string for other vocabularies."""
-  return example.answer + end_marker
+  """[working " => "] answer, then the end marker (pass the tokenizer's eos for other vocabularies)."""
+  prefix = f"{example.working} => " if example.working else ""
+  return prefix + example.answer + end_marker
 
 
 def _normalise(text: str) -> str:
-  text = re.split(r"<|\n", text, maxsplit=1)[0].strip().lower()
+  text = re.split(r"<|\n", text, maxsplit=1)[0].rsplit("=>", 1)[-1].strip().lower()
   text = re.sub(r"^(a|answer)\s*:", "", text).strip().rstrip(".").strip()
   text = re.sub(r"\s*,\s*", ",", re.sub(r"\s+", " ", text))
   try:
@@ -131,7 +146,8 @@ def _normalise(text: str) -> str:
 
 
 def answer_matches(pred: str, gold: str) -> bool:
-  """Normalised exact match of pred's first answer span (up to an end marker or newline)."""
+  """Normalised exact match of pred's answer: its first line (up to an end marker or
+  newline), after the last "=>" when it shows working."""
   return _normalise(pred) == _normalise(gold) != ""
 
 
@@ -146,23 +162,22 @@ def _with_fillers(rng: random.Random, subject: str, fact: str, person: bool) -> 
 
 
 def _evidence(rng: random.Random, k: int):
-  variants = ["country", "who", "friend_city"] + (["friend_country"] if k >= 3 else [])
-  variant = rng.choice(variants)
+  variant = rng.choice(("country", "who", "friend_city"))
   people = rng.sample(PEOPLE, len(PEOPLE))
   cities = rng.sample(CITIES, len(CITIES))
   countries = rng.sample(COUNTRIES, len(COUNTRIES))
   p, friend, city, country = people[0], people[1], cities[0], countries[0]
-  lives = (friend if variant.startswith("friend") else p, f"lives in {city}.", True)
+  lives = (friend if variant == "friend_city" else p, f"lives in {city}.", True)
   chain = [lives]  # (subject, predicate, is_person)
-  if variant != "friend_city":
-    chain.append((city, f"is in {country}.", False))
-  if variant.startswith("friend"):
+  if variant == "friend_city":
     chain.append((f"{p}'s friend", f"is {friend}.", True))
-  question, answer = {
-    "country": (f"which country does {p} live in?", country),
-    "who": (f"who lives in {country}?", p),
-    "friend_city": (f"which city does {p}'s friend live in?", city),
-    "friend_country": (f"which country does {p}'s friend live in?", country),
+  else:
+    chain.append((city, f"is in {country}.", False))
+  # The working is the first hop's result: the entity that links the two facts.
+  question, working, answer = {
+    "country": (f"which country does {p} live in?", city, country),
+    "who": (f"who lives in {country}?", city, p),
+    "friend_city": (f"which city does {p}'s friend live in?", friend, city),
   }[variant]
   # Distractors come from a separate consistent world, so they never touch the chain.
   dp, dc, dn = people[2:6], cities[1:5], countries[1:]
@@ -176,7 +191,7 @@ def _evidence(rng: random.Random, k: int):
     key = subject.split("'")[0]
     branches.append(_with_fillers(rng, key, f"{subject} {predicate}", person))
     prompts.append(f"look up: {key}\nfound: {branches[-1]}")
-  return question, branches, prompts, answer
+  return question, branches, prompts, answer, working
 
 
 def _solve(nums: Sequence[int], ops: Sequence[str], method: str) -> tuple[list[str], int | None]:
@@ -216,7 +231,7 @@ def _candidates(rng: random.Random, k: int):
   rng.shuffle(methods)
   branches = [f"{expr}: {', '.join(solved[m][0])}" for m in methods]
   prompts = [f"solve {expr} {_METHODS[m]}\ncalc: {', '.join(solved[m][0])}" for m in methods]
-  return f"what is {expr}?", branches, prompts, str(right)
+  return f"what is {expr}?", branches, prompts, str(right), ""
 
 
 def _tools(rng: random.Random, k: int):
@@ -226,12 +241,13 @@ def _tools(rng: random.Random, k: int):
   n_main = k - n_other
   n_items = min(len(pool), n_main + sum(rng.random() < 0.25 for _ in range(n_main)))
   items = rng.sample(pool, n_items)
-  values = dict(zip(items, rng.sample(range(1, 21), n_items), strict=True))
+  # Distinct one-digit values: comparisons and sums stay within reach of a tiny model.
+  values = dict(zip(items, rng.sample(range(1, 10), n_items), strict=True))
   groups = [[item] for item in items[:n_main]]
   for item in items[n_main:]:
     rng.choice(groups).append(item)
   other_items = rng.sample(_TOOLS[other][2], n_other)
-  groups += [[(other, item, rng.randint(1, 20))] for item in other_items]
+  groups += [[(other, item, rng.randint(1, 9))] for item in other_items]
   groups = [[(attr, x, values[x]) if isinstance(x, str) else x for x in g] for g in groups]
   rng.shuffle(groups)
   branches = [", ".join(f"{a}({x})={v}" for a, x, v in g) for g in groups]
@@ -240,20 +256,30 @@ def _tools(rng: random.Random, k: int):
     for g in groups
   ]
   ranked = sorted(items, key=values.get)
-  t = rng.choice([t for t in range(1, 21) if t not in values.values()])
+  in_order = [x for g in groups for a, x, _ in g if a == attr]  # as the branches list them
+  t = rng.randint(1, 8)
+  above = [x for x in in_order if values[x] > t]
   a, b = rng.sample(items, 2)
-  question, answer = {
-    "sum": (f"what is the total {attr} of all {plural}?", str(sum(values.values()))),
-    "max": (f"which {noun} has the highest {attr}?", ranked[-1]),
-    "min": (f"which {noun} has the lowest {attr}?", ranked[0]),
-    "sort": (f"sort the {plural} by {attr}, lowest first.", ",".join(ranked)),
+  # Sorting is the question that needs every branch; past 6 items it is beyond the
+  # tiny model, so K=7-8 tools examples ask the others.
+  kinds = ["max", "min", "count", "pair"] + (["sort"] if n_items <= 6 else [])
+  # (question, working, answer); the working lists what was looked up.
+  question, working, answer = {
+    "max": (f"which {noun} has the highest {attr}?", "", ranked[-1]),
+    "min": (f"which {noun} has the lowest {attr}?", "", ranked[0]),
+    "sort": (f"sort the {plural} by {attr}, lowest first.", "", ",".join(ranked)),
     "count": (
       f"how many {plural} have {attr} above {t}?",
-      str(sum(v > t for v in values.values())),
+      ",".join(above) or "none",
+      str(len(above)),
     ),
-    "pair": (f"what is the {attr} of {a} plus {b}?", str(values[a] + values[b])),
-  }[rng.choice(("sum", "max", "min", "sort", "count", "pair"))]
-  return question, branches, prompts, answer
+    "pair": (
+      f"what is the {attr} of {a} plus {b}?",
+      f"{values[a]}+{values[b]}",
+      str(values[a] + values[b]),
+    ),
+  }[rng.choice(kinds)]
+  return question, branches, prompts, answer, working
 
 
 _GENERATORS = {"evidence": _evidence, "candidates": _candidates, "tools": _tools}
@@ -311,9 +337,11 @@ def generate(
       break
     family = families[len(examples) % len(families)]
     k = rng.randint(min_workers, max_workers)
-    question, branches, prompts, answer = _GENERATORS[family](rng, k)
+    question, branches, prompts, answer, working = _GENERATORS[family](rng, k)
     example_id = f"{split}-{seed}-{len(examples):06d}"
-    example = Example(example_id, family, question, tuple(branches), tuple(prompts), answer)
+    example = Example(
+      example_id, family, question, tuple(branches), tuple(prompts), answer, working
+    )
     key = _content_key(question, branches)
     if key in seen or split_of(example) != split:
       continue

@@ -23,7 +23,7 @@ convert package, `lora.safetensors` + `lora_config.json`), and the mapper as
 `mapper.safetensors` with the reference release's torch names (`net.0.weight`
 [32, 3], `net.0.bias`, `net.2.weight` [4, 32], `net.2.bias`; what
 `psynth_jax.convert.reference.mapper_from_state_dict` reads) plus
-`mapper_config.json`.
+`mapper_config.json`. `load_export` reads such a folder back for inference.
 """
 
 from __future__ import annotations
@@ -281,3 +281,43 @@ def export(params: dict[str, Any], folder: str, base_model: str = "") -> str:
     meta = {"kind": mapper.kind, "features": mapper.features, "num_layers": mapper.num_layers}
     json.dump(meta, f, indent=2)
   return folder
+
+
+def load_export(folder: str | os.PathLike, model_config) -> tuple[Any, Any]:
+  """Reads an `export` folder back: (Mapper, LoRAWeights) for `model_config`'s base model.
+
+  Raises:
+    FileNotFoundError: the folder lacks mapper/mapper_config.json or the LoRA files.
+    KeyError / ValueError: tensors missing or of the wrong shape (named).
+  """
+  from psynth_jax.mapper import Mapper
+
+  folder = os.fspath(folder)
+  config_path = os.path.join(folder, "mapper", "mapper_config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{folder} is not an export folder: {config_path} is missing")
+  with open(config_path) as f:
+    meta = json.load(f)
+  if meta["num_layers"] != model_config.num_layers:
+    raise ValueError(
+      f"{folder}: mapper made for {meta['num_layers']} layers, model has {model_config.num_layers}"
+    )
+  mapper = Mapper.create(meta["kind"], meta["num_layers"], meta["features"])
+  if meta["kind"] != "identity":
+    tensors = safetensors.numpy.load_file(os.path.join(folder, "mapper", "mapper.safetensors"))
+    values = {}
+    for torch_name, layer in (("net.0", "fc1"), ("net.2", "fc2")):
+      values[(layer, "kernel")] = tensors[f"{torch_name}.weight"].T
+      values[(layer, "bias")] = tensors[f"{torch_name}.bias"]
+    flat = []
+    for path, var in nnx.to_flat_state(mapper.state):
+      value = values[tuple(path)]
+      if value.shape != var.shape:
+        raise ValueError(
+          f"{folder}: mapper {'.'.join(path)} is {value.shape}, expected {var.shape}"
+        )
+      flat.append((path, var.replace(value.astype(var.dtype))))
+    mapper = mapper.replace(state=nnx.from_flat_state(flat))
+  from psynth_jax.convert.peft import load_peft_lora
+
+  return mapper, load_peft_lora(os.path.join(folder, "lora"), model_config)

@@ -37,7 +37,7 @@ import tqdm
 from ml_collections import ConfigDict
 from tensorboardX import SummaryWriter
 
-from psynth_jax import sharding
+from psynth_jax import assets, sharding
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
@@ -56,9 +56,7 @@ class TrainResult:
   export_dir: str | None
 
 
-SYNTHETIC_BASE = os.path.join(
-  os.path.dirname(os.path.dirname(__file__)), "assets", "synthetic_base"
-)
+SYNTHETIC_BASE = assets.SYNTHETIC_BASE
 
 
 # ---------------------------------------------------------------- the config schema

@@ -1,0 +1,171 @@
+r"""Rebuilds the synthetic reproduction from scratch: base model, every adapter, evaluation.
+
+  python experiments/reproduce_synthetic.py --config configs/synthetic.py --workdir runs/synthetic
+  python experiments/reproduce_synthetic.py --config configs/synthetic.py --workdir runs/synthetic \
+    --install    # then copy the result into psynth_jax/assets (what `psynth demo` ships)
+
+On a 2-core CPU this takes about 40 minutes: ~25 to pretrain the base model
+(`config.pretrain`), ~2-3 per adapter (`config.reproduce.adapters`,
+`adapter_steps` steps each) and ~5 to evaluate every mode on
+`reproduce.eval_examples` test examples. Each stage is skipped when its output
+already exists in the workdir, so an interrupted run continues where it
+stopped (the adapter trainer also resumes mid-run from its checkpoints).
+
+Stages and outputs (under --workdir):
+  synthetic_base/          pretrained base model (+ pretrain_info.json)
+  adapters/<name>/         trainer workdir; adapters/<name>/export the mapper + LoRA
+  report.json, report.png  accuracy per mode and family, TTFT per mode, TTFT by length
+  synthetic_results.json   the figures the shipped-model tests re-check
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from psynth_jax import assets
+from psynth_jax.eval import compare
+from psynth_jax.pretrain import PretrainConfig, evaluate, num_params, pretrain, save_base
+from psynth_jax.tasks import synthetic
+from psynth_jax.train import trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "configs/synthetic.py")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/synthetic", "every stage's output goes here")
+_INSTALL = flags.DEFINE_bool("install", False, "copy the models and results into psynth_jax/assets")
+
+
+def pretrain_stage(config, out: str) -> None:
+  if os.path.exists(os.path.join(out, "model.safetensors")):
+    print(f"[1/3] base model: {out} exists, skipping pretraining")
+    return
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.pretrain.items()}
+  pre = PretrainConfig(**values)
+  print(f"[1/3] pretraining the base model ({pre.steps} steps)")
+  t0 = time.perf_counter()
+  lm, history = pretrain(pre)
+  seconds = time.perf_counter() - t0
+  test = synthetic.generate("test", config.reproduce.check_examples, pre.seed)
+  scores = evaluate(lm, test, pre.max_new_tokens)
+  info = {
+    "config": dataclasses.asdict(pre),
+    "num_params": num_params(lm.params),
+    "train_wall_s": seconds,
+    "history": history,
+    "test": {"num_examples": len(test), "seed": pre.seed, **scores},
+  }
+  save_base(lm, out, info)
+  print(f"  {num_params(lm.params):,} parameters, {seconds / 60:.1f} min; test {scores['text']}")
+
+
+def adapter_stage(config, base: str, workdir: str) -> dict[str, str]:
+  exports = {}
+  names = list(config.reproduce.adapters)
+  for i, name in enumerate(names):
+    trainable, kind = config.reproduce.adapters[name]
+    run_dir = os.path.join(workdir, "adapters", name)
+    export = os.path.join(run_dir, "export")
+    exports[name] = export
+    if os.path.exists(os.path.join(export, "mapper", "mapper_config.json")):
+      print(f"[2/3] adapter {i + 1}/{len(names)} {name}: {export} exists, skipping")
+      continue
+    print(f"[2/3] adapter {i + 1}/{len(names)} {name}: trainable={trainable}, mapper={kind}")
+    c = config.copy_and_resolve_references()
+    c.model.path = base
+    c.train.trainable = trainable
+    c.mapper.kind = kind
+    c.train.num_steps = config.reproduce.adapter_steps
+    t0 = time.perf_counter()
+    result = trainer.train(c, run_dir)
+    last = result.history[-1] if result.history else {}
+    info = {
+      "trainable": trainable,
+      "mapper": kind,
+      "steps": result.step,
+      "final_loss": last.get("loss"),
+      "train_wall_s": time.perf_counter() - t0,
+      "skip_reasons": result.skip_reasons,
+    }
+    with open(os.path.join(export, "train_info.json"), "w") as f:
+      json.dump(info, f, indent=2)
+    print(f"  loss {last.get('loss'):.4f} after {result.step} steps")
+  return exports
+
+
+def evaluate_stage(config, base: str, exports: dict[str, str], workdir: str) -> dict:
+  print("[3/3] evaluating every mode on the test split")
+  lm = assets.load_synthetic_base(base)
+  staged = os.path.join(workdir, "adapters_staged")
+  shutil.rmtree(staged, ignore_errors=True)
+  for name, export in exports.items():
+    shutil.copytree(export, os.path.join(staged, name))
+  modes = assets.load_synthetic_modes(lm.config, staged)
+  r = config.reproduce
+  examples = synthetic.generate("test", r.eval_examples, config.pretrain.seed)
+  report = compare.compare_modes(
+    lm,
+    examples,
+    modes,
+    ttft_examples=r.ttft_examples,
+    lengths=tuple(r.lengths),
+    meta={"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine()},
+  )
+  print(compare.format_table(report))
+  compare.write_json(report, os.path.join(workdir, "report.json"))
+  compare.plot(report, os.path.join(workdir, "report.png"))
+  # The check: the same workflow on the first `check_examples` (a prefix of the above).
+  check = compare.compare_modes(
+    lm, examples[: r.check_examples], modes, ttft_examples=0, lengths=(), progress=False
+  )
+  results = {
+    "date": time.strftime("%Y-%m-%d"),
+    "split": "test",
+    "seed": config.pretrain.seed,
+    "eval_examples": r.eval_examples,
+    "accuracy": report.accuracy,
+    "ttft_s": report.ttft_s,
+    "workers": report.workers,
+    "check_examples": r.check_examples,
+    "check_accuracy": {m: a["overall"] for m, a in check.accuracy.items()},
+    "gold_text_synthesis": evaluate(lm, examples[: r.check_examples])["text"],
+  }
+  with open(os.path.join(workdir, "synthetic_results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def install(workdir: str, exports: dict[str, str]) -> None:
+  shutil.rmtree(assets.SYNTHETIC_BASE, ignore_errors=True)
+  shutil.copytree(os.path.join(workdir, "synthetic_base"), assets.SYNTHETIC_BASE)
+  shutil.rmtree(assets.SYNTHETIC_ADAPTERS, ignore_errors=True)
+  for name, export in exports.items():
+    shutil.copytree(export, os.path.join(assets.SYNTHETIC_ADAPTERS, name))
+  shutil.copy(os.path.join(workdir, "synthetic_results.json"), assets.SYNTHETIC_RESULTS)
+  print(f"installed into {assets.ASSETS}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  t0 = time.perf_counter()
+  base = os.path.abspath(os.path.join(workdir, "synthetic_base"))
+  pretrain_stage(config, base)
+  exports = adapter_stage(config, base, workdir)
+  evaluate_stage(config, base, exports, workdir)
+  if _INSTALL.value:
+    install(workdir, exports)
+  print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; outputs in {workdir}")
+
+
+if __name__ == "__main__":
+  app.run(main)
