@@ -42,6 +42,21 @@ CI_PARAMETERS: dict[str, dict[str, object]] = {
   "02_workers_and_mapper": dict(
     NUM_WORKERS=3, WORKER_TOKENS=8, TINY_LAYERS=2, TINY_HIDDEN=64, TINY_VOCAB=128
   ),
+  "03_train_parallel_synthesis": dict(
+    NUM_STEPS=4,
+    BATCH_SIZE=2,
+    TRAIN_EXAMPLES=16,
+    MAX_WORKERS=2,
+    LORA_RANK=2,
+    LOG_EVERY=1,
+    CHECKPOINT_EVERY=2,
+    EVAL_EXAMPLES=2,
+    WORKER_TOKENS=8,
+    ANSWER_TOKENS=4,
+    TTFT_EXAMPLES=0,
+    TINY_LAYERS=1,
+    TINY_HIDDEN=32,
+  ),
   "04_ttft_benchmark": dict(
     KS=(2,),
     LENGTHS=(16,),
