@@ -9,8 +9,8 @@ adapter, evaluation): `python experiments/reproduce_synthetic.py --config
 configs/synthetic.py` reads `pretrain` and `reproduce` below as well.
 
 Arguments after the colon, comma-separated:
-  tiny     the shipped char-level base model (psynth_jax/assets/synthetic_base)
-  random   a random 2-layer char-level model instead (tests, smoke runs; no files needed)
+  tiny     the shipped word-level base model (psynth_jax/assets/synthetic_base)
+  random   a random 2-layer model over the suite vocabulary instead (tests, smoke runs; no files needed)
   kl       add the token-level KL to the text-concatenation teacher (weight 0.5)
   fast     cheap XLA compilation (CPU), for tests
 
@@ -35,7 +35,7 @@ def random_model() -> ConfigDict:
   return ConfigDict(
     dict(
       model_type="llama",
-      vocab_size=len(synthetic.SPECIAL_TOKENS) + len(synthetic.ALPHABET),
+      vocab_size=synthetic.SuiteTokenizer().vocab_size,
       hidden_size=64,
       intermediate_size=128,
       num_layers=2,
@@ -56,19 +56,19 @@ def get_config(arg: str = "tiny") -> ConfigDict:
   c = default_config()
   c.prompt_format = "synthetic"
   c.model.path = "" if "random" in options else SYNTHETIC_BASE
-  c.model.tokenizer = "char"
+  c.model.tokenizer = "suite"
   c.model.init = random_model()
-  # The longest synthetic example has 8 branches, a 53-token branch, 288 branch
-  # tokens in all, 131 prompt + target tokens, a 41-token target and a
-  # 440-token text-synthesis prompt + target: nothing is skipped.
+  # In 24k examples of all splits the longest has 8 branches, a 30-token branch,
+  # 224 branch tokens in all, 36 + 21 synthesizer prompt + target tokens and a
+  # 309-token text-synthesis prompt + target: nothing is skipped.
   c.batch.update(
     batch_size=8,
     max_branches=8,
-    branch_tokens=64,
-    branch_rows=320,
-    synth_tokens=160,
-    target_tokens=48,
-    teacher_tokens=512,
+    branch_tokens=32,
+    branch_rows=256,
+    synth_tokens=64,
+    target_tokens=24,
+    teacher_tokens=320,
   )
   c.data.synthetic_examples = 2000  # one epoch = 250 steps of 8
   # A tiny model needs a larger step than the paper's 1e-4 to learn in one epoch.

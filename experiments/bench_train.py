@@ -56,7 +56,7 @@ def _setup(model: str):
     if os.path.isdir(config.model.path):
       from psynth_jax.language_model import load_pretrained
 
-      return config, load_pretrained(config.model.path).params, synthetic.CharTokenizer()
+      return config, load_pretrained(config.model.path).params, synthetic.SuiteTokenizer()
     # The shipped base's shape (psynth_jax.pretrain.PretrainConfig), random weights.
     shape = dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4)
     config.model.init.update(shape, num_kv_heads=4, head_dim=64)
@@ -90,12 +90,12 @@ def bench(model: str) -> dict | None:
     print(f"{model}: weights not found, skipped")
     return None
   config, base, tokenizer = setup
-  tokenizer = tokenizer or synthetic.CharTokenizer()
+  tokenizer = tokenizer or synthetic.SuiteTokenizer()
   spec = trainer.batch_spec(config)
   b = config.batch.batch_size
   examples = synthetic.generate("train", 64, 0, None, 2, spec.max_branches)
   records = [{k: e.to_json()[k] for k in data.FIELDS} for e in examples]
-  if not isinstance(tokenizer, synthetic.CharTokenizer):
+  if not isinstance(tokenizer, synthetic.SuiteTokenizer):
     for record, example in zip(records, examples, strict=True):
       record["target"] = example.answer  # the tokenizer's own eos is appended instead
   eos = tokenizer.eos_token_ids[0]

@@ -6,7 +6,7 @@ Run (the shipped model, about 25 CPU-minutes on 2 cores):
 
 Any `PretrainConfig` field is a flag (`--steps 300 --hidden_size 64` for a
 quick try). The folder gets psynth_config.json + model.safetensors (load with
-`psynth_jax.load_pretrained`), the character tokenizer, and pretrain_info.json
+`psynth_jax.load_pretrained`), the suite tokenizer, and pretrain_info.json
 (config, timings, validation history, test accuracy). Then it prints the
 text-synthesis accuracy per family on the test split (gold branches) and, with
 `--workflow_examples N`, the single-agent / text / naive-merge table of

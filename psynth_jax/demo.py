@@ -1,6 +1,6 @@
 """`psynth demo`: the synthetic reproduction with the models that ship in the package.
 
-Loads the tiny character-level base model and its trained mappers/LoRAs
+Loads the tiny base model and its trained mappers/LoRAs
 (`psynth_jax.assets`), takes the first `--examples` test examples of the
 built-in suite, lets the base model run every example's K workers, then answers
 each example in every mode from the same worker outputs: single agent, text

@@ -1,4 +1,4 @@
-"""Full-parameter pretraining of a tiny character-level base model on the synthetic suite.
+"""Full-parameter pretraining of a tiny base model on the synthetic suite.
 
 The base model must do two jobs before any mapper or LoRA exists: act as every
 worker (worker prompt -> branch text) and synthesize from concatenated worker
@@ -47,9 +47,9 @@ class PretrainConfig:
   num_heads: int = 4  # N (= G: no grouping at this size)
   intermediate_size: int = 384  # F
   max_positions: int = 1024
-  steps: int = 3600
+  steps: int = 3000
   batch_tokens: int = 2048  # tokens per batch, padding included
-  buckets: tuple[int, ...] = (128, 192, 256, 384, 576)  # padded sequence lengths
+  buckets: tuple[int, ...] = (64, 96, 128, 160, 224, 320)  # padded sequence lengths
   learning_rate: float = 3e-3
   warmup_steps: int = 100
   final_lr_fraction: float = 0.05
@@ -57,7 +57,7 @@ class PretrainConfig:
   grad_clip: float = 1.0
   # Weight of prompt tokens in the loss (completion tokens weigh 1). 0 trains on
   # completions only; a small weight teaches the model the formats' text too.
-  prompt_weight: float = 0.0
+  prompt_weight: float = 0.1
   # Sequences drawn per training example, on average: `text_rate` text-synthesis,
   # `worker_rate` worker (each a random branch) and `single_rate` single-agent ones.
   worker_rate: float = 0.5
@@ -66,19 +66,19 @@ class PretrainConfig:
   # Curriculum: the first `copy_steps` steps see worker sequences only. They are
   # short and mostly completion, so the copy (induction) circuits that every
   # format needs form several times faster than on the full mix.
-  copy_steps: int = 600
+  copy_steps: int = 300
   train_examples: int = 30000
   min_workers: int = 2
   max_workers: int = synthetic.MAX_WORKERS
   seed: int = 0
-  eval_every: int = 1200  # 0: evaluate only at the end
+  eval_every: int = 500  # 0: evaluate only at the end
   eval_examples: int = 60
   max_new_tokens: int = 64
 
   def model_config(self) -> ModelConfig:
     return ModelConfig(
       model_type="llama",
-      vocab_size=len(synthetic.SPECIAL_TOKENS) + len(synthetic.ALPHABET),
+      vocab_size=synthetic.SuiteTokenizer().vocab_size,
       hidden_size=self.hidden_size,
       intermediate_size=self.intermediate_size,
       num_layers=self.num_layers,
@@ -108,7 +108,7 @@ def format_pair(example: synthetic.Example, fmt: str, branch: int = 0) -> tuple[
 
 def training_sequences(
   examples: Sequence[synthetic.Example],
-  tokenizer: synthetic.CharTokenizer,
+  tokenizer: synthetic.SuiteTokenizer,
   config: PretrainConfig,
   rng: np.random.Generator,
 ) -> list[tuple[np.ndarray, int]]:
@@ -279,8 +279,8 @@ def evaluate(
 
 
 def language_model(params: Params) -> LanguageModel:
-  """Wraps params with the character tokenizer (stop on <eos>, pad with <pad>)."""
-  tok = synthetic.CharTokenizer()
+  """Wraps params with the suite tokenizer (stop on <eos>, pad with <pad>)."""
+  tok = synthetic.SuiteTokenizer()
   return LanguageModel(params, tok, tok.eos_token_ids, tok.pad_token_id)
 
 
@@ -301,7 +301,7 @@ def pretrain(
   from tqdm.auto import tqdm
 
   t0, cpu0 = time.perf_counter(), time.process_time()
-  tok = synthetic.CharTokenizer()
+  tok = synthetic.SuiteTokenizer()
   rng = np.random.default_rng(config.seed)
   train = synthetic.generate(
     "train", config.train_examples, config.seed, None, config.min_workers, config.max_workers
@@ -339,7 +339,7 @@ def pretrain(
 
 
 def save_base(lm: LanguageModel, out: str, info: dict, dtype: str = "float32") -> None:
-  """Writes a converted model folder (+ the character tokenizer files) and pretrain_info.json."""
+  """Writes a converted model folder (+ the suite tokenizer files) and pretrain_info.json."""
   import json
   import os
   import tempfile
@@ -351,7 +351,7 @@ def save_base(lm: LanguageModel, out: str, info: dict, dtype: str = "float32") -
   if dtype != params.config.dtype:
     params = params_from_flat(params.config.replace(dtype=dtype), flat_state(params))
   with tempfile.TemporaryDirectory() as tmp:
-    synthetic.CharTokenizer().save(tmp)
+    synthetic.SuiteTokenizer().save(tmp)
     save_converted(params, out, tokenizer_src=tmp)
   with open(os.path.join(out, "pretrain_info.json"), "w") as f:
     json.dump({**info, "date": time.strftime("%Y-%m-%d")}, f, indent=2)

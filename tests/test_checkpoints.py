@@ -176,7 +176,7 @@ def test_uninterrupted_run_skips_and_counts_oversize_examples(uninterrupted):
   config = _config()
   source = data.load_split(os.path.join(workdir, "tfds"), "train")
   it = data.BatchIterator(source, seed=0, batch_size=4, process_index=0, process_count=1)
-  tok = synthetic.CharTokenizer()
+  tok = synthetic.SuiteTokenizer()
   spec = trainer.batch_spec(config)
   batcher = batching.Batcher(tok, spec, "synthetic", tok.pad_token_id, tok.eos_token_id)
   reasons = [batcher.encode(e)[1] for _ in range(6) for e in next(it)]

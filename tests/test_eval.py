@@ -15,7 +15,7 @@ from psynth_jax.tasks import synthetic
 
 @pytest.fixture(scope="module")
 def lm():
-  tok = synthetic.CharTokenizer()
+  tok = synthetic.SuiteTokenizer()
   config = ModelConfig(
     model_type="llama",
     vocab_size=tok.vocab_size,

@@ -22,7 +22,7 @@ TINY = pretrain.PretrainConfig(
 
 
 def _batch(n=4, seed=0):
-  tok = synthetic.CharTokenizer()
+  tok = synthetic.SuiteTokenizer()
   examples = synthetic.generate("train", n, seed=seed)
   seqs = pretrain.training_sequences(examples, tok, TINY, np.random.default_rng(seed))
   return seqs, pretrain.batches(seqs, TINY.buckets, TINY.batch_tokens, np.random.default_rng(0))
@@ -45,13 +45,13 @@ def test_batches_mark_completion_tokens_only():
       want = np.zeros_like(mask)
       want[match[0] : n] = True
       np.testing.assert_array_equal(mask, want)
-      assert row[n - 1] == synthetic.CharTokenizer.eos_token_id
+      assert row[n - 1] == synthetic.SuiteTokenizer.eos_token_id
       seen += 1
   assert seen >= len(seqs)
 
 
 def test_formats_in_the_mix():
-  tok = synthetic.CharTokenizer()
+  tok = synthetic.SuiteTokenizer()
   ex = synthetic.generate("train", 1, seed=0)[0]
   config = TINY.__class__(worker_rate=3.0, single_rate=1.0)
   seqs = pretrain.training_sequences([ex], tok, config, np.random.default_rng(1))

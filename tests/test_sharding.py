@@ -25,7 +25,7 @@ from psynth_jax.train import step as step_lib
 from psynth_jax.train.data import FIELDS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOK = synthetic.CharTokenizer()
+TOK = synthetic.SuiteTokenizer()
 # One layer: these tests are about placement, and compile time grows with depth.
 CONFIG = ModelConfig("llama", TOK.vocab_size, 64, 128, 1, 4, 2, 16, max_position_embeddings=1024)
 SPEC = batching.BatchSpec(4, 64, 160, 112, 16)

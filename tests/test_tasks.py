@@ -1,4 +1,4 @@
-"""Tests of the synthetic workflow suite, its prompt formats and the char tokenizer.
+"""Tests of the synthetic workflow suite, its prompt formats and the suite tokenizer.
 
 Answers are checked by a solver written here from the texts alone (branches and
 question), independent of the generator's internals.
@@ -188,8 +188,8 @@ def _all_texts(examples):
 
 
 def test_tokenizer_round_trip_and_hf_parity(train, tmp_path):
-  tok = tasks.CharTokenizer()
-  assert tok.vocab_size <= 64 and tok.pad_token_id == 0
+  tok = tasks.SuiteTokenizer()
+  assert tok.vocab_size < 1300 and tok.pad_token_id == 0
   assert tok.eos_token_id in tok.eos_token_ids
   for text in _all_texts(train):
     ids = tok.encode(text)

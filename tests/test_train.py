@@ -19,7 +19,7 @@ from psynth_jax.train import batching, losses
 from psynth_jax.train import step as step_lib
 from psynth_jax.workers import encode_branches
 
-TOK = synthetic.CharTokenizer()
+TOK = synthetic.SuiteTokenizer()
 CONFIG = ModelConfig("llama", TOK.vocab_size, 64, 128, 2, 4, 2, 16, max_position_embeddings=1024)
 SPEC = batching.BatchSpec(
   max_branches=4,
@@ -109,12 +109,13 @@ def test_oversize_examples_are_skipped_and_counted():
   good = _records(1)[0]
   cases = {
     "too_many_branches": {"branches": ["a"] * (SPEC.max_branches + 1)},
-    "branch_too_long": {"branches": ["x" * (SPEC.branch_tokens + 1)]},
-    "branches_over_budget": {"branches": ["x" * 60] * 3},
-    "target_too_long": {"target": "9" * SPEC.target_tokens},
+    # "." is one token per character in the suite vocabulary (a word is one token).
+    "branch_too_long": {"branches": ["." * (SPEC.branch_tokens + 1)]},
+    "branches_over_budget": {"branches": ["." * 60] * 3},
+    "target_too_long": {"target": "." * SPEC.target_tokens},
     "empty_target": {"target": ""},
-    "synth_too_long": {"synth_prompt": "p" * (SPEC.synth_tokens - 4)},
-    "teacher_too_long": {"question": "q" * SPEC.teacher_tokens, "synth_prompt": "s"},
+    "synth_too_long": {"synth_prompt": "." * (SPEC.synth_tokens - 4)},
+    "teacher_too_long": {"question": "." * SPEC.teacher_tokens, "synth_prompt": "s"},
   }
   examples = [good] + [{**good, **change} for change in cases.values()] + [good]
   host, reasons = _batcher()(examples, batch_size=len(examples) + 2)

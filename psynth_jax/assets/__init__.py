@@ -1,6 +1,6 @@
 """The built-in synthetic-suite models that ship inside the package (a few MB, no download).
 
-* `synthetic_base/`: a character-level Llama pretrained from scratch on the
+* `synthetic_base/`: a small Llama (word-level suite vocabulary) pretrained from scratch on the
   suite (`psynth_jax.pretrain`), as a converted model folder with its
   `pretrain_info.json` (config, timings, validation history, test accuracy).
 * `synthetic_adapters/<name>/`: mapper + LoRA exports of the trainer
@@ -34,13 +34,13 @@ _REBUILD = "rebuild it with `python experiments/reproduce_synthetic.py`"
 
 
 def load_synthetic_base(folder: str = SYNTHETIC_BASE):
-  """The shipped base model as a `LanguageModel` with the suite's character tokenizer."""
+  """The shipped base model as a `LanguageModel` with the suite tokenizer."""
   from psynth_jax.language_model import LanguageModel, load_pretrained
-  from psynth_jax.tasks.synthetic import CharTokenizer
+  from psynth_jax.tasks.synthetic import SuiteTokenizer
 
   if not os.path.exists(os.path.join(folder, "model.safetensors")):
     raise FileNotFoundError(f"no synthetic base model in {folder}; {_REBUILD}")
-  tok = CharTokenizer()
+  tok = SuiteTokenizer()
   return LanguageModel(load_pretrained(folder).params, tok, tok.eos_token_ids, tok.pad_token_id)
 
 

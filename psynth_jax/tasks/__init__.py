@@ -1,13 +1,13 @@
 """Task suites: the built-in synthetic agent-workflow suite and the shared prompt formats."""
 
 from psynth_jax.tasks.synthetic import (
-  ALPHABET,
+  PUNCTUATION,
   END_MARKER,
   FAMILIES,
   MAX_WORKERS,
   SPECIAL_TOKENS,
   SPLITS,
-  CharTokenizer,
+  SuiteTokenizer,
   Example,
   answer_matches,
   generate,
@@ -23,13 +23,13 @@ from psynth_jax.tasks.synthetic import (
 )
 
 __all__ = [
-  "ALPHABET",
+  "PUNCTUATION",
   "END_MARKER",
   "FAMILIES",
   "MAX_WORKERS",
   "SPECIAL_TOKENS",
   "SPLITS",
-  "CharTokenizer",
+  "SuiteTokenizer",
   "Example",
   "answer_matches",
   "generate",

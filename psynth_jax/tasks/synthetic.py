@@ -1,7 +1,7 @@
-"""Seeded synthetic agent-workflow suite, its prompt formats and a character tokenizer.
+"""Seeded synthetic agent-workflow suite, its prompt formats and its word-level tokenizer.
 
 Three families mirror real worker-branch roles; every text is short, lowercase and
-regular so that a tiny character-level model can learn the whole suite:
+regular so that a tiny model can learn the whole suite:
 
 - `evidence`: each branch is a retrieved passage ("zed lives in oslo."); the
   question needs two of them (two hops), the other branches are distractors.
@@ -30,7 +30,6 @@ import json
 import os
 import random
 import re
-import string
 from collections.abc import Iterable, Sequence
 
 FAMILIES = ("evidence", "candidates", "tools")
@@ -40,8 +39,15 @@ MAX_WORKERS = 8
 _SPLIT_BUCKETS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>", "<unk>")
-ALPHABET = "\n .,:?=>+-*()[]'" + string.digits + string.ascii_lowercase
+PUNCTUATION = "\n .,:?=>+-*()[]'"
+MAX_NUMBER = 999  # every number is one token; the generators stay at or below this
 END_MARKER = "<eos>"
+# The words of the prompt formats and families' templates (names and items are added below).
+_TEMPLATE_WORDS = """
+q a out given latent info from previous agents worker look up found solve by precedence left to
+right calc call result what is which country does live lives in who city s friend fruit fruits
+animal animals person people of all highest lowest sort the first how many have above plus none
+"""
 
 PEOPLE = ("zed", "ann", "bob", "kim", "lea", "max", "ida", "tom", "eva", "sam", "joe", "mia")
 CITIES = ("oslo", "rome", "lima", "kyiv", "doha", "riga", "baku", "bern", "pune", "cork", "quito")
@@ -54,6 +60,14 @@ _TOOLS = {
   "age": ("person", "people", PEOPLE[:8]),
 }
 _METHODS = {"precedence": "by precedence", "left": "left to right", "right": "right to left"}
+WORDS = tuple(
+  sorted(
+    set(_TEMPLATE_WORDS.split())
+    | set(PEOPLE + CITIES + COUNTRIES)
+    | {w for phrase in _PERSON_FILLERS + _PLACE_FILLERS for w in phrase.split()}
+    | {w for tool, (noun, plural, items) in _TOOLS.items() for w in (tool, noun, plural, *items)}
+  )
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +234,8 @@ def _candidates(rng: random.Random, k: int):
     solved = {m: _solve(nums, ops, m) for m in _METHODS}
     right = solved["precedence"][1]
     wrong = [m for m, (_, v) in solved.items() if v is not None and v != right]
-    if right is not None and wrong:
+    steps = [int(step.rsplit("=", 1)[1]) for st, _ in solved.values() for step in st]
+    if right is not None and wrong and max(steps) <= MAX_NUMBER:
       break
   expr = "".join(f"{x}{o}" for x, o in zip(nums, ops, strict=False)) + str(nums[-1])
   correct = [m for m, (_, v) in solved.items() if v == right]
@@ -366,19 +381,28 @@ def read_jsonl(path: str) -> list[Example]:
 
 
 # ---------------------------------------------------------------- tokenizer
-class CharTokenizer:
-  """One id per character of ALPHABET, after SPECIAL_TOKENS (<pad>=0, <bos>, <eos>, <sep>, <unk>).
+class SuiteTokenizer:
+  """Closed word-level vocabulary of the suite: one id per special token, punctuation
+  character (space and newline included), word, and number 0..MAX_NUMBER.
 
-  Special-token strings inside the text (e.g. the "<eos>" end marker) encode to
-  their ids, as in Hugging Face `tokenizers`; other unknown characters map to <unk>.
+  Text is cut into special-token strings, words, digit runs and single other
+  characters; a piece outside the vocabulary maps to <unk>. Spaces are tokens of
+  their own, so a word has one id wherever it stands (copying it is the identity)
+  and `decode(encode(text)) == text` for every suite text. Whole words and numbers
+  are single tokens, which is what lets a tiny model learn lookups and copying in
+  minutes: a character-level model needs many more steps to bind multi-character
+  names. `save` writes the same tokenizer for Hugging Face `tokenizers`.
   """
 
   pad_token_id, bos_token_id, eos_token_id, sep_token_id, unk_token_id = range(5)
+  PATTERN = "|".join(re.escape(t) for t in SPECIAL_TOKENS) + r"|[a-z]+|[0-9]+|[\s\S]"
 
   def __init__(self):
-    self.vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + tuple(ALPHABET))}
-    self._tokens = list(self.vocab)
-    self._special = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+    numbers = tuple(str(n) for n in range(MAX_NUMBER + 1))
+    pieces = SPECIAL_TOKENS + tuple(PUNCTUATION) + WORDS + numbers
+    self.vocab = {piece: i for i, piece in enumerate(pieces)}
+    self._pieces = list(self.vocab)
+    self._split = re.compile(self.PATTERN)
 
   @property
   def vocab_size(self) -> int:
@@ -389,29 +413,22 @@ class CharTokenizer:
     return (self.eos_token_id,)
 
   def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-    """Character ids; with add_special_tokens, <bos> first."""
+    """Token ids; with add_special_tokens, <bos> first."""
     ids = [self.bos_token_id] if add_special_tokens else []
-    pos = 0
-    for match in [*self._special.finditer(text), None]:
-      end = match.start() if match else len(text)
-      ids.extend(self.vocab.get(c, self.unk_token_id) for c in text[pos:end])
-      if match:
-        ids.append(self.vocab[match.group()])
-        pos = match.end()
+    ids.extend(self.vocab.get(piece, self.unk_token_id) for piece in self._split.findall(text))
     return ids
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
     """Text of ids; specials (ids below len(SPECIAL_TOKENS)) are dropped unless asked for."""
     first = len(SPECIAL_TOKENS) if skip_special_tokens else 0
-    return "".join(self._tokens[int(i)] for i in ids if int(i) >= first)
+    return "".join(self._pieces[int(i)] for i in ids if int(i) >= first)
 
   def save(self, folder: str) -> str:
     """Writes `tokenizer.json` (+ transformers config) to folder; returns the json path."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     tokenizer = Tokenizer(models.WordLevel(vocab=self.vocab, unk_token="<unk>"))
-    # "[\s\S]" rather than "." so that newlines are split off too.
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(self.PATTERN), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     tokenizer.post_processor = processors.TemplateProcessing(

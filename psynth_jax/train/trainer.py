@@ -70,7 +70,7 @@ def default_config() -> ConfigDict:
       prompt_format="synthetic",  # batching.PROMPT_FORMATS
       log_every=10,
       # path: converted model folder; "" = random init from `init` (a ModelConfig dict).
-      # tokenizer: "" = the folder's, "char" = the synthetic suite's CharTokenizer.
+      # tokenizer: "" = the folder's, "suite" = the synthetic suite's SuiteTokenizer.
       model=dict(path="", dtype="", tokenizer="", init=ConfigDict(), init_seed=0),
       data=dict(
         source="synthetic",  # synthetic (suite examples, gold targets) | jsonl (traces)
@@ -149,18 +149,18 @@ def load_base(config: ConfigDict, mesh, rules):
 
     lm = load_pretrained(os.path.expanduser(m.path), dtype=m.dtype or None)
     params = sharding.shard_tree(lm.params, mesh, rules)
-    if m.tokenizer == "char":
-      tokenizer = synthetic.CharTokenizer()
+    if m.tokenizer == "suite":
+      tokenizer = synthetic.SuiteTokenizer()
       return params, tokenizer, tokenizer.pad_token_id, tokenizer.eos_token_id
     if lm.tokenizer is None:
-      raise ValueError(f"{m.path} has no tokenizer.json; set model.tokenizer='char' if it is ours")
+      raise ValueError(f"{m.path} has no tokenizer.json; set model.tokenizer='suite' if it is ours")
     return params, lm.tokenizer, lm.pad_id, lm.stop_ids[0] if lm.stop_ids else None
   model_config = ModelConfig(**m.init.to_dict())
   key = ("base", model_config, m.init_seed, mesh, rules, _compiler_options(config) is not None)
   params = _initializer(key, lambda: init_params(model_config, m.init_seed), mesh, rules, config)()
-  tokenizer = synthetic.CharTokenizer()
+  tokenizer = synthetic.SuiteTokenizer()
   if model_config.vocab_size < tokenizer.vocab_size:
-    raise ValueError(f"model.init.vocab_size must be >= {tokenizer.vocab_size} (char tokenizer)")
+    raise ValueError(f"model.init.vocab_size must be >= {tokenizer.vocab_size} (suite tokenizer)")
   return params, tokenizer, tokenizer.pad_token_id, tokenizer.eos_token_id
 
 

@@ -1,0 +1,78 @@
+"""The models that ship in the package: small, loadable, and as accurate as recorded.
+
+`psynth_jax/assets/synthetic_results.json` holds what
+experiments/reproduce_synthetic.py measured when it built them; the checks
+re-run the same greedy evaluation on the same fixed test subset. On another
+CPU, float rounding can flip a near-tie in a greedy decode, so each accuracy
+may differ by a few examples: the tolerance is 5 points (3 of 60 examples).
+"""
+
+import json
+import os
+
+import pytest
+
+from psynth_jax import assets, demo
+from psynth_jax.eval import compare, workflow
+from psynth_jax.pretrain import evaluate
+from psynth_jax.tasks import synthetic
+
+TOLERANCE = 0.05
+
+
+@pytest.fixture(scope="module")
+def lm():
+  return assets.load_synthetic_base()
+
+
+@pytest.fixture(scope="module")
+def recorded():
+  return assets.recorded_results()
+
+
+def test_assets_are_small_and_complete():
+  total = 0
+  for root, _, files in os.walk(assets.ASSETS):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  assert total < 20e6, f"shipped assets are {total / 1e6:.1f} MB"
+  for name in assets.ADAPTER_MODES:
+    folder = os.path.join(assets.SYNTHETIC_ADAPTERS, name)
+    assert os.path.exists(os.path.join(folder, "mapper", "mapper_config.json")), name
+    with open(os.path.join(folder, "train_info.json")) as f:
+      assert json.load(f)["steps"] > 0
+
+
+def test_base_model_reproduces_recorded_text_synthesis(lm, recorded):
+  examples = synthetic.generate("test", recorded["check_examples"], recorded["seed"])
+  got = evaluate(lm, examples)["text"]
+  want = recorded["gold_text_synthesis"]
+  assert want["overall"] >= 0.9, "the shipped base model misses the 90% target"
+  for family in (*synthetic.FAMILIES, "overall"):
+    assert got[family] == pytest.approx(want[family], abs=2 * TOLERANCE), family
+  assert got["overall"] == pytest.approx(want["overall"], abs=TOLERANCE)
+
+
+def test_every_mode_reproduces_its_recorded_accuracy(lm, recorded):
+  modes = assets.load_synthetic_modes(lm.config)
+  assert [m.name for m in modes] == [workflow.NAIVE_MERGE, *assets.ADAPTER_MODES.values()]
+  examples = synthetic.generate("test", recorded["check_examples"], recorded["seed"])
+  report = compare.compare_modes(lm, examples, modes, ttft_examples=0, lengths=(), progress=False)
+  got = {mode: acc["overall"] for mode, acc in report.accuracy.items()}
+  assert got == pytest.approx(recorded["check_accuracy"], abs=TOLERANCE)
+
+
+def test_missing_assets_name_the_rebuild_command(tmp_path):
+  with pytest.raises(FileNotFoundError, match="reproduce_synthetic"):
+    assets.load_synthetic_base(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="reproduce_synthetic"):
+    assets.load_synthetic_modes(None, str(tmp_path))
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+  report = demo.run(num_examples=3, lengths=(16,), ttft_examples=1, out=str(tmp_path))
+  assert set(report.modes) >= {workflow.TEXT_SYNTHESIS, workflow.NAIVE_MERGE}
+  assert all(t > 0 for t in report.ttft_s.values())
+  assert report.ttft_by_length[0]["ratio"] > 0
+  assert (tmp_path / "demo.png").stat().st_size > 0
+  assert compare.read_json(tmp_path / "demo.json").accuracy == report.accuracy
+  assert "text_synthesis" in capsys.readouterr().out
