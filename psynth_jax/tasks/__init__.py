@@ -1,14 +1,14 @@
 """Task suites: the built-in synthetic agent-workflow suite and the shared prompt formats."""
 
 from psynth_jax.tasks.synthetic import (
-  PUNCTUATION,
   END_MARKER,
   FAMILIES,
   MAX_WORKERS,
+  PUNCTUATION,
   SPECIAL_TOKENS,
   SPLITS,
-  SuiteTokenizer,
   Example,
+  SuiteTokenizer,
   answer_matches,
   generate,
   read_jsonl,
@@ -23,14 +23,14 @@ from psynth_jax.tasks.synthetic import (
 )
 
 __all__ = [
-  "PUNCTUATION",
   "END_MARKER",
   "FAMILIES",
   "MAX_WORKERS",
+  "PUNCTUATION",
   "SPECIAL_TOKENS",
   "SPLITS",
-  "SuiteTokenizer",
   "Example",
+  "SuiteTokenizer",
   "answer_matches",
   "generate",
   "read_jsonl",
