@@ -6,7 +6,8 @@ outputs (text-synthesis prompt -> answer). It is trained from scratch, with
 next-token cross-entropy on completion tokens only, on a mix of three formats
 from `psynth_jax.tasks.synthetic`:
 
-* text synthesis: `text_synthesis_prompt_text` -> `target_text`;
+* text synthesis: `text_synthesis_prompt_text` -> `target_text`, then up to
+  `follow_ups` more questions on the same branches ("\nq: ...\na: " -> target);
 * worker: `worker_prompt_text(i)` -> `worker_target_text(i)` (one branch per example);
 * single agent: `single_agent_prompt_text` -> `target_text`.
 
@@ -49,7 +50,7 @@ class PretrainConfig:
   max_positions: int = 1024
   steps: int = 3000
   batch_tokens: int = 2048  # tokens per batch, padding included
-  buckets: tuple[int, ...] = (64, 96, 128, 160, 224, 320)  # padded sequence lengths
+  buckets: tuple[int, ...] = (64, 96, 128, 160, 224, 320, 416)  # padded sequence lengths
   learning_rate: float = 3e-3
   warmup_steps: int = 100
   final_lr_fraction: float = 0.05
@@ -57,12 +58,15 @@ class PretrainConfig:
   grad_clip: float = 1.0
   # Weight of prompt tokens in the loss (completion tokens weigh 1). 0 trains on
   # completions only; a small weight teaches the model the formats' text too.
-  prompt_weight: float = 0.1
+  prompt_weight: float = 0.0
   # Sequences drawn per training example, on average: `text_rate` text-synthesis,
   # `worker_rate` worker (each a random branch) and `single_rate` single-agent ones.
   worker_rate: float = 0.5
   text_rate: float = 1.0
   single_rate: float = 0.1
+  # More questions on the same branches after a text-synthesis answer (dense
+  # supervision: the branches cost most of a sequence, each answer adds a few tokens).
+  follow_ups: int = 3
   # Curriculum: the first `copy_steps` steps see worker sequences only. They are
   # short and mostly completion, so the copy (induction) circuits that every
   # format needs form several times faster than on the full mix.
@@ -106,28 +110,53 @@ def format_pair(example: synthetic.Example, fmt: str, branch: int = 0) -> tuple[
   raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
+def follow_ups(
+  example: synthetic.Example, n: int, rng: np.random.Generator
+) -> list[tuple[str, str]]:
+  """Up to n more (prompt, completion) turns on the same branches, asked after the answer."""
+  questions = synthetic.follow_up_questions(example)
+  pick = rng.permutation(len(questions))[:n]
+  turns = []
+  for i in pick:
+    question, working, answer = questions[i]
+    follow = dataclasses.replace(example, question=question, working=working, answer=answer)
+    turns.append((f"\nq: {question}\na: ", synthetic.target_text(follow)))
+  return turns
+
+
 def training_sequences(
   examples: Sequence[synthetic.Example],
   tokenizer: synthetic.SuiteTokenizer,
   config: PretrainConfig,
   rng: np.random.Generator,
-) -> list[tuple[np.ndarray, int]]:
-  """Token sequences with their prompt lengths, following the format mix of `config`."""
+) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(tokens, completion mask) sequences following the format mix of `config`.
+
+  A sequence is one or more (prompt, completion) turns: text-synthesis
+  sequences continue with up to `config.follow_ups` other questions on the same
+  branches, every other format has one turn.
+  """
   seqs = []
   for ex in examples:
-    pairs = [format_pair(ex, "text")] if rng.random() < config.text_rate else []
+    turns = []
+    if rng.random() < config.text_rate:
+      turns.append([format_pair(ex, "text"), *follow_ups(ex, config.follow_ups, rng)])
     for _ in range(rng.poisson(config.worker_rate)):
-      pairs.append(format_pair(ex, "worker", int(rng.integers(len(ex.branches)))))
+      turns.append([format_pair(ex, "worker", int(rng.integers(len(ex.branches))))])
     if rng.random() < config.single_rate:
-      pairs.append(format_pair(ex, "single"))
-    for prompt, completion in pairs:
-      p, c = tokenizer.encode(prompt), tokenizer.encode(completion)
-      seqs.append((np.asarray(p + c, np.int32), len(p)))
+      turns.append([format_pair(ex, "single")])
+    for seq in turns:
+      ids, mask = [], []
+      for prompt, completion in seq:
+        p, c = tokenizer.encode(prompt), tokenizer.encode(completion)
+        ids += p + c
+        mask += [False] * len(p) + [True] * len(c)
+      seqs.append((np.asarray(ids, np.int32), np.asarray(mask, bool)))
   return seqs
 
 
 def batches(
-  seqs: Sequence[tuple[np.ndarray, int]],
+  seqs: Sequence[tuple[np.ndarray, np.ndarray]],
   buckets: Sequence[int],
   batch_tokens: int,
   rng: np.random.Generator,
@@ -156,9 +185,9 @@ def batches(
       tokens = np.zeros((rows, length), np.int32)
       loss_mask = np.zeros((rows, length), bool)
       for r, i in enumerate(idx):
-        s, n_prompt = seqs[i]
+        s, mask = seqs[i]
         tokens[r, : len(s)] = s
-        loss_mask[r, n_prompt : len(s)] = True
+        loss_mask[r, : len(s)] = mask
       yield tokens, loss_mask
 
 

@@ -38,6 +38,7 @@ KERNEL_DEVICES = 2
 
 # CI sizes, per notebook (file stem). Every name must be set in the notebook's parameters cell.
 CI_PARAMETERS: dict[str, dict[str, object]] = {
+  "00_quickstart": dict(NUM_EXAMPLES=3, TTFT_EXAMPLES=1, LENGTHS=(16,)),
   "01_convert_hf_weights": dict(MAX_NEW_TOKENS=4, TINY_LAYERS=2, TINY_HIDDEN=64, TINY_VOCAB=128),
   "02_workers_and_mapper": dict(
     NUM_WORKERS=3, WORKER_TOKENS=8, TINY_LAYERS=2, TINY_HIDDEN=64, TINY_VOCAB=128

@@ -40,12 +40,14 @@ def test_batches_mark_completion_tokens_only():
       if n == 0:
         assert not mask.any()  # filler rows carry no loss
         continue
-      match = [p for s, p in seqs if len(s) == n and (s == row[:n]).all()]
+      match = [m for s, m in seqs if len(s) == n and (s == row[:n]).all()]
       assert match, "every row is one whole training sequence"
       want = np.zeros_like(mask)
-      want[match[0] : n] = True
+      want[:n] = match[0]
       np.testing.assert_array_equal(mask, want)
-      assert row[n - 1] == synthetic.SuiteTokenizer.eos_token_id
+      # Every completion (a run of masked tokens) ends with <eos>.
+      ends = np.flatnonzero(mask[:n] & ~np.append(mask[1:n], False))
+      assert (row[ends] == synthetic.SuiteTokenizer.eos_token_id).all() and ends[-1] == n - 1
       seen += 1
   assert seen >= len(seqs)
 
@@ -56,12 +58,22 @@ def test_formats_in_the_mix():
   config = TINY.__class__(worker_rate=3.0, single_rate=1.0)
   seqs = pretrain.training_sequences([ex], tok, config, np.random.default_rng(1))
   texts = [tok.decode(s, skip_special_tokens=False) for s, _ in seqs]
-  assert texts[0] == synthetic.text_synthesis_prompt_text(ex) + synthetic.target_text(ex)
+  first = synthetic.text_synthesis_prompt_text(ex) + synthetic.target_text(ex)
+  assert texts[0].startswith(first)
+  # Follow-up questions on the same branches, each answered as the suite answers it.
+  follow = texts[0][len(first) :]
+  want = synthetic.follow_up_questions(ex)
+  assert follow.count("\nq: ") == min(len(want), config.follow_ups) > 0
+  for turn in follow.split("\nq: ")[1:]:
+    question, answer = turn.split("\na: ")
+    match = [q for q in want if q[0] == question]
+    assert match and answer == (f"{match[0][1]} => " if match[0][1] else "") + match[0][2] + "<eos>"
   assert any(t.startswith(f"q: {ex.question}\n") and "out: " in t for t in texts)
   assert texts[-1] == synthetic.single_agent_prompt_text(ex) + synthetic.target_text(ex)
-  for s, n_prompt in seqs:
-    prompt = tok.decode(s[:n_prompt], skip_special_tokens=False)
-    assert prompt.endswith(("a: ", "out: "))
+  for s, mask in seqs:
+    starts = np.flatnonzero(mask & ~np.insert(mask[:-1], 0, False))
+    for start in starts:  # every completion follows a prompt that ends its turn
+      assert tok.decode(s[:start], skip_special_tokens=False).endswith(("a: ", "out: "))
 
 
 def test_loss_counts_completion_targets_only():

@@ -112,7 +112,9 @@ def _solve_working(ex):
     if m := re.fullmatch(r"which country does (\w+) live in\?", q):
       return re.search(rf"{m[1]} lives in (\w+)", text)[1]
     country = re.fullmatch(r"who lives in (\w+)\?", q)[1]
-    return re.search(rf"(\w+) is in {country}", text)[1]
+    cities = set(re.findall(rf"(\w+) is in {country}", text))
+    (city,) = cities & set(re.findall(r"\w+ lives in (\w+)", text))  # the one with a resident
+    return city
   values = re.findall(r"(\w+)\((\w+)\)=(\d+)", text)
   if m := re.fullmatch(r"what is the (\w+) of (\w+) plus (\w+)\?", q):
     table = {x: v for a, x, v in values if a == m[1]}
@@ -126,6 +128,18 @@ def test_answers_match_independent_solver(train):
   for ex in train:
     assert solve(ex.family, ex.question, ex.branches) == ex.answer, ex
     assert _solve_working(ex) == ex.working, ex
+
+
+def test_follow_up_questions_match_independent_solver(train):
+  asked = collections.Counter()
+  for ex in train:
+    for question, working, answer in tasks.follow_up_questions(ex):
+      assert question != ex.question
+      follow = tasks.Example(ex.id, ex.family, question, ex.branches, (), answer, working)
+      assert solve(ex.family, question, ex.branches) == answer, follow
+      assert _solve_working(follow) == working, follow
+      asked[ex.family] += 1
+  assert asked["evidence"] > 0 and asked["tools"] > 0 and not asked["candidates"]
 
 
 def test_candidates_mix_right_and_wrong_workings(train):

@@ -297,6 +297,54 @@ def _tools(rng: random.Random, k: int):
   return question, branches, prompts, answer, working
 
 
+def follow_up_questions(example: Example) -> list[tuple[str, str, str]]:
+  """Every other question the example's branches answer: (question, working, answer).
+
+  Read from the branch texts alone, in the families' own templates; a question is
+  kept only if its answer is unique. Pretraining asks several of them after one
+  set of branches, so each long text-synthesis sequence carries several answers
+  to learn from instead of one (`candidates` examples have none).
+  """
+  text = " ".join(example.branches)
+  out = []
+  if example.family == "evidence":
+    lives = dict(re.findall(r"(\w+) lives in (\w+)", text))
+    country_of = dict(re.findall(r"(\w+) is in (\w+)", text))
+    friend = dict(re.findall(r"(\w+)'s friend is (\w+)", text))
+    residents = {}
+    for person, city in lives.items():
+      if city in country_of:
+        out.append((f"which country does {person} live in?", city, country_of[city]))
+        residents.setdefault(country_of[city], []).append((person, city))
+    for country, pairs in residents.items():
+      if len(pairs) == 1:
+        out.append((f"who lives in {country}?", pairs[0][1], pairs[0][0]))
+    for person, pal in friend.items():
+      if pal in lives:
+        out.append((f"which city does {person}'s friend live in?", pal, lives[pal]))
+  elif example.family == "tools":
+    for attr, (noun, plural, _) in _TOOLS.items():
+      values = {x: int(v) for x, v in re.findall(rf"{attr}\((\w+)\)=(\d+)", text)}
+      if len(values) < 2:
+        continue
+      ranked = sorted(values, key=values.get)
+      distinct = len(set(values.values())) == len(values)
+      if distinct:
+        out.append((f"which {noun} has the highest {attr}?", "", ranked[-1]))
+        out.append((f"which {noun} has the lowest {attr}?", "", ranked[0]))
+        if len(values) <= 6:
+          out.append((f"sort the {plural} by {attr}, lowest first.", "", ",".join(ranked)))
+      a, b = ranked[0], ranked[-1]
+      pair = f"{values[a]}+{values[b]}"
+      out.append((f"what is the {attr} of {a} plus {b}?", pair, str(values[a] + values[b])))
+      t = values[ranked[len(ranked) // 2]]
+      above = [x for x in values if values[x] > t]
+      out.append(
+        (f"how many {plural} have {attr} above {t}?", ",".join(above) or "none", str(len(above)))
+      )
+  return [q for q in out if q[0] != example.question]
+
+
 _GENERATORS = {"evidence": _evidence, "candidates": _candidates, "tools": _tools}
 
 
