@@ -59,8 +59,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
   c.model.tokenizer = "suite"
   c.model.init = random_model()
   # In 24k examples of all splits the longest has 8 branches, a 30-token branch,
-  # 224 branch tokens in all, 36 + 21 synthesizer prompt + target tokens and a
-  # 309-token text-synthesis prompt + target: nothing is skipped.
+  # 224 branch tokens in all, a 63-token worker prompt, 36 + 21 synthesizer prompt
+  # + target tokens and a 309-token text-synthesis prompt + target: nothing is skipped.
+  # Branches are encoded after their worker prompts, as the workers wrote them.
   c.batch.update(
     batch_size=8,
     max_branches=8,
@@ -69,6 +70,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     synth_tokens=64,
     target_tokens=24,
     teacher_tokens=320,
+    worker_prompt_tokens=64,
   )
   c.data.synthetic_examples = 2000  # one epoch = 250 steps of 8
   # A tiny model needs a larger step than the paper's 1e-4 to learn in one epoch.

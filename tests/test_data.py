@@ -21,8 +21,11 @@ def _rows(n, prefix):
     }
     if i % 2:
       row["synth_prompt"] = f"Synthesize the {i % 9} workers. 你好"
+    if i % 3 == 1:
+      row["worker_prompts"] = [f"worker {k}, do part {k} ✓\n" for k in range(i % 9)]
     rows.append(row)
   rows[1]["branches"] = ["", ""]  # Empty branch texts survive too.
+  rows[1]["worker_prompts"] = ["", "p"]
   return rows
 
 
@@ -44,7 +47,7 @@ def built(tmp_path_factory):
 
 
 def _expected(row):
-  return {"synth_prompt": "", **row}
+  return {"synth_prompt": "", "worker_prompts": [], **row}
 
 
 def test_round_trip_every_field(built):
@@ -107,6 +110,8 @@ _GOOD = {"id": "a", "task": "t", "question": "q", "branches": ["b"], "target": "
     (json.dumps({**_GOOD, "branches": "b"}), "key 'branches' must be a list of strings, got str"),
     (json.dumps({**_GOOD, "branches": ["b", 7]}), r"branches\[1\] must be a string, got int"),
     (json.dumps({**_GOOD, "synth_promt": "s"}), r"unknown key\(s\) \['synth_promt'\]"),
+    (json.dumps({**_GOOD, "worker_prompts": [1]}), r"worker_prompts\[0\] must be a string"),
+    (json.dumps({**_GOOD, "worker_prompts": ["p"] * 9}), "9 worker_prompts for"),
     (json.dumps(["not", "an", "object"]), "expected a JSON object, got list"),
     ('{"id": "a", ', "invalid JSON"),
     (json.dumps({**_GOOD, "id": "ok-0"}), "duplicate id 'ok-0' \\(first seen on line 1\\)"),

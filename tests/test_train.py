@@ -1,5 +1,6 @@
 """Tests for the train step: batching guards, losses, what trains, parity with inference."""
 
+import dataclasses
 import functools
 
 import jax
@@ -240,3 +241,61 @@ def test_optimizer_options():
   assert not np.any(first["mapper"]["w"]) and not np.any(second["mapper"]["w"])  # frozen
   with pytest.raises(ValueError, match="trainable"):
     step_lib.StepConfig(branch_rows=8, trainable="base")
+
+
+def test_branches_after_worker_prompts_are_the_caches_the_workers_wrote(base):
+  """encode_branch_batch with worker prompts == run_workers' own branch caches."""
+  from psynth_jax.merge import reencode
+  from psynth_jax.workers import run_workers
+
+  lm = LanguageModel(base, TOK, TOK.eos_token_ids, TOK.pad_token_id)
+  rng = np.random.default_rng(1)
+  prompts = [list(rng.integers(5, 60, size=n)) for n in (7, 12, 3)]
+  workers = run_workers(lm, prompts, max_new_tokens=9)
+  w, s = 16, workers.branches.capacity
+  rows = np.full((1, 3, w + s), TOK.pad_token_id, np.int32)
+  mask = np.zeros(rows.shape, bool)
+  for i, (prompt, out) in enumerate(zip(prompts, workers.tokens, strict=True)):
+    rows[0, i, : len(prompt) + len(out)] = prompt + out
+    mask[0, i, : len(prompt) + len(out)] = True
+  start = np.asarray([[len(p) for p in prompts]], np.int32)
+  got = step_lib.encode_branch_batch(base, jnp.asarray(rows), jnp.asarray(mask), start, w)
+  want = workers.branches
+  np.testing.assert_array_equal(got.lengths[0], want.lengths)
+  for i, out in enumerate(workers.tokens):
+    np.testing.assert_array_equal(got.tokens[0, i, : len(out)], out)
+  for layer in range(CONFIG.num_layers):
+    for name in ("k", "v"):
+      a, b = getattr(got.cache, name)[layer][0], getattr(want.cache, name)[layer]
+      if name == "k":  # both at position 0 after re-encoding (the offsets differ)
+        a, b = reencode(a, got.offsets[0], CONFIG), reencode(b, want.offsets, CONFIG)
+      for i, n in enumerate(np.asarray(want.lengths)):
+        np.testing.assert_allclose(a[i, :n], b[i, :n], atol=2e-5)
+  # Without prompts (start 0, W = 0) it is encode_branches, as before.
+  plain = step_lib.encode_branch_batch(
+    base, jnp.asarray(rows[..., :s]), jnp.asarray(mask[..., :s]), np.zeros((1, 3), np.int32)
+  )
+  ref = encode_branches(
+    lm, [list(r[m]) for r, m in zip(rows[0, :, :s], mask[0, :, :s], strict=True)], s
+  )
+  np.testing.assert_allclose(plain.cache.k[1][0], ref.cache.k[1], atol=1e-6)
+
+
+def test_batcher_puts_worker_prompts_before_branches():
+  spec = dataclasses.replace(SPEC, worker_prompt_tokens=80)
+  examples = synthetic.generate("train", 4, 0, max_workers=SPEC.max_branches)
+  records = [{k: e.to_json()[k] for k in (*_records(1)[0], "worker_prompts")} for e in examples]
+  host, reasons = _batcher(spec)(records)
+  assert not reasons and host.branch_tokens.shape[-1] == 80 + SPEC.branch_tokens
+  for row, ex in enumerate(examples):
+    for i, branch in enumerate(ex.branches):
+      start = host.branch_start[row, i]
+      seq = host.branch_tokens[row, i][host.branch_mask[row, i]]
+      assert TOK.decode(seq[:start]) == synthetic.worker_prompt_text(ex, i)
+      assert TOK.decode(seq[start:]) == branch
+  # Records without worker prompts keep branches alone; too long a prompt is skipped.
+  host, _ = _batcher(spec)(_records(2))
+  assert not host.branch_start.any()
+  short = dataclasses.replace(SPEC, worker_prompt_tokens=4)
+  _, reasons = _batcher(short)(records[:1])
+  assert reasons == {"worker_prompt_too_long": 1}

@@ -2,7 +2,11 @@
 
 One example (a `psynth_jax.train.data` record) becomes:
 
-* K branch token rows, each prefilled by the frozen base from position 0;
+* K branch token rows, each prefilled by the frozen base from position 0: the
+  branch alone, or (`BatchSpec.worker_prompt_tokens` > 0 and the record has
+  `worker_prompts`) the worker's prompt then the branch, so that the branch's
+  cache rows are the ones the worker itself produced while writing it; the step
+  keeps only the branch rows, at offset `branch_start` (re-encoded in the merge);
 * the synthesizer sequence S + Y (its prompt S, then the target Y), which reads
   the merged branch caches;
 * optionally the text-concatenation teacher's sequence P + Y (its prompt P
@@ -37,6 +41,7 @@ from psynth_jax.tasks import synthetic
 SKIP_REASONS = (
   "too_many_branches",
   "branch_too_long",
+  "worker_prompt_too_long",
   "branches_over_budget",
   "synth_too_long",
   "target_too_long",
@@ -57,6 +62,8 @@ class BatchSpec:
     synth_tokens: T, synthesizer prompt + target.
     target_tokens: N, scored target tokens per example.
     teacher_tokens: teacher prompt + target; 0 disables the teacher.
+    worker_prompt_tokens: W, tokens of a worker prompt before its branch; 0
+      encodes every branch alone (from position 0).
   """
 
   max_branches: int
@@ -65,6 +72,7 @@ class BatchSpec:
   synth_tokens: int
   target_tokens: int
   teacher_tokens: int = 0
+  worker_prompt_tokens: int = 0
 
   def __post_init__(self):
     for name in ("max_branches", "branch_tokens", "branch_rows", "synth_tokens", "target_tokens"):
@@ -78,8 +86,9 @@ class BatchSpec:
 class Batch:
   """Token arrays of B examples (numpy on the host, jax arrays inside the step)."""
 
-  branch_tokens: Any  # [B, K, S] int32, right-padded
-  branch_mask: Any  # [B, K, S] bool
+  branch_tokens: Any  # [B, K, W + S] int32: worker prompt (if any), branch, padding
+  branch_mask: Any  # [B, K, W + S] bool, True on prompt and branch tokens
+  branch_start: Any  # [B, K] int32, where the branch starts in its row (prompt length)
   num_workers: Any  # [B] int32, real branches per example
   tokens: Any  # [B, T] int32, synthesizer prompt + target, right-padded
   mask: Any  # [B, T] bool
@@ -102,16 +111,26 @@ def _chat(tokenizer, user: str) -> str:
   return tokenizer.apply_chat_template([{"role": "user", "content": user}])
 
 
-# name -> (synthesizer prompt, text-concatenation teacher prompt), both from an example dict.
-# "chat" uses the messages of `psynth_jax.prompts`, which inference uses too.
-PROMPT_FORMATS: dict[str, tuple[Callable, Callable]] = {
+def _synthetic_worker(example: Mapping[str, Any], i: int) -> str:
+  ex = synthetic.Example("", "", example["question"], (), tuple(example["worker_prompts"]), "")
+  return synthetic.worker_prompt_text(ex, i)
+
+
+# name -> (synthesizer prompt, text-concatenation teacher prompt, worker i's prompt), from an
+# example dict. "chat" uses the messages of `psynth_jax.prompts`, which inference uses too;
+# its worker prompt is the record's `worker_prompts[i]` as the user turn.
+PROMPT_FORMATS: dict[str, tuple[Callable, Callable, Callable]] = {
   "synthetic": (
     lambda ex, tok: synthetic.synth_prompt_text(_synthetic_example(ex)),
     lambda ex, tok: synthetic.text_synthesis_prompt_text(_synthetic_example(ex)),
+    lambda ex, i, tok: _synthetic_worker(ex, i),
   ),
   "chat": (
     lambda ex, tok: _chat(tok, prompts.latent_synth_message(ex["question"])),
     lambda ex, tok: _chat(tok, prompts.text_synth_message(ex["question"], ex["branches"])),
+    lambda ex, i, tok: tok.apply_chat_template(
+      [{"role": "user", "content": ex["worker_prompts"][i]}], add_generation_prompt=True
+    ),
   ),
 }
 
@@ -124,6 +143,11 @@ def synth_prompt(example: Mapping[str, Any], fmt: str, tokenizer) -> str:
 def teacher_prompt(example: Mapping[str, Any], fmt: str, tokenizer) -> str:
   """The text-concatenation prompt P (every branch as text, then the question)."""
   return PROMPT_FORMATS[fmt][1](example, tokenizer)
+
+
+def worker_prompt(example: Mapping[str, Any], i: int, fmt: str, tokenizer) -> str:
+  """The prompt worker i wrote branch i after (needs the record's `worker_prompts`)."""
+  return PROMPT_FORMATS[fmt][2](example, i, tokenizer)
 
 
 # ---------------------------------------------------------------- batcher
@@ -152,6 +176,10 @@ class Batcher:
     """(token lists, None) for an example that fits, else (None, skip reason)."""
     spec, enc = self.spec, self.tokenizer.encode
     branches = [enc(b) for b in example["branches"]]
+    workers = [[] for _ in branches]
+    if spec.worker_prompt_tokens and example.get("worker_prompts"):
+      fmt = self.prompt_format
+      workers = [enc(worker_prompt(example, i, fmt, self.tokenizer)) for i in range(len(branches))]
     target = enc(example["target"])
     if target and self.eos_id is not None and target[-1] != self.eos_id:
       target.append(self.eos_id)
@@ -162,6 +190,7 @@ class Batcher:
     checks = (
       ("too_many_branches", len(branches) > spec.max_branches),
       ("branch_too_long", any(len(b) > spec.branch_tokens for b in branches)),
+      ("worker_prompt_too_long", any(len(w) > spec.worker_prompt_tokens for w in workers)),
       ("branches_over_budget", sum(len(b) for b in branches) > spec.branch_rows),
       ("empty_target", not target),
       ("empty_prompt", not prompt or (teacher is not None and not teacher)),
@@ -175,7 +204,8 @@ class Batcher:
     for reason, failed in checks:
       if failed:
         return None, reason
-    return {"branches": branches, "prompt": prompt, "target": target, "teacher": teacher}, None
+    encoded = {"branches": branches, "workers": workers, "prompt": prompt, "target": target}
+    return {**encoded, "teacher": teacher}, None
 
   def __call__(
     self, examples: Sequence[Mapping[str, Any]], batch_size: int | None = None
@@ -196,9 +226,11 @@ class Batcher:
       spec.target_tokens,
       spec.teacher_tokens,
     )
+    w = spec.worker_prompt_tokens
     out = {
-      "branch_tokens": np.full((b, k, s), self.pad_id, np.int32),
-      "branch_mask": np.zeros((b, k, s), bool),
+      "branch_tokens": np.full((b, k, w + s), self.pad_id, np.int32),
+      "branch_mask": np.zeros((b, k, w + s), bool),
+      "branch_start": np.zeros((b, k), np.int32),
       "num_workers": np.zeros((b,), np.int32),
       "tokens": np.full((b, t), self.pad_id, np.int32),
       "mask": np.zeros((b, t), bool),
@@ -218,9 +250,13 @@ class Batcher:
         reasons[reason] += 1
         out["skipped"][row] = 1
         continue
-      for i, branch in enumerate(encoded["branches"]):
-        out["branch_tokens"][row, i, : len(branch)] = branch
-        out["branch_mask"][row, i, : len(branch)] = True
+      for i, (worker, branch) in enumerate(
+        zip(encoded["workers"], encoded["branches"], strict=True)
+      ):
+        seq = worker + branch
+        out["branch_tokens"][row, i, : len(seq)] = seq
+        out["branch_mask"][row, i, : len(seq)] = True
+        out["branch_start"][row, i] = len(worker)
       out["num_workers"][row] = len(encoded["branches"])
       target, prompt = encoded["target"], encoded["prompt"]
       seq = prompt + target

@@ -3,10 +3,14 @@
 One JSONL row is one synthesizer training example:
 
   {"id": str, "task": str, "question": str, "branches": [str, ...],
-   "synth_prompt": str (optional, default ""), "target": str}
+   "synth_prompt": str (optional, default ""), "target": str,
+   "worker_prompts": [str, ...] (optional, default [])}
 
 `branches` holds the K worker outputs, each of which becomes one branch cache;
-K varies per example (an empty list is stored as is). Other keys are rejected,
+K varies per example (an empty list is stored as is). `worker_prompts`, when
+given, holds the K prompts the workers wrote them after (one per branch): the
+trainer can then encode each branch after its prompt, as the worker did
+(`BatchSpec.worker_prompt_tokens`). Other keys are rejected,
 so that a misspelt optional key cannot silently turn into an empty prompt.
 
 The dataset is written as array_record rather than TFRecord: tfds then needs no
@@ -30,9 +34,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 SPLITS = ("train", "validation", "test")
-FIELDS = ("id", "task", "question", "branches", "synth_prompt", "target")
+FIELDS = ("id", "task", "question", "branches", "synth_prompt", "target", "worker_prompts")
 TEXT_FIELDS = ("id", "task", "question", "synth_prompt", "target")
-_DEFAULTS = {"synth_prompt": ""}
+LIST_FIELDS = ("branches", "worker_prompts")
+_DEFAULTS = {"synth_prompt": "", "worker_prompts": []}
 
 Example = dict[str, Any]
 
@@ -57,16 +62,20 @@ def _check_row(row: Any, where: str) -> Example:
       raise TraceFormatError(
         f"{where}: key {key!r} must be a string, got {type(example[key]).__name__}"
       )
-  branches = example["branches"]
-  if not isinstance(branches, list):
-    raise TraceFormatError(
-      f"{where}: key 'branches' must be a list of strings, got {type(branches).__name__}"
-    )
-  for i, branch in enumerate(branches):
-    if not isinstance(branch, str):
+  for key in LIST_FIELDS:
+    values = example[key]
+    if not isinstance(values, list):
       raise TraceFormatError(
-        f"{where}: branches[{i}] must be a string, got {type(branch).__name__}"
+        f"{where}: key {key!r} must be a list of strings, got {type(values).__name__}"
       )
+    for i, value in enumerate(values):
+      if not isinstance(value, str):
+        raise TraceFormatError(f"{where}: {key}[{i}] must be a string, got {type(value).__name__}")
+  if example["worker_prompts"] and len(example["worker_prompts"]) != len(example["branches"]):
+    raise TraceFormatError(
+      f"{where}: {len(example['worker_prompts'])} worker_prompts for"
+      f" {len(example['branches'])} branches (give one per branch, or none)"
+    )
   return example
 
 
@@ -124,8 +133,8 @@ def _sha256(path: str) -> str:
 class WorkflowTraces(tfds.core.GeneratorBasedBuilder):
   """Workflow traces from local JSONL files, one file per split, stored as array_record."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Optional worker_prompts.", "1.0.0": "Initial release."}
   # tfds 4.9.10 finds the code path of a builder that lives in a package via the
   # `importlib_resources` backport, which is not installed; give it the file
   # path it falls back to anyway (it only looks for a checksums file beside it).
@@ -168,6 +177,7 @@ class WorkflowTraces(tfds.core.GeneratorBasedBuilder):
           "branches": tfds.features.Sequence(tfds.features.Text()),
           "synth_prompt": tfds.features.Text(),
           "target": tfds.features.Text(),
+          "worker_prompts": tfds.features.Sequence(tfds.features.Text()),
         }
       ),
       disable_shuffling=True,
@@ -194,7 +204,7 @@ def build_dataset(
   Args:
     jsonl_paths: split name ("train", "validation", "test") -> JSONL path.
     data_dir: tfds data directory; the dataset lands in
-      `data_dir/workflow_traces/1.0.0/`.
+      `data_dir/workflow_traces/1.1.0/`.
     overwrite: replace a copy prepared from different file contents instead of
       raising.
 
@@ -233,8 +243,9 @@ def _to_str(value: bytes | str) -> str:
 
 
 def _decode(record: Mapping[str, Any]) -> Example:
-  example = {key: _to_str(record[key]) for key in FIELDS if key != "branches"}
-  example["branches"] = [_to_str(branch) for branch in record["branches"]]
+  example = {key: _to_str(record[key]) for key in TEXT_FIELDS}
+  for key in LIST_FIELDS:
+    example[key] = [_to_str(value) for value in record[key]]
   return {key: example[key] for key in FIELDS}
 
 

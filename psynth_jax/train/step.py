@@ -75,6 +75,7 @@ class StepConfig:
   kl_weight: float = 0.0
   kl_temperature: float = 1.0
   seed: int = 0  # LoRA dropout keys are fold_in(key(seed), step): resuming replays them
+  worker_prompt_tokens: int = 0  # BatchSpec.worker_prompt_tokens
 
   def __post_init__(self):
     if self.trainable not in TRAINABLE:
@@ -145,31 +146,49 @@ def init_state(mapper: Mapper, lora: LoRAWeights, optimizer: Optimizer) -> Train
   return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
 
-def encode_branch_batch(base: Params, tokens: jax.Array, mask: jax.Array) -> Branches:
-  """Prefills [B, K, S] right-padded branch tokens from position 0 -> Branches [B, K, ...].
+def encode_branch_batch(
+  base: Params,
+  tokens: jax.Array,
+  mask: jax.Array,
+  start: jax.Array | None = None,
+  prompt_tokens: int = 0,
+) -> Branches:
+  """Prefills [B, K, W + S] right-padded rows from position 0 -> Branches [B, K, S, ...].
 
-  The computation of `workers.encode_branches`, batched over examples (B * K
-  independent sequences), without gradient: the workers are the frozen base.
+  A row is worker i's prompt (`start` tokens, at most W = `prompt_tokens`), then
+  its branch (None: no prompts). Only the branch's cache rows are kept, at RoPE offset `start`: the
+  rows the worker produced while writing the branch, which the merge re-encodes
+  to position 0 exactly as for `run_workers` outputs. With W = 0 this is
+  `workers.encode_branches`, batched over examples (B * K independent sequences).
+  No gradient: the workers are the frozen base.
   """
-  b, k, s = tokens.shape
-  flat_tokens, flat_mask = tokens.reshape(b * k, s), mask.reshape(b * k, s)
-  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b * k, s))
-  cache = KVCache.empty(base.config, b * k, s)
+  b, k, r = tokens.shape
+  s = r - prompt_tokens
+  flat_tokens, flat_mask = tokens.reshape(b * k, r), mask.reshape(b * k, r)
+  positions = jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (b * k, r))
+  cache = KVCache.empty(base.config, b * k, r)
   _, cache = hidden_states(base, flat_tokens, positions, cache, flat_mask)
   cache = jax.lax.stop_gradient(cache)
+  start = (
+    jnp.zeros((b * k,), jnp.int32) if start is None else start.reshape(b * k).astype(jnp.int32)
+  )
+  lengths = flat_mask.sum(-1).astype(jnp.int32) - start
+  rows = jnp.minimum(start[:, None] + jnp.arange(s, dtype=jnp.int32), r - 1)  # [BK, S]
+  valid = jnp.arange(s)[None] < lengths[:, None]
 
-  def unflat(x):
-    return x.reshape((b, k) + x.shape[1:])
+  def branch_rows(x):  # [BK, R, ...] -> [B, K, S, ...]: the branch's rows only
+    idx = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1).reshape((b, k, s) + x.shape[2:])
 
   cache = KVCache(
-    k=tuple(unflat(x) for x in cache.k),
-    v=tuple(unflat(x) for x in cache.v),
-    positions=unflat(cache.positions),
-    valid=unflat(cache.valid),
+    k=tuple(branch_rows(x) for x in cache.k),
+    v=tuple(branch_rows(x) for x in cache.v),
+    positions=jnp.where(valid, rows, 0).reshape(b, k, s),
+    valid=valid.reshape(b, k, s),
     index=jnp.full((b,), s, jnp.int32),  # latent_hidden vmaps every leaf over B
   )
-  lengths = mask.sum(-1).astype(jnp.int32)
-  return Branches(cache, lengths, jnp.zeros((b, k), jnp.int32), tokens)
+  branch_tokens = jnp.where(valid, branch_rows(flat_tokens[..., None])[..., 0].reshape(b * k, s), 0)
+  return Branches(cache, lengths.reshape(b, k), start.reshape(b, k), branch_tokens.reshape(b, k, s))
 
 
 def teacher_logits(base: Params, batch: Batch) -> jax.Array:
@@ -188,7 +207,9 @@ def loss_fn(params, base: Params, batch: Batch, rng: jax.Array, config: StepConf
     for part, tree in params.items()
   }
   lora = params["lora"]
-  branches = encode_branch_batch(base, batch.branch_tokens, batch.branch_mask)
+  branches = encode_branch_batch(
+    base, batch.branch_tokens, batch.branch_mask, batch.branch_start, config.worker_prompt_tokens
+  )
   lora_rng = rng if lora.config.dropout > 0 else None
   x = latent_hidden(
     base,

@@ -91,6 +91,9 @@ def default_config() -> ConfigDict:
         synth_tokens=160,
         target_tokens=48,
         teacher_tokens=512,  # used only when train.kl_weight > 0
+        # > 0: branches are encoded after their worker's prompt (records with
+        # worker_prompts), as the workers produced them; 0: each branch alone.
+        worker_prompt_tokens=0,
       ),
       mapper=dict(kind="affine", features="both"),
       lora=dict(rank=16, alpha=32.0, dropout=0.0, targets=("q", "k", "v", "o")),
@@ -117,14 +120,26 @@ def batch_spec(config: ConfigDict) -> batching.BatchSpec:
   b = config.batch
   teacher = b.teacher_tokens if config.train.kl_weight > 0 else 0
   return batching.BatchSpec(
-    b.max_branches, b.branch_tokens, b.branch_rows, b.synth_tokens, b.target_tokens, teacher
+    b.max_branches,
+    b.branch_tokens,
+    b.branch_rows,
+    b.synth_tokens,
+    b.target_tokens,
+    teacher,
+    b.worker_prompt_tokens,
   )
 
 
 def step_config(config: ConfigDict) -> step_lib.StepConfig:
   t = config.train
   return step_lib.StepConfig(
-    config.batch.branch_rows, t.trainable, t.ce_weight, t.kl_weight, t.kl_temperature, config.seed
+    config.batch.branch_rows,
+    t.trainable,
+    t.ce_weight,
+    t.kl_weight,
+    t.kl_temperature,
+    config.seed,
+    config.batch.worker_prompt_tokens,
   )
 
 
