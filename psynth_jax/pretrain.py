@@ -7,7 +7,7 @@ next-token cross-entropy on completion tokens only, on a mix of three formats
 from `psynth_jax.tasks.synthetic`:
 
 * text synthesis: `text_synthesis_prompt_text` -> `target_text`, then up to
-  `follow_ups` more questions on the same branches ("\nq: ...\na: " -> target);
+  `follow_ups` more questions on the same branches ("\nq: ...\na:" -> target);
 * worker: `worker_prompt_text(i)` -> `worker_target_text(i)` (one branch per example);
 * single agent: `single_agent_prompt_text` -> `target_text`.
 
@@ -50,7 +50,7 @@ class PretrainConfig:
   max_positions: int = 1024
   steps: int = 3000
   batch_tokens: int = 2048  # tokens per batch, padding included
-  buckets: tuple[int, ...] = (64, 96, 128, 160, 224, 320, 416)  # padded sequence lengths
+  buckets: tuple[int, ...] = (48, 64, 96, 128, 176, 272)  # padded sequence lengths
   learning_rate: float = 3e-3
   warmup_steps: int = 100
   final_lr_fraction: float = 0.05
@@ -61,7 +61,7 @@ class PretrainConfig:
   prompt_weight: float = 0.0
   # Sequences drawn per training example, on average: `text_rate` text-synthesis,
   # `worker_rate` worker (each a random branch) and `single_rate` single-agent ones.
-  worker_rate: float = 0.5
+  worker_rate: float = 1.0
   text_rate: float = 1.0
   single_rate: float = 0.1
   # More questions on the same branches after a text-synthesis answer (dense
@@ -69,8 +69,12 @@ class PretrainConfig:
   follow_ups: int = 3
   # Curriculum: the first `copy_steps` steps see worker sequences only. They are
   # short and mostly completion, so the copy (induction) circuits that every
-  # format needs form several times faster than on the full mix.
+  # format needs form several times faster than on the full mix. The next
+  # `short_steps` see the full mix with at most `short_max_workers` branches:
+  # short contexts, so many more answers per step while lookups are learnt.
   copy_steps: int = 300
+  short_steps: int = 1000
+  short_max_workers: int = 3
   train_examples: int = 30000
   min_workers: int = 2
   max_workers: int = synthetic.MAX_WORKERS
@@ -120,7 +124,7 @@ def follow_ups(
   for i in pick:
     question, working, answer = questions[i]
     follow = dataclasses.replace(example, question=question, working=working, answer=answer)
-    turns.append((f"\nq: {question}\na: ", synthetic.target_text(follow)))
+    turns.append((f"\nq: {question}\na:", synthetic.target_text(follow)))
   return turns
 
 
@@ -299,7 +303,8 @@ def evaluate(
   prompts = [tok.encode(synthetic.worker_prompt_text(ex, i)) for ex, i in worker_pairs]
   outs = generate_batched(lm, prompts, max_new_tokens, batch_size)
   worker_ok = [
-    tok.decode(o) == ex.branches[i] for (ex, i), o in zip(worker_pairs, outs, strict=True)
+    synthetic.branch_from_output(tok.decode(o)) == ex.branches[i]
+    for (ex, i), o in zip(worker_pairs, outs, strict=True)
   ]
   return {"text": accuracy_by_family(examples, preds), "worker": {"exact": np.mean(worker_ok)}}
 
@@ -336,12 +341,24 @@ def pretrain(
     "train", config.train_examples, config.seed, None, config.min_workers, config.max_workers
   )
   val = synthetic.generate("validation", config.eval_examples, config.seed)
-  seqs = training_sequences(train, tok, config, rng)
-  stream = batches(seqs, config.buckets, config.batch_tokens, rng)
-  if config.copy_steps:
-    copy_mix = dataclasses.replace(config, text_rate=0.0, worker_rate=2.0, single_rate=0.0)
-    copy_seqs = training_sequences(train, tok, copy_mix, rng)
-    copy_stream = batches(copy_seqs, config.buckets, config.batch_tokens, rng)
+
+  def stream(examples, mix):
+    return batches(
+      training_sequences(examples, tok, mix, rng), config.buckets, config.batch_tokens, rng
+    )
+
+  # (last step, batch stream) per curriculum stage.
+  copy_mix = dataclasses.replace(config, text_rate=0.0, worker_rate=2.0, single_rate=0.0)
+  stages = [(config.copy_steps, stream(train, copy_mix) if config.copy_steps else None)]
+  short = None
+  if config.short_steps:
+    n = max(1, config.train_examples // 3)
+    k = min(config.short_max_workers, config.max_workers)
+    short = stream(
+      synthetic.generate("train", n, config.seed + 1, None, config.min_workers, k), config
+    )
+  stages.append((config.copy_steps + config.short_steps, short))
+  stages.append((config.steps, stream(train, config)))
   params = init_params(config.model_config(), config.seed)
   optimizer = make_optimizer(config)
   opt_state = optimizer.init(params)
@@ -349,7 +366,7 @@ def pretrain(
   history, ema = [], None
   bar = tqdm(range(1, config.steps + 1), disable=not progress, desc="pretrain", mininterval=2)
   for step in bar:
-    tokens, loss_mask = next(copy_stream if step <= config.copy_steps else stream)
+    tokens, loss_mask = next(next(it for last, it in stages if step <= last))
     params, opt_state, loss = train_step(
       params, opt_state, tokens, loss_mask, optimizer, config.prompt_weight
     )

@@ -65,15 +65,16 @@ def test_formats_in_the_mix():
   want = synthetic.follow_up_questions(ex)
   assert follow.count("\nq: ") == min(len(want), config.follow_ups) > 0
   for turn in follow.split("\nq: ")[1:]:
-    question, answer = turn.split("\na: ")
+    question, answer = turn.split("\na:")
     match = [q for q in want if q[0] == question]
-    assert match and answer == (f"{match[0][1]} => " if match[0][1] else "") + match[0][2] + "<eos>"
-  assert any(t.startswith(f"q: {ex.question}\n") and "out: " in t for t in texts)
+    working = f"{match[0][1]} => " if match[0][1] else ""
+    assert match and answer == " " + working + match[0][2] + "<eos>"
+  assert any(t.startswith(f"q: {ex.question}\n") and "out:" in t for t in texts)
   assert texts[-1] == synthetic.single_agent_prompt_text(ex) + synthetic.target_text(ex)
   for s, mask in seqs:
     starts = np.flatnonzero(mask & ~np.insert(mask[:-1], 0, False))
     for start in starts:  # every completion follows a prompt that ends its turn
-      assert tok.decode(s[:start], skip_special_tokens=False).endswith(("a: ", "out: "))
+      assert tok.decode(s[:start], skip_special_tokens=False).endswith(("a:", "out:"))
 
 
 def test_loss_counts_completion_targets_only():

@@ -186,11 +186,12 @@ def test_prompt_formats(train):
   for i, branch in enumerate(ex.branches):
     assert f"[worker {i + 1}]: {branch}\n" in text
   for prompt in (text, tasks.synth_prompt_text(ex), tasks.single_agent_prompt_text(ex)):
-    assert prompt.endswith(f"q: {ex.question}\na: ")
+    assert prompt.endswith(f"q: {ex.question}\na:")
   assert "latent" in tasks.synth_prompt_text(ex)
   working = f"{ex.working} => " if ex.working else ""
-  assert tasks.target_text(ex) == working + ex.answer + tasks.END_MARKER
-  assert tasks.worker_target_text(ex, 0, end_marker="") == ex.branches[0]
+  assert tasks.target_text(ex) == " " + working + ex.answer + tasks.END_MARKER
+  assert tasks.worker_target_text(ex, 0, end_marker="") == " " + ex.branches[0]
+  assert tasks.branch_from_output(tasks.worker_target_text(ex, 0, "")) == ex.branches[0]
 
 
 def _all_texts(examples):
@@ -203,7 +204,7 @@ def _all_texts(examples):
 
 def test_tokenizer_round_trip_and_hf_parity(train, tmp_path):
   tok = tasks.SuiteTokenizer()
-  assert tok.vocab_size < 1300 and tok.pad_token_id == 0
+  assert tok.vocab_size < 2400 and tok.pad_token_id == 0
   assert tok.eos_token_id in tok.eos_token_ids
   for text in _all_texts(train):
     ids = tok.encode(text)

@@ -83,7 +83,7 @@ class ExampleRecord:
 def run_example_workers(
   lm, example: synthetic.Example, max_new_tokens: int, pad_to: int = synthetic.MAX_WORKERS
 ) -> tuple[list[str], Branches, float]:
-  """Runs one example's workers; returns their texts, `Branches` and wall seconds.
+  """Runs one example's workers; returns their branch texts, `Branches` and wall seconds.
 
   Prompts are padded with copies of the first one up to `pad_to` rows (then cut
   off again), so that every K reuses the same compiled program.
@@ -92,7 +92,8 @@ def run_example_workers(
   prompts = [lm.tokenizer.encode(synthetic.worker_prompt_text(example, i)) for i in range(k)]
   out = run_workers(lm, prompts + [prompts[0]] * max(0, pad_to - k), max_new_tokens)
   branches = out.branches.take(list(range(k))) if pad_to > k else out.branches
-  return out.texts[:k], branches, out.seconds
+  texts = [synthetic.branch_from_output(t) for t in out.texts[:k]]
+  return texts, branches, out.seconds
 
 
 def _answer(lm, mode, example, worker_example, branches, max_new_tokens):

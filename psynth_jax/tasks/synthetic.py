@@ -104,7 +104,7 @@ class Example:
       answer = record["answer"]
     else:
       target = record["target"].split(END_MARKER)[0]
-      working, _, answer = target.rpartition(" => ")
+      working, _, answer = target.strip().rpartition(" => ")
     return cls(
       id=str(record["id"]),
       family=record.get("task", record.get("family", "")),
@@ -117,36 +117,43 @@ class Example:
 
 
 # ---------------------------------------------------------------- prompt formats
+# Prompts end in ":" and completions start with " " (see SuiteTokenizer): the space
+# belongs to the first word, as in "[worker 1]: text" where branches are pasted.
 def worker_prompt_text(example: Example, i: int) -> str:
   """Worker i's prompt: restates the task, then its own instruction and data."""
-  return f"q: {example.question}\n{example.worker_prompts[i]}\nout: "
+  return f"q: {example.question}\n{example.worker_prompts[i]}\nout:"
 
 
 def worker_target_text(example: Example, i: int, end_marker: str = END_MARKER) -> str:
-  """What worker i should emit after `worker_prompt_text` (for pretraining workers)."""
-  return example.branches[i] + end_marker
+  """What worker i should emit after `worker_prompt_text`: " " + branch i, then the end marker."""
+  return " " + example.branches[i] + end_marker
+
+
+def branch_from_output(text: str) -> str:
+  """The branch text of a worker's decoded output (drops the leading space)."""
+  return text.removeprefix(" ")
 
 
 def synth_prompt_text(example: Example) -> str:
   """Synthesizer prompt S that follows the merged branch caches."""
-  return f"given latent info from previous agents.\nq: {example.question}\na: "
+  return f"given latent info from previous agents.\nq: {example.question}\na:"
 
 
 def text_synthesis_prompt_text(example: Example) -> str:
   """Text-concatenation baseline: every worker output as text, then the question."""
   blocks = "".join(f"[worker {i + 1}]: {b}\n" for i, b in enumerate(example.branches))
-  return f"{blocks}q: {example.question}\na: "
+  return f"{blocks}q: {example.question}\na:"
 
 
 def single_agent_prompt_text(example: Example) -> str:
   """Single-agent baseline: the question alone."""
-  return f"q: {example.question}\na: "
+  return f"q: {example.question}\na:"
 
 
 def target_text(example: Example, end_marker: str = END_MARKER) -> str:
-  """[working " => "] answer, then the end marker (pass the tokenizer's eos for other vocabularies)."""
+  """ " " [working " => "] answer, then the end marker (pass another tokenizer's eos string)."""
   prefix = f"{example.working} => " if example.working else ""
-  return prefix + example.answer + end_marker
+  return " " + prefix + example.answer + end_marker
 
 
 def _normalise(text: str) -> str:
@@ -431,23 +438,27 @@ def read_jsonl(path: str) -> list[Example]:
 # ---------------------------------------------------------------- tokenizer
 class SuiteTokenizer:
   """Closed word-level vocabulary of the suite: one id per special token, punctuation
-  character (space and newline included), word, and number 0..MAX_NUMBER.
+  character (space and newline included), "=>", and word or number 0..MAX_NUMBER,
+  each of the last three also with a leading space (as GPT-2's "Ġword").
 
-  Text is cut into special-token strings, words, digit runs and single other
-  characters; a piece outside the vocabulary maps to <unk>. Spaces are tokens of
-  their own, so a word has one id wherever it stands (copying it is the identity)
-  and `decode(encode(text)) == text` for every suite text. Whole words and numbers
-  are single tokens, which is what lets a tiny model learn lookups and copying in
-  minutes: a character-level model needs many more steps to bind multi-character
-  names. `save` writes the same tokenizer for Hugging Face `tokenizers`.
+  Text is cut into special-token strings, then words, digit runs and "=>" (each
+  taking the space before it, if any), then single characters; a piece outside
+  the vocabulary maps to <unk>. `decode(encode(text)) == text` for every suite
+  text. A word is one token that knows it starts a word, so the token before it
+  is the previous word, not a space: copying and lookups need half the
+  positions of a space-as-token vocabulary and a fifth of a character one,
+  which is what lets a tiny model learn the suite in minutes. The prompt formats
+  end in ":" and completions start with a space, so a word has the same id in a
+  prompt, in a branch and in an answer. `save` writes the same tokenizer for
+  Hugging Face `tokenizers`.
   """
 
   pad_token_id, bos_token_id, eos_token_id, sep_token_id, unk_token_id = range(5)
-  PATTERN = "|".join(re.escape(t) for t in SPECIAL_TOKENS) + r"|[a-z]+|[0-9]+|[\s\S]"
+  PATTERN = "|".join(re.escape(t) for t in SPECIAL_TOKENS) + r"| ?=>| ?[a-z]+| ?[0-9]+|[\s\S]"
 
   def __init__(self):
-    numbers = tuple(str(n) for n in range(MAX_NUMBER + 1))
-    pieces = SPECIAL_TOKENS + tuple(PUNCTUATION) + WORDS + numbers
+    words = ("=>", *WORDS, *(str(n) for n in range(MAX_NUMBER + 1)))
+    pieces = SPECIAL_TOKENS + tuple(PUNCTUATION) + words + tuple(" " + w for w in words)
     self.vocab = {piece: i for i, piece in enumerate(pieces)}
     self._pieces = list(self.vocab)
     self._split = re.compile(self.PATTERN)

@@ -175,7 +175,9 @@ class Batcher:
   def encode(self, example: Mapping[str, Any]) -> tuple[dict[str, list] | None, str | None]:
     """(token lists, None) for an example that fits, else (None, skip reason)."""
     spec, enc = self.spec, self.tokenizer.encode
-    branches = [enc(b) for b in example["branches"]]
+    # A synthetic worker wrote " " + branch after its prompt's ":" (see SuiteTokenizer).
+    lead = " " if self.prompt_format == "synthetic" else ""
+    branches = [enc(lead + b) for b in example["branches"]]
     workers = [[] for _ in branches]
     if spec.worker_prompt_tokens and example.get("worker_prompts"):
       fmt = self.prompt_format
