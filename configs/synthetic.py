@@ -58,19 +58,19 @@ def get_config(arg: str = "tiny") -> ConfigDict:
   c.model.path = "" if "random" in options else SYNTHETIC_BASE
   c.model.tokenizer = "suite"
   c.model.init = random_model()
-  # In 24k examples of all splits the longest has 8 branches, a 30-token branch,
-  # 224 branch tokens in all, a 63-token worker prompt, 36 + 21 synthesizer prompt
-  # + target tokens and a 309-token text-synthesis prompt + target: nothing is skipped.
+  # In 24k examples of all splits the longest has 8 branches, a 27-token branch,
+  # 200 branch tokens in all, a 47-token worker prompt, 23 + 18 synthesizer prompt
+  # + target tokens and a 265-token text-synthesis prompt + target: nothing is skipped.
   # Branches are encoded after their worker prompts, as the workers wrote them.
   c.batch.update(
     batch_size=8,
     max_branches=8,
     branch_tokens=32,
-    branch_rows=256,
-    synth_tokens=64,
+    branch_rows=224,
+    synth_tokens=48,
     target_tokens=24,
-    teacher_tokens=320,
-    worker_prompt_tokens=64,
+    teacher_tokens=272,
+    worker_prompt_tokens=48,
   )
   c.data.synthetic_examples = 2000  # one epoch = 250 steps of 8
   # A tiny model needs a larger step than the paper's 1e-4 to learn in one epoch.

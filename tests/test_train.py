@@ -101,8 +101,8 @@ def test_targets_align_with_student_and_teacher_positions(batch):
     assert prompt == record["synth_prompt"]
     k = len(record["branches"])
     assert batch.num_workers[row] == k
-    for i, text in enumerate(record["branches"]):
-      assert TOK.decode(batch.branch_tokens[row, i][batch.branch_mask[row, i]]) == text
+    for i, text in enumerate(record["branches"]):  # as the worker wrote it: after a space
+      assert TOK.decode(batch.branch_tokens[row, i][batch.branch_mask[row, i]]) == " " + text
     assert not batch.branch_mask[row, k:].any()  # padding branches are empty
 
 
@@ -115,7 +115,7 @@ def test_oversize_examples_are_skipped_and_counted():
     "branches_over_budget": {"branches": ["." * 60] * 3},
     "target_too_long": {"target": "." * SPEC.target_tokens},
     "empty_target": {"target": ""},
-    "synth_too_long": {"synth_prompt": "." * (SPEC.synth_tokens - 4)},
+    "synth_too_long": {"synth_prompt": "." * (SPEC.synth_tokens - 2)},
     "teacher_too_long": {"question": "." * SPEC.teacher_tokens, "synth_prompt": "s"},
   }
   examples = [good] + [{**good, **change} for change in cases.values()] + [good]
@@ -292,7 +292,7 @@ def test_batcher_puts_worker_prompts_before_branches():
       start = host.branch_start[row, i]
       seq = host.branch_tokens[row, i][host.branch_mask[row, i]]
       assert TOK.decode(seq[:start]) == synthetic.worker_prompt_text(ex, i)
-      assert TOK.decode(seq[start:]) == branch
+      assert TOK.decode(seq[start:]) == " " + branch
   # Records without worker prompts keep branches alone; too long a prompt is skipped.
   host, _ = _batcher(spec)(_records(2))
   assert not host.branch_start.any()
