@@ -81,6 +81,11 @@ def get_config(arg: str = "tiny") -> ConfigDict:
   c.fast_compile = "fast" in options
   # Read by experiments/reproduce_synthetic.py only (the trainer ignores them).
   c.pretrain = ConfigDict(dataclasses.asdict(PretrainConfig()))
+  # A second phase continuing from the first (fresh optimizer and schedule, full
+  # mix, no curriculum); {} = one phase only.
+  c.pretrain_more = ConfigDict(
+    dict(steps=4000, copy_steps=0, short_steps=0, learning_rate=2e-3, follow_ups=6)
+  )
   c.reproduce = ConfigDict(
     dict(
       # adapter name -> (trainable, mapper kind); names as in psynth_jax.assets.

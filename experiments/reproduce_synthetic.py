@@ -4,15 +4,17 @@ r"""Rebuilds the synthetic reproduction from scratch: base model, every adapter,
   python experiments/reproduce_synthetic.py --config configs/synthetic.py --workdir runs/synthetic \
     --install    # then copy the result into psynth_jax/assets (what `psynth demo` ships)
 
-On a 2-core CPU this takes about 40 minutes: ~25 to pretrain the base model
-(`config.pretrain`), ~2-3 per adapter (`config.reproduce.adapters`,
+On a 2-core CPU this takes about 75 minutes: ~60 to pretrain the base model
+(`config.pretrain`, then `config.pretrain_more` continuing from it), ~2-3 per
+adapter (`config.reproduce.adapters`,
 `adapter_steps` steps each) and ~5 to evaluate every mode on
 `reproduce.eval_examples` test examples. Each stage is skipped when its output
 already exists in the workdir, so an interrupted run continues where it
 stopped (the adapter trainer also resumes mid-run from its checkpoints).
 
 Stages and outputs (under --workdir):
-  synthetic_base/          pretrained base model (+ pretrain_info.json)
+  synthetic_base_phase1/   first pretraining phase (+ pretrain_info.json)
+  synthetic_base/          pretrained base model (+ pretrain_info.json of phase 2)
   adapters/<name>/         trainer workdir; adapters/<name>/export the mapper + LoRA
   report.json, report.png  accuracy per mode and family, TTFT per mode, TTFT by length
   synthetic_results.json   the figures the shipped-model tests re-check
@@ -41,13 +43,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/synthetic", "every stage's outpu
 _INSTALL = flags.DEFINE_bool("install", False, "copy the models and results into psynth_jax/assets")
 
 
-def pretrain_stage(config, out: str) -> None:
-  if os.path.exists(os.path.join(out, "model.safetensors")):
-    print(f"[1/3] base model: {out} exists, skipping pretraining")
-    return
-  values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.pretrain.items()}
-  pre = PretrainConfig(**values)
-  print(f"[1/3] pretraining the base model ({pre.steps} steps)")
+def _pretrain_phase(config, overrides: dict, out: str, label: str) -> None:
+  values = {**config.pretrain.to_dict(), **overrides}
+  pre = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+  print(f"[1/3] {label}: {pre.steps} steps" + (f" from {pre.init_from}" if pre.init_from else ""))
   t0 = time.perf_counter()
   lm, history = pretrain(pre)
   seconds = time.perf_counter() - t0
@@ -62,6 +61,25 @@ def pretrain_stage(config, out: str) -> None:
   }
   save_base(lm, out, info)
   print(f"  {num_params(lm.params):,} parameters, {seconds / 60:.1f} min; test {scores['text']}")
+
+
+def pretrain_stage(config, out: str) -> None:
+  """Pretrains the base model: `config.pretrain`, then (if set) `config.pretrain_more`
+  continuing from it with a fresh optimizer and schedule."""
+  if os.path.exists(os.path.join(out, "model.safetensors")):
+    print(f"[1/3] base model: {out} exists, skipping pretraining")
+    return
+  more = config.get("pretrain_more", {})
+  more = more.to_dict() if hasattr(more, "to_dict") else dict(more)
+  if not more:
+    _pretrain_phase(config, {}, out, "pretraining the base model")
+    return
+  first = out + "_phase1"
+  if os.path.exists(os.path.join(first, "model.safetensors")):
+    print(f"[1/3] phase 1: {first} exists, skipping it")
+  else:
+    _pretrain_phase(config, {}, first, "pretraining the base model, phase 1")
+  _pretrain_phase(config, {**more, "init_from": first}, out, "phase 2")
 
 
 def adapter_stage(config, base: str, workdir: str) -> dict[str, str]:

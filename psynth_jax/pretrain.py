@@ -48,9 +48,9 @@ class PretrainConfig:
   num_heads: int = 4  # N (= G: no grouping at this size)
   intermediate_size: int = 384  # F
   max_positions: int = 1024
-  steps: int = 3000
+  steps: int = 4000
   batch_tokens: int = 2048  # tokens per batch, padding included
-  buckets: tuple[int, ...] = (48, 64, 96, 128, 176, 272)  # padded sequence lengths
+  buckets: tuple[int, ...] = (48, 64, 96, 128, 176, 272, 368)  # padded sequence lengths
   learning_rate: float = 3e-3
   warmup_steps: int = 100
   final_lr_fraction: float = 0.05
@@ -79,6 +79,9 @@ class PretrainConfig:
   min_workers: int = 2
   max_workers: int = synthetic.MAX_WORKERS
   seed: int = 0
+  # A base-model folder to continue from (its sizes must match); "" = random init.
+  # The optimizer and schedule start afresh: a second phase of pretraining.
+  init_from: str = ""
   eval_every: int = 500  # 0: evaluate only at the end
   eval_examples: int = 60
   max_new_tokens: int = 64
@@ -360,6 +363,16 @@ def pretrain(
   stages.append((config.copy_steps + config.short_steps, short))
   stages.append((config.steps, stream(train, config)))
   params = init_params(config.model_config(), config.seed)
+  if config.init_from:
+    from psynth_jax.language_model import load_pretrained
+
+    loaded = load_pretrained(config.init_from).params
+    if loaded.config != params.config:
+      raise ValueError(
+        f"{config.init_from} is a different model ({loaded.config}) than this config's"
+        f" ({params.config})"
+      )
+    params = loaded
   optimizer = make_optimizer(config)
   opt_state = optimizer.init(params)
 

@@ -53,8 +53,9 @@ def _first_token(
   spec,
   rows,
   capacity,
+  num_workers=None,
 ):
-  cache = merge(branches, params.config, mapper, rows, capacity)
+  cache = merge(branches, params.config, mapper, rows, capacity, num_workers)
   positions = positions + synth_start_position(branches)
   logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
   return decode.start(logits, positions[:, -1] + 1, cache, rng, spec)
@@ -64,9 +65,11 @@ _jit_first_token = jax.jit(_first_token, static_argnames=("spec", "rows", "capac
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "rows", "capacity"))
-def _fused(params, branches, tokens, positions, mask, mapper, lora, rng, spec, rows, capacity):
+def _fused(
+  params, branches, tokens, positions, mask, mapper, lora, rng, spec, rows, capacity, num_workers
+):
   state = _first_token(
-    params, branches, tokens, positions, mask, mapper, lora, rng, spec, rows, capacity
+    params, branches, tokens, positions, mask, mapper, lora, rng, spec, rows, capacity, num_workers
   )
   return decode.decode_loop(params, state, spec, lora)
 
@@ -104,6 +107,8 @@ def synthesize(
   seed: int = 0,
   fused: bool = False,
   profile: bool = False,
+  num_workers: int | None = None,
+  rows: int | None = None,
 ) -> SynthesisResult:
   """Parallel-Synthesis: the synthesizer reads the merged branch caches.
 
@@ -115,10 +120,18 @@ def synthesize(
     lora: the synthesizer's `LoRAWeights` (None: base model).
     fused: one compiled program for the whole path (then `ttft_s` is None).
     profile: also time the merge and the prefill as separate programs.
+    num_workers: K as the mapper sees it (default: every branch, empty ones
+      included). Padding the branches to a fixed K with empty ones and passing
+      the real K here lets one compiled program serve every K.
+    rows: static rows for the merged branches (default: a bucket of sum L_i);
+      a fixed value serves many examples with one compiled program.
   """
   check_branches(lm, branches)
   spec, batch, _ = lm._prepare([synth_prompt], max_new_tokens, temperature, top_k, top_p, None)
-  rows = branch_rows(branches)
+  used = int(np.asarray(branches.lengths).sum())
+  rows = branch_rows(branches) if rows is None else rows
+  if rows < used:
+    raise ValueError(f"rows={rows} cannot hold the {used} branch tokens")
   start = int(np.asarray(branches.lengths).max())
   if start + batch.lengths[0] + max_new_tokens > lm.config.max_position_embeddings:
     raise ValueError(
@@ -137,6 +150,7 @@ def synthesize(
     spec,
     rows,
     capacity,
+    None if num_workers is None else jnp.asarray(num_workers, jnp.int32),
   )
   stages = _profile_cache_path(lm, branches, mapper, rows, capacity) if profile else {}
   return _run(lm, args, spec, fused, _jit_first_token, _fused, lora, len(synth_prompt), stages)

@@ -29,6 +29,7 @@ def run(tmp_path_factory):
     hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=4, copy_steps=2,
     batch_tokens=640, train_examples=40, eval_every=0, eval_examples=3, max_new_tokens=8,
   )  # fmt: skip
+  config.pretrain_more.update(steps=3)  # phase 2 continues from phase 1
   config.data.update(synthetic_examples=16, max_workers=4)
   config.batch.update(batch_size=8)  # one row per emulated device
   config.reproduce.update(
@@ -44,8 +45,11 @@ def run(tmp_path_factory):
 
 def test_every_stage_writes_its_outputs(run):
   _, config, workdir, base, exports, results = run
-  with open(os.path.join(base, "pretrain_info.json")) as f:
+  with open(os.path.join(base + "_phase1", "pretrain_info.json")) as f:
     assert json.load(f)["config"]["steps"] == 4
+  with open(os.path.join(base, "pretrain_info.json")) as f:
+    info = json.load(f)["config"]
+  assert info["steps"] == 3 and info["init_from"] == base + "_phase1"
   assert set(exports) == set(config.reproduce.adapters)
   for export in exports.values():
     with open(os.path.join(export, "train_info.json")) as f:

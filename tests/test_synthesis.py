@@ -198,6 +198,18 @@ def test_empty_branches_contribute_nothing(lm):
   )
 
 
+@pytest.mark.parametrize("kind", ["affine", "head_affine"])
+def test_padding_to_a_fixed_k_and_rows_changes_nothing(lm, branches, kind):
+  """Empty padding branches + the real K for the mapper + more rows == the exact shapes."""
+  mapper, lora = random_mapper(kind, 3), random_lora(3)
+  want = synthesize(lm, branches, PROMPT, mapper=mapper, lora=lora, max_new_tokens=NEW)
+  padded = encode_branches(lm, [*TEXTS, [], []])
+  got = synthesize(lm, padded, PROMPT, mapper, lora, NEW, num_workers=len(TEXTS), rows=64)
+  assert got.tokens == want.tokens
+  with pytest.raises(ValueError, match="cannot hold"):
+    synthesize(lm, padded, PROMPT, mapper, lora, NEW, rows=16)
+
+
 def test_synthesize_greedy_is_the_argmax_chain_of_synthesis_logits(lm, branches):
   mapper, lora = random_mapper("head_affine", 2), random_lora(2)
   two = synthesize(lm, branches, PROMPT, mapper=mapper, lora=lora, max_new_tokens=NEW)

@@ -13,8 +13,12 @@ answers from those very outputs:
 Accuracy is the normalised exact match of `answer_matches`. TTFT (DESIGN.md §2)
 is measured separately in `measure_ttft`: warm (one untimed call per shape
 first), the median of repeats per example, then the median over examples.
-Worker prompts are padded to a fixed number of branches (the padding outputs
-are dropped) so that one compiled worker program serves every K.
+
+Shapes are kept few so that a run compiles a handful of programs, not a few
+per example: worker prompts are padded to a fixed number of branches, the
+padding branches are kept but emptied (length 0; the mapper is told the real K),
+and the merged cache reserves a power of two (>= 64) of rows for the branches.
+The text path uses the decoder's usual prompt buckets.
 """
 
 from __future__ import annotations
@@ -91,9 +95,15 @@ def run_example_workers(
   k = len(example.branches)
   prompts = [lm.tokenizer.encode(synthetic.worker_prompt_text(example, i)) for i in range(k)]
   out = run_workers(lm, prompts + [prompts[0]] * max(0, pad_to - k), max_new_tokens)
-  branches = out.branches.take(list(range(k))) if pad_to > k else out.branches
+  # The padding branches stay (fixed K) but are emptied: they add no rows.
+  branches = out.branches.replace(lengths=out.branches.lengths.at[k:].set(0))
   texts = [synthetic.branch_from_output(t) for t in out.texts[:k]]
   return texts, branches, out.seconds
+
+
+def merged_rows(num_tokens: int) -> int:
+  """Rows reserved for the merged branches: a power of two, at least 64."""
+  return max(64, 1 << max(0, num_tokens - 1).bit_length())
 
 
 def _answer(lm, mode, example, worker_example, branches, max_new_tokens):
@@ -104,7 +114,11 @@ def _answer(lm, mode, example, worker_example, branches, max_new_tokens):
     prompt = synthetic.text_synthesis_prompt_text(worker_example)
     return synthesize_text(lm, prompt, max_new_tokens)
   prompt_ids = lm.tokenizer.encode(synthetic.synth_prompt_text(example))
-  return synthesize(lm, branches, prompt_ids, mode.mapper, mode.lora, max_new_tokens)
+  rows = merged_rows(int(branches.lengths.sum()))
+  k = len(example.branches)
+  return synthesize(
+    lm, branches, prompt_ids, mode.mapper, mode.lora, max_new_tokens, num_workers=k, rows=rows
+  )
 
 
 def mode_names(modes: Sequence[CacheMode], single_agent: bool = True, text: bool = True):
