@@ -89,8 +89,9 @@ def run_example_workers(
 ) -> tuple[list[str], Branches, float]:
   """Runs one example's workers; returns their branch texts, `Branches` and wall seconds.
 
-  Prompts are padded with copies of the first one up to `pad_to` rows (then cut
-  off again), so that every K reuses the same compiled program.
+  Prompts are padded with copies of the first one up to `pad_to` rows, so that
+  every K reuses the same compiled program; the padding branches are kept in
+  `Branches` (fixed shape) with length 0, and only the real texts are returned.
   """
   k = len(example.branches)
   prompts = [lm.tokenizer.encode(synthetic.worker_prompt_text(example, i)) for i in range(k)]
