@@ -4,7 +4,9 @@
 experiments/reproduce_synthetic.py measured when it built them; the checks
 re-run the same greedy evaluation on the same fixed test subset. On another
 CPU, float rounding can flip a near-tie in a greedy decode, so each accuracy
-may differ by a few examples: the tolerance is 5 points (3 of 60 examples).
+may differ by a few examples: the tolerance is 5 points (3 of 60 examples) for
+text synthesis overall, 10 points per family (20 examples each) and per cache
+mode (whose workers' outputs can flip too).
 """
 
 import json
@@ -57,7 +59,7 @@ def test_every_mode_reproduces_its_recorded_accuracy(lm, recorded):
   examples = synthetic.generate("test", recorded["check_examples"], recorded["seed"])
   report = compare.compare_modes(lm, examples, modes, ttft_examples=0, lengths=(), progress=False)
   got = {mode: acc["overall"] for mode, acc in report.accuracy.items()}
-  assert got == pytest.approx(recorded["check_accuracy"], abs=TOLERANCE)
+  assert got == pytest.approx(recorded["check_accuracy"], abs=2 * TOLERANCE)
 
 
 def test_missing_assets_name_the_rebuild_command(tmp_path):
