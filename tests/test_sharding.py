@@ -27,7 +27,9 @@ from psynth_jax.train.data import FIELDS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = synthetic.SuiteTokenizer()
 # One layer: these tests are about placement, and compile time grows with depth.
-CONFIG = ModelConfig("llama", TOK.vocab_size, 64, 128, 1, 4, 2, 16, max_position_embeddings=1024)
+# The vocabulary padded to a multiple of 8, so that every mesh axis divides it.
+VOCAB = -(-TOK.vocab_size // 8) * 8
+CONFIG = ModelConfig("llama", VOCAB, 64, 128, 1, 4, 2, 16, max_position_embeddings=1024)
 SPEC = batching.BatchSpec(4, 64, 160, 112, 16)
 FAST = {"xla_backend_optimization_level": 0}
 
