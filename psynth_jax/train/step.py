@@ -155,10 +155,10 @@ def encode_branch_batch(
 ) -> Branches:
   """Prefills [B, K, W + S] right-padded rows from position 0 -> Branches [B, K, S, ...].
 
-  A row is worker i's prompt (`start` tokens, at most W = `prompt_tokens`), then
-  its branch (None: no prompts). Only the branch's cache rows are kept, at RoPE offset `start`: the
-  rows the worker produced while writing the branch, which the merge re-encodes
-  to position 0 exactly as for `run_workers` outputs. With W = 0 this is
+  A row is worker i's prompt (`start` tokens, at most W = `prompt_tokens`; None:
+  no prompts), then its branch. Only the branch's cache rows are kept, at RoPE
+  offset `start`: the rows the worker produced while writing the branch, which
+  the merge re-encodes to position 0 exactly as for `run_workers` outputs. With W = 0 this is
   `workers.encode_branches`, batched over examples (B * K independent sequences).
   No gradient: the workers are the frozen base.
   """
