@@ -35,13 +35,12 @@ _REBUILD = "rebuild it with `python experiments/reproduce_synthetic.py`"
 
 def load_synthetic_base(folder: str = SYNTHETIC_BASE):
   """The shipped base model as a `LanguageModel` with the suite tokenizer."""
-  from psynth_jax.language_model import LanguageModel, load_pretrained
-  from psynth_jax.tasks.synthetic import SuiteTokenizer
+  from psynth_jax.language_model import load_pretrained
+  from psynth_jax.pretrain import language_model
 
   if not os.path.exists(os.path.join(folder, "model.safetensors")):
     raise FileNotFoundError(f"no synthetic base model in {folder}; {_REBUILD}")
-  tok = SuiteTokenizer()
-  return LanguageModel(load_pretrained(folder).params, tok, tok.eos_token_ids, tok.pad_token_id)
+  return language_model(load_pretrained(folder).params)
 
 
 def load_synthetic_modes(model_config, folder: str = SYNTHETIC_ADAPTERS) -> list:

@@ -122,9 +122,17 @@ def _answer(lm, mode, example, worker_example, branches, max_new_tokens):
   )
 
 
+def _wanted(modes: Sequence[CacheMode], single_agent: bool, text: bool) -> list:
+  """The modes to run, in display order: baseline names (str), then CacheModes."""
+  return [SINGLE_AGENT] * single_agent + [TEXT_SYNTHESIS] * text + list(modes)
+
+
+def _name(mode) -> str:
+  return mode if isinstance(mode, str) else mode.name
+
+
 def mode_names(modes: Sequence[CacheMode], single_agent: bool = True, text: bool = True):
-  names = ([SINGLE_AGENT] if single_agent else []) + ([TEXT_SYNTHESIS] if text else [])
-  return names + [m.name for m in modes]
+  return [_name(m) for m in _wanted(modes, single_agent, text)]
 
 
 def run_workflow(
@@ -154,8 +162,7 @@ def run_workflow(
   """
   from tqdm.auto import tqdm
 
-  wanted = ([SINGLE_AGENT] if single_agent else []) + ([TEXT_SYNTHESIS] if text else [])
-  wanted += list(modes)
+  wanted = _wanted(modes, single_agent, text)
   records = []
   for ex in tqdm(examples, desc="eval", disable=not progress, mininterval=2):
     texts, branches, seconds = run_example_workers(lm, ex, worker_max_new_tokens)
@@ -163,10 +170,9 @@ def run_workflow(
     exact = sum(a == b for a, b in zip(texts, ex.branches, strict=True)) / len(texts)
     rec = ExampleRecord(ex.id, ex.family, len(texts), ex.answer, texts, exact, seconds)
     for mode in wanted:
-      name = mode if isinstance(mode, str) else mode.name
       result = _answer(lm, mode, ex, worker_ex, branches, answer_max_new_tokens)
-      rec.predictions[name] = result.text
-      rec.correct[name] = synthetic.answer_matches(result.text, ex.answer)
+      rec.predictions[_name(mode)] = result.text
+      rec.correct[_name(mode)] = synthetic.answer_matches(result.text, ex.answer)
     records.append(rec)
   return records
 
@@ -199,18 +205,16 @@ def measure_ttft(
   timed ones; the example's value is their median, the mode's the median of those.
   The decode budget is the accuracy run's, so caches have the same capacity.
   """
-  wanted = ([SINGLE_AGENT] if single_agent else []) + ([TEXT_SYNTHESIS] if text else [])
-  wanted += list(modes)
-  per_mode: dict[str, list[float]] = {m if isinstance(m, str) else m.name: [] for m in wanted}
+  wanted = _wanted(modes, single_agent, text)
+  per_mode: dict[str, list[float]] = {_name(m): [] for m in wanted}
   for ex in examples:
     texts, branches, _ = run_example_workers(lm, ex, worker_max_new_tokens)
     worker_ex = dataclasses.replace(ex, branches=tuple(texts))
     for mode in wanted:
-      name = mode if isinstance(mode, str) else mode.name
       args = (lm, mode, ex, worker_ex, branches, answer_max_new_tokens)
       _answer(*args)
       times = [_answer(*args).ttft_s for _ in range(repeats)]
-      per_mode[name].append(statistics.median(times))
+      per_mode[_name(mode)].append(statistics.median(times))
   return {name: statistics.median(v) for name, v in per_mode.items() if v}
 
 

@@ -125,12 +125,17 @@ def worker_prompt_text(example: Example, i: int) -> str:
 
 
 def worker_target_text(example: Example, i: int, end_marker: str = END_MARKER) -> str:
-  """What worker i should emit after `worker_prompt_text`: " " + branch i, then the end marker."""
-  return " " + example.branches[i] + end_marker
+  """What worker i should emit after `worker_prompt_text`: branch i as output, then the end marker."""
+  return branch_as_output(example.branches[i]) + end_marker
+
+
+def branch_as_output(branch: str) -> str:
+  """A branch as its worker writes it after the prompt's ":" (a leading space)."""
+  return " " + branch
 
 
 def branch_from_output(text: str) -> str:
-  """The branch text of a worker's decoded output (drops the leading space)."""
+  """The branch text of a worker's decoded output (inverse of `branch_as_output`)."""
   return text.removeprefix(" ")
 
 

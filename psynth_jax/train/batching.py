@@ -116,14 +116,16 @@ def _synthetic_worker(example: Mapping[str, Any], i: int) -> str:
   return synthetic.worker_prompt_text(ex, i)
 
 
-# name -> (synthesizer prompt, text-concatenation teacher prompt, worker i's prompt), from an
-# example dict. "chat" uses the messages of `psynth_jax.prompts`, which inference uses too;
-# its worker prompt is the record's `worker_prompts[i]` as the user turn.
-PROMPT_FORMATS: dict[str, tuple[Callable, Callable, Callable]] = {
+# name -> (synthesizer prompt, text-concatenation teacher prompt, worker i's prompt) from an
+# example dict, and branch text -> the text its worker wrote. "chat" uses the messages of
+# `psynth_jax.prompts`, which inference uses too; its worker prompt is the record's
+# `worker_prompts[i]` as the user turn.
+PROMPT_FORMATS: dict[str, tuple[Callable, Callable, Callable, Callable]] = {
   "synthetic": (
     lambda ex, tok: synthetic.synth_prompt_text(_synthetic_example(ex)),
     lambda ex, tok: synthetic.text_synthesis_prompt_text(_synthetic_example(ex)),
     lambda ex, i, tok: _synthetic_worker(ex, i),
+    synthetic.branch_as_output,
   ),
   "chat": (
     lambda ex, tok: _chat(tok, prompts.latent_synth_message(ex["question"])),
@@ -131,6 +133,7 @@ PROMPT_FORMATS: dict[str, tuple[Callable, Callable, Callable]] = {
     lambda ex, i, tok: tok.apply_chat_template(
       [{"role": "user", "content": ex["worker_prompts"][i]}], add_generation_prompt=True
     ),
+    lambda branch: branch,
   ),
 }
 
@@ -175,9 +178,8 @@ class Batcher:
   def encode(self, example: Mapping[str, Any]) -> tuple[dict[str, list] | None, str | None]:
     """(token lists, None) for an example that fits, else (None, skip reason)."""
     spec, enc = self.spec, self.tokenizer.encode
-    # A synthetic worker wrote " " + branch after its prompt's ":" (see SuiteTokenizer).
-    lead = " " if self.prompt_format == "synthetic" else ""
-    branches = [enc(lead + b) for b in example["branches"]]
+    as_written = PROMPT_FORMATS[self.prompt_format][3]
+    branches = [enc(as_written(b)) for b in example["branches"]]
     workers = [[] for _ in branches]
     if spec.worker_prompt_tokens and example.get("worker_prompts"):
       fmt = self.prompt_format

@@ -196,7 +196,8 @@ def load_traces(config: ConfigDict, workdir: str) -> data.TraceSource:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       with open(path, "w", encoding="utf-8") as f:
         for e in examples:
-          f.write(json.dumps({k: e.to_json()[k] for k in data.FIELDS}) + "\n")
+          record = e.to_json()
+          f.write(json.dumps({k: record[k] for k in data.FIELDS}) + "\n")
     data.build_dataset({"train": path}, tfds_dir)
   checkpoints._sync("psynth_traces_ready")
   return data.load_split(tfds_dir, "train")
