@@ -77,25 +77,34 @@ def done_ids(path: str) -> set[str]:
   return ids
 
 
-def worker_prompt(task: dict, i: int, k: int, lm) -> list[int]:
-  """Worker i's prompt: the suite's own format, or `psynth_jax.prompts` + its instruction."""
+def worker_prompts_of(task: dict, k: int) -> list[str]:
+  """What the trainer's prompt format reads as worker i's prompt (`worker_prompts[i]`):
+  the suite's instruction lines, or the whole chat user message."""
   if FLAGS.prompt_format == "synthetic":
-    example = synthetic.Example.from_json({**task, "target": task.get("target", "")})
-    return lm.tokenizer.encode(synthetic.worker_prompt_text(example, i))
-  message = prompts.worker_message(task["question"], i, k)
+    return list(task["worker_prompts"])
+  messages = [prompts.worker_message(task["question"], i, k) for i in range(k)]
   if task.get("worker_prompts"):
-    message += "\n" + task["worker_prompts"][i]
-  return lm.encode_chat(message)
+    messages = [f"{m}\n{extra}" for m, extra in zip(messages, task["worker_prompts"], strict=True)]
+  return messages
 
 
-def branches_of(task: dict, lm) -> list[str]:
+def branches_of(task: dict, lm) -> tuple[list[str], list[str] | None]:
+  """(branches, worker prompts as the trainer reads them, or None if unknown)."""
   if not FLAGS.run_workers and "branches" in task:
-    return list(task["branches"])
-  k = len(task.get("worker_prompts") or ()) or FLAGS.num_workers
+    return list(task["branches"]), task.get("worker_prompts") or None
   if FLAGS.prompt_format == "synthetic" and not task.get("worker_prompts"):
     raise ValueError(f"task {task['id']!r} has neither branches nor worker_prompts")
-  token_lists = [worker_prompt(task, i, k, lm) for i in range(k)]
-  return run_workers(lm, token_lists, FLAGS.max_new_tokens).texts
+  k = len(task.get("worker_prompts") or ()) or FLAGS.num_workers
+  record = {"question": task["question"], "worker_prompts": worker_prompts_of(task, k)}
+  token_lists = [
+    lm.tokenizer.encode(batching.worker_prompt(record, i, FLAGS.prompt_format, lm.tokenizer))
+    for i in range(k)
+  ]
+  outputs = run_workers(lm, token_lists, FLAGS.max_new_tokens).texts
+  # The trainer re-encodes each branch after its prompt as the worker wrote it.
+  return [batching.branch_from_output(o, FLAGS.prompt_format) for o in outputs], record[
+    "worker_prompts"
+  ]
 
 
 def main(argv):
@@ -112,12 +121,15 @@ def main(argv):
   for start in range(0, len(todo), FLAGS.batch_size):
     rows = []
     for task in todo[start : start + FLAGS.batch_size]:
+      branches, worker_prompts = branches_of(task, lm)
       row = {
         "id": str(task["id"]),
         "task": task.get("task", ""),
         "question": task["question"],
-        "branches": branches_of(task, lm),
+        "branches": branches,
       }
+      if worker_prompts:
+        row["worker_prompts"] = worker_prompts
       row["synth_prompt"] = batching.synth_prompt({**row, "synth_prompt": ""}, fmt, tok)
       rows.append(row)
     teacher_ids = [tok.encode(batching.teacher_prompt(r, fmt, tok)) for r in rows]

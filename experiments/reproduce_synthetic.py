@@ -22,7 +22,6 @@ Stages and outputs (under --workdir):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -34,7 +33,7 @@ from ml_collections import config_flags
 
 from psynth_jax import assets
 from psynth_jax.eval import compare
-from psynth_jax.pretrain import PretrainConfig, evaluate, num_params, pretrain, save_base
+from psynth_jax.pretrain import PretrainConfig, evaluate, pretrain_and_save
 from psynth_jax.tasks import synthetic
 from psynth_jax.train import trainer
 
@@ -44,23 +43,9 @@ _INSTALL = flags.DEFINE_bool("install", False, "copy the models and results into
 
 
 def _pretrain_phase(config, overrides: dict, out: str, label: str) -> None:
-  values = {**config.pretrain.to_dict(), **overrides}
-  pre = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+  pre = PretrainConfig.from_dict({**config.pretrain.to_dict(), **overrides})
   print(f"[1/3] {label}: {pre.steps} steps" + (f" from {pre.init_from}" if pre.init_from else ""))
-  t0 = time.perf_counter()
-  lm, history = pretrain(pre)
-  seconds = time.perf_counter() - t0
-  test = synthetic.generate("test", config.reproduce.check_examples, pre.seed)
-  scores = evaluate(lm, test, pre.max_new_tokens)
-  info = {
-    "config": dataclasses.asdict(pre),
-    "num_params": num_params(lm.params),
-    "train_wall_s": seconds,
-    "history": history,
-    "test": {"num_examples": len(test), "seed": pre.seed, **scores},
-  }
-  save_base(lm, out, info)
-  print(f"  {num_params(lm.params):,} parameters, {seconds / 60:.1f} min; test {scores['text']}")
+  pretrain_and_save(pre, out, config.reproduce.check_examples)
 
 
 def pretrain_stage(config, out: str) -> None:

@@ -86,6 +86,15 @@ class PretrainConfig:
   eval_examples: int = 60
   max_new_tokens: int = 64
 
+  @classmethod
+  def from_dict(cls, values: dict) -> PretrainConfig:
+    """From plain values (an ml_collections block, parsed flags): lists become tuples,
+    an unknown key is an error."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if unknown := set(values) - fields:
+      raise ValueError(f"unknown PretrainConfig fields {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
   def model_config(self) -> ModelConfig:
     return ModelConfig(
       model_type="llama",
@@ -277,18 +286,6 @@ def generate_batched(
   return out
 
 
-def accuracy_by_family(
-  examples: Sequence[synthetic.Example], predictions: Sequence[str]
-) -> dict[str, float]:
-  """Answer accuracy per family and "overall" (normalised exact match)."""
-  hits = collections.defaultdict(list)
-  for ex, pred in zip(examples, predictions, strict=True):
-    ok = synthetic.answer_matches(pred, ex.answer)
-    hits[ex.family].append(ok)
-    hits["overall"].append(ok)
-  return {name: float(np.mean(v)) for name, v in hits.items()}
-
-
 def evaluate(
   lm: LanguageModel,
   examples: Sequence[synthetic.Example],
@@ -309,7 +306,11 @@ def evaluate(
     synthetic.branch_from_output(tok.decode(o)) == ex.branches[i]
     for (ex, i), o in zip(worker_pairs, outs, strict=True)
   ]
-  return {"text": accuracy_by_family(examples, preds), "worker": {"exact": np.mean(worker_ok)}}
+  scored = (
+    (ex.family, synthetic.answer_matches(p, ex.answer))
+    for ex, p in zip(examples, preds, strict=True)
+  )
+  return {"text": synthetic.accuracy(scored), "worker": {"exact": float(np.mean(worker_ok))}}
 
 
 # ---------------------------------------------------------------- driver
@@ -415,6 +416,40 @@ def save_base(lm: LanguageModel, out: str, info: dict, dtype: str = "float32") -
   with open(os.path.join(out, "pretrain_info.json"), "w") as f:
     json.dump({**info, "date": time.strftime("%Y-%m-%d")}, f, indent=2)
     f.write("\n")
+
+
+def pretrain_and_save(
+  config: PretrainConfig, out: str, test_examples: int, dtype: str = "float32", log=print
+) -> dict:
+  """`pretrain`, then text synthesis and workers on `test_examples` test examples
+  (gold branches), then `save_base` to out with everything in pretrain_info.json.
+
+  Returns:
+    The saved info: config, parameter count, wall and CPU seconds, validation
+    history and test scores.
+  """
+  import os
+
+  t0, cpu0 = time.perf_counter(), time.process_time()
+  lm, history = pretrain(config, log=log)
+  wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+  log(f"pretrained {num_params(lm.params):,} parameters in {wall / 60:.1f} min wall")
+  test = synthetic.generate("test", test_examples, config.seed)
+  scores = evaluate(lm, test, config.max_new_tokens)
+  text = ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in scores["text"].items())
+  log(f"test text synthesis ({len(test)} examples, gold branches): {text}")
+  log(f"test workers exact: {100 * scores['worker']['exact']:.1f}%")
+  info = {
+    "config": dataclasses.asdict(config),
+    "num_params": num_params(lm.params),
+    "train_wall_s": wall,
+    "train_cpu_s": cpu,
+    "cpus": os.cpu_count(),
+    "history": history,
+    "test": {"num_examples": len(test), "seed": config.seed, **scores},
+  }
+  save_base(lm, out, info, dtype)
+  return info
 
 
 def num_params(params: Params) -> int:

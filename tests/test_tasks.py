@@ -49,8 +49,9 @@ def _solve_candidates(question, branches):
 def _solve_tools(question, branches):
   table = collections.defaultdict(dict)
   for branch in branches:
-    for attr, item, value in re.findall(r"(\w+)\((\w+)\)=(\d+)", branch):
-      table[attr][item] = int(value)
+    tool, results = branch.split(": ")
+    for item, value in (pair.split(" ") for pair in results.split(", ")):
+      table[tool][item] = int(value)
   if m := re.fullmatch(r"what is the total (\w+) of all \w+\?", question):
     return str(sum(table[m[1]].values()))
   if m := re.fullmatch(r"which \w+ has the (highest|lowest) (\w+)\?", question):
@@ -58,7 +59,7 @@ def _solve_tools(question, branches):
     best = (max if m[1] == "highest" else min)(values.values())
     return [i for i, v in values.items() if v == best][0] if values else None
   if m := re.fullmatch(r"sort the \w+ by (\w+), lowest first\.", question):
-    return ",".join(sorted(table[m[1]], key=table[m[1]].get))
+    return ", ".join(sorted(table[m[1]], key=table[m[1]].get))
   if m := re.fullmatch(r"how many \w+ have (\w+) above (\d+)\?", question):
     return str(sum(v > int(m[2]) for v in table[m[1]].values()))
   m = re.fullmatch(r"what is the (\w+) of (\w+) plus (\w+)\?", question)
@@ -104,23 +105,38 @@ def test_splits_disjoint():
 
 
 def _solve_working(ex):
-  """The working the target shows: the linking hop, the listed or looked-up values."""
-  q, text = ex.question, " ".join(ex.branches)
+  """The working the target shows: the two facts quoted in hop order, or the looked-up values."""
+  q = ex.question
   if ex.family == "evidence":
+    facts = list(_sentences(ex.branches))
+
+    def fact(pattern):
+      (match,) = [f for f in facts if re.fullmatch(pattern, f)]
+      return match
+
     if m := re.fullmatch(r"which city does (\w+)'s friend live in\?", q):
-      return re.search(rf"{m[1]}'s friend is (\w+)", text)[1]
+      first = fact(rf"{m[1]}'s friend is \w+")
+      return f"{first}. " + fact(rf"{first.split()[-1]} lives in \w+")
     if m := re.fullmatch(r"which country does (\w+) live in\?", q):
-      return re.search(rf"{m[1]} lives in (\w+)", text)[1]
+      first = fact(rf"{m[1]} lives in \w+")
+      return f"{first}. " + fact(rf"{first.split()[-1]} is in \w+")
     country = re.fullmatch(r"who lives in (\w+)\?", q)[1]
-    cities = set(re.findall(rf"(\w+) is in {country}", text))
-    (city,) = cities & set(re.findall(r"\w+ lives in (\w+)", text))  # the one with a resident
-    return city
-  values = re.findall(r"(\w+)\((\w+)\)=(\d+)", text)
+    residents = {f.split()[-1]: f for f in facts if re.fullmatch(r"\w+ lives in \w+", f)}
+    (first,) = [
+      f for f in facts if re.fullmatch(rf"(\w+) is in {country}", f) and f.split()[0] in residents
+    ]  # the one city with a resident
+    return f"{first}. {residents[first.split()[0]]}"
+  values = [
+    (tool, pair.split(" "))
+    for tool, results in (b.split(": ") for b in ex.branches)
+    for pair in results.split(", ")
+  ]
   if m := re.fullmatch(r"what is the (\w+) of (\w+) plus (\w+)\?", q):
-    table = {x: v for a, x, v in values if a == m[1]}
-    return f"{table[m[2]]}+{table[m[3]]}"
+    table = {x: v for tool, (x, v) in values if tool == m[1]}
+    return f"{m[2]} {table[m[2]]} plus {m[3]} {table[m[3]]}"
   if m := re.fullmatch(r"how many \w+ have (\w+) above (\d+)\?", q):
-    return ",".join(x for a, x, v in values if a == m[1] and int(v) > int(m[2])) or "none"
+    above = [x for tool, (x, v) in values if tool == m[1] and int(v) > int(m[2])]
+    return ", ".join(above) or "none"
   return ""
 
 
@@ -232,7 +248,11 @@ def test_answer_matches():
   assert not m("norwa", "norway") and not m("18", "17") and not m("", "")
   assert not m("apple,kiwi", "kiwi,apple") and not m("17 apples", "17")
   # Working before "=>" is not scored; only the last answer counts.
-  assert m("oslo => norway<eos>", "norway") and m("4+7 => 11", "11") and m("a => b => 3", "3")
+  assert (
+    m("oslo => norway<eos>", "norway")
+    and m("apple 4 plus fig 7 => 11", "11")
+    and m("a => b => 3", "3")
+  )
   assert not m("norway => oslo", "norway") and not m("norway =>", "norway")
 
 

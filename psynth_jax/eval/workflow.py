@@ -179,14 +179,7 @@ def run_workflow(
 
 def accuracy(records: Sequence[ExampleRecord], mode: str) -> dict[str, float]:
   """Accuracy of one mode per family (suite order) and "overall"."""
-  out = {}
-  for family in synthetic.FAMILIES:
-    hits = [r.correct[mode] for r in records if r.family == family]
-    if hits:
-      out[family] = sum(hits) / len(hits)
-  hits = [r.correct[mode] for r in records]
-  out["overall"] = sum(hits) / len(hits) if hits else 0.0
-  return out
+  return synthetic.accuracy((r.family, r.correct[mode]) for r in records)
 
 
 def measure_ttft(

@@ -8,13 +8,18 @@ regular so that a tiny model can learn the whole suite:
   City->country maps are random per example, so answers must be read, not recalled.
 - `candidates`: branches show worked solutions of one expression ("7+5*2: 5*2=10,
   7+10=17"); wrong ones go left to right or right to left; at least one is right.
-- `tools`: branches hold tool results ("price(apple)=4", values 1-9) to max, min,
-  count, sort or add in pairs, sometimes mixed with another tool's results.
+- `tools`: branches hold tool results ("price: apple 4, fig 7", values 1-9) to max,
+  min, count, sort or add in pairs, sometimes mixed with another tool's results.
 
-Targets may carry a short working before the answer ("oslo => norway": the
-intermediate hop; "4+7 => 11": the looked-up values). A synthesizer then does one
-lookup per emitted token instead of composing two in one forward pass, which is
-what makes the suite learnable by a few-million-parameter model on a CPU.
+Targets may carry a working before the answer: evidence targets quote the two facts
+in hop order ("zed lives in oslo. oslo is in norway => norway"), tools targets list
+what they looked up ("apple 4 plus fig 7 => 11"). Each token of a working is then a
+copy from the question or a continuation of a phrase seen in a branch (what
+induction heads do), and a synthesizer does one lookup per emitted token instead
+of composing two in one forward pass, which is what makes the suite learnable by
+a few-million-parameter model on a CPU. In evidence and tools every word and number keeps its leading
+space wherever it appears, so a key has one token id in the question, the branches
+and the answer, and a looked-up value sits right after its key.
 `answer_matches` scores only the part after the last "=>".
 
 Splits are disjoint by construction: an example belongs to the split picked by a hash
@@ -41,6 +46,7 @@ _SPLIT_BUCKETS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>", "<unk>")
 PUNCTUATION = "\n .,:?=>+-*()[]'"
 MAX_NUMBER = 999  # every number is one token; the generators stay at or below this
+MAX_SORT = 5  # tools examples with more items ask no sort question
 END_MARKER = "<eos>"
 # The words of the prompt formats and families' templates (names and items are added below).
 _TEMPLATE_WORDS = """
@@ -177,6 +183,18 @@ def answer_matches(pred: str, gold: str) -> bool:
   return _normalise(pred) == _normalise(gold) != ""
 
 
+def accuracy(scored: Iterable[tuple[str, bool]]) -> dict[str, float]:
+  """Accuracy per family (suite order, families present) and "overall", from
+  (family, correct) pairs."""
+  hits: dict[str, list[bool]] = {}
+  for family, ok in scored:
+    hits.setdefault(family, []).append(bool(ok))
+  out = {f: sum(hits[f]) / len(hits[f]) for f in FAMILIES if f in hits}
+  every = [ok for v in hits.values() for ok in v]
+  out["overall"] = sum(every) / len(every) if every else 0.0
+  return out
+
+
 # ---------------------------------------------------------------- families
 def _with_fillers(rng: random.Random, subject: str, fact: str, person: bool) -> str:
   """Pads a passage with 0-2 irrelevant sentences so branch lengths vary."""
@@ -193,29 +211,30 @@ def _evidence(rng: random.Random, k: int):
   cities = rng.sample(CITIES, len(CITIES))
   countries = rng.sample(COUNTRIES, len(COUNTRIES))
   p, friend, city, country = people[0], people[1], cities[0], countries[0]
-  lives = (friend if variant == "friend_city" else p, f"lives in {city}.", True)
+  lives = (friend if variant == "friend_city" else p, f"lives in {city}", True)
   chain = [lives]  # (subject, predicate, is_person)
   if variant == "friend_city":
-    chain.append((f"{p}'s friend", f"is {friend}.", True))
+    chain.append((f"{p}'s friend", f"is {friend}", True))
   else:
-    chain.append((city, f"is in {country}.", False))
-  # The working is the first hop's result: the entity that links the two facts.
+    chain.append((city, f"is in {country}", False))
+  fact = [f"{subject} {predicate}" for subject, predicate, _ in chain]
+  # The working quotes the two facts in the order the hops use them.
   question, working, answer = {
-    "country": (f"which country does {p} live in?", city, country),
-    "who": (f"who lives in {country}?", city, p),
-    "friend_city": (f"which city does {p}'s friend live in?", friend, city),
+    "country": (f"which country does {p} live in?", f"{fact[0]}. {fact[1]}", country),
+    "who": (f"who lives in {country}?", f"{fact[1]}. {fact[0]}", p),
+    "friend_city": (f"which city does {p}'s friend live in?", f"{fact[1]}. {fact[0]}", city),
   }[variant]
   # Distractors come from a separate consistent world, so they never touch the chain.
   dp, dc, dn = people[2:6], cities[1:5], countries[1:]
-  world = [(q, f"lives in {rng.choice(dc)}.", True) for q in dp]
-  world += [(c, f"is in {rng.choice(dn)}.", False) for c in dc]
-  world += [(f"{x}'s friend", f"is {y}.", True) for x, y in (dp[:2], dp[2:])]
+  world = [(q, f"lives in {rng.choice(dc)}", True) for q in dp]
+  world += [(c, f"is in {rng.choice(dn)}", False) for c in dc]
+  world += [(f"{x}'s friend", f"is {y}", True) for x, y in (dp[:2], dp[2:])]
   facts = chain + rng.sample(world, k - len(chain))
   rng.shuffle(facts)
   branches, prompts = [], []
   for subject, predicate, person in facts:
     key = subject.split("'")[0]
-    branches.append(_with_fillers(rng, key, f"{subject} {predicate}", person))
+    branches.append(_with_fillers(rng, key, f"{subject} {predicate}.", person))
     prompts.append(f"look up: {key}\nfound: {branches[-1]}")
   return question, branches, prompts, answer, working
 
@@ -261,6 +280,19 @@ def _candidates(rng: random.Random, k: int):
   return f"what is {expr}?", branches, prompts, str(right), ""
 
 
+def _tool_result(tool: str, pairs: Sequence[tuple[str, int]]) -> str:
+  """A tool call's output as its worker writes it: "price: apple 4, fig 7"."""
+  return f"{tool}: " + ", ".join(f"{x} {v}" for x, v in pairs)
+
+
+def _tool_results(text: str) -> dict[str, dict[str, int]]:
+  """Inverse of `_tool_result` over branch texts: tool -> item -> value."""
+  table: dict[str, dict[str, int]] = {}
+  for tool, pairs in re.findall(r"(\w+): ((?:\w+ \d+(?:, )?)+)", text):
+    table.setdefault(tool, {}).update((x, int(v)) for x, v in re.findall(r"(\w+) (\d+)", pairs))
+  return table
+
+
 def _tools(rng: random.Random, k: int):
   attr, other = rng.sample(sorted(_TOOLS), 2)
   noun, plural, pool = _TOOLS[attr]
@@ -274,35 +306,35 @@ def _tools(rng: random.Random, k: int):
   for item in items[n_main:]:
     rng.choice(groups).append(item)
   other_items = rng.sample(_TOOLS[other][2], n_other)
-  groups += [[(other, item, rng.randint(1, 9))] for item in other_items]
-  groups = [[(attr, x, values[x]) if isinstance(x, str) else x for x in g] for g in groups]
+  groups = [(attr, [(x, values[x]) for x in g]) for g in groups]
+  groups += [(other, [(x, rng.randint(1, 9))]) for x in other_items]
   rng.shuffle(groups)
-  branches = [", ".join(f"{a}({x})={v}" for a, x, v in g) for g in groups]
+  branches = [_tool_result(tool, pairs) for tool, pairs in groups]
   prompts = [
-    f"call: {', '.join(f'{a}({x})' for a, x, _ in g)}\nresult: {', '.join(str(v) for *_, v in g)}"
-    for g in groups
+    f"call: {tool} {', '.join(x for x, _ in pairs)}\nresult: {', '.join(str(v) for _, v in pairs)}"
+    for tool, pairs in groups
   ]
   ranked = sorted(items, key=values.get)
-  in_order = [x for g in groups for a, x, _ in g if a == attr]  # as the branches list them
+  in_order = [x for tool, pairs in groups for x, _ in pairs if tool == attr]  # as listed
   t = rng.randint(1, 8)
   above = [x for x in in_order if values[x] > t]
   a, b = rng.sample(items, 2)
-  # Sorting is the question that needs every branch; past 6 items it is beyond the
-  # tiny model, so K=7-8 tools examples ask the others.
-  kinds = ["max", "min", "count", "pair"] + (["sort"] if n_items <= 6 else [])
+  # Sorting is the question that needs every branch; past MAX_SORT items it is
+  # beyond the tiny model, so larger tools examples ask the others.
+  kinds = ["max", "min", "count", "pair"] + (["sort"] if n_items <= MAX_SORT else [])
   # (question, working, answer); the working lists what was looked up.
   question, working, answer = {
     "max": (f"which {noun} has the highest {attr}?", "", ranked[-1]),
     "min": (f"which {noun} has the lowest {attr}?", "", ranked[0]),
-    "sort": (f"sort the {plural} by {attr}, lowest first.", "", ",".join(ranked)),
+    "sort": (f"sort the {plural} by {attr}, lowest first.", "", ", ".join(ranked)),
     "count": (
       f"how many {plural} have {attr} above {t}?",
-      ",".join(above) or "none",
+      ", ".join(above) or "none",
       str(len(above)),
     ),
     "pair": (
       f"what is the {attr} of {a} plus {b}?",
-      f"{values[a]}+{values[b]}",
+      f"{a} {values[a]} plus {b} {values[b]}",
       str(values[a] + values[b]),
     ),
   }[rng.choice(kinds)]
@@ -326,33 +358,35 @@ def follow_up_questions(example: Example) -> list[tuple[str, str, str]]:
     residents = {}
     for person, city in lives.items():
       if city in country_of:
-        out.append((f"which country does {person} live in?", city, country_of[city]))
-        residents.setdefault(country_of[city], []).append((person, city))
+        facts = f"{person} lives in {city}", f"{city} is in {country_of[city]}"
+        out.append((f"which country does {person} live in?", ". ".join(facts), country_of[city]))
+        residents.setdefault(country_of[city], []).append((person, facts))
     for country, pairs in residents.items():
       if len(pairs) == 1:
-        out.append((f"who lives in {country}?", pairs[0][1], pairs[0][0]))
+        person, facts = pairs[0]
+        out.append((f"who lives in {country}?", ". ".join(facts[::-1]), person))
     for person, pal in friend.items():
       if pal in lives:
-        out.append((f"which city does {person}'s friend live in?", pal, lives[pal]))
+        facts = f"{person}'s friend is {pal}. {pal} lives in {lives[pal]}"
+        out.append((f"which city does {person}'s friend live in?", facts, lives[pal]))
   elif example.family == "tools":
-    for attr, (noun, plural, _) in _TOOLS.items():
-      values = {x: int(v) for x, v in re.findall(rf"{attr}\((\w+)\)=(\d+)", text)}
+    for attr, values in _tool_results("\n".join(example.branches)).items():
+      noun, plural, _ = _TOOLS[attr]
       if len(values) < 2:
         continue
       ranked = sorted(values, key=values.get)
-      distinct = len(set(values.values())) == len(values)
-      if distinct:
+      if len(set(values.values())) == len(values):
         out.append((f"which {noun} has the highest {attr}?", "", ranked[-1]))
         out.append((f"which {noun} has the lowest {attr}?", "", ranked[0]))
-        if len(values) <= 6:
-          out.append((f"sort the {plural} by {attr}, lowest first.", "", ",".join(ranked)))
+        if len(values) <= MAX_SORT:
+          out.append((f"sort the {plural} by {attr}, lowest first.", "", ", ".join(ranked)))
       a, b = ranked[0], ranked[-1]
-      pair = f"{values[a]}+{values[b]}"
+      pair = f"{a} {values[a]} plus {b} {values[b]}"
       out.append((f"what is the {attr} of {a} plus {b}?", pair, str(values[a] + values[b])))
       t = values[ranked[len(ranked) // 2]]
       above = [x for x in values if values[x] > t]
       out.append(
-        (f"how many {plural} have {attr} above {t}?", ",".join(above) or "none", str(len(above)))
+        (f"how many {plural} have {attr} above {t}?", ", ".join(above) or "none", str(len(above)))
       )
   return [q for q in out if q[0] != example.question]
 

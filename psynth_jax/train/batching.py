@@ -117,15 +117,16 @@ def _synthetic_worker(example: Mapping[str, Any], i: int) -> str:
 
 
 # name -> (synthesizer prompt, text-concatenation teacher prompt, worker i's prompt) from an
-# example dict, and branch text -> the text its worker wrote. "chat" uses the messages of
+# example dict, branch text -> the text its worker wrote, and back. "chat" uses the messages of
 # `psynth_jax.prompts`, which inference uses too; its worker prompt is the record's
 # `worker_prompts[i]` as the user turn.
-PROMPT_FORMATS: dict[str, tuple[Callable, Callable, Callable, Callable]] = {
+PROMPT_FORMATS: dict[str, tuple[Callable, Callable, Callable, Callable, Callable]] = {
   "synthetic": (
     lambda ex, tok: synthetic.synth_prompt_text(_synthetic_example(ex)),
     lambda ex, tok: synthetic.text_synthesis_prompt_text(_synthetic_example(ex)),
     lambda ex, i, tok: _synthetic_worker(ex, i),
     synthetic.branch_as_output,
+    synthetic.branch_from_output,
   ),
   "chat": (
     lambda ex, tok: _chat(tok, prompts.latent_synth_message(ex["question"])),
@@ -134,6 +135,7 @@ PROMPT_FORMATS: dict[str, tuple[Callable, Callable, Callable, Callable]] = {
       [{"role": "user", "content": ex["worker_prompts"][i]}], add_generation_prompt=True
     ),
     lambda branch: branch,
+    lambda output: output,
   ),
 }
 
@@ -151,6 +153,11 @@ def teacher_prompt(example: Mapping[str, Any], fmt: str, tokenizer) -> str:
 def worker_prompt(example: Mapping[str, Any], i: int, fmt: str, tokenizer) -> str:
   """The prompt worker i wrote branch i after (needs the record's `worker_prompts`)."""
   return PROMPT_FORMATS[fmt][2](example, i, tokenizer)
+
+
+def branch_from_output(text: str, fmt: str) -> str:
+  """The branch text of a worker's decoded output, as records store it."""
+  return PROMPT_FORMATS[fmt][4](text)
 
 
 # ---------------------------------------------------------------- batcher
