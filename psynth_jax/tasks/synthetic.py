@@ -17,9 +17,9 @@ what they looked up ("apple 4 plus fig 7 => 11"). Each token of a working is the
 copy from the question or a continuation of a phrase seen in a branch (what
 induction heads do), and a synthesizer does one lookup per emitted token instead
 of composing two in one forward pass, which is what makes the suite learnable by
-a few-million-parameter model on a CPU. In evidence and tools every word and number keeps its leading
-space wherever it appears, so a key has one token id in the question, the branches
-and the answer, and a looked-up value sits right after its key.
+a few-million-parameter model on a CPU. In evidence and tools texts every word and
+number keeps its leading space, so a key has one token id in the question, the
+branches and the answer, and a tool's value sits right after its item.
 `answer_matches` scores only the part after the last "=>".
 
 Splits are disjoint by construction: an example belongs to the split picked by a hash

@@ -1,0 +1,94 @@
+"""The synthetic suite's trainer config (and the reproduction's pretraining settings).
+
+Lives in the package so that notebooks (which have no `configs/` folder) and
+`configs/synthetic.py` build the same config; see that file for the command lines.
+
+Arguments, comma-separated:
+  tiny     the shipped word-level base model (psynth_jax/assets/synthetic_base)
+  random   a random 2-layer model over the suite vocabulary instead (tests, smoke runs; no files needed)
+  kl       add the token-level KL to the text-concatenation teacher (weight 0.5)
+  fast     cheap XLA compilation (CPU), for tests
+"""
+
+import dataclasses
+
+from ml_collections import ConfigDict
+
+from psynth_jax.pretrain import PretrainConfig
+from psynth_jax.tasks import synthetic
+from psynth_jax.train.trainer import SYNTHETIC_BASE, default_config
+
+
+def random_model() -> ConfigDict:
+  """A tiny random Llama over the synthetic suite's word-level vocabulary."""
+  return ConfigDict(
+    dict(
+      model_type="llama",
+      vocab_size=synthetic.SuiteTokenizer().vocab_size,
+      hidden_size=64,
+      intermediate_size=128,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+      max_position_embeddings=1024,
+      dtype="float32",
+    )
+  )
+
+
+def get_config(arg: str = "tiny") -> ConfigDict:
+  options = set(arg.split(",")) if arg else {"tiny"}
+  unknown = options - {"tiny", "random", "kl", "fast"}
+  if unknown:
+    raise ValueError(f"unknown synthetic config options {sorted(unknown)}")
+  c = default_config()
+  c.prompt_format = "synthetic"
+  c.model.path = "" if "random" in options else SYNTHETIC_BASE
+  c.model.tokenizer = "suite"
+  c.model.init = random_model()
+  # In 24k examples of all splits the longest has 8 branches, a 27-token branch,
+  # 200 branch tokens in all, a 47-token worker prompt, 23 + 18 synthesizer prompt
+  # + target tokens and a 265-token text-synthesis prompt + target: nothing is skipped.
+  # Branches are encoded after their worker prompts, as the workers wrote them.
+  c.batch.update(
+    batch_size=8,
+    max_branches=8,
+    branch_tokens=32,
+    branch_rows=224,
+    synth_tokens=48,
+    target_tokens=24,
+    teacher_tokens=272,
+    worker_prompt_tokens=48,
+  )
+  c.data.synthetic_examples = 2000  # one epoch = 250 steps of 8
+  # A tiny model needs a larger step than the paper's 1e-4 to learn in one epoch.
+  c.optimizer.learning_rate = 1e-3
+  c.checkpoint.every = 50
+  if "kl" in options:
+    c.train.kl_weight = 0.5
+  c.fast_compile = "fast" in options
+  # Read by experiments/reproduce_synthetic.py only (the trainer ignores them).
+  c.pretrain = ConfigDict(dataclasses.asdict(PretrainConfig()))
+  # A second phase continuing from the first (fresh optimizer and schedule, full
+  # mix, no curriculum); {} = one phase only.
+  c.pretrain_more = ConfigDict(
+    dict(steps=4000, copy_steps=0, short_steps=0, learning_rate=2e-3, follow_ups=6)
+  )
+  c.reproduce = ConfigDict(
+    dict(
+      # adapter name -> (trainable, mapper kind); names as in psynth_jax.assets.
+      adapters=dict(
+        mapper_only=("mapper_only", "affine"),
+        lora_only=("lora_only", "affine"),  # the mapper stays at its identity init
+        parallel_synthesis_affine=("both", "affine"),
+        parallel_synthesis_head_affine=("both", "head_affine"),
+      ),
+      adapter_steps=500,
+      eval_examples=300,  # test split, seed 0: the accuracy table
+      check_examples=60,  # the fixed subset whose accuracy the shipped-model tests re-check
+      ttft_examples=8,
+      lengths=(16, 32, 64, 128),
+    )
+  )
+  return c
