@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import optax
+import pytest
 
 from psynth_jax import pretrain
 from psynth_jax.model.transformer import forward, init_params
@@ -111,3 +112,11 @@ def test_a_few_steps_reduce_the_loss():
   last = float(loss_fn(params, tokens, loss_mask)[0])
   assert np.isfinite(last) and last < 0.7 * first
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params.state))
+
+
+def test_config_from_dict_takes_lists_and_rejects_unknown_fields():
+  config = pretrain.PretrainConfig.from_dict({"buckets": [64, 128], "steps": 7})
+  assert config.buckets == (64, 128) and config.steps == 7
+  assert config == pretrain.PretrainConfig(buckets=(64, 128), steps=7)
+  with pytest.raises(ValueError, match="stepz"):
+    pretrain.PretrainConfig.from_dict({"stepz": 7})

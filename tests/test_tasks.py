@@ -267,3 +267,12 @@ def test_jsonl_round_trip(train, tmp_path):
     del bare["answer"], bare["working"]
     ex = tasks.Example.from_json(bare)
     assert (ex.answer, ex.working, ex.worker_prompts) == (original.answer, original.working, ())
+
+
+def test_accuracy_per_family_in_suite_order():
+  scored = [("tools", True), ("evidence", False), ("tools", False), ("evidence", True)]
+  scored += [("evidence", True)]
+  acc = tasks.accuracy(scored)
+  assert list(acc) == ["evidence", "tools", "overall"]
+  assert acc == pytest.approx({"evidence": 2 / 3, "tools": 0.5, "overall": 0.6})
+  assert tasks.accuracy([]) == {"overall": 0.0}
