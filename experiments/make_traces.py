@@ -102,9 +102,8 @@ def branches_of(task: dict, lm) -> tuple[list[str], list[str] | None]:
   ]
   outputs = run_workers(lm, token_lists, FLAGS.max_new_tokens).texts
   # The trainer re-encodes each branch after its prompt as the worker wrote it.
-  return [batching.branch_from_output(o, FLAGS.prompt_format) for o in outputs], record[
-    "worker_prompts"
-  ]
+  branches = [batching.branch_from_output(o, FLAGS.prompt_format) for o in outputs]
+  return branches, record["worker_prompts"]
 
 
 def main(argv):

@@ -22,7 +22,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
@@ -400,10 +403,6 @@ def pretrain(
 
 def save_base(lm: LanguageModel, out: str, info: dict, dtype: str = "float32") -> None:
   """Writes a converted model folder (+ the suite tokenizer files) and pretrain_info.json."""
-  import json
-  import os
-  import tempfile
-
   from psynth_jax.convert.checkpoint import save_converted
   from psynth_jax.model.transformer import flat_state, params_from_flat
 
@@ -428,8 +427,6 @@ def pretrain_and_save(
     The saved info: config, parameter count, wall and CPU seconds, validation
     history and test scores.
   """
-  import os
-
   t0, cpu0 = time.perf_counter(), time.process_time()
   lm, history = pretrain(config, log=log)
   wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0

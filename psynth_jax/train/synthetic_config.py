@@ -61,7 +61,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     teacher_tokens=272,
     worker_prompt_tokens=48,
   )
-  c.data.synthetic_examples = 2000  # one epoch = 250 steps of 8
+  c.data.synthetic_examples = 8000  # one epoch = 1000 steps of 8
   # A tiny model needs a larger step than the paper's 1e-4 to learn in one epoch.
   c.optimizer.learning_rate = 1e-3
   c.checkpoint.every = 50
@@ -73,7 +73,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
   # A second phase continuing from the first (fresh optimizer and schedule, full
   # mix, no curriculum); {} = one phase only.
   c.pretrain_more = ConfigDict(
-    dict(steps=4000, copy_steps=0, short_steps=0, learning_rate=2e-3, follow_ups=6)
+    dict(steps=8000, copy_steps=0, short_steps=0, learning_rate=2e-3, follow_ups=6)
   )
   c.reproduce = ConfigDict(
     dict(
@@ -84,7 +84,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
         parallel_synthesis_affine=("both", "affine"),
         parallel_synthesis_head_affine=("both", "head_affine"),
       ),
-      adapter_steps=500,
+      adapter_steps=1000,  # one epoch of data.synthetic_examples
       eval_examples=300,  # test split, seed 0: the accuracy table
       check_examples=60,  # the fixed subset whose accuracy the shipped-model tests re-check
       ttft_examples=8,
