@@ -6,13 +6,10 @@ Run (from the repository root):
 
 The same file drives the whole from-scratch reproduction (base model, every
 adapter, evaluation): `python experiments/reproduce_synthetic.py --config
-configs/synthetic.py` reads `pretrain` and `reproduce` below as well.
+configs/synthetic.py` reads its `pretrain`, `pretrain_more` and `reproduce` blocks as well.
 
-Arguments after the colon, comma-separated:
-  tiny     the shipped word-level base model (psynth_jax/assets/synthetic_base)
-  random   a random 2-layer model over the suite vocabulary instead (tests, smoke runs; no files needed)
-  kl       add the token-level KL to the text-concatenation teacher (weight 0.5)
-  fast     cheap XLA compilation (CPU), for tests
+Arguments after the colon (tiny, random, kl, fast): see `psynth_jax.train.synthetic_config`,
+which builds the config so that notebooks get the same one.
 
 Every field can be overridden on the command line, e.g.
 `--config.train.trainable=lora_only --config.train.num_steps=50`.

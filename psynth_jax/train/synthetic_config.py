@@ -47,7 +47,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
   c.model.path = "" if "random" in options else SYNTHETIC_BASE
   c.model.tokenizer = "suite"
   c.model.init = random_model()
-  # In 24k examples of all splits the longest has 8 branches, a 27-token branch,
+  # In 12k examples of all splits the longest has 8 branches, a 25-token branch,
   # 200 branch tokens in all, a 47-token worker prompt, 23 + 18 synthesizer prompt
   # + target tokens and a 265-token text-synthesis prompt + target: nothing is skipped.
   # Branches are encoded after their worker prompts, as the workers wrote them.
