@@ -29,7 +29,10 @@ def get_config(arg: str = "") -> ConfigDict:
   c.data.train_jsonl = "/tmp/psynth/traces/qwen05_synthetic.jsonl"
   # Qwen's tokens for the synthetic suite (K <= 4): branches <= 36 tokens,
   # <= 135 together; chat synthesizer prompt 66, text-synthesis prompt <= 222;
-  # targets <= 48 generated tokens + eos.
+  # targets <= 48 generated tokens + eos. Worker prompts (chat template around the
+  # record's `worker_prompts[i]`) <= 72 tokens for the suite's instruction lines,
+  # <= 108 for make_traces' --run_workers messages (3000 train examples, K <= 4):
+  # branches are re-encoded after them, as the workers wrote them.
   c.batch.update(
     batch_size=2,
     max_branches=4,
@@ -38,6 +41,7 @@ def get_config(arg: str = "") -> ConfigDict:
     synth_tokens=136,
     target_tokens=64,
     teacher_tokens=288,
+    worker_prompt_tokens=112,
   )
   c.train.num_steps = 128
   c.optimizer.learning_rate = 1e-4  # the paper's AdamW, no weight decay, no schedule

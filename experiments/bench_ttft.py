@@ -2,6 +2,12 @@
 
   python experiments/bench_ttft.py                       # tiny + Qwen2.5-Coder-0.5B
   python experiments/bench_ttft.py --models tiny --ks 2,3 --lengths 128,512
+  python experiments/bench_ttft.py --models qwen-shape --no-peer   # no download (GPU/TPU)
+
+Models: `tiny` (a random 4-layer Llama, also built in transformers for the peer),
+`qwen` (the converted Qwen2.5-Coder-0.5B-Instruct weights, DESIGN.md §4) and
+`qwen-shape` (Qwen2.5-0.5B's shapes with random bfloat16 weights: TTFT depends on
+shapes, not values, so this times the real model size where the weights are absent).
 
 For every K (branches) and L (tokens per branch): K branch caches are built by
 independent prefill of L random tokens each (`encode_branches`); then, warm and
@@ -28,7 +34,7 @@ from pathlib import Path
 
 import jax
 
-from psynth_jax import Mapper
+from psynth_jax import Mapper, ModelConfig
 from psynth_jax.eval.ttft import format_table, plot_sweep, ttft_sweep
 
 
@@ -61,9 +67,28 @@ def hf_cache_ttft(hf, branch_lists, prompt):
   return run
 
 
-def load_case(name: str):
-  from psynth_jax import load_pretrained
+QWEN_SHAPE = ModelConfig(
+  model_type="qwen2",
+  vocab_size=151936,
+  hidden_size=896,
+  intermediate_size=4864,
+  num_layers=24,
+  num_heads=14,
+  num_kv_heads=2,
+  head_dim=64,
+  rope_theta=1e6,
+  tie_word_embeddings=True,
+  qkv_bias=True,
+  dtype="bfloat16",
+)
 
+
+def load_case(name: str):
+  """(psynth_jax LanguageModel, transformers peer model or None)."""
+  from psynth_jax import LanguageModel, init_params, load_pretrained
+
+  if name == "qwen-shape":
+    return LanguageModel(init_params(QWEN_SHAPE)), None
   if name == "tiny":
     import tempfile
 
@@ -84,6 +109,8 @@ def load_case(name: str):
     tmp = tempfile.mkdtemp()
     hf.save_pretrained(tmp)
     return load_pretrained(tmp), hf
+  if name != "qwen":
+    raise ValueError(f"unknown model {name!r}; expected tiny, qwen or qwen-shape")
   from psynth_jax.convert.weights import fetch_qwen_coder, qwen_coder_transformers
 
   lm = load_pretrained(fetch_qwen_coder())
@@ -102,9 +129,10 @@ def main():
   parser.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
   parser.add_argument("--out", default="outputs/bench_ttft")
   args = parser.parse_args()
-  import torch
+  if not args.no_peer:
+    import torch
 
-  torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(os.cpu_count() or 1)
   rows = []
   for name in args.models.split(","):
     lm, hf = load_case(name)
@@ -117,7 +145,7 @@ def main():
       mapper=Mapper.create(args.mapper, lm.config.num_layers),
       name=name,
       progress=True,
-      peer=None if args.no_peer else functools.partial(hf_cache_ttft, hf),
+      peer=None if args.no_peer or hf is None else functools.partial(hf_cache_ttft, hf),
     )
 
   print()
@@ -136,6 +164,7 @@ def main():
     "machine": platform.platform(),
     "cpus": os.cpu_count(),
     "jax": jax.__version__,
+    "device": jax.devices()[0].device_kind,
     "prompt_tokens": args.prompt_tokens,
     "mapper": args.mapper,
     "repeats": args.repeats,

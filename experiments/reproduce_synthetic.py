@@ -13,8 +13,8 @@ already exists in the workdir, so an interrupted run continues where it
 stopped (the adapter trainer also resumes mid-run from its checkpoints).
 
 Stages and outputs (under --workdir):
-  synthetic_base_phase1/   first pretraining phase (+ pretrain_info.json)
-  synthetic_base/          pretrained base model (+ pretrain_info.json of phase 2)
+  synthetic_base_phase1/   first pretraining phase (+ pretrain_info.json), then _phase2, ...
+  synthetic_base/          pretrained base model: the last phase (+ its pretrain_info.json)
   adapters/<name>/         trainer workdir; adapters/<name>/export the mapper + LoRA
   report.json, report.png  accuracy per mode and family, TTFT per mode, TTFT by length
   synthetic_results.json   the figures the shipped-model tests re-check
@@ -48,23 +48,38 @@ def _pretrain_phase(config, overrides: dict, out: str, label: str) -> None:
   pretrain_and_save(pre, out, config.reproduce.check_examples)
 
 
+def pretrain_phases(config) -> list[tuple[str, dict]]:
+  """[(name, overrides of config.pretrain)]: phase1 = config.pretrain itself, then
+  `config.pretrain_more.phase2`, `.phase3`, ... in order, each continuing from the one before."""
+  more = config.get("pretrain_more", {})
+  more = more.to_dict() if hasattr(more, "to_dict") else dict(more)
+  want = [f"phase{i}" for i in range(2, len(more) + 2)]
+  if sorted(more, key=lambda n: (len(n), n)) != want:
+    raise ValueError(
+      f"config.pretrain_more must hold {want} (consecutive phases), got {sorted(more)}"
+    )
+  return [("phase1", {})] + [(name, dict(more[name])) for name in want]
+
+
 def pretrain_stage(config, out: str) -> None:
-  """Pretrains the base model: `config.pretrain`, then (if set) `config.pretrain_more`
-  continuing from it with a fresh optimizer and schedule."""
+  """Pretrains the base model phase by phase; phase i goes to `out`_phase<i> and the last
+  one to `out`. Each later phase starts from the previous one with a fresh optimizer and
+  schedule; a phase whose folder exists is skipped."""
   if os.path.exists(os.path.join(out, "model.safetensors")):
     print(f"[1/3] base model: {out} exists, skipping pretraining")
     return
-  more = config.get("pretrain_more", {})
-  more = more.to_dict() if hasattr(more, "to_dict") else dict(more)
-  if not more:
-    _pretrain_phase(config, {}, out, "pretraining the base model")
-    return
-  first = out + "_phase1"
-  if os.path.exists(os.path.join(first, "model.safetensors")):
-    print(f"[1/3] phase 1: {first} exists, skipping it")
-  else:
-    _pretrain_phase(config, {}, first, "pretraining the base model, phase 1")
-  _pretrain_phase(config, {**more, "init_from": first}, out, "phase 2")
+  phases = pretrain_phases(config)
+  previous = None
+  for i, (name, overrides) in enumerate(phases):
+    last = i == len(phases) - 1
+    path = out if last else f"{out}_{name}"
+    if not last and os.path.exists(os.path.join(path, "model.safetensors")):
+      print(f"[1/3] {name}: {path} exists, skipping it")
+    else:
+      if previous:
+        overrides = {**overrides, "init_from": previous}
+      _pretrain_phase(config, overrides, path, f"pretraining the base model, {name}")
+    previous = path
 
 
 def adapter_stage(config, base: str, workdir: str) -> dict[str, str]:

@@ -387,11 +387,12 @@ def pretrain(
     params, opt_state, loss = train_step(
       params, opt_state, tokens, loss_mask, optimizer, config.prompt_weight
     )
-    if step % 10 == 0 or step == config.steps:
+    evaluating = step == config.steps or (config.eval_every and step % config.eval_every == 0)
+    if step % 10 == 0 or evaluating:
       loss = float(loss)
       ema = loss if ema is None else 0.9 * ema + 0.1 * loss
       bar.set_postfix(loss=f"{ema:.3f}")
-    if step == config.steps or (config.eval_every and step % config.eval_every == 0):
+    if evaluating:
       scores = evaluate(language_model(params), val, config.max_new_tokens)
       seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
       history.append({"step": step, "seconds": seconds, "cpu_seconds": cpu, **scores})
@@ -442,6 +443,7 @@ def pretrain_and_save(
     "train_wall_s": wall,
     "train_cpu_s": cpu,
     "cpus": os.cpu_count(),
+    "device": jax.devices()[0].device_kind,
     "history": history,
     "test": {"num_examples": len(test), "seed": config.seed, **scores},
   }

@@ -120,3 +120,14 @@ def test_config_from_dict_takes_lists_and_rejects_unknown_fields():
   assert config == pretrain.PretrainConfig(buckets=(64, 128), steps=7)
   with pytest.raises(ValueError, match="stepz"):
     pretrain.PretrainConfig.from_dict({"stepz": 7})
+
+
+def test_pretrain_records_an_evaluation_at_every_eval_step():
+  config = pretrain.PretrainConfig(
+    hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, steps=3, copy_steps=1,
+    short_steps=0, batch_tokens=576, buckets=(576,), train_examples=6, eval_every=1,
+    eval_examples=2, max_new_tokens=2,
+  )  # fmt: skip
+  _, history = pretrain.pretrain(config, progress=False, log=lambda _: None)
+  assert [h["step"] for h in history] == [1, 2, 3]
+  assert all(0 <= h["text"]["overall"] <= 1 and 0 <= h["worker"]["exact"] <= 1 for h in history)

@@ -29,7 +29,9 @@ def run(tmp_path_factory):
     hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=4, copy_steps=2,
     batch_tokens=640, train_examples=40, eval_every=0, eval_examples=3, max_new_tokens=8,
   )  # fmt: skip
-  config.pretrain_more.update(steps=3)  # phase 2 continues from phase 1
+  # Each later phase continues from the one before.
+  config.pretrain_more.phase2.update(steps=3)
+  config.pretrain_more.phase3.update(steps=2, train_examples=40, eval_every=0)
   config.data.update(synthetic_examples=16, max_workers=4)
   config.batch.update(batch_size=8)  # one row per emulated device
   config.reproduce.update(
@@ -47,9 +49,12 @@ def test_every_stage_writes_its_outputs(run):
   _, config, workdir, base, exports, results = run
   with open(os.path.join(base + "_phase1", "pretrain_info.json")) as f:
     assert json.load(f)["config"]["steps"] == 4
-  with open(os.path.join(base, "pretrain_info.json")) as f:
+  with open(os.path.join(base + "_phase2", "pretrain_info.json")) as f:
     info = json.load(f)["config"]
   assert info["steps"] == 3 and info["init_from"] == base + "_phase1"
+  with open(os.path.join(base, "pretrain_info.json")) as f:
+    info = json.load(f)["config"]
+  assert info["steps"] == 2 and info["init_from"] == base + "_phase2" and info["seed"] == 3
   assert set(exports) == set(config.reproduce.adapters)
   for export in exports.values():
     with open(os.path.join(export, "train_info.json")) as f:
@@ -82,3 +87,12 @@ def test_install_copies_into_the_asset_folders(run, tmp_path, monkeypatch):
   modes = assets.load_synthetic_modes(lm.config, assets.SYNTHETIC_ADAPTERS)
   assert len(modes) == 1 + len(assets.ADAPTER_MODES)
   assert assets.recorded_results(assets.SYNTHETIC_RESULTS)["check_examples"] == 2
+
+
+def test_pretrain_phases_must_be_consecutive(run):
+  reproduce, config, *_ = run
+  assert [name for name, _ in reproduce.pretrain_phases(config)] == ["phase1", "phase2", "phase3"]
+  broken = config.copy_and_resolve_references()
+  del broken.pretrain_more["phase2"]
+  with pytest.raises(ValueError, match="consecutive"):
+    reproduce.pretrain_phases(broken)

@@ -70,10 +70,23 @@ def get_config(arg: str = "tiny") -> ConfigDict:
   c.fast_compile = "fast" in options
   # Read by experiments/reproduce_synthetic.py only (the trainer ignores them).
   c.pretrain = ConfigDict(dataclasses.asdict(PretrainConfig()))
-  # A second phase continuing from the first (fresh optimizer and schedule, full
-  # mix, no curriculum); {} = one phase only.
+  # Later phases, each continuing from the one before (fresh optimizer and
+  # schedule, full mix, no curriculum); keys phase2, phase3, ...; {} = one phase only.
   c.pretrain_more = ConfigDict(
-    dict(steps=8000, copy_steps=0, short_steps=0, learning_rate=2e-3, follow_ups=6)
+    dict(
+      phase2=dict(steps=8000, copy_steps=0, short_steps=0, learning_rate=2e-3, follow_ups=6),
+      # Fresh examples (seed 3, twice as many) at half the peak step.
+      phase3=dict(
+        steps=7000,
+        copy_steps=0,
+        short_steps=0,
+        learning_rate=1e-3,
+        follow_ups=6,
+        train_examples=60000,
+        seed=3,
+        eval_every=1000,
+      ),
+    )
   )
   c.reproduce = ConfigDict(
     dict(
