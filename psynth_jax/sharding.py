@@ -34,6 +34,7 @@ all of them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -135,11 +136,23 @@ def logical_to_spec(
     if shape is not None and mesh is not None and mesh_axes:
       ways = math.prod(mesh.shape[a] for a in mesh_axes)
       if shape[dim] % ways:
-        logging.info("replicating dim %d (%s, size %d) over %s", dim, name, shape[dim], mesh_axes)
+        _warn_replicated(name, shape[dim], mesh_axes, ways)
         mesh_axes = ()
     used.update(mesh_axes)
     spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
   return PartitionSpec(*spec)
+
+
+@functools.cache
+def _warn_replicated(name: str | None, size: int, mesh_axes: tuple[str, ...], ways: int) -> None:
+  # Once per case: a replicated weight costs `ways` times its sharded memory.
+  logging.warning(
+    "logical axis %s of size %d does not divide over mesh axes %s (%d ways): replicated",
+    name,
+    size,
+    mesh_axes,
+    ways,
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

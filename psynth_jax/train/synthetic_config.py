@@ -61,7 +61,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     teacher_tokens=272,
     worker_prompt_tokens=48,
   )
-  c.data.synthetic_examples = 8000  # one epoch = 1000 steps of 8
+  c.data.synthetic_examples = 16000  # one epoch = 2000 steps of 8
   # A tiny model needs a larger step than the paper's 1e-4 to learn in one epoch.
   c.optimizer.learning_rate = 1e-3
   c.checkpoint.every = 50
@@ -97,7 +97,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
         parallel_synthesis_affine=("both", "affine"),
         parallel_synthesis_head_affine=("both", "head_affine"),
       ),
-      adapter_steps=1000,  # one epoch of data.synthetic_examples
+      adapter_steps=2000,  # one epoch of data.synthetic_examples
       eval_examples=300,  # test split, seed 0: the accuracy table
       check_examples=60,  # the fixed subset whose accuracy the shipped-model tests re-check
       ttft_examples=8,
