@@ -6,7 +6,7 @@ Run (from the repository root):
 
 The same file drives the whole from-scratch reproduction (base model, every
 adapter, evaluation): `python experiments/reproduce_synthetic.py --config
-configs/synthetic.py` reads its `pretrain`, `pretrain_more` and `reproduce` blocks as well.
+configs/synthetic.py` reads its `pretrain`, `pretrain_more` (phase2, phase3) and `reproduce` blocks as well.
 
 Arguments after the colon (tiny, random, kl, fast): see `psynth_jax.train.synthetic_config`,
 which builds the config so that notebooks get the same one.

@@ -1,11 +1,14 @@
 r"""Pretrains the tiny synthetic-suite base model and saves it as a converted model folder.
 
-Run (phase 1 of the shipped model, about 30 minutes on 2 CPU cores; phase 2
-continues from it for about 55 more, as experiments/reproduce_synthetic.py does):
+Run (the shipped model's three phases, about 30, 60 and 50 minutes on 2 CPU
+cores, as experiments/reproduce_synthetic.py runs them from configs/synthetic.py):
 
   python experiments/pretrain_synthetic.py --out runs/base_phase1
-  python experiments/pretrain_synthetic.py --out runs/base --init_from runs/base_phase1 \
+  python experiments/pretrain_synthetic.py --out runs/base_phase2 --init_from runs/base_phase1 \
     --steps 8000 --copy_steps 0 --short_steps 0 --learning_rate 2e-3 --follow_ups 6
+  python experiments/pretrain_synthetic.py --out runs/base --init_from runs/base_phase2 \
+    --steps 7000 --copy_steps 0 --short_steps 0 --learning_rate 1e-3 --follow_ups 6 \
+    --train_examples 60000 --seed 3 --eval_every 1000
 
 Any `PretrainConfig` field is a flag (`--steps 300 --hidden_size 64` for a
 quick try). The folder gets psynth_config.json + model.safetensors (load with

@@ -81,7 +81,7 @@ class PretrainConfig:
   train_examples: int = 30000
   min_workers: int = 2
   max_workers: int = synthetic.MAX_WORKERS
-  seed: int = 0
+  seed: int = 0  # init and the train, validation and test examples (a new seed: new examples)
   # A base-model folder to continue from (its sizes must match); "" = random init.
   # The optimizer and schedule start afresh: a second phase of pretraining.
   init_from: str = ""
