@@ -4,10 +4,10 @@ r"""Rebuilds the synthetic reproduction from scratch: base model, every adapter,
   python experiments/reproduce_synthetic.py --config configs/synthetic.py --workdir runs/synthetic \
     --install    # then copy the result into psynth_jax/assets (what `psynth demo` ships)
 
-On a 2-core CPU this takes about 3 1/2 hours: ~30 + ~60 + ~50 minutes to
+On a 2-core CPU this takes about 3 hours: ~30 + ~60 + ~50 minutes to
 pretrain the base model in three phases (`config.pretrain`, then
 `config.pretrain_more.phase2` and `.phase3`, each continuing from the one before),
-~8 per adapter (`config.reproduce.adapters`, `adapter_steps` steps each) and ~5
+~9 per adapter (`config.reproduce.adapters`, `adapter_steps` steps each) and ~4
 to evaluate every mode on `reproduce.eval_examples` test examples.
 Each stage is skipped when its output
 already exists in the workdir, so an interrupted run continues where it

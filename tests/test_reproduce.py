@@ -1,6 +1,6 @@
 """experiments/reproduce_synthetic.py end to end at toy sizes: every stage, resumable, installable.
 
-The real run takes about 3 1/2 hours on 2 cores; here the base model gets a few steps, each
+The real run takes about 3 hours on 2 cores; here the base model gets a few steps, each
 adapter two, so accuracies are meaningless: the test checks the plumbing (files,
 reports, skipping finished stages) that the shipped assets rely on.
 """
