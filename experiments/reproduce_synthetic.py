@@ -55,7 +55,7 @@ def pretrain_phases(config) -> list[tuple[str, dict]]:
   more = config.get("pretrain_more", {})
   more = more.to_dict() if hasattr(more, "to_dict") else dict(more)
   want = [f"phase{i}" for i in range(2, len(more) + 2)]
-  if sorted(more, key=lambda n: (len(n), n)) != want:
+  if set(more) != set(want):
     raise ValueError(
       f"config.pretrain_more must hold {want} (consecutive phases), got {sorted(more)}"
     )
