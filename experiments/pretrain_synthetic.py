@@ -58,7 +58,7 @@ def main() -> None:
     from psynth_jax import load_pretrained
     from psynth_jax.eval import compare
 
-    examples = synthetic.generate("test", args.workflow_examples, config.seed)
+    examples = synthetic.generate("test", args.workflow_examples, pretrain.EVAL_SEED)
     lm = pretrain.language_model(load_pretrained(args.out).params)
     report = compare.compare_modes(lm, examples, lengths=(), ttft_examples=4)
     print(compare.format_table(report))

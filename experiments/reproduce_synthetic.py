@@ -34,7 +34,7 @@ from ml_collections import config_flags
 
 from psynth_jax import assets
 from psynth_jax.eval import compare
-from psynth_jax.pretrain import PretrainConfig, evaluate, pretrain_and_save
+from psynth_jax.pretrain import EVAL_SEED, PretrainConfig, evaluate, pretrain_and_save
 from psynth_jax.tasks import synthetic
 from psynth_jax.train import trainer
 
@@ -126,7 +126,7 @@ def evaluate_stage(config, base: str, exports: dict[str, str], workdir: str) -> 
     shutil.copytree(export, os.path.join(staged, name))
   modes = assets.load_synthetic_modes(lm.config, staged)
   r = config.reproduce
-  examples = synthetic.generate("test", r.eval_examples, config.pretrain.seed)
+  examples = synthetic.generate("test", r.eval_examples, EVAL_SEED)
   report = compare.compare_modes(
     lm,
     examples,
@@ -145,7 +145,7 @@ def evaluate_stage(config, base: str, exports: dict[str, str], workdir: str) -> 
   results = {
     "date": time.strftime("%Y-%m-%d"),
     "split": "test",
-    "seed": config.pretrain.seed,
+    "seed": EVAL_SEED,
     "eval_examples": r.eval_examples,
     "accuracy": report.accuracy,
     "ttft_s": report.ttft_s,

@@ -1,5 +1,7 @@
 """Pretraining: completion-only loss, length-bucketed batches, and a loss that goes down."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import optax
@@ -131,3 +133,22 @@ def test_pretrain_records_an_evaluation_at_every_eval_step():
   _, history = pretrain.pretrain(config, progress=False, log=lambda _: None)
   assert [h["step"] for h in history] == [1, 2, 3]
   assert all(0 <= h["text"]["overall"] <= 1 and 0 <= h["worker"]["exact"] <= 1 for h in history)
+
+
+def test_every_seed_is_scored_on_the_same_validation_examples(monkeypatch):
+  seen = []
+
+  def evaluate(lm, examples, *args, **kwargs):
+    seen.append([ex.id for ex in examples])
+    return {"text": {"overall": 0.0}, "worker": {"exact": 0.0}}
+
+  monkeypatch.setattr(pretrain, "evaluate", evaluate)
+  config = pretrain.PretrainConfig(
+    hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, steps=1, copy_steps=0,
+    short_steps=0, batch_tokens=576, buckets=(576,), train_examples=6, eval_every=1,
+    eval_examples=3, max_new_tokens=2,
+  )  # fmt: skip
+  for seed in (0, 3):
+    pretrain.pretrain(dataclasses.replace(config, seed=seed), progress=False, log=lambda _: None)
+  expected = [ex.id for ex in synthetic.generate("validation", 3, pretrain.EVAL_SEED)]
+  assert seen == [expected, expected]
