@@ -167,6 +167,13 @@ def main(argv=None) -> None:
   p.add_argument("--lengths", default="16,32,64,128", help="branch lengths of the TTFT sweep")
   p.add_argument("--ttft-examples", type=int, default=4, help="examples timed per mode")
   p.add_argument("--out", default="outputs/demo", help="folder for demo.json and demo.png")
+  p.add_argument(
+    "--adapter",
+    action="append",
+    metavar="NAME=FOLDER",
+    help="also score this trainer export (mapper + LoRA for the shipped base) as mode NAME;"
+    " repeatable",
+  )
   p.set_defaults(func=_demo)
 
   p = sub.add_parser("demo-qwen", help="workers + text vs cache synthesis on Qwen2.5-Coder-0.5B")

@@ -9,6 +9,11 @@ Parallel-Synthesis per mapper. Prints accuracy per family and mode, warm TTFT
 per mode, text vs cache TTFT as branches grow, and the figures recorded for the
 shipped models on the larger test set; writes `demo.json` and `demo.png`.
 Nothing is downloaded. About 2-3 minutes on a 2-core CPU, mostly compilation.
+
+`--adapter NAME=FOLDER` adds a mode of your own: a trainer export (mapper +
+LoRA, e.g. `WORKDIR/export` of `experiments/train.py --config
+configs/synthetic.py`) trained on the shipped base model, scored on the same
+worker outputs as every other mode.
 """
 
 from __future__ import annotations
@@ -23,16 +28,28 @@ def run(
   ttft_examples: int = 4,
   out: str = "outputs/demo",
   progress: bool = True,
+  adapters: dict[str, str] | None = None,
 ):
-  """Runs the comparison; returns the `compare.Report` (also written under `out`)."""
+  """Runs the comparison; returns the `compare.Report` (also written under `out`).
+
+  `adapters` maps extra mode names to trainer export folders for the shipped base model.
+  """
   from psynth_jax import assets
   from psynth_jax.eval import compare
+  from psynth_jax.eval.workflow import CacheMode
   from psynth_jax.pretrain import num_params
   from psynth_jax.tasks import synthetic
+  from psynth_jax.train.checkpoints import load_export
 
   t0 = time.perf_counter()
   lm = assets.load_synthetic_base()
   modes = assets.load_synthetic_modes(lm.config)
+  taken = {mode.name for mode in modes}
+  for name, folder in (adapters or {}).items():
+    if name in taken:
+      raise ValueError(f"adapter name {name!r} is taken by a built-in mode; pick another")
+    mapper, lora = load_export(folder, lm.config)
+    modes.append(CacheMode(name, mapper=mapper, lora=lora))
   print(
     f"[demo] base model: {num_params(lm.params) / 1e6:.2f}M parameters, {lm.config.num_layers} layers;"
     f" {len(modes)} cache modes; {num_examples} test examples (K = 2-8 workers each)",
@@ -66,6 +83,19 @@ def run(
   return report
 
 
+def parse_adapters(specs) -> dict[str, str]:
+  """["NAME=FOLDER", ...] -> {NAME: FOLDER}, in order; a malformed or repeated name is an error."""
+  adapters = {}
+  for spec in specs or ():
+    name, sep, folder = spec.partition("=")
+    if not sep or not name or not folder:
+      raise ValueError(f"--adapter takes NAME=FOLDER, got {spec!r}")
+    if name in adapters:
+      raise ValueError(f"--adapter {name} is given twice")
+    adapters[name] = folder
+  return adapters
+
+
 def main(args) -> None:
   lengths = tuple(int(x) for x in args.lengths.split(",") if x)
-  run(args.examples, lengths, args.ttft_examples, args.out)
+  run(args.examples, lengths, args.ttft_examples, args.out, adapters=parse_adapters(args.adapter))

@@ -70,10 +70,24 @@ def test_missing_assets_name_the_rebuild_command(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-  report = demo.run(num_examples=3, lengths=(16,), ttft_examples=1, out=str(tmp_path))
-  assert set(report.modes) >= {workflow.TEXT_SYNTHESIS, workflow.NAIVE_MERGE}
+  # A user's export: here the shipped PS adapter again, so it must score exactly as that mode.
+  mine = {"mine": os.path.join(assets.SYNTHETIC_ADAPTERS, "parallel_synthesis_affine")}
+  report = demo.run(
+    num_examples=3, lengths=(16,), ttft_examples=1, out=str(tmp_path), adapters=mine
+  )
+  assert set(report.modes) >= {workflow.TEXT_SYNTHESIS, workflow.NAIVE_MERGE, "mine"}
+  assert report.accuracy["mine"] == report.accuracy["parallel_synthesis/affine"]
   assert all(t > 0 for t in report.ttft_s.values())
   assert report.ttft_by_length[0]["ratio"] > 0
   assert (tmp_path / "demo.png").stat().st_size > 0
   assert compare.read_json(tmp_path / "demo.json").accuracy == report.accuracy
   assert "text_synthesis" in capsys.readouterr().out
+
+
+def test_demo_adapter_flags_are_checked():
+  assert demo.parse_adapters(["a=x", "b=y=z"]) == {"a": "x", "b": "y=z"}
+  for bad in (["a"], ["=x"], ["a="], ["a=x", "a=y"]):
+    with pytest.raises(ValueError, match="--adapter"):
+      demo.parse_adapters(bad)
+  with pytest.raises(ValueError, match="taken"):
+    demo.run(num_examples=1, lengths=(), ttft_examples=0, adapters={"lora_only": "x"})
