@@ -171,8 +171,8 @@ def main(argv=None) -> None:
     "--adapter",
     action="append",
     metavar="NAME=FOLDER",
-    help="also score this trainer export (mapper + LoRA for the shipped base) as mode NAME;"
-    " repeatable",
+    help="also score this trainer export (mapper + LoRA for the shipped base) as mode NAME"
+    " (not a built-in mode's name); repeatable",
   )
   p.set_defaults(func=_demo)
 

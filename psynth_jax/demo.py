@@ -35,8 +35,7 @@ def run(
   `adapters` maps extra mode names to trainer export folders for the shipped base model.
   """
   from psynth_jax import assets
-  from psynth_jax.eval import compare
-  from psynth_jax.eval.workflow import CacheMode
+  from psynth_jax.eval import compare, workflow
   from psynth_jax.pretrain import num_params
   from psynth_jax.tasks import synthetic
   from psynth_jax.train.checkpoints import load_export
@@ -44,12 +43,12 @@ def run(
   t0 = time.perf_counter()
   lm = assets.load_synthetic_base()
   modes = assets.load_synthetic_modes(lm.config)
-  taken = {mode.name for mode in modes}
+  taken = set(workflow.mode_names(modes))  # the baselines' names too
   for name, folder in (adapters or {}).items():
     if name in taken:
       raise ValueError(f"adapter name {name!r} is taken by a built-in mode; pick another")
     mapper, lora = load_export(folder, lm.config)
-    modes.append(CacheMode(name, mapper=mapper, lora=lora))
+    modes.append(workflow.CacheMode(name, mapper=mapper, lora=lora))
   print(
     f"[demo] base model: {num_params(lm.params) / 1e6:.2f}M parameters, {lm.config.num_layers} layers;"
     f" {len(modes)} cache modes; {num_examples} test examples (K = 2-8 workers each)",

@@ -89,5 +89,6 @@ def test_demo_adapter_flags_are_checked():
   for bad in (["a"], ["=x"], ["a="], ["a=x", "a=y"]):
     with pytest.raises(ValueError, match="--adapter"):
       demo.parse_adapters(bad)
-  with pytest.raises(ValueError, match="taken"):
-    demo.run(num_examples=1, lengths=(), ttft_examples=0, adapters={"lora_only": "x"})
+  for name in ("lora_only", workflow.TEXT_SYNTHESIS):
+    with pytest.raises(ValueError, match="taken"):
+      demo.run(num_examples=1, lengths=(), ttft_examples=0, adapters={name: "x"})
