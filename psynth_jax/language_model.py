@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psynth_jax import decode
+from psynth_jax.model.lora import check_lora
 from psynth_jax.model.transformer import Params, forward
 
 
@@ -47,6 +48,7 @@ class LanguageModel:
     if tokens.ndim != 2 or 0 in tokens.shape:
       raise ValueError(f"tokens must be a non-empty [B, T] array, got shape {tokens.shape}")
     self._check_ids(tokens)
+    check_lora(lora, self.config)
     return _logits(self.params, tokens, jnp.ones(tokens.shape, bool), lora)
 
   def generate(
@@ -64,6 +66,7 @@ class LanguageModel:
 
     Returns, per prompt, the new token ids up to (not including) the first stop id.
     """
+    check_lora(lora, self.config)
     spec, batch, capacity = self._prepare(
       prompts, max_new_tokens, temperature, top_k, top_p, stop_ids
     )

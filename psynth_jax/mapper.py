@@ -13,8 +13,10 @@ Kinds:
   Linear(3, 32) -> SiLU -> Linear(32, 4); r -> alpha = 1 + 0.1 tanh(r0),
   beta = 0.1 tanh(r1) (keys), likewise r2, r3 (values); one scalar per
   (branch, layer), broadcast over heads, rows and head dims. Feature modes
-  `both | length | num_workers | none` zero the dropped features (the input
-  width stays 3, so reference state dicts load in every mode).
+  `both | length | num_workers | none` zero the dropped features, so the input
+  width stays 3 in every mode. The reference release instead drops unused
+  features (its `net.0.weight` is [32, 2] for `length` / `num_workers` and
+  [32, 1] for `none`): only its `both` checkpoints load here today.
 * `head_affine` (ours): the same shape of MLP, shared by all layers and heads,
   but its coefficients are per kv head and it also reads the branch's cache
   statistics at that layer and head: log1p of the mean key and value norms over
@@ -138,6 +140,18 @@ class Mapper:
 
   def num_params(self) -> int:
     return sum(x.size for x in jax.tree.leaves(self.state))
+
+
+def check_mapper(mapper: Mapper | None, num_layers: int) -> None:
+  """Raises ValueError if `mapper` was made for a model with another layer count."""
+  if mapper is None:
+    return
+  if not isinstance(mapper, Mapper):
+    raise TypeError(f"mapper must be a Mapper or None, got {type(mapper).__name__}")
+  if mapper.num_layers != num_layers:
+    raise ValueError(
+      f"the {mapper.kind} mapper was made for {mapper.num_layers} layers, the model has {num_layers}"
+    )
 
 
 def _new_module(kind: str, seed: int) -> nnx.Module:

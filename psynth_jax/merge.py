@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from psynth_jax.kv_cache import KVCache
-from psynth_jax.mapper import Mapper, apply
+from psynth_jax.mapper import Mapper, apply, check_mapper
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.rope import apply_rope, inv_frequencies
 
@@ -33,8 +33,7 @@ def mapped_branch_kv(branches, config: ModelConfig, mapper: Mapper | None, num_w
   k = tuple(reencode(kl, branches.offsets, config) for kl in branches.cache.k)
   v = branches.cache.v
   if mapper is not None and mapper.kind != "identity":
-    if mapper.num_layers != config.num_layers:
-      raise ValueError(f"mapper has {mapper.num_layers} layers, the model {config.num_layers}")
+    check_mapper(mapper, config.num_layers)
     if num_workers is None:
       num_workers = jnp.asarray(branches.num_branches)
     k, v = apply(mapper.coefficients(k, v, branches.lengths, num_workers), k, v)

@@ -36,7 +36,7 @@ import optax
 
 from psynth_jax.language_model import LanguageModel
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.transformer import Params, forward, init_params
+from psynth_jax.model.transformer import Params, forward, init_params, with_fingerprint
 from psynth_jax.tasks import synthetic
 
 FORMATS = ("text", "worker", "single")
@@ -402,7 +402,8 @@ def pretrain(
       text = " ".join(f"{k}={v:.3f}" for k, v in scores["text"].items())
       log(f"step {step}: loss {ema:.3f} | val text synthesis {text}")
       log(f"  worker exact {scores['worker']['exact']:.3f} | {seconds:.0f}s wall, {cpu:.0f}s cpu")
-  return language_model(params), history
+  # New weights, new fingerprint (branches of the initial model must not pass for ours).
+  return language_model(with_fingerprint(params)), history
 
 
 def save_base(lm: LanguageModel, out: str, info: dict, dtype: str = "float32") -> None:

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from psynth_jax import decode
-from psynth_jax.mapper import Mapper
+from psynth_jax.mapper import Mapper, check_mapper
 from psynth_jax.merge import merge, synth_start_position
+from psynth_jax.model.lora import check_lora
 from psynth_jax.model.transformer import Params, hidden_states, unembed
 from psynth_jax.workers import Branches
 
@@ -39,6 +40,24 @@ class SynthesisResult:
   total_s: float
   prompt_tokens: int  # tokens the synthesizer prefilled
   stages: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def check_adapters(lm, mapper: Mapper | None, lora) -> None:
+  """Clear errors for a mapper or LoRA made for another model (checked by their shapes)."""
+  check_mapper(mapper, lm.config.num_layers)
+  check_lora(lora, lm.config)
+
+
+def check_num_workers(branches: Branches, num_workers: int | None) -> None:
+  """K as the mapper sees it must count every non-empty branch and no more than all."""
+  if num_workers is None:
+    return
+  nonempty = int((np.asarray(branches.lengths) > 0).sum())
+  if num_workers < 1 or not nonempty <= num_workers <= branches.num_branches:
+    raise ValueError(
+      f"num_workers={num_workers} must be between the {nonempty} non-empty branches and"
+      f" the {branches.num_branches} branches given"
+    )
 
 
 def _first_token(
@@ -77,11 +96,21 @@ def _fused(
 _jit_merge = jax.jit(merge, static_argnames=("config", "rows", "capacity"))
 
 
-def check_branches(lm, branches: Branches) -> None:
-  """Clear errors for branches that this model cannot read."""
+def check_branches(lm, branches: Branches, allow_foreign_branches: bool = False) -> None:
+  """Clear errors for branches that this model cannot read.
+
+  Branches made by another model (other weights, or another RoPE) have the
+  right shapes but the wrong contents; their `fingerprint` tells them apart.
+  """
   if branches.num_branches == 0:
     raise ValueError("synthesis needs at least one branch")
   branches.cache.check_compatible(lm.config)
+  if branches.fingerprint != lm.params.fingerprint and not allow_foreign_branches:
+    raise ValueError(
+      f"these branches were made by another model (fingerprint {branches.fingerprint!r}) than"
+      f" the synthesizer ({lm.params.fingerprint!r}); run the workers with the synthesizer's"
+      " base model, or pass allow_foreign_branches=True if that is intended"
+    )
   lengths = np.asarray(branches.lengths)
   if lengths.min() < 0 or lengths.max() > branches.capacity:
     raise ValueError(
@@ -109,6 +138,7 @@ def synthesize(
   profile: bool = False,
   num_workers: int | None = None,
   rows: int | None = None,
+  allow_foreign_branches: bool = False,
 ) -> SynthesisResult:
   """Parallel-Synthesis: the synthesizer reads the merged branch caches.
 
@@ -125,8 +155,12 @@ def synthesize(
       the real K here lets one compiled program serve every K.
     rows: static rows for the merged branches (default: a bucket of sum L_i);
       a fixed value serves many examples with one compiled program.
+    allow_foreign_branches: accept branches whose fingerprint is not this
+      model's (made by other weights); otherwise that is a ValueError.
   """
-  check_branches(lm, branches)
+  check_branches(lm, branches, allow_foreign_branches)
+  check_adapters(lm, mapper, lora)
+  check_num_workers(branches, num_workers)
   spec, batch, _ = lm._prepare([synth_prompt], max_new_tokens, temperature, top_k, top_p, None)
   used = int(np.asarray(branches.lengths).sum())
   rows = branch_rows(branches) if rows is None else rows
@@ -168,13 +202,14 @@ def synthesize_text(
 ) -> SynthesisResult:
   """Text-concatenation baseline: the base model prefills the whole prompt.
 
-  `prompt` is text (tokenised inside the timed region, as DESIGN.md §2 says)
-  or token ids.
+  `prompt` is text or token ids. Text is tokenised before the clock starts and
+  its time is reported as `stages["tokenize"]`, never inside `ttft_s`, so that
+  both paths are timed from token ids (the cache path's prompt is ids too).
   """
   t0 = time.perf_counter()
   ids = lm._tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
+  stages = {"tokenize": time.perf_counter() - t0} if isinstance(prompt, str) else {}
   spec, batch, capacity = lm._prepare([ids], max_new_tokens, temperature, top_k, top_p, None)
-  tokenize_s = time.perf_counter() - t0
   args = (
     lm.params,
     jnp.asarray(batch.tokens),
@@ -184,21 +219,9 @@ def synthesize_text(
     spec,
     capacity,
   )
-  result = _run(
-    lm,
-    args,
-    spec,
-    fused,
-    decode.jit_begin,
-    decode.generate_tokens,
-    None,
-    len(ids),
-    {"tokenize": tokenize_s},
+  return _run(
+    lm, args, spec, fused, decode.jit_begin, decode.generate_tokens, None, len(ids), stages
   )
-  if result.ttft_s is not None:
-    result.ttft_s += tokenize_s
-  result.total_s += tokenize_s
-  return result
 
 
 def _run(lm, args, spec, fused, first_fn, fused_fn, lora, n_prompt, stages) -> SynthesisResult:
@@ -263,9 +286,17 @@ def _synthesis_logits(params, branches, tokens, mapper, lora, rows):
   return unembed(params, x)[0]
 
 
-def synthesis_logits(lm, branches: Branches, synth_prompt: Sequence[int], mapper=None, lora=None):
+def synthesis_logits(
+  lm,
+  branches: Branches,
+  synth_prompt: Sequence[int],
+  mapper=None,
+  lora=None,
+  allow_foreign_branches: bool = False,
+):
   """Logits [T, V] over the synthesizer prompt tokens, reading the merged branch caches."""
-  check_branches(lm, branches)
+  check_branches(lm, branches, allow_foreign_branches)
+  check_adapters(lm, mapper, lora)
   if len(synth_prompt) == 0:
     raise ValueError("the synthesizer prompt is empty")
   tokens = jnp.asarray([list(synth_prompt)], jnp.int32)

@@ -13,6 +13,10 @@ tokens; later rows are padding. Two ways to get one:
   (offsets 0); this is how training builds branch caches.
 
 An empty branch (length 0) is allowed: it contributes no rows.
+
+`Branches.fingerprint` is the `Params.fingerprint` of the model that made the
+cache (static, like the params'); synthesis refuses branches from another
+model unless told otherwise (`allow_foreign_branches=True`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Branches:
   lengths: jax.Array  # [K] int32, output tokens kept per branch
   offsets: jax.Array  # [K] int32, RoPE position of row 0 of each branch
   tokens: jax.Array  # [K, S] int32, the branch tokens (pad beyond lengths)
+  fingerprint: str = struct.field(pytree_node=False, default="")  # of the model that made them
 
   @property
   def num_branches(self) -> int:
@@ -66,7 +71,8 @@ def _finish(params, state, first_positions, prompt_rows, spec):
   # The last recorded token has not been fed yet; feed it so every output
   # token has its cache row.
   _, cache = hidden_states(params, state.last[:, None], state.position[:, None], state.cache)
-  return state.tokens, _output_branches(cache, state.tokens, first_positions, prompt_rows, spec)
+  branches = _output_branches(cache, state.tokens, first_positions, prompt_rows, spec)
+  return state.tokens, branches.replace(fingerprint=params.fingerprint)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "capacity"))
@@ -171,7 +177,7 @@ def _encode_program(params: Params, tokens, mask):
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (k, s))
   _, cache = hidden_states(params, tokens, positions, cache, mask)
   lengths = mask.sum(-1).astype(jnp.int32)
-  return Branches(cache, lengths, jnp.zeros((k,), jnp.int32), tokens)
+  return Branches(cache, lengths, jnp.zeros((k,), jnp.int32), tokens, params.fingerprint)
 
 
 def encode_branches(

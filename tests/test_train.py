@@ -143,6 +143,38 @@ def test_kl_is_zero_for_the_teacher_itself_and_positive_otherwise():
   np.testing.assert_allclose(kl(garbage, logits, weights, 1.0), kl(other, logits, weights, 1.0))
 
 
+def test_loss_normalisations_match_a_plain_computation_and_agree_at_batch_one():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(3, 4, 7)).astype(np.float32)
+  labels = rng.integers(0, 7, (3, 4))
+  weights = np.array([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]], np.float32)  # row 3: skipped
+  log_q = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  ce = -np.take_along_axis(log_q, labels[..., None], -1)[..., 0]  # [B, N]
+  per_example = [ce[0].mean(), ce[1, 0]]  # the skipped row does not count
+  want = {"example": np.mean(per_example), "token": (ce * weights).sum() / weights.sum()}
+  for normalize, value in want.items():
+    got = losses.cross_entropy(logits, labels, weights, normalize)
+    np.testing.assert_allclose(got, value, rtol=1e-5)
+  assert abs(want["example"] - want["token"]) > 1e-3  # the test tells them apart
+  one = (logits[:1], labels[:1], weights[:1] * np.array([1, 1, 0, 1], np.float32))
+  np.testing.assert_allclose(
+    losses.cross_entropy(*one, "example"), losses.cross_entropy(*one, "token"), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    losses.kl_to_teacher(
+      logits[:1], logits[:1] + 1.0 * labels[:1, :, None], weights[:1], 1.0, "example"
+    ),
+    losses.kl_to_teacher(
+      logits[:1], logits[:1] + 1.0 * labels[:1, :, None], weights[:1], 1.0, "token"
+    ),
+    rtol=1e-6,
+  )
+  with pytest.raises(ValueError, match="normalize"):
+    losses.cross_entropy(logits, labels, weights, "batch")
+  with pytest.raises(ValueError, match="loss_normalize"):
+    step_lib.StepConfig(branch_rows=8, loss_normalize="batch")
+
+
 def test_teacher_logits_are_the_base_model_over_the_text_prompt(base, batch):
   @jax.jit
   def both(base, batch):
@@ -221,6 +253,22 @@ def test_a_batch_of_skipped_examples_changes_nothing(base, batch):
   state, metrics = step_fn(state, base, jax.tree.map(jnp.asarray, empty))
   jax.tree.map(np.testing.assert_array_equal, _copy((state.params, state.opt_state)), before)
   assert int(metrics["skipped"]) == 4 and int(state.skipped) == 4 and int(state.step) == 2
+
+
+def test_a_lora_or_mapper_of_another_model_fails_while_tracing(base, batch):
+  optimizer, _ = _step_fn("both", 1e-2)
+  config = step_lib.StepConfig(branch_rows=SPEC.branch_rows)
+  step = functools.partial(step_lib.train_step, config=config, optimizer=optimizer)
+  mapper, lora = _trainables()
+  deeper_lora = LoRAWeights.init(CONFIG.replace(num_layers=3), LoRAConfig(rank=4))
+  deeper_mapper = Mapper.create("affine", 3)
+  for trainables, match in (
+    ((mapper, deeper_lora), "LoRA adapter does not fit"),
+    ((deeper_mapper, lora), "made for 3 layers"),
+  ):
+    state = step_lib.init_state(*trainables, optimizer)
+    with pytest.raises(ValueError, match=match):
+      jax.eval_shape(step, state, base, batch)
 
 
 def test_optimizer_options():

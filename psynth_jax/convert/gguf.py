@@ -51,7 +51,7 @@ def load_gguf(file: str | Path, dtype: str | None = None) -> tuple[Params, dict[
   """
   model = load_gguf_torch(file)
   hf_config = model.config.to_dict()
-  config = ModelConfig.from_hf(hf_config, dtype=dtype or "float32")
+  config = ModelConfig.from_hf(hf_config, dtype=dtype or "float32", source=str(file))
   # .numpy() shares memory with the torch tensors; params_from_flat makes the copy.
   state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   flat = hf_state_to_flat(config, state, source=str(file))

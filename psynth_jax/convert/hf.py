@@ -276,7 +276,8 @@ def load_hf_folder(path: str | Path, dtype: str | None = None) -> Params:
     `Params` with every tensor converted and shape-checked.
   """
   folder = Path(path)
-  config = ModelConfig.from_hf(read_json(folder / "config.json"), dtype=dtype)
+  config_path = folder / "config.json"
+  config = ModelConfig.from_hf(read_json(config_path), dtype=dtype, source=str(config_path))
   state = read_safetensors(safetensors_files(folder))
   flat = hf_state_to_flat(config, state, source=str(folder))
   return params_from_flat(config, flat, source=str(folder))

@@ -46,7 +46,13 @@ def mapper_from_state_dict(
   for key, (path, shape, transpose) in NAME_TABLE.items():
     w = np.asarray(state[key], np.float32)
     if tuple(w.shape) != shape:
-      raise ValueError(f"{source}: {key!r} has shape {tuple(w.shape)}, expected {shape}")
+      hint = ""
+      if key == "net.0.weight" and w.shape in ((HIDDEN, 1), (HIDDEN, 2)):
+        hint = (
+          " (a reference ablation checkpoint that drops unused features; only"
+          " 3-feature checkpoints load today)"
+        )
+      raise ValueError(f"{source}: {key!r} has shape {tuple(w.shape)}, expected {shape}{hint}")
     by_path[path] = w.T if transpose else w
   flat = [
     (path, var.replace(jnp.asarray(by_path[tuple(path)], var.dtype)))
@@ -76,7 +82,8 @@ def load_reference_mapper(
   Args:
     path: a file written by `torch.save(mapper.state_dict(), path)`.
     num_layers: the base model's layer count (the layer feature is l / (L - 1)).
-    features: feature mode, `both | length | num_workers | none`.
+    features: feature mode, `both | length | num_workers | none` (ours zeroes
+      dropped features; the file must still have 3 input features).
 
   Raises:
     KeyError: keys missing or unexpected (names them); ValueError: a wrong shape.

@@ -12,6 +12,13 @@ import dataclasses
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+REQUIRED_HF_KEYS = (
+  "vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_hidden_layers",
+  "num_attention_heads",
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -69,8 +76,15 @@ class ModelConfig:
     return dataclasses.replace(self, **changes)
 
   @classmethod
-  def from_hf(cls, hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
-    """Builds a config from a Hugging Face `config.json` dict (v4 or v5 schema)."""
+  def from_hf(
+    cls, hf: dict[str, Any], dtype: str | None = None, source: str = "config.json"
+  ) -> ModelConfig:
+    """Builds a config from a Hugging Face `config.json` dict (v4 or v5 schema).
+
+    Raises:
+      UnsupportedModelError: an architecture or option we do not implement.
+      KeyError: a required key is missing (names `source` and the keys).
+    """
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
       archs = hf.get("architectures")
@@ -85,19 +99,27 @@ class ModelConfig:
     if model_type != "qwen2" and hf.get("attention_bias"):
       # In Llama/Mistral/Qwen3 this flag also biases o_proj, which we do not model.
       raise UnsupportedModelError(f"{model_type} with attention_bias=True is not supported")
+    missing = [k for k in REQUIRED_HF_KEYS if hf.get(k) is None]
+    if missing:
+      raise KeyError(f"{source} ({model_type}) is missing required key(s) {missing}")
+    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+      raise UnsupportedModelError(
+        f"{model_type} with use_sliding_window=True (sliding-window attention on layers from"
+        f" max_window_layers={hf.get('max_window_layers')} on) is not supported"
+      )
+    layer_types = set(hf.get("layer_types") or ())
+    if model_type != "mistral" and layer_types - {"full_attention"}:
+      raise UnsupportedModelError(
+        f"{model_type} with layer_types {sorted(layer_types)} is not supported"
+        " (only full_attention layers)"
+      )
     num_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
     rope_theta, rope_scaling = _rope_from_hf(hf)
     qkv_bias = model_type == "qwen2"  # Qwen2 always has q/k/v biases; its config does not say so.
     sliding_window = hf.get("sliding_window")
-    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-      sliding_window = None  # Qwen2 configs carry a window that is off unless enabled
-    if model_type == "qwen2" and sliding_window is not None:
-      raise UnsupportedModelError(
-        "Qwen2 use_sliding_window=True (per-layer windows) is not supported"
-      )
-    if model_type in ("llama", "qwen3"):
-      sliding_window = None
+    if model_type in ("llama", "qwen2", "qwen3"):
+      sliding_window = None  # off unless use_sliding_window (refused above)
     if dtype is None:
       dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
       dtype = "bfloat16" if dtype == "bfloat16" else "float32"

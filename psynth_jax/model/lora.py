@@ -96,3 +96,30 @@ class LoRAWeights:
       layer_w = {t: (a[i], b[i]) for t, (a, b) in weights.items()}
       out.append(LoRALayer(layer_w, self.config.scale, self.config.dropout, rng))
     return tuple(out)
+
+
+def check_lora(lora: LoRAWeights | None, config: ModelConfig) -> None:
+  """Raises ValueError if `lora`'s tensors do not fit the model described by `config`.
+
+  Checks the arrays themselves (layer count, D_in, D_out and rank per target),
+  not `lora.model_config`: an adapter imported from a file may have been
+  built for another model.
+  """
+  if lora is None:
+    return
+  if not isinstance(lora, LoRAWeights):
+    raise TypeError(f"lora must be a LoRAWeights or None, got {type(lora).__name__}")
+  problems = []
+  for t in lora.config.targets:
+    a, b = lora.arrays(t)
+    d_in, d_out = target_dims(config, t)
+    want_a = (config.num_layers, d_in, lora.config.rank)
+    want_b = (config.num_layers, lora.config.rank, d_out)
+    for name, got, want in ((f"a_{t}", a.shape, want_a), (f"b_{t}", b.shape, want_b)):
+      if tuple(got) != want:
+        problems.append(f"{name} is {tuple(got)}, the model needs {want}")
+  if problems:
+    raise ValueError(
+      "the LoRA adapter does not fit this model ([layers, D_in, rank] / [layers, rank, D_out]"
+      f" per target; the model has {config.num_layers} layers): " + "; ".join(problems)
+    )

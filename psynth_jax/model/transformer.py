@@ -9,6 +9,8 @@ module's `nnx.State`, and `forward` merges them inside whatever jit calls it.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -60,13 +62,56 @@ class Transformer(nnx.Module):
 
 @struct.dataclass
 class Params:
-  """A model's weights: its config (static) and the decoder's `nnx.State`."""
+  """A model's weights: its config (static), the decoder's `nnx.State` and a fingerprint.
+
+  `fingerprint` names these weights: "<config digest>:<weights digest>" (see
+  `fingerprint`). It is static (part of the pytree's structure, never traced),
+  so it survives `jax.jit`, `jax.tree.map` and sharding, and the `Branches` a
+  model makes carry it: synthesis refuses branches whose fingerprint differs
+  from the synthesizer's. Empty for abstract or hand-built params.
+  """
 
   config: ModelConfig = struct.field(pytree_node=False)
   state: nnx.State
+  fingerprint: str = struct.field(pytree_node=False, default="")
 
   def module(self) -> Transformer:
     return nnx.merge(graphdef(self.config), self.state)
+
+
+def config_digest(config: ModelConfig) -> str:
+  """8 hex digits of every config field (RoPE theta and scaling included)."""
+  text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+# Elements hashed per weight tensor: a strided sample, so that a fingerprint
+# costs a few MB of reads even for a 14B model, yet differs for any other
+# weights (fine-tuned, another seed, another checkpoint).
+_SAMPLE = 4096
+
+
+def fingerprint(config: ModelConfig, arrays) -> str:
+  """Returns "<config digest>:<digest of a strided sample of every weight tensor>".
+
+  Args:
+    config: the model config.
+    arrays: {name: array} of concrete weights (numpy or jax, any sharding).
+  """
+  h = hashlib.sha256()
+  for name in sorted(arrays):
+    x = arrays[name]
+    flat = x.reshape(-1)
+    sample = np.asarray(jax.device_get(flat[:: max(1, flat.shape[0] // _SAMPLE)]))
+    h.update(name.encode())
+    h.update(str(sample.dtype).encode())
+    h.update(np.ascontiguousarray(sample).view(np.uint8).tobytes())
+  return f"{config_digest(config)}:{h.hexdigest()[:12]}"
+
+
+def with_fingerprint(params: Params) -> Params:
+  """`params` with the fingerprint of its current weights (call after training them)."""
+  return params.replace(fingerprint=fingerprint(params.config, flat_state(params)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -82,9 +127,15 @@ def abstract_params(config: ModelConfig) -> Params:
 
 
 def init_params(config: ModelConfig, seed: int = 0) -> Params:
-  """Randomly initialised weights (for tests and pretraining from scratch)."""
-  model = Transformer(config, nnx.Rngs(seed))
-  return Params(config, nnx.state(model))
+  """Randomly initialised weights (for tests and pretraining from scratch).
+
+  Under `jax.jit` (a sharded init) the weights are not known yet, so the
+  fingerprint is left empty: call `with_fingerprint` on the result.
+  """
+  params = Params(config, nnx.state(Transformer(config, nnx.Rngs(seed))))
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
+    return params
+  return with_fingerprint(params)
 
 
 def hidden_states(
@@ -199,7 +250,7 @@ def params_from_flat(
         f"{source}: parameter {name!r} has shape {tuple(arr.shape)}, expected {tuple(var.shape)}"
       )
     flat.append((tuple(_key(p) for p in name.split(".")), var.replace(jnp.asarray(arr, dtype))))
-  return Params(config, nnx.from_flat_state(flat))
+  return with_fingerprint(Params(config, nnx.from_flat_state(flat)))
 
 
 def _key(part: str):

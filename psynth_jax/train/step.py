@@ -28,8 +28,8 @@ from flax import struct
 
 from psynth_jax import sharding
 from psynth_jax.kv_cache import KVCache
-from psynth_jax.mapper import Mapper
-from psynth_jax.model.lora import LoRAWeights
+from psynth_jax.mapper import Mapper, check_mapper
+from psynth_jax.model.lora import LoRAWeights, check_lora
 from psynth_jax.model.transformer import Params, hidden_states, unembed
 from psynth_jax.synthesis import latent_hidden
 from psynth_jax.train import losses
@@ -74,12 +74,17 @@ class StepConfig:
   ce_weight: float = 1.0
   kl_weight: float = 0.0
   kl_temperature: float = 1.0
+  loss_normalize: str = "example"  # losses.NORMALIZE: per example (the reference) or per token
   seed: int = 0  # LoRA dropout keys are fold_in(key(seed), step): resuming replays them
   worker_prompt_tokens: int = 0  # BatchSpec.worker_prompt_tokens
 
   def __post_init__(self):
     if self.trainable not in TRAINABLE:
       raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+    if self.loss_normalize not in losses.NORMALIZE:
+      raise ValueError(
+        f"loss_normalize must be one of {losses.NORMALIZE}, got {self.loss_normalize!r}"
+      )
 
   def trains(self, part: str) -> bool:
     return trains(self.trainable, part)
@@ -188,7 +193,13 @@ def encode_branch_batch(
     index=jnp.full((b,), s, jnp.int32),  # latent_hidden vmaps every leaf over B
   )
   branch_tokens = jnp.where(valid, branch_rows(flat_tokens[..., None])[..., 0].reshape(b * k, s), 0)
-  return Branches(cache, lengths.reshape(b, k), start.reshape(b, k), branch_tokens.reshape(b, k, s))
+  return Branches(
+    cache,
+    lengths.reshape(b, k),
+    start.reshape(b, k),
+    branch_tokens.reshape(b, k, s),
+    base.fingerprint,
+  )
 
 
 def teacher_logits(base: Params, batch: Batch) -> jax.Array:
@@ -223,14 +234,18 @@ def loss_fn(params, base: Params, batch: Batch, rng: jax.Array, config: StepConf
     lora_rng,
   )
   logits = unembed(base, losses.gather_positions(x, batch.score_pos))  # [B, N, V]
-  ce = losses.cross_entropy(logits, batch.labels, batch.weights)
+  ce = losses.cross_entropy(logits, batch.labels, batch.weights, config.loss_normalize)
   metrics = {"ce": ce, "accuracy": losses.accuracy(logits, batch.labels, batch.weights)}
   loss = config.ce_weight * ce
   if config.kl_weight > 0:
     if batch.teacher_tokens is None:
       raise ValueError("kl_weight > 0 needs teacher tokens (BatchSpec.teacher_tokens > 0)")
     kl = losses.kl_to_teacher(
-      logits, teacher_logits(base, batch), batch.weights, config.kl_temperature
+      logits,
+      teacher_logits(base, batch),
+      batch.weights,
+      config.kl_temperature,
+      config.loss_normalize,
     )
     metrics["kl"] = kl
     loss = loss + config.kl_weight * kl
@@ -253,6 +268,9 @@ def train_step(
   state: TrainState, base: Params, batch: Batch, *, config: StepConfig, optimizer: Optimizer
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer (micro-)step; returns the new state and scalar metrics."""
+  # Shapes are known while tracing: a foreign mapper or LoRA fails here, by name.
+  check_mapper(state.params["mapper"], base.config.num_layers)
+  check_lora(state.params["lora"], base.config)
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, metrics), grads = grad_fn(state.params, base, batch, rng, config)

@@ -62,6 +62,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     worker_prompt_tokens=48,
   )
   c.data.synthetic_examples = 16000  # one epoch = 2000 steps of 8
+  c.train.loss_normalize = "token"  # how the shipped adapters were trained
   # A tiny model needs a larger step than the paper's 1e-4 to learn in one epoch.
   c.optimizer.learning_rate = 1e-3
   c.checkpoint.every = 50

@@ -41,7 +41,7 @@ from psynth_jax import assets, sharding
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
-from psynth_jax.model.transformer import init_params
+from psynth_jax.model.transformer import init_params, with_fingerprint
 from psynth_jax.tasks import synthetic
 from psynth_jax.train import batching, checkpoints, data
 from psynth_jax.train import step as step_lib
@@ -104,6 +104,9 @@ def default_config() -> ConfigDict:
         ce_weight=1.0,
         kl_weight=0.0,
         kl_temperature=1.0,
+        # "example": each example's mean over its target tokens, then the mean over
+        # examples (the reference release); "token": the mean over all target tokens.
+        loss_normalize="example",
       ),
       optimizer=dataclasses.asdict(step_lib.OptimizerConfig()),
       # shape over (data, fsdp, tensor); rules: logical axis -> "data,fsdp" | "fsdp" | "".
@@ -133,13 +136,14 @@ def batch_spec(config: ConfigDict) -> batching.BatchSpec:
 def step_config(config: ConfigDict) -> step_lib.StepConfig:
   t = config.train
   return step_lib.StepConfig(
-    config.batch.branch_rows,
-    t.trainable,
-    t.ce_weight,
-    t.kl_weight,
-    t.kl_temperature,
-    config.seed,
-    config.batch.worker_prompt_tokens,
+    branch_rows=config.batch.branch_rows,
+    trainable=t.trainable,
+    ce_weight=t.ce_weight,
+    kl_weight=t.kl_weight,
+    kl_temperature=t.kl_temperature,
+    loss_normalize=t.loss_normalize,
+    seed=config.seed,
+    worker_prompt_tokens=config.batch.worker_prompt_tokens,
   )
 
 
@@ -173,6 +177,7 @@ def load_base(config: ConfigDict, mesh, rules):
   model_config = ModelConfig(**m.init.to_dict())
   key = ("base", model_config, m.init_seed, mesh, rules, _compiler_options(config) is not None)
   params = _initializer(key, lambda: init_params(model_config, m.init_seed), mesh, rules, config)()
+  params = with_fingerprint(params)  # initialised under jit: no fingerprint yet
   tokenizer = synthetic.SuiteTokenizer()
   if model_config.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model.init.vocab_size must be >= {tokenizer.vocab_size} (suite tokenizer)")
