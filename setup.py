@@ -18,6 +18,8 @@ setup(
     "ml_collections",
     "absl-py",
     "numpy",
+    "etils[epath]",  # train/data.py, train/checkpoints.py
+    "jinja2>=3.1",  # tokenizer.py: chat templates
     "safetensors",
     "tokenizers",
     "tensorflow-datasets>=4.9",

@@ -1,7 +1,8 @@
 """psynth_jax: Parallel-Synthesis in JAX/Flax.
 
 A synthesizer LLM reads the KV caches of K parallel worker branches directly
-instead of re-reading their concatenated text. Data flow (DESIGN.md §3):
+instead of re-reading their concatenated text. Data flow (README.md, "How it
+fits together"):
 
   load_pretrained -> run_workers (K branches, one jit) -> Branches
   -> synthesize (re-encode + mapper + merge + prefill + decode, jitted)

@@ -1,7 +1,7 @@
 """The explicit key/value cache pytree.
 
-Conventions (axis letters from STYLE.md): B batch, L layers, S cache rows,
-G kv heads, H head dim.
+Conventions (axis letters): B batch, L layers, S cache rows, G kv heads,
+H head dim.
 
 * `k[l]`, `v[l]`: layer l's keys and values, `[B, S, G, H]`. Keys are stored
   *after* RoPE at `positions`, so a row carries its position with it.

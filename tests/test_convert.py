@@ -5,14 +5,16 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from psynth_jax.convert import hf
 from psynth_jax.convert.checkpoint import load_converted, load_params, save_converted
 from psynth_jax.convert.hf import hf_state_to_flat, load_hf_folder
 from psynth_jax.model.config import ModelConfig, UnsupportedModelError
 from psynth_jax.model.transformer import flat_state, forward
+
+# PyTorch transformers is the reference for every parity test (the hf extra).
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 SMALL = dict(
@@ -296,7 +298,7 @@ def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def write_tiny_gguf(model, path):
   """Writes an HF model as llama.cpp would: F32 tensors, llama.cpp names and q/k order."""
-  import gguf
+  gguf = pytest.importorskip("gguf")
 
   c = model.config
   arch = c.model_type
@@ -346,6 +348,7 @@ def test_gguf_parity(name, tmp_path):
 
 @pytest.mark.slow
 def test_real_qwen_coder_matches_transformers_gguf():
+  pytest.importorskip("gguf")  # transformers reads .gguf files with it
   from psynth_jax.convert.gguf import load_gguf_torch
   from psynth_jax.convert.weights import cache_root, fetch_qwen_coder
   from psynth_jax.tokenizer import Tokenizer

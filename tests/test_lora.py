@@ -10,11 +10,7 @@ import json
 import shutil
 
 import numpy as np
-import peft
 import pytest
-import safetensors.torch
-import torch
-import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -22,6 +18,12 @@ from psynth_jax.convert.hf import load_hf_folder
 from psynth_jax.convert.peft import UnsupportedAdapterError, export_peft_lora, load_peft_lora
 from psynth_jax.language_model import LanguageModel
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
+
+# torch, transformers and peft are the reference for every test here (the hf extra).
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+safetensors_torch = pytest.importorskip("safetensors.torch")
 
 TOL = 1e-4
 SMALL = dict(
@@ -258,7 +260,7 @@ def test_bf16_and_legacy_bin_adapters_load(adapter, tmp_path):
     k: torch.from_numpy(v) for k, v in load_file(folder / "adapter_model.safetensors").items()
   }
   half = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
-  safetensors.torch.save_file(half, folder / "adapter_model.safetensors")
+  safetensors_torch.save_file(half, folder / "adapter_model.safetensors")
   got = load_peft_lora(folder, config)
   for t in want.config.targets:
     for a, b in zip(got.arrays(t), want.arrays(t), strict=True):

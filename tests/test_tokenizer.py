@@ -1,13 +1,21 @@
-"""Tokenizer: same ids, text and chat prompts as transformers' AutoTokenizer."""
+"""Tokenizer: same ids, text and chat prompts as transformers' AutoTokenizer.
 
+The comparisons need transformers (the hf extra) and are skipped without it; the
+error tests use only this package.
+"""
+
+import importlib.util
 import json
 
 import pytest
 import tokenizers
-import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from psynth_jax.tokenizer import Tokenizer
+
+needs_transformers = pytest.mark.skipif(
+  importlib.util.find_spec("transformers") is None, reason="needs transformers (the hf extra)"
+)
 
 CORPUS = [
   "def add(a, b):\n    return a + b\n",
@@ -97,9 +105,12 @@ def wordlevel_folder(tmp_path_factory):
 
 
 def _hf(folder):
+  import transformers
+
   return transformers.AutoTokenizer.from_pretrained(folder)
 
 
+@needs_transformers
 @pytest.mark.parametrize("text", [*CORPUS, "<|im_start|>user\nhi<|im_end|>", "unseen ß words"])
 def test_bpe_encode_decode_match_transformers(bpe_folder, text):
   ours, theirs = Tokenizer.from_folder(bpe_folder), _hf(bpe_folder)
@@ -113,6 +124,7 @@ def test_bpe_encode_decode_match_transformers(bpe_folder, text):
   assert ours.decode(ids, skip_special_tokens=False) == text
 
 
+@needs_transformers
 @pytest.mark.parametrize("generation_prompt", [True, False])
 @pytest.mark.parametrize("tools", [None, TOOLS])
 def test_bpe_chat_template_matches_transformers(bpe_folder, generation_prompt, tools):
@@ -126,6 +138,7 @@ def test_bpe_chat_template_matches_transformers(bpe_folder, generation_prompt, t
   assert "<things>" in ours.apply_chat_template(MESSAGES, tools=TOOLS)  # tojson does not escape
 
 
+@needs_transformers
 def test_bpe_special_ids(bpe_folder):
   ours = Tokenizer.from_folder(bpe_folder)
   im_end, eot = ours.token_id("<|im_end|>"), ours.token_id("<|endoftext|>")
@@ -142,6 +155,7 @@ def test_template_errors_surface(bpe_folder):
     ours.apply_chat_template([{"role": "robot", "content": "beep"}])
 
 
+@needs_transformers
 def test_wordlevel_matches_transformers(wordlevel_folder):
   ours, theirs = Tokenizer.from_folder(wordlevel_folder), _hf(wordlevel_folder)
   text = "hello world , do n't what is 2+2 ? it 's 4 ."
@@ -166,6 +180,7 @@ def test_missing_tokenizer_file_is_named(tmp_path):
 
 
 @pytest.mark.slow
+@needs_transformers
 def test_real_qwen_tokenizer_matches_transformers():
   from psynth_jax.convert.weights import fetch_qwen_coder
 

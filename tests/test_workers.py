@@ -2,8 +2,8 @@
 
 The branch caches are compared with a plain prefill of [worker prompt + output
 tokens] (same positions, rows of the output tokens), and after re-encoding
-with a prefill of the same tokens at positions shifted by -|prompt| (what
-DESIGN.md §1.2 says re-encoding must equal). A stop id that one worker emits
+with a prefill of the same tokens at positions shifted by -|prompt| (re-encoding
+must equal recomputing the keys at the new positions: `psynth_jax/merge.py`). A stop id that one worker emits
 first gives an empty branch.
 """
 

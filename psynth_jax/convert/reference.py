@@ -101,5 +101,5 @@ def save_reference_mapper(mapper: Mapper, path: str | os.PathLike) -> None:
   """Saves an `affine` Mapper as a reference torch state dict (inverse of the loader)."""
   import torch
 
-  state = {k: torch.from_numpy(v) for k, v in mapper_to_state_dict(mapper).items()}
+  state = {k: torch.tensor(v) for k, v in mapper_to_state_dict(mapper).items()}  # copies
   torch.save(state, path)
