@@ -6,8 +6,11 @@ LoRA, sample, then decode. Text path (`synthesize_text`): the base model
 prefills the whole concatenated prompt and decodes with the same decoder and
 the same sampling.
 
-TTFT (DESIGN.md §2) is measured from "branch caches ready" to "first token on
-the host". By default each path runs as two compiled programs: everything up
+TTFT (time to first token of the synthesizer) is measured from "branch caches
+ready" to "first token on the host", from token ids on both paths (the text
+path's tokenisation is timed apart, in `stages["tokenize"]`); worker time is
+excluded. Cache path: re-encode + map + merge + prefill of S + first sample;
+text path: prefill of the whole concatenated prompt + first sample. By default each path runs as two compiled programs: everything up
 to the first token (one jit: merge + prefill + first sample), then the
 `lax.while_loop` decode, so the first token reaches the host before decoding
 finishes. `fused=True` compiles the whole path as one program (no TTFT).

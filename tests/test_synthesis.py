@@ -1,4 +1,4 @@
-"""Synthesis over merged branch caches: the invariants of DESIGN.md §1 and STYLE.md §10.
+"""Synthesis over merged branch caches: the method's invariants (`psynth_jax/merge.py`, `synthesis.py`).
 
 * One branch, identity mapper, no LoRA == the plain forward over [branch, prompt].
 * Branch order, padding buckets and empty branches do not change the logits.
