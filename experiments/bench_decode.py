@@ -7,7 +7,15 @@ Both implementations get the same weights, the same prompts (32 tokens) and
 greedy decoding; their token outputs are checked equal (fp32). Prefill time is
 the time to the first generated token; decode tokens/s is measured as
 (N - 1) / (t(N) - t(1)) from two runs with N and 1 new tokens, with stop
-tokens disabled. Warm (compiled) runs, median of repeats. Writes JSON.
+tokens disabled. Warm (compiled) runs, median of repeats.
+
+Limits measured in the same run sit next to each row: the weight-read floor of
+one decode step (weight bytes, an untied unembedding counted, / memory
+bandwidth) and the compute floor (the step's FLOPs / matmul GFLOP/s probed at
+M = B, K x N = hidden x intermediate, in the row's dtype and library); the
+prefill's floor likewise at M = B * prompt tokens. Refuses to run on a loaded
+machine (1-minute load > 1.0 at the start) unless --force, which marks the
+JSON "forced": true. Writes JSON.
 """
 
 from __future__ import annotations
@@ -15,17 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import torch
 
 from psynth_jax import load_pretrained
+from psynth_jax.eval import bench_meta, limits
+from psynth_jax.eval.ttft import prefill_flops
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -103,6 +111,31 @@ def qwen_models():
   return load_pretrained(folder), load_pretrained(folder, dtype="bfloat16"), hf
 
 
+def row_limits(config, weight_bytes, bandwidth_gbps, matmul, b, p, new_tokens) -> dict:
+  """Floors of one decode step and of the prefill for B prompts of P tokens.
+
+  `matmul(m, k, n)` is the row's library's GFLOP/s probe in the row's dtype.
+  """
+  d, f = config.hidden_size, config.intermediate_size
+  decode_rate, prefill_rate = matmul(b, d, f), matmul(b * p, d, f)
+  # A decode step: B tokens, each over about the mean context of the run.
+  step = limits.floors(
+    weight_bytes, bandwidth_gbps, b * prefill_flops(config, 1, p + new_tokens // 2), decode_rate
+  )
+  prefill = limits.floors(
+    weight_bytes, bandwidth_gbps, b * prefill_flops(config, p, 0), prefill_rate
+  )
+  return {
+    "weight_read_bytes": weight_bytes,
+    "matmul_gflops_decode": decode_rate,
+    "matmul_gflops_prefill": prefill_rate,
+    "decode_weight_floor_ms": step["weight_floor_s"] * 1e3,
+    "decode_compute_floor_ms": step["compute_floor_s"] * 1e3,
+    "decode_floor_ms_per_step": step["floor_s"] * 1e3,
+    "prefill_floor_s": prefill["floor_s"],
+  }
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", default="tiny,qwen")
@@ -110,9 +143,15 @@ def main():
   parser.add_argument("--new-tokens", type=int, default=32)
   parser.add_argument("--prompt-tokens", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--force", action="store_true", help="run on a loaded machine (marked)")
   parser.add_argument("--out", default="outputs/bench_decode.json")
   args = parser.parse_args()
+  run = bench_meta.start(force=args.force)  # before loading anything: that raises the load
+  bench_meta.print_warning(run.meta)
   torch.set_num_threads(os.cpu_count() or 1)
+  bandwidth = limits.memory_bandwidth()
+  bw = bandwidth["bandwidth_gbps"]
+  print(f"memory bandwidth {bw:.1f} GB/s", flush=True)
 
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -124,23 +163,38 @@ def main():
         ours = psynth_generate(lm32)(prompts, args.new_tokens)
         theirs = hf_generate(hf)(prompts, args.new_tokens)
         same = ours == theirs
-        for impl, gen in (
-          ("transformers fp32", hf_generate(hf)),
-          ("psynth_jax fp32", psynth_generate(lm32)),
-          ("psynth_jax bf16", psynth_generate(lm16)),
-        ):
+        for impl, gen, weight_bytes, matmul in (
+          ("transformers fp32", hf_generate(hf), limits.torch_weight_read_bytes(hf),
+           limits.torch_matmul_gflops),
+          ("psynth_jax fp32", psynth_generate(lm32), limits.weight_read_bytes(lm32.params),
+           limits.matmul_gflops),
+          ("psynth_jax bf16", psynth_generate(lm16), limits.weight_read_bytes(lm16.params),
+           lambda m, k, n: limits.matmul_gflops(m, k, n, "bfloat16")),
+        ):  # fmt: skip
           r = _bench(gen, prompts, args.new_tokens, args.repeats)
           r.update(model=name, batch=b, impl=impl, greedy_equal_fp32=same)
+          cfg = lm32.config
+          r.update(
+            row_limits(cfg, weight_bytes, bw, matmul, b, args.prompt_tokens, args.new_tokens)
+          )
           rows.append(r)
           print(
-            f"{name:5s} B={b} {impl:18s} prefill {r['prefill_tokens_per_s']:8.1f} tok/s  "
-            f"decode {r['decode_tokens_per_s']:7.1f} tok/s ({r['decode_ms_per_step']:.1f} ms/step)",
+            f"{name:5s} B={b} {impl:18s} prefill {r['prefill_tokens_per_s']:8.1f} tok/s"
+            f" (floor {r['prefill_floor_s'] * 1e3:.2f} ms)  decode {r['decode_tokens_per_s']:7.1f}"
+            f" tok/s ({r['decode_ms_per_step']:.1f} ms/step, floor"
+            f" {r['decode_floor_ms_per_step']:.2f})",
             flush=True,
           )
       del lm32, lm16, hf
 
-  print("\n| model | B | impl | prefill tok/s | decode tok/s | ms/step | decode vs transformers |")
-  print("|---|---|---|---|---|---|---|")
+  meta = bench_meta.finish(run)
+  print()
+  bench_meta.print_warning(meta)
+  print(
+    "| model | B | impl | prefill tok/s | prefill ms (floor) | decode tok/s | ms/step"
+    " | floor ms/step (weights, compute) | decode vs transformers |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     base = next(
       x
@@ -152,18 +206,13 @@ def main():
     r["decode_speedup_vs_transformers"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
     print(
       f"| {r['model']} | {r['batch']} | {r['impl']} | {r['prefill_tokens_per_s']:.1f} |"
-      f" {r['decode_tokens_per_s']:.1f} | {r['decode_ms_per_step']:.1f} |"
-      f" {r['decode_speedup_vs_transformers']:.2f}x |"
+      f" {r['prefill_s'] * 1e3:.1f} ({r['prefill_floor_s'] * 1e3:.2f}) |"
+      f" {r['decode_tokens_per_s']:.1f} | {r['decode_ms_per_step']:.2f} |"
+      f" {r['decode_floor_ms_per_step']:.2f} ({r['decode_weight_floor_ms']:.2f},"
+      f" {r['decode_compute_floor_ms']:.2f}) | {r['decode_speedup_vs_transformers']:.2f}x |"
     )
-  meta = {
-    "date": time.strftime("%Y-%m-%d"),
-    "machine": platform.platform(),
-    "cpus": os.cpu_count(),
-    "jax": jax.__version__,
-    "torch": torch.__version__,
-    "new_tokens": args.new_tokens,
-    "prompt_tokens": args.prompt_tokens,
-  }
+  bench_meta.print_warning(meta)
+  meta.update(new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, limits=bandwidth)
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   print(f"wrote {args.out}")

@@ -14,6 +14,8 @@ three parts run) and, as separate programs on the same batch, its parts:
 is not there); `qwen05` is Qwen2.5-Coder-0.5B-Instruct from its converted
 folder. Batches are synthetic-suite examples under each config's budgets.
 Times are medians over --repeats runs after one warm-up (compile) run.
+Refuses to run on a loaded machine (1-minute load > 1.0 at the start) unless
+--force, which marks the JSON "forced": true. The JSON is {"meta", "rows"}.
 """
 
 import importlib.util
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from psynth_jax.eval import bench_meta
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
@@ -39,6 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_list("models", ["tiny", "qwen05"], "tiny | qwen05")
 flags.DEFINE_integer("repeats", 3, "timed runs per program")
 flags.DEFINE_string("out", "", "write the results as JSON here")
+flags.DEFINE_bool("force", False, 'run on a loaded machine (the JSON is marked "forced")')
 FLAGS = flags.FLAGS
 
 
@@ -167,7 +171,11 @@ def bench(model: str) -> dict | None:
 
 def main(argv):
   del argv
+  run = bench_meta.start(force=FLAGS.force)  # before loading anything: that raises the load
+  bench_meta.print_warning(run.meta)
   results = [r for model in FLAGS.models if (r := bench(model)) is not None]
+  meta = bench_meta.finish(run)
+  bench_meta.print_warning(meta)
   print(
     "| model | params | batch | step s | examples/s | tokens/s | prefill | synth fwd+bwd | teacher |"
   )
@@ -179,10 +187,11 @@ def main(argv):
       f" {r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {f['branch_prefill']:.0%} |"
       f" {f['synth_fwd_bwd']:.0%} | {f['teacher_fwd']:.0%} |"
     )
+  bench_meta.print_warning(meta)
   if FLAGS.out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
-      json.dump(results, f, indent=2)
+      json.dump({"meta": {**meta, "repeats": FLAGS.repeats}, "rows": results}, f, indent=2)
 
 
 if __name__ == "__main__":

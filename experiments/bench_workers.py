@@ -6,7 +6,8 @@ K workers whose prompts share a P-token prefix (system prompt + task) and
 differ in a short suffix (their role). Plain mode prefills K full prompts;
 shared-prefix mode prefills the prefix once and the K suffixes on copies of
 its cache. Both decode the same new tokens (checked equal). Warm, median of
-repeats. Writes JSON.
+repeats. Refuses to run on a loaded machine (1-minute load > 1.0 at the start)
+unless --force, which marks the JSON "forced": true. Writes JSON.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import jax
 import numpy as np
 
 from psynth_jax import run_workers
+from psynth_jax.eval import bench_meta
 from psynth_jax.eval.ttft import warm_median
 
 
@@ -47,8 +47,11 @@ def main():
   parser.add_argument("--suffix-tokens", type=int, default=16)
   parser.add_argument("--new-tokens", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--force", action="store_true", help="run on a loaded machine (marked)")
   parser.add_argument("--out", default="outputs/bench_workers.json")
   args = parser.parse_args()
+  run = bench_meta.start(force=args.force)  # before loading anything: that raises the load
+  bench_meta.print_warning(run.meta)
   rows = []
   for name in args.models.split(","):
     lm = load(name)
@@ -91,7 +94,8 @@ def main():
         f"  ({100 * r['saving']:.0f}% less; same tokens: {same})",
         flush=True,
       )
-  meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(), "cpus": os.cpu_count()}
+  meta = bench_meta.finish(run)
+  bench_meta.print_warning(meta)
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   print(f"wrote {args.out}")

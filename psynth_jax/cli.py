@@ -182,6 +182,11 @@ def main(argv=None) -> None:
   p.add_argument("--worker-tokens", type=int, default=96)
   p.add_argument("--answer-tokens", type=int, default=64)
   p.add_argument("--out", default="outputs/demo_qwen", help="folder for the JSON and PNG")
+  p.add_argument(
+    "--force",
+    action="store_true",
+    help='run even if the 1-minute load is above 1.0 (the JSON is marked "forced": true)',
+  )
   p.set_defaults(func=_demo_qwen)
 
   args = parser.parse_args(argv)

@@ -10,6 +10,11 @@ per mode, text vs cache TTFT as branches grow, and the figures recorded for the
 shipped models on the larger test set; writes `demo.json` and `demo.png`.
 Nothing is downloaded. About 2-3 minutes on a 2-core CPU, mostly compilation.
 
+The demo is not a benchmark, so it never refuses to run; it records the
+machine, the load average before and after and its wall time in the JSON's
+"meta", and says in one line when the machine was loaded at the start (its
+TTFTs are then not a measurement; `experiments/bench_ttft.py` is).
+
 `--adapter NAME=FOLDER` adds a mode of your own: a trainer export (mapper +
 LoRA, e.g. `WORKDIR/export` of `experiments/train.py --config
 configs/synthetic.py`) trained on the shipped base model, scored on the same
@@ -34,6 +39,12 @@ def run(
 
   `adapters` maps extra mode names to trainer export folders for the shipped base model.
   """
+  from psynth_jax.eval import bench_meta
+
+  bench = bench_meta.start(refuse=False)  # first: loading and compiling raise the load
+  if line := bench_meta.note(bench.meta):
+    print(f"[demo] {line}", flush=True)
+
   from psynth_jax import assets
   from psynth_jax.eval import compare, workflow
   from psynth_jax.pretrain import num_params
@@ -62,10 +73,13 @@ def run(
     ttft_examples=ttft_examples,
     lengths=tuple(lengths),
     progress=progress,
-    meta={"source": "psynth demo", "date": time.strftime("%Y-%m-%d")},
+    meta={"source": "psynth demo"},
   )
+  report.meta.update(bench_meta.finish(bench))
   print()
   print(compare.format_table(report))
+  if line := bench_meta.note(report.meta):
+    print(line)
   try:
     recorded = assets.recorded_results()
   except FileNotFoundError:

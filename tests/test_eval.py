@@ -70,9 +70,35 @@ def test_every_mode_scores_and_times(report):
     assert 0.0 <= acc["overall"] <= 1.0
     assert set(acc) <= {*synthetic.FAMILIES, "overall"}
     assert report.ttft_s[mode] > 0
+    # Tokenising is timed for every mode, apart from (never inside) its TTFT.
+    assert report.tokenize_s[mode] > 0 and report.prompt_tokens[mode] > 0
   assert 0.0 <= report.workers["exact"] <= 1.0
   assert [r["length"] for r in report.ttft_by_length] == [4, 8]
   assert all(r["ratio"] > 0 for r in report.ttft_by_length)
+
+
+def test_ttft_by_length_counts_tokens(report):
+  # Branch lengths are token counts on both paths (the suite tokenizer round-trips).
+  for row in report.ttft_by_length:
+    k = row["num_workers"]
+    assert row["cache_branch_tokens"] == row["text_branch_tokens"] == k * row["length"]
+    assert row["text_prompt_tokens"] > row["text_branch_tokens"]
+    assert row["text_tokenize_s"] > 0 and row["cache_tokenize_s"] > 0
+
+
+def test_branch_ids_cut_tokens(lm):
+  ids = workflow.branch_ids(lm, "age: lea 7, kim 6", 11)
+  assert len(ids) == 11 and lm.tokenizer.encode(lm.decode_text(ids)) == ids
+  with pytest.raises(ValueError, match="empty"):
+    workflow.branch_ids(lm, "", 4)
+
+
+def test_measure_ttft_keeps_its_shape(lm):
+  examples = synthetic.generate("test", 1, seed=0, families=("tools",), max_workers=2)
+  args = (lm, examples, [workflow.CacheMode(workflow.NAIVE_MERGE)], False, True, 1, 8, 4)
+  ttft = workflow.measure_ttft(*args)
+  assert set(ttft) == {"text_synthesis", "naive_merge"}
+  assert all(isinstance(v, float) and v > 0 for v in ttft.values())
 
 
 def test_modes_without_weights_are_skipped():
@@ -82,10 +108,13 @@ def test_modes_without_weights_are_skipped():
 def test_outputs_written(report, tmp_path):
   table = compare.format_table(report)
   assert "text_synthesis" in table and "parallel_synthesis/affine" in table
+  assert "tok ms" in table and "prefills" in table
   path = tmp_path / "out" / "report.json"
   compare.write_json(report, path)
   assert json.loads(path.read_text())["modes"] == report.modes
   assert compare.read_json(path) == report
+  old = {k: v for k, v in report.to_json().items() if k not in ("tokenize_s", "prompt_tokens")}
+  assert compare.Report.from_json(old).tokenize_s == {}  # reports from before still load
   png = tmp_path / "report.png"
   compare.plot(report, png)
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """The `affine` mapper against PyTorch, and the reference release's state dict.
 
 * The `affine` mapper equals a PyTorch implementation of the paper's formula
-  (DESIGN.md §1.3) on the same random parameters, in every feature mode.
+  (`psynth_jax/mapper.py`) on the same random parameters, in every feature mode.
 * The reference release's torch state dict round-trips.
 
 torch is only the reference here, so the file is skipped without it (a plain
@@ -21,7 +21,7 @@ torch = pytest.importorskip("torch")
 
 
 class ReferenceMapper(torch.nn.Module):
-  """DESIGN.md §1.3 in PyTorch: features -> Linear(3, 32) -> SiLU -> Linear(32, 4)."""
+  """The paper's mapper in PyTorch: features -> Linear(3, 32) -> SiLU -> Linear(32, 4)."""
 
   def __init__(self):
     super().__init__()

@@ -1,7 +1,8 @@
 """The mode comparison: one report of accuracy and TTFT per synthesis mode, as table, JSON, PNG.
 
 `compare_modes` runs `workflow.run_workflow` (accuracy, every mode on the same
-worker outputs), `workflow.measure_ttft` (warm median TTFT per mode) and
+worker outputs), `workflow.measure_timings` (warm median TTFT per mode, and
+apart from it the median time to tokenise the mode's prompt) and
 `workflow.ttft_by_length` (text vs cache TTFT as branches grow) and gathers
 them in a `Report`. `format_table`, `write_json` and `plot` present it.
 """
@@ -31,6 +32,8 @@ class Report:
       "seconds_median": median wall time of one example's workers}.
     ttft_by_length: rows of `workflow.ttft_by_length`.
     meta: free-form run description (model, number of examples, ...).
+    tokenize_s: mode -> median seconds to tokenise its prompt (not inside ttft_s).
+    prompt_tokens: mode -> median tokens its synthesizer prefilled (timed examples).
   """
 
   modes: list[str]
@@ -39,6 +42,9 @@ class Report:
   workers: dict[str, float]
   ttft_by_length: list[dict[str, float]] = dataclasses.field(default_factory=list)
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Last, with defaults, so that reports written before they existed still load.
+  tokenize_s: dict[str, float] = dataclasses.field(default_factory=dict)
+  prompt_tokens: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -91,9 +97,9 @@ def compare_modes(
     progress,
   )
   names = workflow.mode_names(modes, single_agent, text)
-  ttft = {}
+  timings = {}
   if ttft_examples:
-    ttft = workflow.measure_ttft(
+    timings = workflow.measure_timings(
       lm,
       examples[:ttft_examples],
       modes,
@@ -115,7 +121,16 @@ def compare_modes(
   }
   info = {"num_examples": len(records), **(meta or {})}
   accuracy = {name: workflow.accuracy(records, name) for name in names}
-  return Report(names, accuracy, ttft, workers, sweep, info)
+  return Report(
+    names,
+    accuracy,
+    {name: t["ttft_s"] for name, t in timings.items()},
+    workers,
+    sweep,
+    info,
+    tokenize_s={name: t["tokenize_s"] for name, t in timings.items()},
+    prompt_tokens={name: t["prompt_tokens"] for name, t in timings.items()},
+  )
 
 
 def format_table(report: Report) -> str:
@@ -125,7 +140,7 @@ def format_table(report: Report) -> str:
   text_ttft = report.ttft_s.get(workflow.TEXT_SYNTHESIS)
   width = max(len(m) for m in report.modes) + 2
   header = f"{'mode':<{width}}" + "".join(f"{c:>12}" for c in cols)
-  header += f"{'ttft ms':>10}{'vs text':>9}"
+  header += f"{'ttft ms':>10}{'vs text':>9}{'tok ms':>9}{'prompt':>8}"
   lines = [header, "-" * len(header)]
   for mode in report.modes:
     acc = report.accuracy[mode]
@@ -136,18 +151,33 @@ def format_table(report: Report) -> str:
     row += f"{1000 * ttft:>10.2f}" if ttft is not None else f"{'-':>10}"
     speedup = text_ttft / ttft if ttft and text_ttft else None
     row += f"{speedup:>8.2f}x" if speedup is not None else f"{'-':>9}"
+    tok = report.tokenize_s.get(mode)
+    row += f"{1000 * tok:>9.3f}" if tok is not None else f"{'-':>9}"
+    n = report.prompt_tokens.get(mode)
+    row += f"{n:>8.0f}" if n is not None else f"{'-':>8}"
     lines.append(row)
+  if report.tokenize_s:
+    lines.append(
+      "ttft: token ids in -> first token on the host (workers excluded); tok: tokenising the"
+      " mode's prompt, before and outside the ttft; prompt: tokens the synthesizer prefilled"
+    )
   lines.append(
     f"workers: {100 * report.workers['exact']:.1f}% outputs exact,"
     f" median {1000 * report.workers['seconds_median']:.0f} ms per example"
   )
   if report.ttft_by_length:
     k = report.ttft_by_length[0]["num_workers"]
-    lines.append(f"text vs cache TTFT by branch length (K = {k}):")
+    lines.append(f"text vs cache TTFT by branch length in tokens (K = {k}):")
     for row in report.ttft_by_length:
+      tokens = ""
+      if "text_prompt_tokens" in row:  # reports written before token counts were recorded
+        tokens = (
+          f" (text prefills {row['text_prompt_tokens']} tokens; cache reads"
+          f" {row['cache_branch_tokens']} rows + prefills {row['cache_prompt_tokens']})"
+        )
       lines.append(
         f"  L={row['length']:>4}: text {1000 * row['text_s']:8.2f} ms, cache"
-        f" {1000 * row['cache_s']:8.2f} ms, ratio {row['ratio']:.2f}x"
+        f" {1000 * row['cache_s']:8.2f} ms, ratio {row['ratio']:.2f}x" + tokens
       )
   return "\n".join(lines)
 

@@ -10,9 +10,12 @@ answers from those very outputs:
   (re-encoding only), `mapper_only`, `lora_only`, and `parallel_synthesis/<variant>`
   (mapper + LoRA trained together) for every mapper variant given.
 
-Accuracy is the normalised exact match of `answer_matches`. TTFT (DESIGN.md §2)
+Accuracy is the normalised exact match of `answer_matches`. TTFT (`psynth_jax/synthesis.py`)
 is measured separately in `measure_ttft`: warm (one untimed call per shape
 first), the median of repeats per example, then the median over examples.
+Every mode is timed from token ids: its prompt (the text prompt for the text
+modes, the synthesizer prompt for cache modes) is tokenised before the timed
+call, and that time is reported next to the TTFT (`measure_timings`), never in it.
 
 Shapes are kept few so that a run compiles a handful of programs, not a few
 per example: worker prompts are padded to a fixed number of branches, the
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 from collections.abc import Sequence
 
 from psynth_jax.mapper import Mapper
@@ -107,19 +111,35 @@ def merged_rows(num_tokens: int) -> int:
   return max(64, 1 << max(0, num_tokens - 1).bit_length())
 
 
-def _answer(lm, mode, example, worker_example, branches, max_new_tokens):
-  """One mode's SynthesisResult for one example."""
+def _prompt_ids(lm, mode, example, worker_example) -> tuple[list[int], float]:
+  """The mode's prompt ids and the seconds it took to tokenise them."""
   if mode == SINGLE_AGENT:
-    return synthesize_text(lm, synthetic.single_agent_prompt_text(example), max_new_tokens)
-  if mode == TEXT_SYNTHESIS:
-    prompt = synthetic.text_synthesis_prompt_text(worker_example)
-    return synthesize_text(lm, prompt, max_new_tokens)
-  prompt_ids = lm.tokenizer.encode(synthetic.synth_prompt_text(example))
-  rows = merged_rows(int(branches.lengths.sum()))
-  k = len(example.branches)
-  return synthesize(
-    lm, branches, prompt_ids, mode.mapper, mode.lora, max_new_tokens, num_workers=k, rows=rows
-  )
+    text = synthetic.single_agent_prompt_text(example)
+  elif mode == TEXT_SYNTHESIS:
+    text = synthetic.text_synthesis_prompt_text(worker_example)
+  else:
+    text = synthetic.synth_prompt_text(example)
+  t0 = time.perf_counter()
+  ids = lm.tokenizer.encode(text)
+  return ids, time.perf_counter() - t0
+
+
+def _answer(lm, mode, example, worker_example, branches, max_new_tokens):
+  """One mode's SynthesisResult for one example; `stages["tokenize"]` is its prompt's.
+
+  Both kinds of path get token ids, so neither timed call tokenises.
+  """
+  ids, tokenize_s = _prompt_ids(lm, mode, example, worker_example)
+  if mode in (SINGLE_AGENT, TEXT_SYNTHESIS):
+    result = synthesize_text(lm, ids, max_new_tokens)
+  else:
+    rows = merged_rows(int(branches.lengths.sum()))
+    k = len(example.branches)
+    result = synthesize(
+      lm, branches, ids, mode.mapper, mode.lora, max_new_tokens, num_workers=k, rows=rows
+    )
+  result.stages["tokenize"] = tokenize_s
+  return result
 
 
 def _wanted(modes: Sequence[CacheMode], single_agent: bool, text: bool) -> list:
@@ -182,6 +202,44 @@ def accuracy(records: Sequence[ExampleRecord], mode: str) -> dict[str, float]:
   return synthetic.accuracy((r.family, r.correct[mode]) for r in records)
 
 
+def measure_timings(
+  lm,
+  examples: Sequence[synthetic.Example],
+  modes: Sequence[CacheMode] = (CacheMode(NAIVE_MERGE),),
+  single_agent: bool = True,
+  text: bool = True,
+  repeats: int = 3,
+  worker_max_new_tokens: int = 64,
+  answer_max_new_tokens: int = 48,
+) -> dict[str, dict[str, float]]:
+  """Per mode: median warm TTFT, median prompt tokenisation and prompt tokens, workers excluded.
+
+  Per example and mode: one untimed call (compiles new shapes), then `repeats`
+  timed ones; the example's value is their median, the mode's the median of those.
+  The decode budget is the accuracy run's, so caches have the same capacity.
+
+  Returns:
+    mode -> {"ttft_s", "tokenize_s" (not inside ttft_s), "prompt_tokens"}.
+  """
+  wanted = _wanted(modes, single_agent, text)
+  keys = ("ttft_s", "tokenize_s", "prompt_tokens")
+  per_mode: dict[str, dict[str, list[float]]] = {_name(m): {k: [] for k in keys} for m in wanted}
+  for ex in examples:
+    texts, branches, _ = run_example_workers(lm, ex, worker_max_new_tokens)
+    worker_ex = dataclasses.replace(ex, branches=tuple(texts))
+    for mode in wanted:
+      args = (lm, mode, ex, worker_ex, branches, answer_max_new_tokens)
+      _answer(*args)
+      results = [_answer(*args) for _ in range(repeats)]
+      values = per_mode[_name(mode)]
+      values["ttft_s"].append(statistics.median(r.ttft_s for r in results))
+      values["tokenize_s"].append(statistics.median(r.stages["tokenize"] for r in results))
+      values["prompt_tokens"].append(results[0].prompt_tokens)
+  return {
+    name: {k: statistics.median(v[k]) for k in keys} for name, v in per_mode.items() if v["ttft_s"]
+  }
+
+
 def measure_ttft(
   lm,
   examples: Sequence[synthetic.Example],
@@ -192,23 +250,28 @@ def measure_ttft(
   worker_max_new_tokens: int = 64,
   answer_max_new_tokens: int = 48,
 ) -> dict[str, float]:
-  """Median warm TTFT per mode (seconds) over `examples`, workers excluded.
+  """Median warm TTFT per mode (seconds): `measure_timings`' "ttft_s" alone."""
+  timings = measure_timings(
+    lm,
+    examples,
+    modes,
+    single_agent,
+    text,
+    repeats,
+    worker_max_new_tokens,
+    answer_max_new_tokens,
+  )
+  return {name: t["ttft_s"] for name, t in timings.items()}
 
-  Per example and mode: one untimed call (compiles new shapes), then `repeats`
-  timed ones; the example's value is their median, the mode's the median of those.
-  The decode budget is the accuracy run's, so caches have the same capacity.
-  """
-  wanted = _wanted(modes, single_agent, text)
-  per_mode: dict[str, list[float]] = {_name(m): [] for m in wanted}
-  for ex in examples:
-    texts, branches, _ = run_example_workers(lm, ex, worker_max_new_tokens)
-    worker_ex = dataclasses.replace(ex, branches=tuple(texts))
-    for mode in wanted:
-      args = (lm, mode, ex, worker_ex, branches, answer_max_new_tokens)
-      _answer(*args)
-      times = [_answer(*args).ttft_s for _ in range(repeats)]
-      per_mode[_name(mode)].append(statistics.median(times))
-  return {name: statistics.median(v) for name, v in per_mode.items() if v}
+
+def branch_ids(lm, text: str, length: int) -> list[int]:
+  """`length` token ids of `text` repeated (space-separated) as often as needed."""
+  if not lm.tokenizer.encode(text):
+    raise ValueError("the branch text is empty; cannot build a branch of tokens from it")
+  reps = 1
+  while len(ids := lm.tokenizer.encode(" ".join([text] * reps))) < length:
+    reps *= 2
+  return ids[:length]
 
 
 def ttft_by_length(
@@ -222,27 +285,42 @@ def ttft_by_length(
 ) -> list[dict[str, float]]:
   """Warm median TTFT of text vs cache synthesis for K branches of each token length.
 
-  Every branch is `example`'s first branch text repeated and cut to the length
-  (only the cost matters here); the cache path reads them via `encode_branches`,
-  the text path pastes them into the text-synthesis prompt. `max_new_tokens`
-  only sizes the caches (pass the accuracy run's to reuse its compiled programs).
+  Every branch is `example`'s first branch text repeated, tokenised and cut
+  to `length` token ids (only the cost matters here). The cache path reads
+  those ids via `encode_branches`; the text path gets them decoded back to
+  text inside the text-synthesis prompt. Both prompts are tokenised before
+  the timed calls (their times reported apart). The token counts each path
+  really got are recorded: the cache rows (checked to be K * length), and for
+  the text path its whole prompt and the decoded branch re-tokenised on its
+  own (a tokenizer that does not round-trip would show here; the worker
+  labels and question make up the rest of the prompt). `max_new_tokens` only
+  sizes the caches (pass the accuracy run's to reuse its compiled programs).
 
   Returns:
-    Per length: {"length", "num_workers", "text_s", "cache_s", "ratio"} (ratio = text / cache).
+    Per length: {"length", "num_workers", "text_s", "cache_s", "ratio" (text / cache),
+    "text_tokenize_s", "cache_tokenize_s", "text_branch_tokens",
+    "cache_branch_tokens" (both summed over the K branches), "text_prompt_tokens",
+    "cache_prompt_tokens"}.
   """
   from psynth_jax.workers import encode_branches
 
   rows = []
-  base = example.branches[0] + " "
+  t0 = time.perf_counter()
   synth_ids = lm.tokenizer.encode(synthetic.synth_prompt_text(example))
+  cache_tokenize_s = time.perf_counter() - t0
   for length in lengths:
-    branch = (base * (length // len(base) + 1))[:length]
-    worker_ex = dataclasses.replace(example, branches=(branch,) * num_workers)
-    prompt = synthetic.text_synthesis_prompt_text(worker_ex)
-    branches = encode_branches(lm, [lm.tokenizer.encode(branch)] * num_workers)
+    ids = branch_ids(lm, example.branches[0], length)
+    branch_text = lm.decode_text(ids)
+    worker_ex = dataclasses.replace(example, branches=(branch_text,) * num_workers)
+    t0 = time.perf_counter()
+    text_ids = lm.tokenizer.encode(synthetic.text_synthesis_prompt_text(worker_ex))
+    text_tokenize_s = time.perf_counter() - t0
+    branches = encode_branches(lm, [ids] * num_workers)
+    cache_branch_tokens = int(branches.lengths.sum())
+    assert cache_branch_tokens == num_workers * length, (cache_branch_tokens, length)
 
-    def text_path(prompt=prompt):
-      return synthesize_text(lm, prompt, max_new_tokens).ttft_s
+    def text_path(text_ids=text_ids):
+      return synthesize_text(lm, text_ids, max_new_tokens).ttft_s
 
     def cache_path(branches=branches):
       return synthesize(lm, branches, synth_ids, mode.mapper, mode.lora, max_new_tokens).ttft_s
@@ -257,6 +335,12 @@ def ttft_by_length(
         "text_s": text_s,
         "cache_s": cache_s,
         "ratio": text_s / cache_s,
+        "text_tokenize_s": text_tokenize_s,
+        "cache_tokenize_s": cache_tokenize_s,
+        "text_branch_tokens": num_workers * len(lm.tokenizer.encode(branch_text)),
+        "cache_branch_tokens": cache_branch_tokens,
+        "text_prompt_tokens": len(text_ids),
+        "cache_prompt_tokens": len(synth_ids),
       }
     )
   return rows
