@@ -20,7 +20,8 @@ setup(
     "numpy",
     "etils[epath]",  # train/data.py, train/checkpoints.py
     "jinja2>=3.1",  # tokenizer.py: chat templates
-    "safetensors",
+    "safetensors>=0.8",  # its numpy reader returns bf16 as ml_dtypes.bfloat16
+    "ml_dtypes",
     "tokenizers",
     "tensorflow-datasets>=4.9",
     "array_record",
@@ -29,7 +30,7 @@ setup(
     "tensorboardX",
   ],
   extras_require={
-    "hf": ["torch==2.13.0", "transformers>=4.51", "safetensors", "gguf", "accelerate", "peft"],
+    "hf": ["torch==2.13.0", "transformers>=4.51", "gguf", "accelerate", "peft"],
     "test": [
       "pytest",
       "torch==2.13.0",

@@ -86,19 +86,9 @@ def hf_generate(model):
 
 def tiny_models(tmp: Path):
   """A random tiny Llama built by transformers, loaded by both."""
-  from transformers import LlamaConfig, LlamaForCausalLM
+  from psynth_jax.testing import tiny_llama_hf
 
-  torch.manual_seed(0)
-  cfg = LlamaConfig(
-    vocab_size=512,
-    hidden_size=128,
-    intermediate_size=384,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-  )
-  hf = LlamaForCausalLM(cfg).eval()
+  hf = tiny_llama_hf(max_position_embeddings=1024)
   hf.save_pretrained(tmp / "tiny")
   return load_pretrained(tmp / "tiny"), load_pretrained(tmp / "tiny", dtype="bfloat16"), hf
 

@@ -122,20 +122,9 @@ def load_case(name: str):
   if name == "tiny":
     import tempfile
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from psynth_jax.testing import tiny_llama_hf
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-      vocab_size=512,
-      hidden_size=128,
-      intermediate_size=384,
-      num_hidden_layers=4,
-      num_attention_heads=4,
-      num_key_value_heads=2,
-      max_position_embeddings=16384,
-    )
-    hf = LlamaForCausalLM(cfg).eval()
+    hf = tiny_llama_hf(max_position_embeddings=16384)
     tmp = tempfile.mkdtemp()
     hf.save_pretrained(tmp)
     return load_pretrained(tmp), hf

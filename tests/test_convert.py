@@ -11,6 +11,7 @@ from psynth_jax.convert.checkpoint import load_converted, load_params, save_conv
 from psynth_jax.convert.hf import hf_state_to_flat, load_hf_folder
 from psynth_jax.model.config import ModelConfig, UnsupportedModelError
 from psynth_jax.model.transformer import flat_state, forward
+from psynth_jax.testing import hf_model
 
 # PyTorch transformers is the reference for every parity test (the hf extra).
 torch = pytest.importorskip("torch")
@@ -68,17 +69,9 @@ CASES = {
 
 
 def make_hf_model(name: str, seed: int = 0):
-  """A tiny random transformers model whose norms and biases are not at their init."""
+  """A tiny random transformers model of a case, norms and biases off their init."""
   config_cls, kwargs = CASES[name]
-  torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(config_cls(**SMALL, **kwargs))
-  with torch.no_grad():
-    for pname, p in model.named_parameters():
-      if "norm" in pname:
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      elif pname.endswith("bias"):
-        p.copy_(0.2 * torch.randn_like(p))
-  return model.eval()
+  return hf_model(config_cls, seed, **SMALL, **kwargs)
 
 
 def hf_logits(model, tokens: np.ndarray, attention_mask=None, position_ids=None) -> np.ndarray:

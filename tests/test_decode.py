@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from psynth_jax import decode
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.language_model import LanguageModel
 from psynth_jax.model.config import ModelConfig, RopeScaling
-from psynth_jax.model.transformer import abstract_params, forward, params_from_flat
+from psynth_jax.model.transformer import forward
+from psynth_jax.testing import random_params
 
 CONFIG = ModelConfig(
   model_type="qwen2",
@@ -34,26 +34,6 @@ CONFIG = ModelConfig(
 )
 NEW = 8  # max_new_tokens used throughout (one compiled loop per spec)
 PROMPTS = [[5, 9, 1], [3, 14, 15, 9, 2, 6, 53], [27, 18, 28, 18, 28, 45, 9, 0, 45, 23, 53, 60]]
-
-
-def random_params(config: ModelConfig, seed: int = 0):
-  """Random weights, with norm scales and biases away from their 1 / 0 init."""
-  rng = np.random.default_rng(seed)
-  arrays = {}
-  for path, var in nnx.to_flat_state(abstract_params(config).state):
-    name = ".".join(str(p) for p in path)
-    shape = var.shape
-    if name.endswith("scale"):
-      a = 1.0 + 0.3 * rng.standard_normal(shape)
-    elif name.endswith("bias"):
-      a = 0.3 * rng.standard_normal(shape)
-    elif name == "embed.embedding":
-      a = rng.standard_normal(shape)
-    else:  # fan-in scaled projections
-      fan_in = shape[0] if name.endswith(("q", "k", "v", "gate", "up", "lm_head")) else None
-      a = rng.standard_normal(shape) / np.sqrt(fan_in or np.prod(shape[:-1]))
-    arrays[name] = a.astype(np.float32)
-  return params_from_flat(config, arrays)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from psynth_jax.convert.hf import load_hf_folder
 from psynth_jax.convert.peft import UnsupportedAdapterError, export_peft_lora, load_peft_lora
 from psynth_jax.language_model import LanguageModel
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
+from psynth_jax.testing import hf_model
 
 # torch, transformers and peft are the reference for every test here (the hf extra).
 torch = pytest.importorskip("torch")
@@ -62,17 +63,9 @@ TOKENS = np.random.default_rng(1).integers(0, SMALL["vocab_size"], (2, 11))
 
 
 def make_hf_model(family: str, seed: int = 0):
-  """A tiny random transformers model whose norms and biases are not at their init."""
+  """A tiny random transformers model of a family, norms and biases off their init."""
   config_cls, kwargs, _ = FAMILIES[family]
-  torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(config_cls(**SMALL, **kwargs))
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      elif name.endswith("bias"):
-        p.copy_(0.2 * torch.randn_like(p))
-  return model.eval()
+  return hf_model(config_cls, seed, **SMALL, **kwargs)
 
 
 @pytest.fixture(scope="module")

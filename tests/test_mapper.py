@@ -20,7 +20,8 @@ from psynth_jax.mapper import FEATURE_MODES, Mapper
 from psynth_jax.merge import mapped_branch_kv, merge
 from psynth_jax.model.config import ModelConfig, RopeScaling
 from psynth_jax.model.rope import apply_rope, inv_frequencies
-from psynth_jax.model.transformer import abstract_params, forward, params_from_flat
+from psynth_jax.model.transformer import forward
+from psynth_jax.testing import random_params
 from psynth_jax.workers import Branches
 
 SMALL = dict(
@@ -44,26 +45,6 @@ ROPE_CONFIGS = {
   "llama3_qk_norm": ModelConfig("qwen3", qk_norm=True, rope_scaling=LLAMA3, **SMALL),
 }
 ROWS = 24  # rows of the reference prefills
-
-
-def random_params(config: ModelConfig, seed: int = 0):
-  """Random weights, with norm scales and biases away from their 1 / 0 init."""
-  rng = np.random.default_rng(seed)
-  arrays = {}
-  for path, var in nnx.to_flat_state(abstract_params(config).state):
-    name = ".".join(str(p) for p in path)
-    shape = var.shape
-    if name.endswith("scale"):
-      a = 1.0 + 0.3 * rng.standard_normal(shape)
-    elif name.endswith("bias"):
-      a = 0.3 * rng.standard_normal(shape)
-    elif name == "embed.embedding":
-      a = rng.standard_normal(shape)
-    else:
-      fan_in = shape[0] if name.endswith(("q", "k", "v", "gate", "up", "lm_head")) else None
-      a = rng.standard_normal(shape) / np.sqrt(fan_in or np.prod(shape[:-1]))
-    arrays[name] = a.astype(np.float32)
-  return params_from_flat(config, arrays)
 
 
 NUM_LAYERS = 3

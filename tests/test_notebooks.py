@@ -10,9 +10,9 @@ fails the test. The kernels share one JAX compilation cache for the session,
 so programs that several notebooks compile (e.g. initialising the same tiny
 model) compile once.
 
-A notebook is skipped only when a `psynth_jax` module it imports (or a name it
-imports from one) does not exist yet; the skip names it. Anything else that
-goes wrong, including an existing module that fails to import, is a failure.
+A notebook that imports a `psynth_jax` module (or a name from one) that does
+not exist fails at once, naming it: after a move, the notebooks must follow.
+Anything else that goes wrong is a failure too.
 """
 
 from __future__ import annotations
@@ -197,8 +197,7 @@ def kernel_env(tmp_path_factory) -> dict[str, str]:
 def test_notebook_runs_on_cpu(path: Path, tmp_path: Path, kernel_env: dict[str, str]):
   nb = _read(path)
   missing = _missing_pieces(nb)
-  if missing:
-    pytest.skip(f"{path.name} needs {', '.join(missing)}, which is not importable yet")
+  assert not missing, f"{path.name} imports {', '.join(missing)}, which psynth_jax does not have"
 
   overrides = CI_PARAMETERS.get(path.stem, {})
   if overrides:

@@ -18,8 +18,9 @@ from psynth_jax.language_model import LanguageModel
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
-from psynth_jax.model.transformer import abstract_params, forward, params_from_flat
+from psynth_jax.model.transformer import forward
 from psynth_jax.synthesis import synthesis_logits, synthesize, synthesize_text
+from psynth_jax.testing import random_params
 from psynth_jax.workers import Branches, encode_branches
 
 CONFIG = ModelConfig(
@@ -42,26 +43,6 @@ PROMPT = [30, 31, 2, 17, 44, 6]  # the synthesizer's own prompt
 NEW = 6
 ATOL = 1e-4
 LORA_CONFIG = LoRAConfig(rank=4, alpha=8.0)
-
-
-def random_params(config: ModelConfig, seed: int = 0):
-  """Random weights, with norm scales away from their init of 1."""
-  rng = np.random.default_rng(seed)
-  arrays = {}
-  for path, var in nnx.to_flat_state(abstract_params(config).state):
-    name = ".".join(str(p) for p in path)
-    shape = var.shape
-    if name.endswith("scale"):
-      a = 1.0 + 0.3 * rng.standard_normal(shape)
-    elif name.endswith("bias"):
-      a = 0.3 * rng.standard_normal(shape)
-    elif name == "embed.embedding":
-      a = rng.standard_normal(shape)
-    else:
-      fan_in = shape[0] if name.endswith(("q", "k", "v", "gate", "up", "lm_head")) else None
-      a = rng.standard_normal(shape) / np.sqrt(fan_in or np.prod(shape[:-1]))
-    arrays[name] = a.astype(np.float32)
-  return params_from_flat(config, arrays)
 
 
 def _replace(state, fn):

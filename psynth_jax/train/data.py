@@ -22,7 +22,6 @@ where the order is a pure function of (seed, epoch), so a saved
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+from psynth_jax.convert.weights import sha256_of
 
 SPLITS = ("train", "validation", "test")
 FIELDS = ("id", "task", "question", "branches", "synth_prompt", "target", "worker_prompts")
@@ -122,14 +123,6 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
   return [example for _, example in _iter_rows(os.fspath(path))]
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 class WorkflowTraces(tfds.core.GeneratorBasedBuilder):
   """Workflow traces from local JSONL files, one file per split, stored as array_record."""
 
@@ -164,7 +157,7 @@ class WorkflowTraces(tfds.core.GeneratorBasedBuilder):
     metadata = None
     if self._jsonl_paths is not None:
       # Recorded so that build_dataset can tell a stale prepared copy from a fresh one.
-      sources = {split: _sha256(path) for split, path in sorted(self._jsonl_paths.items())}
+      sources = {split: sha256_of(path) for split, path in sorted(self._jsonl_paths.items())}
       metadata = tfds.core.MetadataDict(sources=sources)
     return tfds.core.DatasetInfo(
       builder=self,
@@ -222,7 +215,7 @@ def build_dataset(
   data_dir = os.fspath(data_dir)
   builder = WorkflowTraces(jsonl_paths=jsonl_paths, data_dir=data_dir)
   if builder.is_prepared():
-    fresh = {split: _sha256(os.fspath(path)) for split, path in sorted(jsonl_paths.items())}
+    fresh = {split: sha256_of(os.fspath(path)) for split, path in sorted(jsonl_paths.items())}
     # items() (not get) makes tfds's lazy metadata load the stored copy.
     stored = dict(builder.info.metadata.items()).get("sources")
     if stored == fresh:

@@ -1,0 +1,81 @@
+"""Helpers for tests and benchmarks (like gemma's `gm.testing`): tiny random models.
+
+* `random_params`: our weights for any `ModelConfig`, drawn with numpy (cheap
+  to build; compiling jax's initialisers costs more than a tiny test), with
+  norm scales and biases away from their 1 / 0 init so that they matter.
+* `hf_model`: a tiny random transformers model of any config class, likewise
+  perturbed; `tiny_llama_hf` is the benchmarks' 4-layer Llama.
+
+torch and transformers are imported inside the functions that need them, so
+this module imports on a JAX-only install.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.transformer import Params, abstract_params, params_from_flat
+
+# Projections stored [D_in, D_out] whose fan-in is their first axis.
+_FAN_IN_FIRST = ("q", "k", "v", "gate", "up", "lm_head")
+
+
+def random_params(config: ModelConfig, seed: int = 0) -> Params:
+  """Random weights: fan-in scaled projections, norm scales ~1 +- 0.3, biases ~0 +- 0.3."""
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for path, var in nnx.to_flat_state(abstract_params(config).state):
+    name = ".".join(str(p) for p in path)
+    shape = var.shape
+    if name.endswith("scale"):
+      a = 1.0 + 0.3 * rng.standard_normal(shape)
+    elif name.endswith("bias"):
+      a = 0.3 * rng.standard_normal(shape)
+    elif name == "embed.embedding":
+      a = rng.standard_normal(shape)
+    else:
+      fan_in = shape[0] if name.endswith(_FAN_IN_FIRST) else None
+      a = rng.standard_normal(shape) / np.sqrt(fan_in or np.prod(shape[:-1]))
+    arrays[name] = a.astype(np.float32)
+  return params_from_flat(config, arrays)
+
+
+def hf_model(config_cls, seed: int = 0, perturb: bool = True, **config_kwargs):
+  """A random transformers causal LM of `config_cls(**config_kwargs)`, in eval mode.
+
+  With `perturb`, norm weights are drawn around 1 and biases around 0 (their
+  init is exactly 1 / 0, which would hide a missing norm or bias in a parity test).
+  """
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config_cls(**config_kwargs))
+  if perturb:
+    with torch.no_grad():
+      for name, p in model.named_parameters():
+        if "norm" in name:
+          p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        elif name.endswith("bias"):
+          p.copy_(0.2 * torch.randn_like(p))
+  return model.eval()
+
+
+def tiny_llama_hf(max_position_embeddings: int = 1024, seed: int = 0):
+  """The benchmarks' tiny Llama: 4 layers, D = 128, 4 heads / 2 kv heads, vocabulary 512."""
+  from transformers import LlamaConfig
+
+  return hf_model(
+    LlamaConfig,
+    seed,
+    perturb=False,
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=max_position_embeddings,
+  )
