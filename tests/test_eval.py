@@ -77,6 +77,32 @@ def test_every_mode_scores_and_times(report):
   assert all(r["ratio"] > 0 for r in report.ttft_by_length)
 
 
+def test_every_cache_mode_at_init_answers_like_the_naive_merge(lm):
+  # A fresh mapper is the identity and a fresh LoRA (B = 0) adds nothing, so on the
+  # same worker outputs every cache mode must give the naive merge's very tokens.
+  examples = synthetic.generate("test", 3, seed=1, max_workers=2)
+  n_layers = lm.config.num_layers
+  lora = LoRAWeights.init(lm.config, LoRAConfig(rank=2, alpha=4.0), seed=3)
+  modes = workflow.cache_modes(
+    mapper_only=Mapper.create("affine", n_layers, seed=1),
+    lora_only=lora,
+    full={"head_affine": (Mapper.create("head_affine", n_layers, seed=2), lora)},
+  )
+  records = workflow.run_workflow(
+    lm,
+    examples,
+    modes,
+    single_agent=False,
+    text=False,
+    worker_max_new_tokens=8,
+    answer_max_new_tokens=6,
+    progress=False,
+  )
+  for rec in records:
+    naive = rec.predictions[workflow.NAIVE_MERGE]
+    assert {m.name: rec.predictions[m.name] for m in modes} == {m.name: naive for m in modes}
+
+
 def test_ttft_by_length_counts_tokens(report):
   # Branch lengths are token counts on both paths (the suite tokenizer round-trips).
   for row in report.ttft_by_length:
