@@ -8,7 +8,7 @@ synthesis, naive cache merge, mapper only, LoRA only and full
 Parallel-Synthesis per mapper. Prints accuracy per family and mode, warm TTFT
 per mode, text vs cache TTFT as branches grow, and the figures recorded for the
 shipped models on the larger test set; writes `demo.json` and `demo.png`.
-Nothing is downloaded. About 2-3 minutes on a 2-core CPU, mostly compilation.
+Nothing is downloaded. About 80 s on a 2-core CPU (76 s measured), mostly compilation.
 
 The demo is not a benchmark, so it never refuses to run; it records the
 machine, the load average before and after and its wall time in the JSON's

@@ -102,7 +102,12 @@ def fingerprint(config: ModelConfig, arrays) -> str:
   for name in sorted(arrays):
     x = arrays[name]
     flat = x.reshape(-1)
-    sample = np.asarray(jax.device_get(flat[:: max(1, flat.shape[0] // _SAMPLE)]))
+    sample = flat[:: max(1, flat.shape[0] // _SAMPLE)]
+    if isinstance(sample, jax.Array) and not sample.is_fully_addressable:  # multi-host
+      from jax.experimental import multihost_utils
+
+      sample = multihost_utils.process_allgather(sample, tiled=True)
+    sample = np.asarray(jax.device_get(sample))
     h.update(name.encode())
     h.update(str(sample.dtype).encode())
     h.update(np.ascontiguousarray(sample).view(np.uint8).tobytes())
