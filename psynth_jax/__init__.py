@@ -9,6 +9,7 @@ fits together"):
   vs synthesize_text (the text-concatenation baseline).
 """
 
+from psynth_jax.decode import GREEDY, Sampling
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.language_model import LanguageModel, load_pretrained
 from psynth_jax.mapper import Mapper
@@ -19,6 +20,7 @@ from psynth_jax.synthesis import SynthesisResult, synthesis_logits, synthesize, 
 from psynth_jax.workers import Branches, encode_branches, run_workers
 
 __all__ = [
+  "GREEDY",
   "Branches",
   "KVCache",
   "LanguageModel",
@@ -27,6 +29,7 @@ __all__ = [
   "Mapper",
   "ModelConfig",
   "Params",
+  "Sampling",
   "SynthesisResult",
   "encode_branches",
   "forward",

@@ -65,9 +65,10 @@ def _generate(args) -> None:
   t0 = time.perf_counter()
   first = None
   out = []
-  for tok in lm.stream(
-    prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed
-  ):
+  from psynth_jax.decode import Sampling
+
+  sampling = Sampling(args.temperature, args.top_k, args.top_p)
+  for tok in lm.stream(prompt, args.max_new_tokens, sampling, args.seed):
     if first is None:
       first = time.perf_counter() - t0
     out.append(tok)

@@ -43,6 +43,9 @@ class Sampling:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+GREEDY = Sampling()
+
+
 def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
   """Sets logits outside the top-k / top-p (nucleus) set to -inf. [B, V] -> [B, V]."""
   if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:

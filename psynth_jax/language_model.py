@@ -47,7 +47,7 @@ class LanguageModel:
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2 or 0 in tokens.shape:
       raise ValueError(f"tokens must be a non-empty [B, T] array, got shape {tokens.shape}")
-    self._check_ids(tokens)
+    self.check_ids(tokens)
     check_lora(lora, self.config)
     return _logits(self.params, tokens, jnp.ones(tokens.shape, bool), lora)
 
@@ -55,21 +55,18 @@ class LanguageModel:
     self,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    sampling: decode.Sampling = decode.GREEDY,
     seed: int = 0,
     stop_ids: Sequence[int] | None = None,
     lora=None,
   ) -> list[list[int]]:
     """Generates for a batch of token-id prompts of different lengths.
 
+    `sampling` is static (a new one compiles); `seed` is traced (a new one does not).
     Returns, per prompt, the new token ids up to (not including) the first stop id.
     """
     check_lora(lora, self.config)
-    spec, batch, capacity = self._prepare(
-      prompts, max_new_tokens, temperature, top_k, top_p, stop_ids
-    )
+    spec, batch, capacity = self.prepare(prompts, max_new_tokens, sampling, stop_ids)
     state = decode.generate_tokens(
       self.params,
       jnp.asarray(batch.tokens),
@@ -86,13 +83,11 @@ class LanguageModel:
     self,
     prompt: Sequence[int],
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    sampling: decode.Sampling = decode.GREEDY,
     seed: int = 0,
   ) -> Iterator[int]:
     """Yields new tokens one at a time (Python step loop over the same decode step)."""
-    spec, batch, capacity = self._prepare([prompt], max_new_tokens, temperature, top_k, top_p, None)
+    spec, batch, capacity = self.prepare([prompt], max_new_tokens, sampling)
     first = decode.jit_begin(
       self.params,
       jnp.asarray(batch.tokens),
@@ -108,12 +103,26 @@ class LanguageModel:
         return
       yield token
 
-  def _prepare(self, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids):
+  def prepare(
+    self,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: decode.Sampling = decode.GREEDY,
+    stop_ids: Sequence[int] | None = None,
+  ) -> tuple[decode.DecodeSpec, decode.PromptBatch, int]:
+    """Checks and batches prompts for a decode: (spec, left-padded batch, cache capacity).
+
+    Raises:
+      ValueError: an empty budget, ids outside the vocabulary, or prompt + budget
+        beyond the model's `max_position_embeddings`.
+    """
+    if not isinstance(sampling, decode.Sampling):
+      raise TypeError(f"sampling must be a decode.Sampling, got {type(sampling).__name__}")
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     length = decode.bucket(max((len(p) for p in prompts), default=0))
     batch = decode.pad_prompts(prompts, length, self.pad_id)
-    self._check_ids(batch.tokens)
+    self.check_ids(batch.tokens)
     capacity = decode.bucket(length + max_new_tokens)
     limit = self.config.max_position_embeddings
     if batch.lengths.max() + max_new_tokens > limit:
@@ -123,13 +132,14 @@ class LanguageModel:
       )
     spec = decode.DecodeSpec(
       max_new_tokens=max_new_tokens,
-      sampling=decode.Sampling(temperature, top_k, top_p),
+      sampling=sampling,
       stop_ids=tuple(self.stop_ids if stop_ids is None else stop_ids),
       pad_id=self.pad_id,
     )
     return spec, batch, capacity
 
-  def _check_ids(self, tokens) -> None:
+  def check_ids(self, tokens) -> None:
+    """Raises ValueError if any id is outside this model's vocabulary."""
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
       raise ValueError(
@@ -143,13 +153,14 @@ class LanguageModel:
     """Chat-templated prompt ids for one user message."""
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": user})
-    text = self._tokenizer().apply_chat_template(messages, add_generation_prompt=True)
-    return self._tokenizer().encode(text)
+    text = self.require_tokenizer().apply_chat_template(messages, add_generation_prompt=True)
+    return self.require_tokenizer().encode(text)
 
   def decode_text(self, ids: Sequence[int]) -> str:
-    return self._tokenizer().decode(list(ids))
+    return self.require_tokenizer().decode(list(ids))
 
-  def _tokenizer(self):
+  def require_tokenizer(self):
+    """The tokenizer; a ValueError for a model loaded without one."""
     if self.tokenizer is None:
       raise ValueError("this LanguageModel has no tokenizer; pass token ids instead")
     return self.tokenizer

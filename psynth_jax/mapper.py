@@ -22,6 +22,11 @@ Kinds:
   statistics at that layer and head: log1p of the mean key and value norms over
   the branch's valid rows. It can rescale heads whose scale drifts with
   position or length, which one scalar per layer cannot.
+
+A new kind is one class in this file: an `nnx.Module` built as `cls(rngs)` with
+`coefficients(feats, stats)` and the flags `needs_stats` / `is_identity`,
+decorated with `@register("name")`. Its parameters, if it has an `fc1` / `fc2`
+MLP, export under the reference's torch names (`psynth_jax.convert.reference`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-KINDS = ("identity", "affine", "head_affine")
 FEATURE_MODES = ("both", "length", "num_workers", "none")
 HIDDEN = 32
 
@@ -65,13 +69,47 @@ def _to_coefficients(r: jax.Array) -> jax.Array:
   return t + jnp.array([1.0, 0.0, 1.0, 0.0], t.dtype)
 
 
+# kind name -> module class. A class is built as `cls(rngs)`, has `coefficients(feats,
+# stats)` and says whether it reads cache statistics (`needs_stats`) and whether it is
+# the identity (`is_identity`: merging skips it). A new kind is a class + `@register`.
+_REGISTRY: dict[str, type[nnx.Module]] = {}
+
+
+def register(name: str):
+  """Class decorator: makes a mapper module available as `Mapper.create(name, ...)`."""
+
+  def add(cls):
+    if name in _REGISTRY:
+      raise ValueError(f"mapper kind {name!r} is already registered")
+    _REGISTRY[name] = cls
+    return cls
+
+  return add
+
+
+def kinds() -> tuple[str, ...]:
+  """The registered mapper kinds."""
+  return tuple(_REGISTRY)
+
+
+@register("identity")
 class IdentityMapper(nnx.Module):
+  needs_stats = False
+  is_identity = True
+
+  def __init__(self, rngs: nnx.Rngs):
+    del rngs  # no parameters
+
   def coefficients(self, feats, stats):
     return _to_coefficients(jnp.zeros(feats.shape[:-1] + (1, 4)))  # [K, L, 1, 4]
 
 
+@register("affine")
 class AffineMapper(nnx.Module):
   """The paper's mapper; `fc1`/`fc2` are the reference's `net.0`/`net.2`."""
+
+  needs_stats = False
+  is_identity = False
 
   def __init__(self, rngs: nnx.Rngs, in_features: int = 3):
     self.fc1 = nnx.Linear(in_features, HIDDEN, rngs=rngs)
@@ -81,7 +119,10 @@ class AffineMapper(nnx.Module):
     return _to_coefficients(self.fc2(nnx.silu(self.fc1(feats))))[:, :, None, :]
 
 
+@register("head_affine")
 class HeadAffineMapper(AffineMapper):
+  needs_stats = True
+
   def __init__(self, rngs: nnx.Rngs):
     super().__init__(rngs, in_features=5)
 
@@ -89,9 +130,6 @@ class HeadAffineMapper(AffineMapper):
     g = stats.shape[2]
     x = jnp.concatenate([jnp.broadcast_to(feats[:, :, None], feats.shape[:2] + (g, 3)), stats], -1)
     return _to_coefficients(self.fc2(nnx.silu(self.fc1(x))))
-
-
-_MODULES = {"identity": IdentityMapper, "affine": AffineMapper, "head_affine": HeadAffineMapper}
 
 
 def cache_statistics(
@@ -121,8 +159,8 @@ class Mapper:
 
   @classmethod
   def create(cls, kind: str, num_layers: int, features: str = "both", seed: int = 0) -> Mapper:
-    if kind not in KINDS:
-      raise ValueError(f"unknown mapper kind {kind!r}; expected one of {KINDS}")
+    if kind not in _REGISTRY:
+      raise ValueError(f"unknown mapper kind {kind!r}; expected one of {kinds()}")
     if features not in FEATURE_MODES:
       raise ValueError(f"mapper feature mode must be one of {FEATURE_MODES}, got {features!r}")
     module = _new_module(kind, seed)
@@ -135,8 +173,14 @@ class Mapper:
   def coefficients(self, k, v, lengths: jax.Array, num_workers: jax.Array) -> jax.Array:
     """Coefficients [K, L, G or 1, 4] for branch caches k, v (L x [K, S, G, H])."""
     feats = base_features(lengths, num_workers, self.num_layers, self.features)
-    stats = cache_statistics(k, v, lengths) if self.kind == "head_affine" else None
-    return self.module().coefficients(feats, stats)
+    module = self.module()
+    stats = cache_statistics(k, v, lengths) if module.needs_stats else None
+    return module.coefficients(feats, stats)
+
+  @property
+  def is_identity(self) -> bool:
+    """True for a kind that never changes the cache (merging skips it)."""
+    return _REGISTRY[self.kind].is_identity
 
   def num_params(self) -> int:
     return sum(x.size for x in jax.tree.leaves(self.state))
@@ -155,8 +199,7 @@ def check_mapper(mapper: Mapper | None, num_layers: int) -> None:
 
 
 def _new_module(kind: str, seed: int) -> nnx.Module:
-  cls = _MODULES[kind]
-  return cls() if kind == "identity" else cls(nnx.Rngs(seed))
+  return _REGISTRY[kind](nnx.Rngs(seed))
 
 
 def apply(coeffs: jax.Array, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...]):

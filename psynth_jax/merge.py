@@ -32,7 +32,7 @@ def mapped_branch_kv(branches, config: ModelConfig, mapper: Mapper | None, num_w
   """Re-encoded and mapped branch keys/values: two tuples of L x [K, S, G, H]."""
   k = tuple(reencode(kl, branches.offsets, config) for kl in branches.cache.k)
   v = branches.cache.v
-  if mapper is not None and mapper.kind != "identity":
+  if mapper is not None and not mapper.is_identity:
     check_mapper(mapper, config.num_layers)
     if num_workers is None:
       num_workers = jnp.asarray(branches.num_branches)

@@ -133,9 +133,7 @@ def synthesize(
   mapper: Mapper | None = None,
   lora=None,
   max_new_tokens: int = 64,
-  temperature: float = 0.0,
-  top_k: int | None = None,
-  top_p: float | None = None,
+  sampling: decode.Sampling = decode.GREEDY,
   seed: int = 0,
   fused: bool = False,
   profile: bool = False,
@@ -164,7 +162,7 @@ def synthesize(
   check_branches(lm, branches, allow_foreign_branches)
   check_adapters(lm, mapper, lora)
   check_num_workers(branches, num_workers)
-  spec, batch, _ = lm._prepare([synth_prompt], max_new_tokens, temperature, top_k, top_p, None)
+  spec, batch, _ = lm.prepare([synth_prompt], max_new_tokens, sampling)
   used = int(np.asarray(branches.lengths).sum())
   rows = branch_rows(branches) if rows is None else rows
   if rows < used:
@@ -197,9 +195,7 @@ def synthesize_text(
   lm,
   prompt: str | Sequence[int],
   max_new_tokens: int = 64,
-  temperature: float = 0.0,
-  top_k: int | None = None,
-  top_p: float | None = None,
+  sampling: decode.Sampling = decode.GREEDY,
   seed: int = 0,
   fused: bool = False,
 ) -> SynthesisResult:
@@ -210,9 +206,9 @@ def synthesize_text(
   both paths are timed from token ids (the cache path's prompt is ids too).
   """
   t0 = time.perf_counter()
-  ids = lm._tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
+  ids = lm.require_tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
   stages = {"tokenize": time.perf_counter() - t0} if isinstance(prompt, str) else {}
-  spec, batch, capacity = lm._prepare([ids], max_new_tokens, temperature, top_k, top_p, None)
+  spec, batch, capacity = lm.prepare([ids], max_new_tokens, sampling)
   args = (
     lm.params,
     jnp.asarray(batch.tokens),
@@ -303,5 +299,5 @@ def synthesis_logits(
   if len(synth_prompt) == 0:
     raise ValueError("the synthesizer prompt is empty")
   tokens = jnp.asarray([list(synth_prompt)], jnp.int32)
-  lm._check_ids(tokens)
+  lm.check_ids(tokens)
   return _synthesis_logits(lm.params, branches, tokens, mapper, lora, branch_rows(branches))

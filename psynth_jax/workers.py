@@ -121,9 +121,7 @@ def run_workers(
   lm,
   prompts: Sequence[Sequence[int]],
   max_new_tokens: int,
-  temperature: float = 0.0,
-  top_k: int | None = None,
-  top_p: float | None = None,
+  sampling: decode.Sampling = decode.GREEDY,
   seed: int = 0,
   shared_prefix: Sequence[int] | None = None,
 ) -> WorkerOutputs:
@@ -144,8 +142,8 @@ def run_workers(
     raise ValueError("run_workers needs at least one prompt")
   prefix = list(shared_prefix or [])
   full = [prefix + list(p) for p in prompts]
-  lm._prepare(full, max_new_tokens, temperature, top_k, top_p, None)  # validates full prompts
-  spec, batch, _ = lm._prepare(prompts, max_new_tokens, temperature, top_k, top_p, None)
+  lm.prepare(full, max_new_tokens, sampling)  # validates the full prompts
+  spec, batch, _ = lm.prepare(prompts, max_new_tokens, sampling)
   key = jax.random.key(seed)
   args = (
     jnp.asarray(batch.tokens),
@@ -203,5 +201,5 @@ def encode_branches(
   for i, t in enumerate(token_lists):
     tokens[i, : len(t)] = t
     mask[i, : len(t)] = True
-  lm._check_ids(tokens)
+  lm.check_ids(tokens)
   return _encode_program(lm.params, jnp.asarray(tokens), jnp.asarray(mask))

@@ -230,11 +230,11 @@ def test_bad_inputs_raise_clear_errors(lm):
   with pytest.raises(ValueError, match="max_new_tokens"):
     lm.generate([[1, 2]], 0)
   with pytest.raises(ValueError, match="top_p"):
-    lm.generate([[1, 2]], NEW, temperature=1.0, top_p=0.0)
+    lm.generate([[1, 2]], NEW, decode.Sampling(temperature=1.0, top_p=0.0))
   with pytest.raises(ValueError, match="top_k"):
-    lm.generate([[1, 2]], NEW, temperature=1.0, top_k=0)
+    lm.generate([[1, 2]], NEW, decode.Sampling(temperature=1.0, top_k=0))
   with pytest.raises(ValueError, match="temperature"):
-    lm.generate([[1, 2]], NEW, temperature=-1.0)
+    lm.generate([[1, 2]], NEW, decode.Sampling(temperature=-1.0))
   with pytest.raises(ValueError, match="more than the padded length"):
     decode.pad_prompts([[1, 2, 3]], 2)
 

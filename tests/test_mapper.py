@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from psynth_jax.kv_cache import KVCache
-from psynth_jax.mapper import FEATURE_MODES, Mapper
+from psynth_jax.mapper import FEATURE_MODES, Mapper, kinds, register
 from psynth_jax.merge import mapped_branch_kv, merge
 from psynth_jax.model.config import ModelConfig, RopeScaling
 from psynth_jax.model.rope import apply_rope, inv_frequencies
@@ -278,3 +278,32 @@ def test_mapper_with_another_depth_is_refused():
     Mapper.create("mlp", NUM_LAYERS)
   with pytest.raises(ValueError, match="feature mode"):
     Mapper.create("affine", NUM_LAYERS, features="length_only")
+
+
+def test_a_new_kind_is_one_registered_class():
+  @register("test_scaled_values")
+  class ScaledValues(nnx.Module):
+    """Keys untouched, values scaled by a learned factor (0.5 here)."""
+
+    needs_stats = False
+    is_identity = False
+
+    def __init__(self, rngs: nnx.Rngs):
+      self.scale = nnx.Param(jnp.asarray(0.5))
+
+    def coefficients(self, feats, stats):  # [K, L, 3] -> [K, L, 1, 4]
+      c = jnp.stack([jnp.asarray(1.0), jnp.asarray(0.0), self.scale[...], jnp.asarray(0.0)])
+      return jnp.broadcast_to(c, feats.shape[:-1] + (1, 4))
+
+  assert "test_scaled_values" in kinds()
+  mapper = Mapper.create("test_scaled_values", NUM_LAYERS)
+  assert not mapper.is_identity and mapper.num_params() == 1
+  branches = random_branches([3, 4])
+  k0, v0 = mapped_branch_kv(branches, _config(), None)
+  k1, v1 = mapped_branch_kv(branches, _config(), mapper)
+  for a, b in zip(k0, k1, strict=True):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(v0, v1, strict=True):
+    np.testing.assert_allclose(0.5 * np.asarray(a), b, rtol=1e-6)
+  with pytest.raises(ValueError, match="already registered"):
+    register("affine")(ScaledValues)

@@ -22,6 +22,8 @@ from flax import nnx
 from psynth_jax.mapper import HIDDEN, Mapper
 
 # Reference key -> (our path in the AffineMapper state, reference shape, transpose?).
+# The one table of the reference's torch names: import, export and the trainer's
+# export folders all go through it (`head_affine` has the same layers, 5 inputs).
 NAME_TABLE = {
   "net.0.weight": (("fc1", "kernel"), (HIDDEN, 3), True),
   "net.0.bias": (("fc1", "bias"), (HIDDEN,), False),
@@ -31,9 +33,13 @@ NAME_TABLE = {
 
 
 def mapper_from_state_dict(
-  state: dict[str, np.ndarray], num_layers: int, features: str = "both", source: str = "state dict"
+  state: dict[str, np.ndarray],
+  num_layers: int,
+  features: str = "both",
+  source: str = "state dict",
+  kind: str = "affine",
 ) -> Mapper:
-  """An `affine` Mapper from a reference state dict of numpy arrays (names and shapes checked)."""
+  """A Mapper of `kind` from a state dict with the reference's names (names and shapes checked)."""
   missing = sorted(set(NAME_TABLE) - set(state))
   unexpected = sorted(set(state) - set(NAME_TABLE))
   if missing or unexpected:
@@ -41,18 +47,24 @@ def mapper_from_state_dict(
       f"{source} is not a reference mapper state dict: missing={missing},"
       f" unexpected={unexpected} (expected {sorted(NAME_TABLE)})"
     )
-  template = Mapper.create("affine", num_layers, features)
+  template = Mapper.create(kind, num_layers, features)
+  if template.is_identity:
+    raise ValueError(f"the {kind!r} mapper has no parameters, so no state dict")
+  ours = {tuple(path): var for path, var in nnx.to_flat_state(template.state)}
   by_path = {}
-  for key, (path, shape, transpose) in NAME_TABLE.items():
+  for key, (path, _, transpose) in NAME_TABLE.items():
     w = np.asarray(state[key], np.float32)
-    if tuple(w.shape) != shape:
+    want = ours[path].shape[::-1] if transpose else ours[path].shape
+    if tuple(w.shape) != tuple(want):
       hint = ""
-      if key == "net.0.weight" and w.shape in ((HIDDEN, 1), (HIDDEN, 2)):
+      if kind == "affine" and key == "net.0.weight" and w.shape in ((HIDDEN, 1), (HIDDEN, 2)):
         hint = (
           " (a reference ablation checkpoint that drops unused features; only"
           " 3-feature checkpoints load today)"
         )
-      raise ValueError(f"{source}: {key!r} has shape {tuple(w.shape)}, expected {shape}{hint}")
+      raise ValueError(
+        f"{source}: {key!r} has shape {tuple(w.shape)}, expected {tuple(want)}{hint}"
+      )
     by_path[path] = w.T if transpose else w
   flat = [
     (path, var.replace(jnp.asarray(by_path[tuple(path)], var.dtype)))
@@ -62,11 +74,9 @@ def mapper_from_state_dict(
 
 
 def mapper_to_state_dict(mapper: Mapper) -> dict[str, np.ndarray]:
-  """The reference state dict (float32 numpy) of an `affine` Mapper."""
-  if mapper.kind != "affine":
-    raise ValueError(
-      f"only the paper's 'affine' mapper has a reference layout, not {mapper.kind!r}"
-    )
+  """The state dict (float32 numpy, the reference's names and layout) of a Mapper."""
+  if mapper.is_identity:
+    raise ValueError(f"the {mapper.kind!r} mapper has no parameters, so no state dict")
   values = {tuple(path): np.asarray(var[...]) for path, var in nnx.to_flat_state(mapper.state)}
   return {
     key: np.ascontiguousarray(values[path].T if transpose else values[path], np.float32)
@@ -101,5 +111,9 @@ def save_reference_mapper(mapper: Mapper, path: str | os.PathLike) -> None:
   """Saves an `affine` Mapper as a reference torch state dict (inverse of the loader)."""
   import torch
 
+  if mapper.kind != "affine":
+    raise ValueError(
+      f"only the paper's 'affine' mapper has a reference layout, not {mapper.kind!r}"
+    )
   state = {k: torch.tensor(v) for k, v in mapper_to_state_dict(mapper).items()}  # copies
   torch.save(state, path)

@@ -20,7 +20,7 @@ Two FLOP ratios sit next to the measured one:
 * `executed_flop_ratio`: the same for the work this library's programs do.
   A prefill scores every query against every key row of its cache (the full
   [T, S] matrix of `model/attention.py`, masked, not skipped), and
-  `LanguageModel._prepare` pads the T prompt tokens to `decode.bucket(T)`
+  `LanguageModel.prepare` pads the T prompt tokens to `decode.bucket(T)`
   query rows and sizes the cache S = bucket(bucket(T) + max_new_tokens). So
   the text path's attention computes bucket(T) * S score entries where the
   causal count is T(T+1)/2: 2x for the square instead of the triangle, times
@@ -90,7 +90,7 @@ def executed_prefill_flops(
 
 
 def text_prefill_rows(prompt_tokens: int, max_new_tokens: int = 1) -> tuple[int, int]:
-  """(query rows, key rows) of the text path's prefill (`LanguageModel._prepare`)."""
+  """(query rows, key rows) of the text path's prefill (`LanguageModel.prepare`)."""
   rows = decode.bucket(prompt_tokens)
   return rows, decode.bucket(rows + max_new_tokens)
 

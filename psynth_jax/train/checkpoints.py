@@ -46,6 +46,8 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from psynth_jax.convert import reference
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint step cannot be restored; the message names the step, its path and the cause."""
@@ -268,14 +270,10 @@ def export(params: dict[str, Any], folder: str, base_model: str = "") -> str:
       json.dump(dataclasses.asdict(lora.config), f, indent=2)
   else:
     export_peft_lora(lora, lora_dir, base_model)
-  if mapper.kind != "identity":
+  if not mapper.is_identity:
     # torch Linear layout, weight [out, in]: `affine` is the reference mapper
     # itself; `head_affine` has the same layers with 5 inputs.
-    arrays = {}
-    for torch_name, layer in (("net.0", "fc1"), ("net.2", "fc2")):
-      kernel = np.asarray(mapper.state[layer]["kernel"][...], np.float32)
-      arrays[f"{torch_name}.weight"] = np.ascontiguousarray(kernel.T)
-      arrays[f"{torch_name}.bias"] = np.asarray(mapper.state[layer]["bias"][...], np.float32)
+    arrays = reference.mapper_to_state_dict(mapper)
     safetensors.numpy.save_file(arrays, os.path.join(mapper_dir, "mapper.safetensors"))
   with open(os.path.join(mapper_dir, "mapper_config.json"), "w") as f:
     meta = {"kind": mapper.kind, "features": mapper.features, "num_layers": mapper.num_layers}
@@ -303,21 +301,11 @@ def load_export(folder: str | os.PathLike, model_config) -> tuple[Any, Any]:
       f"{folder}: mapper made for {meta['num_layers']} layers, model has {model_config.num_layers}"
     )
   mapper = Mapper.create(meta["kind"], meta["num_layers"], meta["features"])
-  if meta["kind"] != "identity":
-    tensors = safetensors.numpy.load_file(os.path.join(folder, "mapper", "mapper.safetensors"))
-    values = {}
-    for torch_name, layer in (("net.0", "fc1"), ("net.2", "fc2")):
-      values[(layer, "kernel")] = tensors[f"{torch_name}.weight"].T
-      values[(layer, "bias")] = tensors[f"{torch_name}.bias"]
-    flat = []
-    for path, var in nnx.to_flat_state(mapper.state):
-      value = values[tuple(path)]
-      if value.shape != var.shape:
-        raise ValueError(
-          f"{folder}: mapper {'.'.join(path)} is {value.shape}, expected {var.shape}"
-        )
-      flat.append((path, var.replace(value.astype(var.dtype))))
-    mapper = mapper.replace(state=nnx.from_flat_state(flat))
+  if not mapper.is_identity:
+    path = os.path.join(folder, "mapper", "mapper.safetensors")
+    mapper = reference.mapper_from_state_dict(
+      safetensors.numpy.load_file(path), meta["num_layers"], meta["features"], path, meta["kind"]
+    )
   from psynth_jax.convert.peft import load_peft_lora
 
   return mapper, load_peft_lora(os.path.join(folder, "lora"), model_config)
