@@ -12,14 +12,14 @@ shapes, not values, so this times the real model size where the weights are abse
 For every K (branches) and L (tokens per branch): K branch caches are built by
 independent prefill of L random tokens each (`encode_branches`); then, warm and
 median of repeats, in one run:
-* text path: prefill of [K*L branch tokens + S prompt tokens] + first sample (base model);
-* cache path (psynth_jax): re-encode + map + merge + prefill of S with the
+* text path: prefill of [K*L branch tokens + P prompt tokens] + first sample (base model);
+* cache path (psynth_jax): re-encode + map + merge + prefill of the P prompt tokens with the
   synthesizer's LoRA (rank 16, alpha 32 on q/k/v/o, fresh: B = 0, so the
   output is the base model's but the adapted prefill's cost is paid, as in
   the paper's PS) + first sample;
 * cache path (transformers peer): the same computation in PyTorch: per-branch
   `DynamicCache`s (built without the adapter) concatenated, prompt at position
-  max L_i through the same PEFT LoRA, first argmax.
+  max_i len_i through the same PEFT LoRA, first argmax.
 TTFT runs from "branch caches ready" to "first token on the host". Token ids
 are given directly to both paths (no tokenizer time on either side). The
 FLOP-limit ratio counts matmul and causal attention FLOPs of both prefills; the
@@ -64,7 +64,7 @@ def add_peer_lora(hf, config: LoRAConfig):
 
 
 def hf_cache_ttft(hf, branch_lists, prompt, peft_model=None):
-  """transformers peer: prefill each branch into a DynamicCache, concatenate, prompt at max L.
+  """transformers peer: prefill each branch into a DynamicCache, concatenate, prompt at max_i len_i.
 
   With `peft_model` (from `add_peer_lora`) the branches are prefilled by the
   base model and the timed prompt prefill runs through the adapter.

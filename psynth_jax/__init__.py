@@ -7,6 +7,21 @@ fits together"):
   load_pretrained -> run_workers (K branches, one jit) -> Branches
   -> synthesize (re-encode + mapper + merge + prefill + decode, jitted)
   vs synthesize_text (the text-concatenation baseline).
+
+Axis letters, used in shape comments and einsum strings everywhere, each with
+one meaning:
+
+  K branches        B batch            T tokens of one call   S cache rows
+  L layers          N query heads      G kv heads             H head dim
+  D model dim       F MLP dim          V vocabulary           R LoRA rank
+  Y scored target tokens (training)   Q = N / G query heads per kv head
+  M = Q * T (the attention matmul's folded query rows)
+
+Other quantities have names: len_i is the number of tokens kept for branch i
+(the mapper's length feature; the synthesizer prompt starts at max_i len_i),
+`synth_prompt` the synthesizer's own prompt, `rows` the cache rows reserved
+for the merged branches. (The TTFT sweep's rows keep their JSON keys "K" and
+"L", the latter meaning tokens per branch.)
 """
 
 from psynth_jax.decode import GREEDY, Sampling

@@ -1,6 +1,6 @@
 """Cache mappers: learned per-branch, per-layer affine maps of keys and values.
 
-A mapper turns (branch length L_i, number of branches K, layer l [, cache
+A mapper turns (branch length len_i, number of branches K, layer l [, cache
 statistics]) into coefficients (alpha_k, beta_k, alpha_v, beta_v) and maps a
 re-encoded branch cache as K' = alpha_k * K + beta_k, V' = alpha_v * V + beta_v.
 Every mapper starts as the identity (its last layer is zero-initialised) and
@@ -9,7 +9,7 @@ none looks at branch order, so a merged cache is invariant to branch order.
 Kinds:
 * `identity`: the naive merge (re-encoding only).
 * `affine`: the paper's length-aware affine mapper (260 parameters): features
-  f = [log1p(max(L_i, 1)), log1p(max(K, 1)), l / (num_layers - 1)] ->
+  f = [log1p(max(len_i, 1)), log1p(max(K, 1)), l / (num_layers - 1)] ->
   Linear(3, 32) -> SiLU -> Linear(32, 4); r -> alpha = 1 + 0.1 tanh(r0),
   beta = 0.1 tanh(r1) (keys), likewise r2, r3 (values); one scalar per
   (branch, layer), broadcast over heads, rows and head dims. Feature modes

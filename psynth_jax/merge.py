@@ -1,12 +1,12 @@
 """Re-encode, map and merge K branch caches into one synthesizer cache.
 
 1. Re-encoding: branch i's keys were rotated at offsets[i] + t; rotating them
-   by -offsets[i] puts every branch at positions t in [0, L_i), all starting at
+   by -offsets[i] puts every branch at positions t in [0, len_i), all starting at
    the same branching point. RoPE rotations compose, so this equals recomputing
    the keys at the new positions (up to float rounding). Values are untouched.
 2. Mapping: `psynth_jax.mapper` coefficients, per branch and layer.
 3. Merging: the valid rows of all branches are packed, in branch order, into
-   rows [0, sum L_i) of a fresh cache; the synthesizer's own tokens follow
+   rows [0, sum_i len_i) of a fresh cache; the synthesizer's own tokens follow
    from row `rows` on. Attention treats all branch rows alike (fully visible,
    order-free), so the synthesizer's view does not depend on branch order.
 """
@@ -46,7 +46,7 @@ def merge(
   """One example's branches -> a batch-1 cache of `capacity` rows, branch rows packed first.
 
   Args:
-    branches: `Branches` with K branches (rows [0, L_i) valid in each).
+    branches: `Branches` with K branches (rows [0, len_i) valid in each).
     config: the model config (RoPE variant).
     mapper: a `Mapper` or None (identity).
     rows: static number of rows reserved for branches; must be >= sum of
@@ -57,7 +57,7 @@ def merge(
       empty ones included: an empty branch adds no rows but still counts).
 
   Returns:
-    KVCache [1, capacity] with valid rows [0, sum L_i), positions t within each
+    KVCache [1, capacity] with valid rows [0, sum_i len_i), positions t within each
     branch, and `index` = rows (where the synthesizer prompt is written).
   """
   k, v = mapped_branch_kv(branches, config, mapper, num_workers)
@@ -83,5 +83,5 @@ def merge(
 
 
 def synth_start_position(branches) -> jax.Array:
-  """The synthesizer prompt starts at position max_i L_i."""
+  """The synthesizer prompt starts at position max_i len_i."""
   return branches.lengths.max()

@@ -1,7 +1,7 @@
 """Synthesis: from K branch caches (Parallel-Synthesis) or from concatenated text (baseline).
 
 Cache path (`synthesize`): re-encode + map + merge the branch caches, prefill
-the synthesizer prompt S at positions max_i L_i + j with the synthesizer's
+the synthesizer prompt at positions max_i len_i + j with the synthesizer's
 LoRA, sample, then decode. Text path (`synthesize_text`): the base model
 prefills the whole concatenated prompt and decodes with the same decoder and
 the same sampling.
@@ -9,7 +9,7 @@ the same sampling.
 TTFT (time to first token of the synthesizer) is measured from "branch caches
 ready" to "first token on the host", from token ids on both paths (the text
 path's tokenisation is timed apart, in `stages["tokenize"]`); worker time is
-excluded. Cache path: re-encode + map + merge + prefill of S + first sample;
+excluded. Cache path: re-encode + map + merge + prefill of the synthesizer prompt + first sample;
 text path: prefill of the whole concatenated prompt + first sample. By default each path runs as two compiled programs: everything up
 to the first token (one jit: merge + prefill + first sample), then the
 `lax.while_loop` decode, so the first token reaches the host before decoding
@@ -122,7 +122,7 @@ def check_branches(lm, branches: Branches, allow_foreign_branches: bool = False)
 
 
 def branch_rows(branches: Branches) -> int:
-  """Static rows reserved for the merged branches: a bucket of sum L_i."""
+  """Static rows reserved for the merged branches: a bucket of sum_i len_i."""
   return decode.bucket(int(np.asarray(branches.lengths).sum()))
 
 
@@ -154,7 +154,7 @@ def synthesize(
     num_workers: K as the mapper sees it (default: every branch, empty ones
       included). Padding the branches to a fixed K with empty ones and passing
       the real K here lets one compiled program serve every K.
-    rows: static rows for the merged branches (default: a bucket of sum L_i);
+    rows: static rows for the merged branches (default: a bucket of sum_i len_i);
       a fixed value serves many examples with one compiled program.
     allow_foreign_branches: accept branches whose fingerprint is not this
       model's (made by other weights); otherwise that is a ValueError.

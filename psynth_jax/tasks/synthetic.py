@@ -146,7 +146,7 @@ def branch_from_output(text: str) -> str:
 
 
 def synth_prompt_text(example: Example) -> str:
-  """Synthesizer prompt S that follows the merged branch caches."""
+  """The synthesizer prompt that follows the merged branch caches."""
   return f"given latent info from previous agents.\nq: {example.question}\na:"
 
 

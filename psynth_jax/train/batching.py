@@ -7,7 +7,7 @@ One example (a `psynth_jax.train.data` record) becomes:
   `worker_prompts`) the worker's prompt then the branch, so that the branch's
   cache rows are the ones the worker itself produced while writing it; the step
   keeps only the branch rows, at offset `branch_start` (re-encoded in the merge);
-* the synthesizer sequence S + Y (its prompt S, then the target Y), which reads
+* the synthesizer sequence: its prompt, then the Y target tokens, which reads
   the merged branch caches;
 * optionally the text-concatenation teacher's sequence P + Y (its prompt P
   holds every branch as text), for the token-level KL.
@@ -58,7 +58,7 @@ class BatchSpec:
   Attributes:
     max_branches: K, branches per example (fewer are padded with empty ones).
     branch_tokens: S, tokens per branch.
-    branch_rows: rows of the merged cache, the budget for sum_i L_i.
+    branch_rows: rows of the merged cache, the budget for sum_i len_i.
     synth_tokens: T, synthesizer prompt + target.
     target_tokens: N, scored target tokens per example.
     teacher_tokens: teacher prompt + target; 0 disables the teacher.
@@ -92,13 +92,13 @@ class Batch:
   num_workers: Any  # [B] int32, real branches per example
   tokens: Any  # [B, T] int32, synthesizer prompt + target, right-padded
   mask: Any  # [B, T] bool
-  score_pos: Any  # [B, N] int32, student positions whose logits predict `labels`
-  labels: Any  # [B, N] int32, target tokens
-  weights: Any  # [B, N] float32, 1 for real target tokens
+  score_pos: Any  # [B, Y] int32, student positions whose logits predict `labels`
+  labels: Any  # [B, Y] int32, target tokens
+  weights: Any  # [B, Y] float32, 1 for real target tokens
   skipped: Any  # [B] int32, 1 for a skipped example (its row is padding)
   teacher_tokens: Any = None  # [B, P] int32, teacher prompt + target
   teacher_mask: Any = None  # [B, P] bool
-  teacher_pos: Any = None  # [B, N] int32
+  teacher_pos: Any = None  # [B, Y] int32
 
 
 # ---------------------------------------------------------------- prompt formats
@@ -141,7 +141,7 @@ PROMPT_FORMATS: dict[str, tuple[Callable, Callable, Callable, Callable, Callable
 
 
 def synth_prompt(example: Mapping[str, Any], fmt: str, tokenizer) -> str:
-  """The synthesizer prompt S: the example's own `synth_prompt`, else the format's."""
+  """The synthesizer prompt: the example's own `synth_prompt`, else the format's."""
   return example.get("synth_prompt") or PROMPT_FORMATS[fmt][0](example, tokenizer)
 
 

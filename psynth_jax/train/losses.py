@@ -29,7 +29,7 @@ import optax
 
 
 def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
-  """Picks rows of x [B, T, D] at positions [B, N] -> [B, N, D]."""
+  """Picks rows of x [B, T, D] at positions [B, Y] -> [B, Y, D]."""
   return jnp.take_along_axis(x, positions[:, :, None], axis=1)
 
 
@@ -37,7 +37,7 @@ NORMALIZE = ("example", "token")
 
 
 def weighted_mean(values: jax.Array, weights: jax.Array, normalize: str = "token") -> jax.Array:
-  """Weighted mean of [B, N] values, per token or per example; 0 for an all-padding batch."""
+  """Weighted mean of [B, Y] values, per token or per example; 0 for an all-padding batch."""
   if normalize == "token":
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
   if normalize == "example":
@@ -50,15 +50,15 @@ def weighted_mean(values: jax.Array, weights: jax.Array, normalize: str = "token
 def cross_entropy(
   logits: jax.Array, labels: jax.Array, weights: jax.Array, normalize: str = "example"
 ) -> jax.Array:
-  """Mean CE of float32 logits [B, N, V] against labels [B, N] over weighted tokens."""
+  """Mean CE of float32 logits [B, Y, V] against labels [B, Y] over weighted tokens."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
   return weighted_mean(ce, weights, normalize)
 
 
 def kl_to_teacher(
-  student_logits: jax.Array,  # [B, N, V]
-  teacher_logits: jax.Array,  # [B, N, V], no gradient
-  weights: jax.Array,  # [B, N]
+  student_logits: jax.Array,  # [B, Y, V]
+  teacher_logits: jax.Array,  # [B, Y, V], no gradient
+  weights: jax.Array,  # [B, Y]
   temperature: float = 1.0,
   normalize: str = "example",
 ) -> jax.Array:
@@ -67,7 +67,7 @@ def kl_to_teacher(
   student = student_logits.astype(jnp.float32) / temperature
   log_p = jax.nn.log_softmax(teacher, axis=-1)
   log_q = jax.nn.log_softmax(student, axis=-1)
-  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # [B, N]
+  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # [B, Y]
   return weighted_mean(kl, weights, normalize) * temperature**2
 
 

@@ -181,7 +181,7 @@ def encode_branch_batch(
   rows = jnp.minimum(start[:, None] + jnp.arange(s, dtype=jnp.int32), r - 1)  # [BK, S]
   valid = jnp.arange(s)[None] < lengths[:, None]
 
-  def branch_rows(x):  # [BK, R, ...] -> [B, K, S, ...]: the branch's rows only
+  def branch_rows(x):  # [B*K, rows, ...] -> [B, K, S, ...]: the branch's rows only
     idx = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
     return jnp.take_along_axis(x, idx, axis=1).reshape((b, k, s) + x.shape[2:])
 
@@ -203,7 +203,7 @@ def encode_branch_batch(
 
 
 def teacher_logits(base: Params, batch: Batch) -> jax.Array:
-  """The text-concatenation teacher's logits at the target positions [B, N, V] (no gradient)."""
+  """The text-concatenation teacher's logits at the target positions [B, Y, V] (no gradient)."""
   p = batch.teacher_tokens.shape[1]
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), batch.teacher_tokens.shape)
   x, _ = hidden_states(base, batch.teacher_tokens, positions, None, batch.teacher_mask)
@@ -233,7 +233,7 @@ def loss_fn(params, base: Params, batch: Batch, rng: jax.Array, config: StepConf
     batch.num_workers,
     lora_rng,
   )
-  logits = unembed(base, losses.gather_positions(x, batch.score_pos))  # [B, N, V]
+  logits = unembed(base, losses.gather_positions(x, batch.score_pos))  # [B, Y, V]
   ce = losses.cross_entropy(logits, batch.labels, batch.weights, config.loss_normalize)
   metrics = {"ce": ce, "accuracy": losses.accuracy(logits, batch.labels, batch.weights)}
   loss = config.ce_weight * ce
