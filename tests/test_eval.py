@@ -119,12 +119,13 @@ def test_branch_ids_cut_tokens(lm):
     workflow.branch_ids(lm, "", 4)
 
 
-def test_measure_ttft_keeps_its_shape(lm):
+def test_measure_timings_per_mode(lm):
   examples = synthetic.generate("test", 1, seed=0, families=("tools",), max_workers=2)
   args = (lm, examples, [workflow.CacheMode(workflow.NAIVE_MERGE)], False, True, 1, 8, 4)
-  ttft = workflow.measure_ttft(*args)
-  assert set(ttft) == {"text_synthesis", "naive_merge"}
-  assert all(isinstance(v, float) and v > 0 for v in ttft.values())
+  timings = workflow.measure_timings(*args)
+  assert set(timings) == {"text_synthesis", "naive_merge"}
+  for t in timings.values():
+    assert t["ttft_s"] > 0 and t["tokenize_s"] > 0 and t["prompt_tokens"] > 0
 
 
 def test_modes_without_weights_are_skipped():

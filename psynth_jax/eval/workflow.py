@@ -11,7 +11,7 @@ answers from those very outputs:
   (mapper + LoRA trained together) for every mapper variant given.
 
 Accuracy is the normalised exact match of `answer_matches`. TTFT (`psynth_jax/synthesis.py`)
-is measured separately in `measure_ttft`: warm (one untimed call per shape
+is measured separately in `measure_timings`: warm (one untimed call per shape
 first), the median of repeats per example, then the median over examples.
 Every mode is timed from token ids: its prompt (the text prompt for the text
 modes, the synthesizer prompt for cache modes) is tokenised before the timed
@@ -238,30 +238,6 @@ def measure_timings(
   return {
     name: {k: statistics.median(v[k]) for k in keys} for name, v in per_mode.items() if v["ttft_s"]
   }
-
-
-def measure_ttft(
-  lm,
-  examples: Sequence[synthetic.Example],
-  modes: Sequence[CacheMode] = (CacheMode(NAIVE_MERGE),),
-  single_agent: bool = True,
-  text: bool = True,
-  repeats: int = 3,
-  worker_max_new_tokens: int = 64,
-  answer_max_new_tokens: int = 48,
-) -> dict[str, float]:
-  """Median warm TTFT per mode (seconds): `measure_timings`' "ttft_s" alone."""
-  timings = measure_timings(
-    lm,
-    examples,
-    modes,
-    single_agent,
-    text,
-    repeats,
-    worker_max_new_tokens,
-    answer_max_new_tokens,
-  )
-  return {name: t["ttft_s"] for name, t in timings.items()}
 
 
 def branch_ids(lm, text: str, length: int) -> list[int]:
