@@ -27,6 +27,7 @@ alone() {
 alone python experiments/bench_decode.py --models tiny,qwen --batches 1,3,16 --repeats 3 --out "$out/decode.json"
 alone python experiments/bench_ttft.py --models tiny --repeats 3 --out "$out/ttft_tiny"
 alone python experiments/bench_ttft.py --models qwen --ks 3 --lengths 128,512,1024 --repeats 3 --out "$out/ttft_qwen"
+alone python experiments/bench_cache_path.py --out "$out/cache_path.json"
 alone python experiments/bench_workers.py --models tiny,qwen --prefix-tokens 256,1024 --repeats 2 --out "$out/workers.json"
 alone python experiments/bench_train.py --models tiny,qwen05 --out "$out/train.json"
 alone psynth demo-qwen --worker-tokens 64 --answer-tokens 48 --out "$out/demo_qwen"
