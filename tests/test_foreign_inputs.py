@@ -104,10 +104,12 @@ def test_branches_carry_their_model_fingerprint(lm, branches):
 
 
 @pytest.mark.parametrize(
-  "other", [CONFIG, CONFIG.replace(rope_theta=5e5)], ids=["other_weights", "other_rope"]
+  "config, seed",
+  [(CONFIG, 7), (CONFIG.replace(rope_theta=5e5), 0)],  # other weights; same weights, other RoPE
+  ids=["other_weights", "other_rope"],
 )
-def test_branches_of_another_model_are_refused(lm, branches, other):
-  foreign_lm = LanguageModel(init_params(other, seed=0 if other != CONFIG else 7))
+def test_branches_of_another_model_are_refused(lm, branches, config, seed):
+  foreign_lm = LanguageModel(init_params(config, seed=seed))
   foreign = encode_branches(foreign_lm, TEXTS)
   for call in (
     lambda **kw: synthesize(lm, foreign, PROMPT, max_new_tokens=2, **kw),
