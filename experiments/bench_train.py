@@ -35,6 +35,7 @@ from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import init_params
 from psynth_jax.synthesis import latent_hidden
 from psynth_jax.tasks import synthetic
+from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 from psynth_jax.train import batching, data, losses, trainer
 from psynth_jax.train import step as step_lib
 
@@ -60,8 +61,8 @@ def _setup(model: str):
     if os.path.isdir(config.model.path):
       from psynth_jax.language_model import load_pretrained
 
-      return config, load_pretrained(config.model.path).params, synthetic.SuiteTokenizer()
-    # The shipped base's shape (psynth_jax.pretrain.PretrainConfig), random weights.
+      return config, load_pretrained(config.model.path).params, SuiteTokenizer()
+    # The shipped base's shape (psynth_jax.tasks.synthetic_pretrain.PretrainConfig), random weights.
     shape = dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4)
     config.model.init.update(shape, num_kv_heads=4, head_dim=64)
     return config, init_params(ModelConfig(**config.model.init.to_dict())), None
@@ -94,16 +95,16 @@ def bench(model: str) -> dict | None:
     print(f"{model}: weights not found, skipped")
     return None
   config, base, tokenizer = setup
-  tokenizer = tokenizer or synthetic.SuiteTokenizer()
+  tokenizer = tokenizer or SuiteTokenizer()
   spec = trainer.batch_spec(config)
   b = config.batch.batch_size
   examples = synthetic.generate("train", 64, 0, None, 2, spec.max_branches)
-  records = [{k: e.to_json()[k] for k in data.FIELDS} for e in examples]
-  if not isinstance(tokenizer, synthetic.SuiteTokenizer):
+  records = [data.gold_trace(synthetic.TASK, e.problem()) for e in examples]
+  if not isinstance(tokenizer, SuiteTokenizer):
     for record, example in zip(records, examples, strict=True):
       record["target"] = example.answer  # the tokenizer's own eos is appended instead
   eos = tokenizer.eos_token_ids[0]
-  batcher = batching.Batcher(tokenizer, spec, "synthetic", 0, eos)
+  batcher = batching.Batcher(tokenizer, spec, 0, eos)
   fitting = [r for r in records if batcher.encode(r)[0] is not None][:b]
   host, _ = batcher(fitting, b)
   batch = jax.tree.map(jnp.asarray, host)
@@ -138,7 +139,9 @@ def bench(model: str) -> dict | None:
 
   teacher = jax.jit(step_lib.teacher_logits)
   full = jax.jit(
-    lambda s, base, bt: step_lib.train_step(s, base, bt, config=step_cfg, optimizer=optimizer)
+    lambda s, base, bt: step_lib.train_step(
+      s, base, bt, config=step_cfg, optimizer_config=trainer.optimizer_config(config)
+    )
   )
 
   parts = {

@@ -26,9 +26,8 @@ import os
 
 from absl import app, flags
 
-from psynth_jax import prompts
 from psynth_jax.language_model import load_pretrained
-from psynth_jax.tasks import synthetic
+from psynth_jax.tasks import chat, synthetic
 from psynth_jax.train import batching
 from psynth_jax.workers import run_workers
 
@@ -82,7 +81,7 @@ def worker_prompts_of(task: dict, k: int) -> list[str]:
   the suite's instruction lines, or the whole chat user message."""
   if FLAGS.prompt_format == "synthetic":
     return list(task["worker_prompts"])
-  messages = [prompts.worker_message(task["question"], i, k) for i in range(k)]
+  messages = [chat.worker_message(task["question"], i, k) for i in range(k)]
   if task.get("worker_prompts"):
     messages = [f"{m}\n{extra}" for m, extra in zip(messages, task["worker_prompts"], strict=True)]
   return messages

@@ -1,7 +1,7 @@
 r"""Pretrains the tiny synthetic-suite base model and saves it as a converted model folder.
 
 Run (the shipped model's three phases, about 30, 60 and 50 minutes on 2 CPU
-cores, as experiments/reproduce_synthetic.py runs them from configs/synthetic.py):
+cores, as experiments/reproduce_synthetic.py runs them from psynth_jax/configs/synthetic.py):
 
   python experiments/pretrain_synthetic.py --out runs/base_phase1
   python experiments/pretrain_synthetic.py --out runs/base_phase2 --init_from runs/base_phase1 \
@@ -25,9 +25,9 @@ import argparse
 import dataclasses
 import os
 
-from psynth_jax import pretrain
-from psynth_jax.pretrain import PretrainConfig, pretrain_and_save
 from psynth_jax.tasks import synthetic
+from psynth_jax.tasks import synthetic_pretrain as pretrain
+from psynth_jax.tasks.synthetic_pretrain import PretrainConfig, pretrain_and_save
 
 
 def parse_args() -> tuple[argparse.Namespace, PretrainConfig]:
@@ -58,9 +58,10 @@ def main() -> None:
     from psynth_jax import load_pretrained
     from psynth_jax.eval import compare
 
-    examples = synthetic.generate("test", args.workflow_examples, pretrain.EVAL_SEED)
+    task = synthetic.TASK
+    problems = task.load(split="test", limit=args.workflow_examples, seed=pretrain.EVAL_SEED)
     lm = pretrain.language_model(load_pretrained(args.out).params)
-    report = compare.compare_modes(lm, examples, lengths=(), ttft_examples=4)
+    report = compare.compare_modes(lm, task, problems, lengths=(), ttft_examples=4)
     print(compare.format_table(report))
 
 

@@ -1,7 +1,7 @@
 r"""Rebuilds the synthetic reproduction from scratch: base model, every adapter, evaluation.
 
-  python experiments/reproduce_synthetic.py --config configs/synthetic.py --workdir runs/synthetic
-  python experiments/reproduce_synthetic.py --config configs/synthetic.py --workdir runs/synthetic \
+  python experiments/reproduce_synthetic.py --config psynth_jax/configs/synthetic.py --workdir runs/synthetic
+  python experiments/reproduce_synthetic.py --config psynth_jax/configs/synthetic.py --workdir runs/synthetic \
     --install    # then copy the result into psynth_jax/assets (what `psynth demo` ships)
 
 On a 2-core CPU this takes about 3 hours: ~30 + ~60 + ~50 minutes to
@@ -32,13 +32,19 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from psynth_jax import assets
-from psynth_jax.eval import compare
-from psynth_jax.pretrain import EVAL_SEED, PretrainConfig, evaluate, pretrain_and_save
+from psynth_jax.eval import compare, shipped
 from psynth_jax.tasks import synthetic
+from psynth_jax.tasks.synthetic_pretrain import (
+  EVAL_SEED,
+  PretrainConfig,
+  evaluate,
+  pretrain_and_save,
+)
 from psynth_jax.train import trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "configs/synthetic.py")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "psynth_jax/configs/synthetic.py", "psynth_jax/configs/synthetic.py"
+)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/synthetic", "every stage's output goes here")
 _INSTALL = flags.DEFINE_bool("install", False, "copy the models and results into psynth_jax/assets")
 
@@ -119,17 +125,19 @@ def adapter_stage(config, base: str, workdir: str) -> dict[str, str]:
 
 def evaluate_stage(config, base: str, exports: dict[str, str], workdir: str) -> dict:
   print("[3/3] evaluating every mode on the test split")
-  lm = assets.load_synthetic_base(base)
+  lm = shipped.load_synthetic_base(base)
   staged = os.path.join(workdir, "adapters_staged")
   shutil.rmtree(staged, ignore_errors=True)
   for name, export in exports.items():
     shutil.copytree(export, os.path.join(staged, name))
-  modes = assets.load_synthetic_modes(lm.config, staged)
+  modes = shipped.load_synthetic_modes(lm.config, staged)
   r = config.reproduce
-  examples = synthetic.generate("test", r.eval_examples, EVAL_SEED)
+  task = synthetic.TASK
+  problems = task.load(split="test", limit=r.eval_examples, seed=EVAL_SEED)
   report = compare.compare_modes(
     lm,
-    examples,
+    task,
+    problems,
     modes,
     ttft_examples=r.ttft_examples,
     lengths=tuple(r.lengths),
@@ -140,7 +148,7 @@ def evaluate_stage(config, base: str, exports: dict[str, str], workdir: str) -> 
   compare.plot(report, os.path.join(workdir, "report.png"))
   # The check: the same workflow on the first `check_examples` (a prefix of the above).
   check = compare.compare_modes(
-    lm, examples[: r.check_examples], modes, ttft_examples=0, lengths=(), progress=False
+    lm, task, problems[: r.check_examples], modes, ttft_examples=0, lengths=(), progress=False
   )
   results = {
     "date": time.strftime("%Y-%m-%d"),
@@ -152,7 +160,9 @@ def evaluate_stage(config, base: str, exports: dict[str, str], workdir: str) -> 
     "workers": report.workers,
     "check_examples": r.check_examples,
     "check_accuracy": {m: a["overall"] for m, a in check.accuracy.items()},
-    "gold_text_synthesis": evaluate(lm, examples[: r.check_examples])["text"],
+    "gold_text_synthesis": evaluate(
+      lm, [synthetic.Example.of(p) for p in problems[: r.check_examples]]
+    )["text"],
   }
   with open(os.path.join(workdir, "synthetic_results.json"), "w") as f:
     json.dump(results, f, indent=2)
@@ -160,13 +170,13 @@ def evaluate_stage(config, base: str, exports: dict[str, str], workdir: str) -> 
 
 
 def install(workdir: str, exports: dict[str, str]) -> None:
-  shutil.rmtree(assets.SYNTHETIC_BASE, ignore_errors=True)
-  shutil.copytree(os.path.join(workdir, "synthetic_base"), assets.SYNTHETIC_BASE)
-  shutil.rmtree(assets.SYNTHETIC_ADAPTERS, ignore_errors=True)
+  shutil.rmtree(shipped.SYNTHETIC_BASE, ignore_errors=True)
+  shutil.copytree(os.path.join(workdir, "synthetic_base"), shipped.SYNTHETIC_BASE)
+  shutil.rmtree(shipped.SYNTHETIC_ADAPTERS, ignore_errors=True)
   for name, export in exports.items():
-    shutil.copytree(export, os.path.join(assets.SYNTHETIC_ADAPTERS, name))
-  shutil.copy(os.path.join(workdir, "synthetic_results.json"), assets.SYNTHETIC_RESULTS)
-  print(f"installed into {assets.ASSETS}")
+    shutil.copytree(export, os.path.join(shipped.SYNTHETIC_ADAPTERS, name))
+  shutil.copy(os.path.join(workdir, "synthetic_results.json"), shipped.SYNTHETIC_RESULTS)
+  print(f"installed into {shipped.ASSETS}")
 
 
 def main(argv):

@@ -1,7 +1,7 @@
 r"""Trains the Parallel-Synthesis cache mapper and synthesizer LoRA from a config.
 
-  python experiments/train.py --config configs/synthetic.py:tiny --workdir /tmp/psynth/tiny
-  python experiments/train.py --config configs/qwen2_5_coder_0_5b.py --workdir /tmp/psynth/qwen05 \
+  python experiments/train.py --config psynth_jax/configs/synthetic.py:tiny --workdir /tmp/psynth/tiny
+  python experiments/train.py --config psynth_jax/configs/qwen2_5_coder_0_5b.py --workdir /tmp/psynth/qwen05 \
     --config.data.train_jsonl=/tmp/psynth/traces/train.jsonl
 
 Running it again with the same workdir resumes from the newest checkpoint.
@@ -13,7 +13,9 @@ from ml_collections import config_flags
 
 from psynth_jax.train import trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "psynth_jax/configs/NAME.py[:arg]", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics and exports go here")
 flags.mark_flags_as_required(["config", "workdir"])
 

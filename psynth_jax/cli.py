@@ -16,7 +16,7 @@ import time
 
 
 def _convert(args) -> None:
-  from psynth_jax.convert.checkpoint import save_converted
+  from psynth_jax.model.checkpoint import save_converted
 
   if bool(args.hf) == bool(args.gguf):
     sys.exit("psynth convert: give exactly one of --hf DIR or --gguf FILE")
@@ -82,11 +82,12 @@ def _generate(args) -> None:
 
 
 def _workflow(args) -> None:
-  from psynth_jax import prompts, run_workers, synthesize, synthesize_text
+  from psynth_jax import run_workers, synthesize, synthesize_text
+  from psynth_jax.tasks import chat
 
   lm = _load(args)
   k = args.workers
-  worker_prompts = [lm.encode_chat(prompts.worker_message(args.question, i, k)) for i in range(k)]
+  worker_prompts = [lm.encode_chat(chat.worker_message(args.question, i, k)) for i in range(k)]
   print(f"running {k} workers ({args.worker_tokens} new tokens max) ...", flush=True)
   workers = run_workers(lm, worker_prompts, args.worker_tokens)
   for i, text in enumerate(workers.texts):
@@ -94,10 +95,10 @@ def _workflow(args) -> None:
   print(f"\n[workers: {workers.seconds:.2f}s incl. compile]")
 
   text_prompt = lm.tokenizer.apply_chat_template(
-    [{"role": "user", "content": prompts.text_synth_message(args.question, workers.texts)}],
+    [{"role": "user", "content": chat.text_synth_message(args.question, workers.texts)}],
     add_generation_prompt=True,
   )
-  synth_prompt = lm.encode_chat(prompts.latent_synth_message(args.question))
+  synth_prompt = lm.encode_chat(chat.latent_synth_message(args.question))
   # Run each path twice: the first call compiles, the second is the warm TTFT.
   for _ in range(2):
     text = synthesize_text(lm, text_prompt, args.max_new_tokens)
@@ -113,13 +114,13 @@ def _workflow(args) -> None:
 
 
 def _demo(args) -> None:
-  from psynth_jax import demo
+  from psynth_jax.eval import demo
 
   demo.main(args)
 
 
 def _demo_qwen(args) -> None:
-  from psynth_jax import demo_qwen
+  from psynth_jax.eval import demo_qwen
 
   demo_qwen.main(args)
 

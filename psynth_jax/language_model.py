@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -174,7 +175,6 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None) -> Langua
       `psynth_config.json` (written by `psynth convert`), or a `.gguf` file.
     dtype: "float32" or "bfloat16"; default: the checkpoint's.
   """
-  from psynth_jax.convert.checkpoint import load_params
   from psynth_jax.tokenizer import Tokenizer
 
   params = load_params(path, dtype=dtype)
@@ -187,3 +187,33 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None) -> Langua
     tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
   )
   return LanguageModel(params, tokenizer, stop_ids, pad_id)
+
+
+def load_params(path: str | Path, dtype: str | None = None) -> Params:
+  """Loads weights from a converted folder, an HF folder or a .gguf file.
+
+  Args:
+    path: a folder with psynth_config.json (converted), a folder with
+      config.json (Hugging Face safetensors), or a .gguf file.
+    dtype: "float32" | "bfloat16"; default: the source's own dtype.
+  """
+  path = Path(path).expanduser()
+  from psynth_jax.model.checkpoint import CONFIG_FILE, load_converted
+
+  if path.is_dir():
+    if (path / CONFIG_FILE).is_file():
+      return load_converted(path, dtype)
+    if (path / "config.json").is_file():
+      from psynth_jax.convert.hf import load_hf_folder
+
+      return load_hf_folder(path, dtype)
+    raise FileNotFoundError(
+      f"{path} has neither {CONFIG_FILE} (converted) nor config.json (Hugging Face)"
+    )
+  if path.suffix == ".gguf":
+    from psynth_jax.convert.gguf import load_gguf
+
+    return load_gguf(path, dtype)[0]
+  if not path.exists():
+    raise FileNotFoundError(f"no model at {path}")
+  raise ValueError(f"{path}: expected a model folder or a .gguf file")

@@ -184,17 +184,23 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def sharded_initializer(init_fn, mesh: Mesh, rules: Rules, compiler_options=None):
-  """`init_fn` jitted so that its outputs are created directly in their shards.
+def sharded_initializer(init_fn, mesh: Mesh, rules: Rules, compiler_options=None, args=()):
+  """`init_fn(*args)` jitted so that its outputs are created directly in their shards.
 
   `jax.eval_shape` gives the shapes (no memory), `tree_shardings` the
   placement, and one jit with `out_shardings` materialises every array where
   it belongs, so no host ever holds the whole model. Call the result (no
-  arguments) to initialise; keep it to initialise again without recompiling.
+  arguments) to initialise. `args` are static (configs, seeds): a module-level
+  `init_fn` with equal args and shardings reuses jax's compiled program, where a
+  fresh closure would compile again.
   """
-  abstract = jax.eval_shape(init_fn)
+  abstract = jax.eval_shape(functools.partial(init_fn, *args))
   shardings = tree_shardings(abstract, mesh, rules)
-  return jax.jit(init_fn, out_shardings=shardings, compiler_options=compiler_options)
+  static = tuple(range(len(args)))
+  jitted = jax.jit(
+    init_fn, static_argnums=static, out_shardings=shardings, compiler_options=compiler_options
+  )
+  return functools.partial(jitted, *args)
 
 
 def shard_init(init_fn, mesh: Mesh, rules: Rules, compiler_options=None):

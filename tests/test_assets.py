@@ -14,31 +14,30 @@ import os
 
 import pytest
 
-from psynth_jax import assets, demo
-from psynth_jax.eval import compare, workflow
-from psynth_jax.pretrain import evaluate
+from psynth_jax.eval import compare, demo, shipped, workflow
 from psynth_jax.tasks import synthetic
+from psynth_jax.tasks.synthetic_pretrain import evaluate
 
 TOLERANCE = 0.05
 
 
 @pytest.fixture(scope="module")
 def lm():
-  return assets.load_synthetic_base()
+  return shipped.load_synthetic_base()
 
 
 @pytest.fixture(scope="module")
 def recorded():
-  return assets.recorded_results()
+  return shipped.recorded_results()
 
 
 def test_assets_are_small_and_complete():
   total = 0
-  for root, _, files in os.walk(assets.ASSETS):
+  for root, _, files in os.walk(shipped.ASSETS):
     total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
   assert total < 20e6, f"shipped assets are {total / 1e6:.1f} MB"
-  for name in assets.ADAPTER_MODES:
-    folder = os.path.join(assets.SYNTHETIC_ADAPTERS, name)
+  for name in shipped.ADAPTER_MODES:
+    folder = os.path.join(shipped.SYNTHETIC_ADAPTERS, name)
     assert os.path.exists(os.path.join(folder, "mapper", "mapper_config.json")), name
     with open(os.path.join(folder, "train_info.json")) as f:
       assert json.load(f)["steps"] > 0
@@ -54,24 +53,27 @@ def test_base_model_reproduces_recorded_text_synthesis(lm, recorded):
 
 
 def test_every_mode_reproduces_its_recorded_accuracy(lm, recorded):
-  modes = assets.load_synthetic_modes(lm.config)
-  assert [m.name for m in modes] == [workflow.NAIVE_MERGE, *assets.ADAPTER_MODES.values()]
-  examples = synthetic.generate("test", recorded["check_examples"], recorded["seed"])
-  report = compare.compare_modes(lm, examples, modes, ttft_examples=0, lengths=(), progress=False)
+  modes = shipped.load_synthetic_modes(lm.config)
+  assert [m.name for m in modes] == [workflow.NAIVE_MERGE, *shipped.ADAPTER_MODES.values()]
+  task = synthetic.TASK
+  problems = task.load(split="test", limit=recorded["check_examples"], seed=recorded["seed"])
+  report = compare.compare_modes(
+    lm, task, problems, modes, ttft_examples=0, lengths=(), progress=False
+  )
   got = {mode: acc["overall"] for mode, acc in report.accuracy.items()}
   assert got == pytest.approx(recorded["check_accuracy"], abs=2 * TOLERANCE)
 
 
 def test_missing_assets_name_the_rebuild_command(tmp_path):
   with pytest.raises(FileNotFoundError, match="reproduce_synthetic"):
-    assets.load_synthetic_base(str(tmp_path))
+    shipped.load_synthetic_base(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="reproduce_synthetic"):
-    assets.load_synthetic_modes(None, str(tmp_path))
+    shipped.load_synthetic_modes(None, str(tmp_path))
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
   # A user's export: here the shipped PS adapter again, so it must score exactly as that mode.
-  mine = {"mine": os.path.join(assets.SYNTHETIC_ADAPTERS, "parallel_synthesis_affine")}
+  mine = {"mine": os.path.join(shipped.SYNTHETIC_ADAPTERS, "parallel_synthesis_affine")}
   report = demo.run(
     num_examples=3, lengths=(16,), ttft_examples=1, out=str(tmp_path), adapters=mine
   )

@@ -15,7 +15,7 @@ from psynth_jax.convert.reference import mapper_from_state_dict
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
-from psynth_jax.tasks import synthetic
+from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 from psynth_jax.train import batching, checkpoints, data, trainer
 from psynth_jax.train import step as step_lib
 
@@ -137,12 +137,15 @@ def test_an_interrupted_save_is_invisible(tmp_path, state):
 
 # ---------------------------------------------------------------- resuming the trainer
 def _config(num_steps=6):
-  spec = importlib.util.spec_from_file_location("synthetic_config", f"{REPO}/configs/synthetic.py")
+  spec = importlib.util.spec_from_file_location(
+    "synthetic_config", f"{REPO}/psynth_jax/configs/synthetic.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("random,fast")
   config.model.init.update(num_layers=1, hidden_size=32, intermediate_size=64)
-  config.data.update(synthetic_examples=24, max_workers=5)
+  config.data.num_examples = 24
+  config.data.task_options.max_workers = 5
   # Budgets that some examples exceed (K = 5, long answers): they are skipped.
   config.batch.update(
     batch_size=4, max_branches=4, branch_rows=160, synth_tokens=112, target_tokens=6
@@ -171,14 +174,34 @@ def uninterrupted(tmp_path_factory):
   return workdir, trainer.train(_config(), workdir)
 
 
+def test_a_second_train_in_the_process_compiles_nothing(uninterrupted, tmp_path):
+  # jax's own cache (static configs, module-level functions) must serve a second
+  # run with the same config: no hand-made memo of jitted wrappers.
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    jax.jit(lambda x: x * 3 + 1)(np.ones(5))  # the listener does see a new program
+    assert len(compiles) == 1
+    compiles.clear()
+    result = trainer.train(_config(), str(tmp_path))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert result.step == 6 and compiles == []
+
+
 def test_uninterrupted_run_skips_and_counts_oversize_examples(uninterrupted):
   workdir, result = uninterrupted
   config = _config()
   source = data.load_split(os.path.join(workdir, "tfds"), "train")
   it = data.BatchIterator(source, seed=0, batch_size=4, process_index=0, process_count=1)
-  tok = synthetic.SuiteTokenizer()
+  tok = SuiteTokenizer()
   spec = trainer.batch_spec(config)
-  batcher = batching.Batcher(tok, spec, "synthetic", tok.pad_token_id, tok.eos_token_id)
+  batcher = batching.Batcher(tok, spec, tok.pad_token_id, tok.eos_token_id)
   reasons = [batcher.encode(e)[1] for _ in range(6) for e in next(it)]
   want = {r: reasons.count(r) for r in set(reasons) - {None}}
   assert want and result.skip_reasons == want

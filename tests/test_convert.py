@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from psynth_jax.convert import hf
-from psynth_jax.convert.checkpoint import load_converted, load_params, save_converted
 from psynth_jax.convert.hf import hf_state_to_flat, load_hf_folder
+from psynth_jax.language_model import load_params
+from psynth_jax.model.checkpoint import load_converted, save_converted
 from psynth_jax.model.config import ModelConfig, UnsupportedModelError
 from psynth_jax.model.transformer import flat_state, forward
 from psynth_jax.testing import hf_model

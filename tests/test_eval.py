@@ -11,11 +11,14 @@ from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import init_params
 from psynth_jax.tasks import synthetic
+from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
+
+TASK = synthetic.TASK
 
 
 @pytest.fixture(scope="module")
 def lm():
-  tok = synthetic.SuiteTokenizer()
+  tok = SuiteTokenizer()
   config = ModelConfig(
     model_type="llama",
     vocab_size=tok.vocab_size,
@@ -34,7 +37,7 @@ def lm():
 @pytest.fixture(scope="module")
 def report(lm):
   # One family and K = 2: few distinct shapes, so few compiles.
-  examples = synthetic.generate("test", 2, seed=0, families=("tools",), max_workers=2)
+  problems = TASK.load(split="test", limit=2, seed=0, families=("tools",), max_workers=2)
   n_layers = lm.config.num_layers
   lora = LoRAWeights.init(lm.config, LoRAConfig(rank=2, alpha=4.0))
   modes = workflow.cache_modes(
@@ -44,7 +47,8 @@ def report(lm):
   )
   return compare.compare_modes(
     lm,
-    examples,
+    TASK,
+    problems,
     modes,
     ttft_examples=1,
     ttft_repeats=1,
@@ -80,7 +84,7 @@ def test_every_mode_scores_and_times(report):
 def test_every_cache_mode_at_init_answers_like_the_naive_merge(lm):
   # A fresh mapper is the identity and a fresh LoRA (B = 0) adds nothing, so on the
   # same worker outputs every cache mode must give the naive merge's very tokens.
-  examples = synthetic.generate("test", 3, seed=1, max_workers=2)
+  problems = TASK.load(split="test", limit=3, seed=1, max_workers=2)
   n_layers = lm.config.num_layers
   lora = LoRAWeights.init(lm.config, LoRAConfig(rank=2, alpha=4.0), seed=3)
   modes = workflow.cache_modes(
@@ -90,7 +94,8 @@ def test_every_cache_mode_at_init_answers_like_the_naive_merge(lm):
   )
   records = workflow.run_workflow(
     lm,
-    examples,
+    TASK,
+    problems,
     modes,
     single_agent=False,
     text=False,
@@ -120,8 +125,8 @@ def test_branch_ids_cut_tokens(lm):
 
 
 def test_measure_timings_per_mode(lm):
-  examples = synthetic.generate("test", 1, seed=0, families=("tools",), max_workers=2)
-  args = (lm, examples, [workflow.CacheMode(workflow.NAIVE_MERGE)], False, True, 1, 8, 4)
+  problems = TASK.load(split="test", limit=1, seed=0, families=("tools",), max_workers=2)
+  args = (lm, TASK, problems, [workflow.CacheMode(workflow.NAIVE_MERGE)], False, True, 1, 8, 4)
   timings = workflow.measure_timings(*args)
   assert set(timings) == {"text_synthesis", "naive_merge"}
   for t in timings.values():
@@ -149,8 +154,12 @@ def test_outputs_written(report, tmp_path):
 
 def test_accuracy_counts_answers():
   records = [
-    workflow.ExampleRecord("a", "tools", 2, "3", [], 1.0, 0.0, correct={"m": True}),
-    workflow.ExampleRecord("b", "tools", 2, "4", [], 1.0, 0.0, correct={"m": False}),
-    workflow.ExampleRecord("c", "evidence", 2, "x", [], 1.0, 0.0, correct={"m": True}),
+    workflow.ExampleRecord("a", "tools", 2, "3", [], 1.0, 0.0, scores={"m": 1.0}),
+    workflow.ExampleRecord("b", "tools", 2, "4", [], 1.0, 0.0, scores={"m": 0.0}),
+    workflow.ExampleRecord("c", "evidence", 2, "x", [], 1.0, 0.0, scores={"m": 1.0}),
+    workflow.ExampleRecord("d", "other", 2, "y", [], None, 0.0, scores={"m": 0.5}),
   ]
-  assert workflow.accuracy(records, "m") == {"evidence": 1.0, "tools": 0.5, "overall": 2 / 3}
+  got = workflow.accuracy(records, "m", synthetic.FAMILIES)
+  # The task's families first, in its order; then the others as they appear.
+  assert list(got) == ["evidence", "tools", "other", "overall"]
+  assert got == {"evidence": 1.0, "tools": 0.5, "other": 0.5, "overall": 2.5 / 4}

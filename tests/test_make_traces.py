@@ -5,9 +5,9 @@ import os
 import subprocess
 import sys
 
-from psynth_jax import pretrain
 from psynth_jax.model.transformer import init_params
 from psynth_jax.tasks import synthetic
+from psynth_jax.tasks import synthetic_pretrain as pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = pretrain.PretrainConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)

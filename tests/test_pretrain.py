@@ -7,9 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from psynth_jax import pretrain
 from psynth_jax.model.transformer import forward, init_params
 from psynth_jax.tasks import synthetic
+from psynth_jax.tasks import synthetic_pretrain as pretrain
+from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 
 TINY = pretrain.PretrainConfig(
   hidden_size=32,
@@ -25,7 +26,7 @@ TINY = pretrain.PretrainConfig(
 
 
 def _batch(n=4, seed=0):
-  tok = synthetic.SuiteTokenizer()
+  tok = SuiteTokenizer()
   examples = synthetic.generate("train", n, seed=seed)
   seqs = pretrain.training_sequences(examples, tok, TINY, np.random.default_rng(seed))
   return seqs, pretrain.batches(seqs, TINY.buckets, TINY.batch_tokens, np.random.default_rng(0))
@@ -50,13 +51,13 @@ def test_batches_mark_completion_tokens_only():
       np.testing.assert_array_equal(mask, want)
       # Every completion (a run of masked tokens) ends with <eos>.
       ends = np.flatnonzero(mask[:n] & ~np.append(mask[1:n], False))
-      assert (row[ends] == synthetic.SuiteTokenizer.eos_token_id).all() and ends[-1] == n - 1
+      assert (row[ends] == SuiteTokenizer.eos_token_id).all() and ends[-1] == n - 1
       seen += 1
   assert seen >= len(seqs)
 
 
 def test_formats_in_the_mix():
-  tok = synthetic.SuiteTokenizer()
+  tok = SuiteTokenizer()
   ex = synthetic.generate("train", 1, seed=0)[0]
   config = TINY.__class__(worker_rate=3.0, single_rate=1.0)
   seqs = pretrain.training_sequences([ex], tok, config, np.random.default_rng(1))

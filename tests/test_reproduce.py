@@ -24,7 +24,7 @@ def _load(name, path):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   reproduce = _load("reproduce_synthetic", "experiments/reproduce_synthetic.py")
-  config = _load("synthetic_config", "configs/synthetic.py").get_config("tiny,fast")
+  config = _load("synthetic_config", "psynth_jax/configs/synthetic.py").get_config("tiny,fast")
   config.pretrain.update(
     hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, steps=4, copy_steps=2,
     batch_tokens=640, train_examples=40, eval_every=0, eval_examples=3, max_new_tokens=8,
@@ -32,7 +32,8 @@ def run(tmp_path_factory):
   # Each later phase continues from the one before.
   config.pretrain_more.phase2.update(steps=3)
   config.pretrain_more.phase3.update(steps=2, train_examples=40, eval_every=0)
-  config.data.update(synthetic_examples=16, max_workers=4)
+  config.data.num_examples = 16
+  config.data.task_options.max_workers = 4
   config.batch.update(batch_size=8)  # one row per emulated device
   config.reproduce.update(
     adapter_steps=2, eval_examples=3, check_examples=2, ttft_examples=1, lengths=(8,)
@@ -78,15 +79,15 @@ def test_finished_stages_are_skipped(run, capsys):
 
 def test_install_copies_into_the_asset_folders(run, tmp_path, monkeypatch):
   reproduce, _, workdir, _, exports, _ = run
-  from psynth_jax import assets
+  from psynth_jax.eval import shipped
 
   for name in ("SYNTHETIC_BASE", "SYNTHETIC_ADAPTERS", "SYNTHETIC_RESULTS"):
-    monkeypatch.setattr(assets, name, str(tmp_path / os.path.basename(getattr(assets, name))))
+    monkeypatch.setattr(shipped, name, str(tmp_path / os.path.basename(getattr(shipped, name))))
   reproduce.install(workdir, exports)
-  lm = assets.load_synthetic_base(assets.SYNTHETIC_BASE)
-  modes = assets.load_synthetic_modes(lm.config, assets.SYNTHETIC_ADAPTERS)
-  assert len(modes) == 1 + len(assets.ADAPTER_MODES)
-  assert assets.recorded_results(assets.SYNTHETIC_RESULTS)["check_examples"] == 2
+  lm = shipped.load_synthetic_base(shipped.SYNTHETIC_BASE)
+  modes = shipped.load_synthetic_modes(lm.config, shipped.SYNTHETIC_ADAPTERS)
+  assert len(modes) == 1 + len(shipped.ADAPTER_MODES)
+  assert shipped.recorded_results(shipped.SYNTHETIC_RESULTS)["check_examples"] == 2
 
 
 def test_pretrain_phases_must_be_consecutive(run):

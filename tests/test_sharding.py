@@ -20,12 +20,13 @@ from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import abstract_params, init_params, params_from_flat
 from psynth_jax.tasks import synthetic
+from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 from psynth_jax.train import batching
 from psynth_jax.train import step as step_lib
-from psynth_jax.train.data import FIELDS
+from psynth_jax.train.data import gold_trace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOK = synthetic.SuiteTokenizer()
+TOK = SuiteTokenizer()
 # One layer: these tests are about placement, and compile time grows with depth.
 # The vocabulary padded to a multiple of 8, so that every mesh axis divides it.
 VOCAB = -(-TOK.vocab_size // 8) * 8
@@ -87,25 +88,26 @@ def _numpy_params(seed=0):
 @pytest.fixture(scope="module")
 def setup():
   examples = synthetic.generate("train", 4, 0, max_workers=SPEC.max_branches)
-  records = [{k: e.to_json()[k] for k in FIELDS} for e in examples]
-  batcher = batching.Batcher(TOK, SPEC, "synthetic", TOK.pad_token_id, TOK.eos_token_id)
+  records = [gold_trace(synthetic.TASK, e.problem()) for e in examples]
+  batcher = batching.Batcher(TOK, SPEC, TOK.pad_token_id, TOK.eos_token_id)
   host, reasons = batcher(records)
   assert not reasons
-  optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(learning_rate=1e-2), "both")
+  opt_config = step_lib.OptimizerConfig(learning_rate=1e-2)
   config = step_lib.StepConfig(branch_rows=SPEC.branch_rows)
   mapper = Mapper.create("affine", CONFIG.num_layers)
-  state = step_lib.init_state(mapper, LoRAWeights.init(CONFIG, LoRAConfig(rank=4)), optimizer)
+  lora = LoRAWeights.init(CONFIG, LoRAConfig(rank=4))
+  state = step_lib.init_state(mapper, lora, step_lib.make_optimizer(opt_config, "both"))
   # numpy copies: every mesh gets fresh buffers (the step donates its state).
-  return host, optimizer, config, _numpy_params(), jax.tree.map(np.asarray, state)
+  return host, opt_config, config, _numpy_params(), jax.tree.map(np.asarray, state)
 
 
 def _run_two_steps(mesh_shape, setup):
-  host, optimizer, config, base, state = setup
+  host, opt_config, config, base, state = setup
   mesh = sharding.make_mesh(sharding.MeshConfig(mesh_shape))
   rules = sharding.DEFAULT_RULES
   base, state = sharding.shard_tree(base, mesh, rules), sharding.shard_tree(state, mesh, rules)
   batch = sharding.host_local_to_global(host, mesh, rules)
-  step_fn = step_lib.make_train_step(config, optimizer, mesh, rules, state, base, batch, FAST)
+  step_fn = step_lib.make_train_step(config, opt_config, mesh, rules, state, base, batch, FAST)
   losses = []
   for _ in range(2):
     state, metrics = step_fn(state, base, batch)
@@ -136,10 +138,10 @@ WORKER = textwrap.dedent(
 
   def run(workdir, process_id=0, num_processes=0, port=0, mesh_shape=(1, -1, 1)):
     config = synthetic_config.get_config("random,fast")
-    config.data.synthetic_examples = 16
+    config.data.num_examples = 16
     config.batch.update(batch_size=8, max_branches=4, branch_rows=160, synth_tokens=112,
                         target_tokens=16)
-    config.data.max_workers = 4
+    config.data.task_options.max_workers = 4
     config.model.init.num_layers = 1
     config.train.num_steps = 2
     config.log_every = 1

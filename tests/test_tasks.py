@@ -5,17 +5,20 @@ question), independent of the generator's internals.
 """
 
 import collections
+import json
 import re
 
 import pytest
 import tokenizers
 
 from psynth_jax import tasks
+from psynth_jax.tasks import base, chat, synthetic
+from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 
 
 @pytest.fixture(scope="module")
 def train():
-  return tasks.generate("train", 900, seed=0)
+  return synthetic.generate("train", 900, seed=0)
 
 
 def _sentences(branches):
@@ -79,18 +82,18 @@ def _every_branch_needed(ex):
 
 
 def test_deterministic_and_seeded():
-  a = tasks.generate("train", 60, seed=0)
-  assert a == tasks.generate("train", 60, seed=0)
-  assert a[:20] == tasks.generate("train", 20, seed=0)
-  b = tasks.generate("train", 60, seed=1)
+  a = synthetic.generate("train", 60, seed=0)
+  assert a == synthetic.generate("train", 60, seed=0)
+  assert a[:20] == synthetic.generate("train", 20, seed=0)
+  b = synthetic.generate("train", 60, seed=1)
   assert [(e.question, e.branches) for e in a] != [(e.question, e.branches) for e in b]
 
 
 def test_splits_disjoint():
   contents, ids, sums = {}, {}, {}
   for split, seed in (("train", 0), ("validation", 0), ("test", 0), ("test", 1)):
-    examples = tasks.generate(split, 600 if split == "train" else 300, seed=seed)
-    assert all(tasks.split_of(e) == split for e in examples)
+    examples = synthetic.generate(split, 600 if split == "train" else 300, seed=seed)
+    assert all(synthetic.split_of(e) == split for e in examples)
     contents.setdefault(split, set()).update((e.question, e.branches) for e in examples)
     ids.setdefault(split, set()).update(e.id for e in examples)
     # A candidates question fixes its answer, so such questions must not cross splits.
@@ -101,7 +104,7 @@ def test_splits_disjoint():
     assert not ids[s1] & ids[s2]
     assert not sums[s1] & sums[s2]
   with pytest.raises(ValueError):
-    tasks.generate("dev", 1)
+    synthetic.generate("dev", 1)
 
 
 def _solve_working(ex):
@@ -149,9 +152,9 @@ def test_answers_match_independent_solver(train):
 def test_follow_up_questions_match_independent_solver(train):
   asked = collections.Counter()
   for ex in train:
-    for question, working, answer in tasks.follow_up_questions(ex):
+    for question, working, answer in synthetic.follow_up_questions(ex):
       assert question != ex.question
-      follow = tasks.Example(ex.id, ex.family, question, ex.branches, (), answer, working)
+      follow = synthetic.Example(ex.id, ex.family, question, ex.branches, (), answer, working)
       assert solve(ex.family, question, ex.branches) == answer, follow
       assert _solve_working(follow) == working, follow
       asked[ex.family] += 1
@@ -171,7 +174,7 @@ def test_candidates_mix_right_and_wrong_workings(train):
 
 
 def test_coverage(train):
-  assert {e.family for e in train} == set(tasks.FAMILIES)
+  assert {e.family for e in train} == set(synthetic.FAMILIES)
   assert {len(e.branches) for e in train} == set(range(2, 9))
   assert all(len(e.branches) == len(e.worker_prompts) for e in train)
   lengths = [len(b) for e in train for b in e.branches]
@@ -179,11 +182,13 @@ def test_coverage(train):
   needed = [e for e in train if _every_branch_needed(e)]
   assert {e.family for e in needed} >= {"evidence", "tools"}
   assert {len(e.branches) for e in needed} >= set(range(2, 6))
-  six = [e for e in tasks.generate("train", 300, families=["tools"], min_workers=6, max_workers=6)]
+  six = [
+    e for e in synthetic.generate("train", 300, families=["tools"], min_workers=6, max_workers=6)
+  ]
   assert any(_every_branch_needed(e) for e in six)
   # Distractors exist too: some branches can be dropped without changing the answer.
   assert len(needed) < len([e for e in train if e.family != "candidates"])
-  only = tasks.generate("test", 20, families=["tools"], min_workers=5, max_workers=5)
+  only = synthetic.generate("test", 20, families=["tools"], min_workers=5, max_workers=5)
   assert {(e.family, len(e.branches)) for e in only} == {("tools", 5)}
 
 
@@ -191,44 +196,44 @@ def test_worker_output_is_a_function_of_worker_prompt(train):
   seen = {}
   for ex in train:
     for i, branch in enumerate(ex.branches):
-      prompt = tasks.worker_prompt_text(ex, i)
+      prompt = synthetic.worker_prompt_text(ex, i)
       assert ex.question in prompt
       assert seen.setdefault(prompt, branch) == branch
 
 
 def test_prompt_formats(train):
   ex = train[0]
-  text = tasks.text_synthesis_prompt_text(ex)
+  text = synthetic.text_synthesis_prompt_text(ex)
   for i, branch in enumerate(ex.branches):
     assert f"[worker {i + 1}]: {branch}\n" in text
-  for prompt in (text, tasks.synth_prompt_text(ex), tasks.single_agent_prompt_text(ex)):
+  for prompt in (text, synthetic.synth_prompt_text(ex), synthetic.single_agent_prompt_text(ex)):
     assert prompt.endswith(f"q: {ex.question}\na:")
-  assert "latent" in tasks.synth_prompt_text(ex)
+  assert "latent" in synthetic.synth_prompt_text(ex)
   working = f"{ex.working} => " if ex.working else ""
-  assert tasks.target_text(ex) == " " + working + ex.answer + tasks.END_MARKER
-  assert tasks.worker_target_text(ex, 0, end_marker="") == " " + ex.branches[0]
-  assert tasks.branch_from_output(tasks.worker_target_text(ex, 0, "")) == ex.branches[0]
+  assert synthetic.target_text(ex) == " " + working + ex.answer + synthetic.END_MARKER
+  assert synthetic.worker_target_text(ex, 0, end_marker="") == " " + ex.branches[0]
+  assert synthetic.branch_from_output(synthetic.worker_target_text(ex, 0, "")) == ex.branches[0]
 
 
 def _all_texts(examples):
   for ex in examples:
-    yield tasks.synth_prompt_text(ex)
-    yield tasks.text_synthesis_prompt_text(ex)
-    yield tasks.single_agent_prompt_text(ex)
-    yield from (tasks.worker_prompt_text(ex, i) for i in range(len(ex.branches)))
+    yield synthetic.synth_prompt_text(ex)
+    yield synthetic.text_synthesis_prompt_text(ex)
+    yield synthetic.single_agent_prompt_text(ex)
+    yield from (synthetic.worker_prompt_text(ex, i) for i in range(len(ex.branches)))
 
 
 def test_tokenizer_round_trip_and_hf_parity(train, tmp_path):
-  tok = tasks.SuiteTokenizer()
+  tok = SuiteTokenizer()
   assert tok.vocab_size < 2400 and tok.pad_token_id == 0
   assert tok.eos_token_id in tok.eos_token_ids
   for text in _all_texts(train):
     ids = tok.encode(text)
     assert tok.unk_token_id not in ids and tok.decode(ids) == text
-  target = tasks.target_text(train[0])
+  target = synthetic.target_text(train[0])
   ids = tok.encode(target, add_special_tokens=True)
   assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
-  assert tok.decode(ids) == target.removesuffix(tasks.END_MARKER)
+  assert tok.decode(ids) == target.removesuffix(synthetic.END_MARKER)
   assert tok.decode(ids, skip_special_tokens=False) == "<bos>" + target
   hf = tokenizers.Tokenizer.from_file(tok.save(str(tmp_path)))
   assert hf.get_vocab_size() == tok.vocab_size
@@ -242,7 +247,7 @@ def test_tokenizer_round_trip_and_hf_parity(train, tmp_path):
 
 
 def test_answer_matches():
-  m = tasks.answer_matches
+  m = synthetic.answer_matches
   assert m("norway<eos>", "norway") and m(" Norway.\nmore text", "norway")
   assert m("a: 17", "17") and m("17.0", "17") and m("kiwi, apple,fig", "kiwi,apple,fig")
   assert not m("norwa", "norway") and not m("18", "17") and not m("", "")
@@ -258,21 +263,121 @@ def test_answer_matches():
 
 def test_jsonl_round_trip(train, tmp_path):
   path = str(tmp_path / "suite.jsonl")
-  tasks.write_jsonl(train[:50], path)
-  assert tasks.read_jsonl(path) == train[:50]
-  record = train[0].to_json()
-  assert record["task"] == train[0].family and record["target"] == tasks.target_text(train[0])
+  synthetic.write_jsonl(train[:50], path)
+  assert synthetic.read_jsonl(path) == train[:50]
+  assert train[0].to_json()["family"] == train[0].family
   for original in train[:50]:
-    bare = {**original.to_json(), "worker_prompts": []}
+    # A record with only a target (a trace) gives the answer and working from it.
+    bare = {**original.to_json(), "worker_prompts": [], "target": synthetic.target_text(original)}
     del bare["answer"], bare["working"]
-    ex = tasks.Example.from_json(bare)
+    ex = synthetic.Example.from_json(bare)
     assert (ex.answer, ex.working, ex.worker_prompts) == (original.answer, original.working, ())
 
 
 def test_accuracy_per_family_in_suite_order():
   scored = [("tools", True), ("evidence", False), ("tools", False), ("evidence", True)]
   scored += [("evidence", True)]
-  acc = tasks.accuracy(scored)
+  acc = base.accuracy(scored, synthetic.FAMILIES)
   assert list(acc) == ["evidence", "tools", "overall"]
   assert acc == pytest.approx({"evidence": 2 / 3, "tools": 0.5, "overall": 0.6})
-  assert tasks.accuracy([]) == {"overall": 0.0}
+  assert base.accuracy([]) == {"overall": 0.0}
+
+
+# ---------------------------------------------------------------- the task interface
+def test_registry_names_every_builtin_task_and_refuses_clashes():
+  assert {"synthetic", "chat", "synthetic_chat"} <= set(tasks.names())
+  assert tasks.get("synthetic") is synthetic.TASK and tasks.get("chat") is chat.CHAT
+  with pytest.raises(KeyError, match="registered tasks"):
+    tasks.get("gsm9k")
+  with pytest.raises(ValueError, match="taken"):
+    tasks.register(synthetic.SyntheticTask())
+  with pytest.raises(TypeError, match="Task"):
+    tasks.register(object())
+
+
+def test_a_registered_task_is_found_by_name():
+  class Shouting(chat.ChatTask):
+    name = "test_shouting"
+
+    def synth_prompt(self, problem):
+      return problem.question.upper()
+
+  task = tasks.register(Shouting(), replace=True)
+  assert tasks.get("test_shouting") is task
+  assert task.synth_prompt(tasks.Problem("1", "why?")) == "WHY?"
+
+
+def test_synthetic_task_prompts_are_the_suites(train):
+  task = synthetic.TASK
+  for ex in train[:30]:
+    p = ex.problem()
+    assert synthetic.Example.of(p) == ex
+    assert (p.id, p.question, p.answer, p.family) == (ex.id, ex.question, ex.answer, ex.family)
+    k = len(ex.branches)
+    assert task.worker_prompts(p, k) == [synthetic.worker_prompt_text(ex, i) for i in range(k)]
+    assert task.synth_prompt(p) == synthetic.synth_prompt_text(ex)
+    assert task.single_agent_prompt(p) == synthetic.single_agent_prompt_text(ex)
+    assert task.text_synthesis_prompt(p, ex.branches) == synthetic.text_synthesis_prompt_text(ex)
+    assert task.target(p) == synthetic.target_text(ex)
+    assert task.score(task.target(p), p) == 1.0 and task.score(" nothing", p) == 0.0
+    assert task.branch_from_output(task.branch_as_output(ex.branches[0])) == ex.branches[0]
+  with pytest.raises(ValueError, match="workers"):
+    task.worker_prompts(train[0].problem(), len(train[0].branches) + 1)
+
+
+def test_synthetic_task_loads_generated_or_from_a_file(train, tmp_path):
+  task = synthetic.TASK
+  got = task.load(split="train", limit=20, seed=0)
+  assert got == [e.problem() for e in train[:20]]
+  path = str(tmp_path / "suite.jsonl")
+  synthetic.write_jsonl(train[:5], path)
+  assert task.load(path) == got[:5]
+  with pytest.raises(ValueError, match="limit"):
+    task.load(split="test")
+  with pytest.raises(ValueError, match="do not apply"):
+    task.load(path, max_workers=3)
+
+
+def test_problem_json_round_trip():
+  p = tasks.Problem("7", "what?", "x", {"family": "f", "instructions": ["a", "b"]})
+  assert tasks.Problem.from_json(p.to_json()) == p and p.family == "f"
+
+
+def test_chat_task_prompts_restate_the_question_and_score_words(tmp_path):
+  task = chat.CHAT
+  p = tasks.Problem("1", "What is 2+3?", "5", {"instructions": ["use a calculator", "count"]})
+  workers = task.worker_prompts(p, 2)
+  assert all("What is 2+3?" in w for w in workers)
+  assert workers[0].endswith("use a calculator") and "worker 2 of 2" in workers[1]
+  with pytest.raises(ValueError, match="instructions"):
+    task.worker_prompts(p, 3)
+  text = task.text_synthesis_prompt(p, ["five", " 5 "])
+  assert "[Worker 1]: five\n[Worker 2]: 5" in text and "What is 2+3?" in text
+  assert "latent" in task.synth_prompt(p)
+  assert task.score("The answer is 5.", p) == 1.0 and task.score("It is 15", p) == 0.0
+  with pytest.raises(ValueError, match="no answer"):
+    task.score("5", tasks.Problem("2", "q"))
+  path = tmp_path / "chat.jsonl"
+  path.write_text("\n".join(json.dumps(q.to_json()) for q in (p, tasks.Problem("2", "q"))) + "\n")
+  assert task.load(str(path)) == [p, tasks.Problem("2", "q")]
+  assert task.load(str(path), limit=1) == [p]
+
+
+def test_chat_tasks_render_through_the_chat_template():
+  class Template:
+    def apply_chat_template(self, messages):
+      return f"<user>{messages[0]['content']}</user><assistant>"
+
+  assert chat.CHAT.render(Template(), "hi") == "<user>hi</user><assistant>"
+  assert synthetic.TASK.render(Template(), "hi") == "hi"  # raw text: unchanged
+
+
+def test_synthetic_chat_keeps_the_suites_problems_and_score(train):
+  task = tasks.get("synthetic_chat")
+  p = train[0].problem()
+  assert task.load(split="train", limit=3, seed=0) == [e.problem() for e in train[:3]]
+  k = len(train[0].branches)
+  prompts = task.worker_prompts(p, k)
+  assert all(w.endswith("\n" + i) for w, i in zip(prompts, train[0].worker_prompts, strict=True))
+  assert task.target(p) == synthetic.target_text(train[0], end_marker="")
+  assert task.score(task.target(p), p) == 1.0

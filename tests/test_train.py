@@ -16,11 +16,12 @@ from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import abstract_params, forward, params_from_flat
 from psynth_jax.synthesis import synthesis_logits
 from psynth_jax.tasks import synthetic
-from psynth_jax.train import batching, losses
+from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
+from psynth_jax.train import batching, data, losses
 from psynth_jax.train import step as step_lib
 from psynth_jax.workers import encode_branches
 
-TOK = synthetic.SuiteTokenizer()
+TOK = SuiteTokenizer()
 CONFIG = ModelConfig("llama", TOK.vocab_size, 64, 128, 2, 4, 2, 16, max_position_embeddings=1024)
 SPEC = batching.BatchSpec(
   max_branches=4,
@@ -33,14 +34,17 @@ SPEC = batching.BatchSpec(
 FAST = {"xla_backend_optimization_level": 0}  # tiny model: compile time dominates
 
 
-def _records(n, seed=0):
-  fields = ("id", "task", "question", "branches", "synth_prompt", "target")
+def _records(n, seed=0, worker_prompts=False):
   examples = synthetic.generate("train", n, seed, max_workers=SPEC.max_branches)
-  return [{k: e.to_json()[k] for k in fields} for e in examples]
+  records = [data.gold_trace(synthetic.TASK, e.problem()) for e in examples]
+  if not worker_prompts:
+    for r in records:
+      del r["worker_prompts"]
+  return records
 
 
 def _batcher(spec=SPEC):
-  return batching.Batcher(TOK, spec, "synthetic", TOK.pad_token_id, TOK.eos_token_id)
+  return batching.Batcher(TOK, spec, TOK.pad_token_id, TOK.eos_token_id)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +80,10 @@ def _trainables(seed=0, perturb=0.0):
 
 @functools.cache
 def _step_fn(trainable: str, lr: float):
-  optimizer = step_lib.make_optimizer(step_lib.OptimizerConfig(learning_rate=lr), trainable)
+  opt_config = step_lib.OptimizerConfig(learning_rate=lr)
+  optimizer = step_lib.make_optimizer(opt_config, trainable)
   config = step_lib.StepConfig(branch_rows=SPEC.branch_rows, trainable=trainable)
-  return optimizer, step_lib.make_train_step(config, optimizer, compiler_options=FAST)
+  return optimizer, step_lib.make_train_step(config, opt_config, compiler_options=FAST)
 
 
 def _copy(tree):
@@ -258,7 +263,9 @@ def test_a_batch_of_skipped_examples_changes_nothing(base, batch):
 def test_a_lora_or_mapper_of_another_model_fails_while_tracing(base, batch):
   optimizer, _ = _step_fn("both", 1e-2)
   config = step_lib.StepConfig(branch_rows=SPEC.branch_rows)
-  step = functools.partial(step_lib.train_step, config=config, optimizer=optimizer)
+  step = functools.partial(
+    step_lib.train_step, config=config, optimizer_config=step_lib.OptimizerConfig(1e-2)
+  )
   mapper, lora = _trainables()
   deeper_lora = LoRAWeights.init(CONFIG.replace(num_layers=3), LoRAConfig(rank=4))
   deeper_mapper = Mapper.create("affine", 3)
@@ -332,7 +339,7 @@ def test_branches_after_worker_prompts_are_the_caches_the_workers_wrote(base):
 def test_batcher_puts_worker_prompts_before_branches():
   spec = dataclasses.replace(SPEC, worker_prompt_tokens=80)
   examples = synthetic.generate("train", 4, 0, max_workers=SPEC.max_branches)
-  records = [{k: e.to_json()[k] for k in (*_records(1)[0], "worker_prompts")} for e in examples]
+  records = _records(4, worker_prompts=True)
   host, reasons = _batcher(spec)(records)
   assert not reasons and host.branch_tokens.shape[-1] == 80 + SPEC.branch_tokens
   for row, ex in enumerate(examples):

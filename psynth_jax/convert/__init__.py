@@ -3,7 +3,6 @@
 A leaf package: torch and transformers are imported lazily, only by the GGUF path.
 """
 
-from psynth_jax.convert.checkpoint import load_converted, load_params, save_converted
 from psynth_jax.convert.hf import hf_state_to_flat, load_hf_folder
 from psynth_jax.convert.weights import KNOWN_MODELS, fetch_qwen_coder
 
@@ -11,8 +10,5 @@ __all__ = [
   "KNOWN_MODELS",
   "fetch_qwen_coder",
   "hf_state_to_flat",
-  "load_converted",
   "load_hf_folder",
-  "load_params",
-  "save_converted",
 ]

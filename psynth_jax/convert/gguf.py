@@ -84,7 +84,7 @@ def convert_gguf(
   dtype: str | None = None,
   generation_config: dict[str, Any] | None = None,
 ) -> Path:
-  """GGUF file -> converted folder (see `psynth_jax.convert.checkpoint`).
+  """GGUF file -> converted folder (see `psynth_jax.model.checkpoint`).
 
   Args:
     file: the .gguf file.
@@ -95,7 +95,7 @@ def convert_gguf(
   """
   import tempfile
 
-  from psynth_jax.convert.checkpoint import save_converted
+  from psynth_jax.model.checkpoint import save_converted
 
   params, hf_config = load_gguf(file, dtype)
   with tempfile.TemporaryDirectory() as tmp:

@@ -12,13 +12,12 @@ consumed; `params_from_flat` then checks every name and shape once more.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
+from psynth_jax.model.checkpoint import read_json, read_safetensors
 from psynth_jax.model.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
 from psynth_jax.model.transformer import Params, params_from_flat
 
@@ -223,23 +222,6 @@ def _ignorable(name: str, config: ModelConfig) -> bool:
   return config.tie_word_embeddings and name == "lm_head.weight"
 
 
-def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
-  """Reads every tensor of the given files as numpy (bf16 as ml_dtypes.bfloat16)."""
-  state = {}
-  for f in files:
-    try:
-      with safe_open(str(f), framework="numpy") as reader:
-        for name in reader.keys():
-          if name in state:
-            raise ValueError(f"{f}: tensor {name!r} also appears in an earlier shard")
-          state[name] = reader.get_tensor(name)
-    except FileNotFoundError:
-      raise FileNotFoundError(f"missing safetensors file {f}") from None
-    except (OSError, SafetensorError) as e:
-      raise ValueError(f"cannot read safetensors file {f}: {e}") from e
-  return state
-
-
 def safetensors_files(folder: Path) -> list[Path]:
   """The folder's weight files: from model.safetensors.index.json, else every *.safetensors."""
   index = folder / "model.safetensors.index.json"
@@ -254,15 +236,6 @@ def safetensors_files(folder: Path) -> list[Path]:
   if not files:
     raise FileNotFoundError(f"no *.safetensors files in {folder}")
   return files
-
-
-def read_json(path: Path) -> dict:
-  try:
-    return json.loads(Path(path).read_text())
-  except FileNotFoundError:
-    raise FileNotFoundError(f"missing file {path}") from None
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def load_hf_folder(path: str | Path, dtype: str | None = None) -> Params:

@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from psynth_jax.convert.hf import read_safetensors
+from psynth_jax.model.checkpoint import read_safetensors
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import TARGETS, LoRA, LoRAConfig, LoRAWeights, target_dims
 

@@ -126,8 +126,8 @@ def fetch_qwen_coder(cache_dir: str | Path | None = None) -> Path:
   Returns:
     <cache>/models/qwen2.5-coder-0.5b-instruct
   """
-  from psynth_jax.convert.checkpoint import CONFIG_FILE
   from psynth_jax.convert.gguf import convert_gguf
+  from psynth_jax.model.checkpoint import CONFIG_FILE
 
   root = cache_root(cache_dir)
   out = root / "models" / QWEN_CODER_NAME

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from psynth_jax.eval import workflow
-from psynth_jax.tasks import synthetic
+from psynth_jax.tasks import Problem, Task
 
 
 @dataclasses.dataclass
@@ -56,7 +56,8 @@ class Report:
 
 def compare_modes(
   lm,
-  examples: Sequence[synthetic.Example],
+  task: Task,
+  problems: Sequence[Problem],
   modes: Sequence[workflow.CacheMode] = (workflow.CacheMode(workflow.NAIVE_MERGE),),
   single_agent: bool = True,
   text: bool = True,
@@ -73,11 +74,12 @@ def compare_modes(
 
   Args:
     lm: the base `LanguageModel` (with a tokenizer).
-    examples: suite examples to score.
+    task: the `Task` of the problems (prompts and score).
+    problems: the problems to score.
     modes: cache modes (`workflow.cache_modes`).
     single_agent: include the single-agent baseline.
     text: include text-concatenation synthesis.
-    ttft_examples: how many of `examples` to time (0: no per-mode TTFT).
+    ttft_examples: how many of `problems` to time (0: no per-mode TTFT).
     ttft_repeats: timed repeats per example and mode.
     lengths: branch lengths (tokens) for the text-vs-cache sweep (empty: skip it).
     length_workers: K in that sweep.
@@ -88,7 +90,8 @@ def compare_modes(
   """
   records = workflow.run_workflow(
     lm,
-    examples,
+    task,
+    problems,
     modes,
     single_agent,
     text,
@@ -101,7 +104,8 @@ def compare_modes(
   if ttft_examples:
     timings = workflow.measure_timings(
       lm,
-      examples[:ttft_examples],
+      task,
+      problems[:ttft_examples],
       modes,
       single_agent,
       text,
@@ -112,15 +116,19 @@ def compare_modes(
   sweep = []
   if lengths:
     # The fullest cache mode is the one a user would deploy; its cost is timed.
+    # Branches of the first problem's first gold branch (its first worker output if none).
+    first = problems[0]
+    text = (first.meta.get("branches") or records[0].worker_texts)[0]
     sweep = workflow.ttft_by_length(
-      lm, examples[0], lengths, length_workers, modes[-1], ttft_repeats, answer_max_new_tokens
+      lm, task, first, text, lengths, length_workers, modes[-1], ttft_repeats, answer_max_new_tokens
     )
+  exact = [r.worker_exact for r in records if r.worker_exact is not None]
   workers = {
-    "exact": statistics.fmean(r.worker_exact for r in records),
+    "exact": statistics.fmean(exact) if exact else None,
     "seconds_median": statistics.median(r.worker_s for r in records),
   }
-  info = {"num_examples": len(records), **(meta or {})}
-  accuracy = {name: workflow.accuracy(records, name) for name in names}
+  info = {"task": task.name, "num_examples": len(records), **(meta or {})}
+  accuracy = {name: workflow.accuracy(records, name, task.families) for name in names}
   return Report(
     names,
     accuracy,
@@ -133,10 +141,15 @@ def compare_modes(
   )
 
 
+def _families(report: Report) -> list[str]:
+  """The families of the report's accuracy table, in its own order ("overall" apart)."""
+  first = next(iter(report.accuracy.values()), {})
+  return [f for f in first if f != "overall"]
+
+
 def format_table(report: Report) -> str:
   """Plain-text table: one row per mode, accuracy per family, overall, TTFT and speed-up."""
-  families = [f for f in synthetic.FAMILIES if any(f in a for a in report.accuracy.values())]
-  cols = [*families, "overall"]
+  cols = [*_families(report), "overall"]
   text_ttft = report.ttft_s.get(workflow.TEXT_SYNTHESIS)
   width = max(len(m) for m in report.modes) + 2
   header = f"{'mode':<{width}}" + "".join(f"{c:>12}" for c in cols)
@@ -161,9 +174,10 @@ def format_table(report: Report) -> str:
       "ttft: token ids in -> first token on the host (workers excluded); tok: tokenising the"
       " mode's prompt, before and outside the ttft; prompt: tokens the synthesizer prefilled"
     )
+  exact = report.workers["exact"]
+  exact = f"{100 * exact:.1f}% outputs exact" if exact is not None else "no gold outputs"
   lines.append(
-    f"workers: {100 * report.workers['exact']:.1f}% outputs exact,"
-    f" median {1000 * report.workers['seconds_median']:.0f} ms per example"
+    f"workers: {exact}, median {1000 * report.workers['seconds_median']:.0f} ms per example"
   )
   if report.ttft_by_length:
     k = report.ttft_by_length[0]["num_workers"]
@@ -203,7 +217,7 @@ def plot(report: Report, path: str | os.PathLike) -> None:
   import matplotlib.pyplot as plt
 
   fig, (ax_acc, ax_ttft) = plt.subplots(1, 2, figsize=(13, 4.8), width_ratios=(3, 2))
-  groups = [f for f in synthetic.FAMILIES if any(f in a for a in report.accuracy.values())]
+  groups = _families(report)
   groups.append("overall")
   width = 0.8 / max(len(report.modes), 1)
   for i, mode in enumerate(report.modes):

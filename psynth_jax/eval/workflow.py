@@ -4,13 +4,14 @@ For each example the frozen base model first runs the K worker prompts
 (greedy, batched over branches, `run_workers`). Every synthesis mode then
 answers from those very outputs:
 
-* `single_agent`: the question alone (`single_agent_prompt_text`), no branches;
-* `text_synthesis`: the worker outputs pasted as text (`text_synthesis_prompt_text`);
+* `single_agent`: the question alone (`Task.single_agent_prompt`), no branches;
+* `text_synthesis`: the worker outputs pasted as text (`Task.text_synthesis_prompt`);
 * cache modes (`synthesize`), each a `CacheMode` (mapper, LoRA): `naive_merge`
   (re-encoding only), `mapper_only`, `lora_only`, and `parallel_synthesis/<variant>`
   (mapper + LoRA trained together) for every mapper variant given.
 
-Accuracy is the normalised exact match of `answer_matches`. TTFT (`psynth_jax/synthesis.py`)
+Every prompt comes from the `Task` (`psynth_jax.tasks`), and so does the score
+(`Task.score`, in [0, 1]; accuracy is its mean). TTFT (`psynth_jax/synthesis.py`)
 is measured separately in `measure_timings`: warm (one untimed call per shape
 first), the median of repeats per example, then the median over examples.
 Every mode is timed from token ids: its prompt (the text prompt for the text
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.lora import LoRAWeights
 from psynth_jax.synthesis import synthesize, synthesize_text
-from psynth_jax.tasks import synthetic
+from psynth_jax.tasks import Problem, Task, base
 from psynth_jax.workers import Branches, run_workers
 
 SINGLE_AGENT = "single_agent"
@@ -82,27 +83,36 @@ class ExampleRecord:
   num_workers: int
   answer: str
   worker_texts: list[str]
-  worker_exact: float  # fraction of worker outputs equal to the gold branch
+  worker_exact: float | None  # fraction of worker outputs equal to the gold branch (if known)
   worker_s: float
   predictions: dict[str, str] = dataclasses.field(default_factory=dict)
-  correct: dict[str, bool] = dataclasses.field(default_factory=dict)
+  scores: dict[str, float] = dataclasses.field(default_factory=dict)  # Task.score per mode
+
+
+MAX_WORKERS = 8  # default K the worker batch is padded to
+
+
+def num_workers(problem: Problem, default: int) -> int:
+  """K for a problem: its gold branch count where it has gold branches, else `default`."""
+  gold = problem.meta.get("branches")
+  return len(gold) if gold else default
 
 
 def run_example_workers(
-  lm, example: synthetic.Example, max_new_tokens: int, pad_to: int = synthetic.MAX_WORKERS
+  lm, task: Task, problem: Problem, k: int, max_new_tokens: int, pad_to: int = MAX_WORKERS
 ) -> tuple[list[str], Branches, float]:
-  """Runs one example's workers; returns their branch texts, `Branches` and wall seconds.
+  """Runs one problem's k workers; returns their branch texts, `Branches` and wall seconds.
 
   Prompts are padded with copies of the first one up to `pad_to` rows, so that
   every K reuses the same compiled program; the padding branches are kept in
   `Branches` (fixed shape) with length 0, and only the real texts are returned.
   """
-  k = len(example.branches)
-  prompts = [lm.tokenizer.encode(synthetic.worker_prompt_text(example, i)) for i in range(k)]
+  tok = lm.require_tokenizer()
+  prompts = [task.encode(tok, text) for text in task.worker_prompts(problem, k)]
   out = run_workers(lm, prompts + [prompts[0]] * max(0, pad_to - k), max_new_tokens)
   # The padding branches stay (fixed K) but are emptied: they add no rows.
   branches = out.branches.replace(lengths=out.branches.lengths.at[k:].set(0))
-  texts = [synthetic.branch_from_output(t) for t in out.texts[:k]]
+  texts = [task.branch_from_output(t) for t in out.texts[:k]]
   return texts, branches, out.seconds
 
 
@@ -111,32 +121,31 @@ def merged_rows(num_tokens: int) -> int:
   return max(64, 1 << max(0, num_tokens - 1).bit_length())
 
 
-def _prompt_ids(lm, mode, example, worker_example) -> tuple[list[int], float]:
-  """The mode's prompt ids and the seconds it took to tokenise them."""
+def _prompt_ids(lm, task, mode, problem, outputs) -> tuple[list[int], float]:
+  """The mode's prompt ids and the seconds it took to render and tokenise them."""
   if mode == SINGLE_AGENT:
-    text = synthetic.single_agent_prompt_text(example)
+    text = task.single_agent_prompt(problem)
   elif mode == TEXT_SYNTHESIS:
-    text = synthetic.text_synthesis_prompt_text(worker_example)
+    text = task.text_synthesis_prompt(problem, outputs)
   else:
-    text = synthetic.synth_prompt_text(example)
+    text = task.synth_prompt(problem)
   t0 = time.perf_counter()
-  ids = lm.tokenizer.encode(text)
+  ids = task.encode(lm.require_tokenizer(), text)
   return ids, time.perf_counter() - t0
 
 
-def _answer(lm, mode, example, worker_example, branches, max_new_tokens):
-  """One mode's SynthesisResult for one example; `stages["tokenize"]` is its prompt's.
+def _answer(lm, task, mode, problem, outputs, branches, max_new_tokens):
+  """One mode's SynthesisResult for one problem; `stages["tokenize"]` is its prompt's.
 
   Both kinds of path get token ids, so neither timed call tokenises.
   """
-  ids, tokenize_s = _prompt_ids(lm, mode, example, worker_example)
+  ids, tokenize_s = _prompt_ids(lm, task, mode, problem, outputs)
   if mode in (SINGLE_AGENT, TEXT_SYNTHESIS):
     result = synthesize_text(lm, ids, max_new_tokens)
   else:
     rows = merged_rows(int(branches.lengths.sum()))
-    k = len(example.branches)
     result = synthesize(
-      lm, branches, ids, mode.mapper, mode.lora, max_new_tokens, num_workers=k, rows=rows
+      lm, branches, ids, mode.mapper, mode.lora, max_new_tokens, num_workers=len(outputs), rows=rows
     )
   result.stages["tokenize"] = tokenize_s
   return result
@@ -157,64 +166,75 @@ def mode_names(modes: Sequence[CacheMode], single_agent: bool = True, text: bool
 
 def run_workflow(
   lm,
-  examples: Sequence[synthetic.Example],
+  task: Task,
+  problems: Sequence[Problem],
   modes: Sequence[CacheMode] = (CacheMode(NAIVE_MERGE),),
   single_agent: bool = True,
   text: bool = True,
   worker_max_new_tokens: int = 64,
   answer_max_new_tokens: int = 48,
   progress: bool = True,
+  default_workers: int = 3,
 ) -> list[ExampleRecord]:
-  """Workers, then every mode, example by example (greedy throughout).
+  """Workers, then every mode, problem by problem (greedy throughout).
 
   Args:
     lm: the base `LanguageModel` with a tokenizer.
-    examples: suite examples (their branches are the gold worker outputs).
+    task: the `Task` the problems belong to (prompts and score).
+    problems: its problems; one with gold branches (`meta["branches"]`) runs
+      that many workers, and its worker outputs are compared with them.
     modes: cache modes (see `cache_modes`).
     single_agent: also run the single-agent baseline.
     text: also run text-concatenation synthesis.
     worker_max_new_tokens: worker decode budget.
     answer_max_new_tokens: synthesizer decode budget.
     progress: show a tqdm bar.
+    default_workers: K for problems without gold branches.
 
   Returns:
-    One `ExampleRecord` per example, in order.
+    One `ExampleRecord` per problem, in order.
   """
   from tqdm.auto import tqdm
 
   wanted = _wanted(modes, single_agent, text)
   records = []
-  for ex in tqdm(examples, desc="eval", disable=not progress, mininterval=2):
-    texts, branches, seconds = run_example_workers(lm, ex, worker_max_new_tokens)
-    worker_ex = dataclasses.replace(ex, branches=tuple(texts))
-    exact = sum(a == b for a, b in zip(texts, ex.branches, strict=True)) / len(texts)
-    rec = ExampleRecord(ex.id, ex.family, len(texts), ex.answer, texts, exact, seconds)
+  for p in tqdm(problems, desc=f"eval {task.name}", disable=not progress, mininterval=2):
+    k = num_workers(p, default_workers)
+    texts, branches, seconds = run_example_workers(lm, task, p, k, worker_max_new_tokens)
+    gold = p.meta.get("branches")
+    exact = sum(a == b for a, b in zip(texts, gold, strict=True)) / k if gold else None
+    rec = ExampleRecord(p.id, p.family, k, p.answer, texts, exact, seconds)
     for mode in wanted:
-      result = _answer(lm, mode, ex, worker_ex, branches, answer_max_new_tokens)
+      result = _answer(lm, task, mode, p, texts, branches, answer_max_new_tokens)
       rec.predictions[_name(mode)] = result.text
-      rec.correct[_name(mode)] = synthetic.answer_matches(result.text, ex.answer)
+      rec.scores[_name(mode)] = task.score(result.text, p)
     records.append(rec)
   return records
 
 
-def accuracy(records: Sequence[ExampleRecord], mode: str) -> dict[str, float]:
-  """Accuracy of one mode per family (suite order) and "overall"."""
-  return synthetic.accuracy((r.family, r.correct[mode]) for r in records)
+def accuracy(
+  records: Sequence[ExampleRecord], mode: str, families: Sequence[str] = ()
+) -> dict[str, float]:
+  """Mean score of one mode per family and "overall" (`tasks.base.accuracy`;
+  pass `Task.families` for the task's order)."""
+  return base.accuracy(((r.family, r.scores[mode]) for r in records), families)
 
 
 def measure_timings(
   lm,
-  examples: Sequence[synthetic.Example],
+  task: Task,
+  problems: Sequence[Problem],
   modes: Sequence[CacheMode] = (CacheMode(NAIVE_MERGE),),
   single_agent: bool = True,
   text: bool = True,
   repeats: int = 3,
   worker_max_new_tokens: int = 64,
   answer_max_new_tokens: int = 48,
+  default_workers: int = 3,
 ) -> dict[str, dict[str, float]]:
   """Per mode: median warm TTFT, median prompt tokenisation and prompt tokens, workers excluded.
 
-  Per example and mode: one untimed call (compiles new shapes), then `repeats`
+  Per problem and mode: one untimed call (compiles new shapes), then `repeats`
   timed ones; the example's value is their median, the mode's the median of those.
   The decode budget is the accuracy run's, so caches have the same capacity.
 
@@ -224,11 +244,11 @@ def measure_timings(
   wanted = _wanted(modes, single_agent, text)
   keys = ("ttft_s", "tokenize_s", "prompt_tokens")
   per_mode: dict[str, dict[str, list[float]]] = {_name(m): {k: [] for k in keys} for m in wanted}
-  for ex in examples:
-    texts, branches, _ = run_example_workers(lm, ex, worker_max_new_tokens)
-    worker_ex = dataclasses.replace(ex, branches=tuple(texts))
+  for p in problems:
+    k = num_workers(p, default_workers)
+    texts, branches, _ = run_example_workers(lm, task, p, k, worker_max_new_tokens)
     for mode in wanted:
-      args = (lm, mode, ex, worker_ex, branches, answer_max_new_tokens)
+      args = (lm, task, mode, p, texts, branches, answer_max_new_tokens)
       _answer(*args)
       results = [_answer(*args) for _ in range(repeats)]
       values = per_mode[_name(mode)]
@@ -252,7 +272,9 @@ def branch_ids(lm, text: str, length: int) -> list[int]:
 
 def ttft_by_length(
   lm,
-  example: synthetic.Example,
+  task: Task,
+  problem: Problem,
+  branch_text: str,
   lengths: Sequence[int] = (16, 32, 64, 128),
   num_workers: int = 4,
   mode: CacheMode = CacheMode(NAIVE_MERGE),
@@ -261,7 +283,7 @@ def ttft_by_length(
 ) -> list[dict[str, float]]:
   """Warm median TTFT of text vs cache synthesis for K branches of each token length.
 
-  Every branch is `example`'s first branch text repeated, tokenised and cut
+  Every branch is `branch_text` repeated, tokenised and cut
   to `length` token ids (only the cost matters here). The cache path reads
   those ids via `encode_branches`; the text path gets them decoded back to
   text inside the text-synthesis prompt. Both prompts are tokenised before
@@ -282,14 +304,14 @@ def ttft_by_length(
 
   rows = []
   t0 = time.perf_counter()
-  synth_ids = lm.tokenizer.encode(synthetic.synth_prompt_text(example))
+  tok = lm.require_tokenizer()
+  synth_ids = task.encode(tok, task.synth_prompt(problem))
   cache_tokenize_s = time.perf_counter() - t0
   for length in lengths:
-    ids = branch_ids(lm, example.branches[0], length)
-    branch_text = lm.decode_text(ids)
-    worker_ex = dataclasses.replace(example, branches=(branch_text,) * num_workers)
+    ids = branch_ids(lm, branch_text, length)
+    text = lm.decode_text(ids)
     t0 = time.perf_counter()
-    text_ids = lm.tokenizer.encode(synthetic.text_synthesis_prompt_text(worker_ex))
+    text_ids = task.encode(tok, task.text_synthesis_prompt(problem, [text] * num_workers))
     text_tokenize_s = time.perf_counter() - t0
     branches = encode_branches(lm, [ids] * num_workers)
     cache_branch_tokens = int(branches.lengths.sum())
@@ -313,7 +335,7 @@ def ttft_by_length(
         "ratio": text_s / cache_s,
         "text_tokenize_s": text_tokenize_s,
         "cache_tokenize_s": cache_tokenize_s,
-        "text_branch_tokens": num_workers * len(lm.tokenizer.encode(branch_text)),
+        "text_branch_tokens": num_workers * len(tok.encode(text)),
         "cache_branch_tokens": cache_branch_tokens,
         "text_prompt_tokens": len(text_ids),
         "cache_prompt_tokens": len(synth_ids),

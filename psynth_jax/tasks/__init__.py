@@ -1,53 +1,55 @@
-"""Task suites: the built-in synthetic agent-workflow suite and the shared prompt formats."""
+"""Tasks: the datasets and prompt formats that workflows, traces and training run on.
 
-from psynth_jax.tasks.synthetic import (
-  END_MARKER,
-  FAMILIES,
-  MAX_WORKERS,
-  PUNCTUATION,
-  SPECIAL_TOKENS,
-  SPLITS,
-  Example,
-  SuiteTokenizer,
-  accuracy,
-  answer_matches,
-  branch_as_output,
-  branch_from_output,
-  follow_up_questions,
-  generate,
-  read_jsonl,
-  single_agent_prompt_text,
-  split_of,
-  synth_prompt_text,
-  target_text,
-  text_synthesis_prompt_text,
-  worker_prompt_text,
-  worker_target_text,
-  write_jsonl,
-)
+  task = tasks.get("synthetic")
+  problems = task.load(split="test", limit=60)
+  prompts = task.worker_prompts(problems[0], 3)
 
-__all__ = [
-  "END_MARKER",
-  "FAMILIES",
-  "MAX_WORKERS",
-  "PUNCTUATION",
-  "SPECIAL_TOKENS",
-  "SPLITS",
-  "Example",
-  "SuiteTokenizer",
-  "accuracy",
-  "answer_matches",
-  "branch_as_output",
-  "branch_from_output",
-  "follow_up_questions",
-  "generate",
-  "read_jsonl",
-  "single_agent_prompt_text",
-  "split_of",
-  "synth_prompt_text",
-  "target_text",
-  "text_synthesis_prompt_text",
-  "worker_prompt_text",
-  "worker_target_text",
-  "write_jsonl",
-]
+A task is a `Task` (`psynth_jax.tasks.base`): its problems, a prompt for every
+role, a target and a score. To add one, write `psynth_jax/tasks/<name>.py` with
+a `Task` subclass instance and add a line to `_BUILTIN`; code outside the
+package calls `register(task)` instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from psynth_jax.tasks.base import Problem, Task
+
+# name -> (module, attribute); modules are imported on first use, so that a task's
+# data dependencies are only needed when it runs.
+_BUILTIN = {
+  "synthetic": ("psynth_jax.tasks.synthetic", "TASK"),
+  "chat": ("psynth_jax.tasks.chat", "CHAT"),
+  "synthetic_chat": ("psynth_jax.tasks.chat", "SYNTHETIC_CHAT"),
+}
+_REGISTERED: dict[str, Task] = {}
+
+
+def register(task: Task, *, replace: bool = False) -> Task:
+  """Makes `task` available as `get(task.name)`; a taken name is an error unless `replace`."""
+  if not isinstance(task, Task):
+    raise TypeError(f"expected a psynth_jax.tasks.Task, got {type(task).__name__}")
+  if not task.name:
+    raise ValueError(f"{task!r} has no name")
+  if not replace and (task.name in _BUILTIN or task.name in _REGISTERED):
+    raise ValueError(f"task name {task.name!r} is taken; pass replace=True to override it")
+  _REGISTERED[task.name] = task
+  return task
+
+
+def get(name: str) -> Task:
+  """The task registered as `name`."""
+  if name in _REGISTERED:
+    return _REGISTERED[name]
+  if name not in _BUILTIN:
+    raise KeyError(f"unknown task {name!r}; registered tasks: {names()}")
+  module, attribute = _BUILTIN[name]
+  return getattr(importlib.import_module(module), attribute)
+
+
+def names() -> list[str]:
+  return sorted({*_BUILTIN, *_REGISTERED})
+
+
+__all__ = ["Problem", "Task", "get", "names", "register"]

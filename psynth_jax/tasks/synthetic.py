@@ -20,11 +20,12 @@ of composing two in one forward pass, which is what makes the suite learnable by
 a few-million-parameter model on a CPU. In evidence and tools texts every word and
 number keeps its leading space, so a key has one token id in the question, the
 branches and the answer, and a tool's value sits right after its item.
-`answer_matches` scores only the part after the last "=>".
+`answer_matches` scores only the part after the last "=>". `SyntheticTask` is the
+suite as a registered task (`psynth_jax.tasks.get("synthetic")`).
 
 Splits are disjoint by construction: an example belongs to the split picked by a hash
 of its question and branches, or of its question alone where that fixes the answer
-(`candidates`), so no test answer can be memorised. All prompt formats live here.
+(`candidates`), so no test answer can be memorised. The suite's prompt formats live here.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import re
 from collections.abc import Iterable, Sequence
+
+from psynth_jax.tasks.base import Problem, Task
 
 FAMILIES = ("evidence", "candidates", "tools")
 SPLITS = ("train", "validation", "test")
@@ -89,22 +91,20 @@ class Example:
   working: str = ""  # target text before " => answer"; empty: the target is the answer
 
   def to_json(self) -> dict:
-    """The trainer's JSONL record (`task` is the family), plus the fields to rebuild self."""
+    """The suite's own JSONL record (`write_jsonl`); traces are `psynth_jax.train.data`'s."""
     return {
       "id": self.id,
-      "task": self.family,
+      "family": self.family,
       "question": self.question,
       "branches": list(self.branches),
       "worker_prompts": list(self.worker_prompts),
-      "synth_prompt": synth_prompt_text(self),
-      "target": target_text(self),
       "answer": self.answer,
       "working": self.working,
     }
 
   @classmethod
   def from_json(cls, record: dict) -> Example:
-    """Inverse of `to_json`; records without `answer` take it from `target`."""
+    """Inverse of `to_json`; records without `answer` take it (and the working) from `target`."""
     working = record.get("working", "")
     if "answer" in record:
       answer = record["answer"]
@@ -113,12 +113,36 @@ class Example:
       working, _, answer = target.strip().rpartition(" => ")
     return cls(
       id=str(record["id"]),
-      family=record.get("task", record.get("family", "")),
+      family=record.get("family", ""),
       question=record["question"],
       branches=tuple(record["branches"]),
       worker_prompts=tuple(record.get("worker_prompts", ())),
       answer=answer.strip(),
       working=working,
+    )
+
+  def problem(self) -> Problem:
+    """This example as the task interface's `Problem` (the rest in `meta`)."""
+    meta = {
+      "family": self.family,
+      "branches": self.branches,
+      "instructions": self.worker_prompts,
+      "working": self.working,
+    }
+    return Problem(self.id, self.question, self.answer, meta)
+
+  @classmethod
+  def of(cls, problem: Problem) -> Example:
+    """Inverse of `problem`; fields a problem lacks (a trace's) are empty."""
+    m = problem.meta
+    return cls(
+      problem.id,
+      m.get("family", ""),
+      problem.question,
+      tuple(m.get("branches", ())),
+      tuple(m.get("instructions", ())),
+      problem.answer,
+      m.get("working", ""),
     )
 
 
@@ -181,18 +205,6 @@ def answer_matches(pred: str, gold: str) -> bool:
   """Normalised exact match of pred's answer: its first line (up to an end marker or
   newline), after the last "=>" when it shows working."""
   return _normalise(pred) == _normalise(gold) != ""
-
-
-def accuracy(scored: Iterable[tuple[str, bool]]) -> dict[str, float]:
-  """Accuracy per family (suite order, families present) and "overall", from
-  (family, correct) pairs."""
-  hits: dict[str, list[bool]] = {}
-  for family, ok in scored:
-    hits.setdefault(family, []).append(bool(ok))
-  out = {f: sum(hits[f]) / len(hits[f]) for f in FAMILIES if f in hits}
-  every = [ok for v in hits.values() for ok in v]
-  out["overall"] = sum(every) / len(every) if every else 0.0
-  return out
 
 
 # ---------------------------------------------------------------- families
@@ -474,70 +486,58 @@ def read_jsonl(path: str) -> list[Example]:
     return [Example.from_json(json.loads(line)) for line in f if line.strip()]
 
 
-# ---------------------------------------------------------------- tokenizer
-class SuiteTokenizer:
-  """Closed word-level vocabulary of the suite: one id per special token, punctuation
-  character (space and newline included), "=>", and word or number 0..MAX_NUMBER,
-  each of the last three also with a leading space (as GPT-2's "Ġword").
+# ---------------------------------------------------------------- the task
+class SyntheticTask(Task):
+  """The suite as a task: generated problems (or a `write_jsonl` file), raw-text prompts.
 
-  Text is cut into special-token strings, then words, digit runs and "=>" (each
-  taking the space before it, if any), then single characters; a piece outside
-  the vocabulary maps to <unk>. `decode(encode(text)) == text` for every suite
-  text. A word is one token that knows it starts a word, so the token before it
-  is the previous word, not a space: copying and lookups need half the
-  positions of a space-as-token vocabulary and a fifth of a character one,
-  which is what lets a tiny model learn the suite in minutes. The prompt formats
-  end in ":" and completions start with a space, so a word has the same id in a
-  prompt, in a branch and in an answer. `save` writes the same tokenizer for
-  Hugging Face `tokenizers`.
+  `load` takes the generator's options too: `families`, `min_workers`, `max_workers`.
+  A problem's `meta` holds its family, gold branches, the workers' instruction
+  lines and the target's working.
   """
 
-  pad_token_id, bos_token_id, eos_token_id, sep_token_id, unk_token_id = range(5)
-  PATTERN = "|".join(re.escape(t) for t in SPECIAL_TOKENS) + r"| ?=>| ?[a-z]+| ?[0-9]+|[\s\S]"
+  name = "synthetic"
+  families = FAMILIES
 
-  def __init__(self):
-    words = ("=>", *WORDS, *(str(n) for n in range(MAX_NUMBER + 1)))
-    pieces = SPECIAL_TOKENS + tuple(PUNCTUATION) + words + tuple(" " + w for w in words)
-    self.vocab = {piece: i for i, piece in enumerate(pieces)}
-    self._pieces = list(self.vocab)
-    self._split = re.compile(self.PATTERN)
+  def load(self, path=None, *, split="test", limit=None, seed=0, **options) -> list[Problem]:
+    if path is not None:
+      if options:
+        raise ValueError(f"generator options {sorted(options)} do not apply to a file ({path})")
+      examples = read_jsonl(path)[:limit]
+    else:
+      if limit is None:
+        raise ValueError("the synthetic suite is generated: give limit= (how many problems)")
+      examples = generate(split, limit, seed, **options)
+    return [e.problem() for e in examples]
 
-  @property
-  def vocab_size(self) -> int:
-    return len(self.vocab)
+  def worker_prompts(self, problem, k):
+    instructions = problem.meta.get("instructions", ())
+    if len(instructions) != k:
+      raise ValueError(f"synthetic problem {problem.id!r} has {len(instructions)} workers, not {k}")
+    ex = Example.of(problem)
+    return [worker_prompt_text(ex, i) for i in range(k)]
 
-  @property
-  def eos_token_ids(self) -> tuple[int, ...]:
-    return (self.eos_token_id,)
+  def single_agent_prompt(self, problem):
+    return single_agent_prompt_text(Example.of(problem))
 
-  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-    """Token ids; with add_special_tokens, <bos> first."""
-    ids = [self.bos_token_id] if add_special_tokens else []
-    ids.extend(self.vocab.get(piece, self.unk_token_id) for piece in self._split.findall(text))
-    return ids
-
-  def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-    """Text of ids; specials (ids below len(SPECIAL_TOKENS)) are dropped unless asked for."""
-    first = len(SPECIAL_TOKENS) if skip_special_tokens else 0
-    return "".join(self._pieces[int(i)] for i in ids if int(i) >= first)
-
-  def save(self, folder: str) -> str:
-    """Writes `tokenizer.json` (+ transformers config) to folder; returns the json path."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    tokenizer = Tokenizer(models.WordLevel(vocab=self.vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(self.PATTERN), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer.post_processor = processors.TemplateProcessing(
-      single="<bos> $A", special_tokens=[("<bos>", self.bos_token_id)]
+  def text_synthesis_prompt(self, problem, outputs):
+    return text_synthesis_prompt_text(
+      dataclasses.replace(Example.of(problem), branches=tuple(outputs))
     )
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "tokenizer.json")
-    tokenizer.save(path)
-    # Lets transformers' AutoTokenizer load the folder too.
-    config = {f"{t[1:-1]}_token": t for t in SPECIAL_TOKENS}
-    config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False)
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-      json.dump(config, f, indent=2)
-    return path
+
+  def synth_prompt(self, problem):
+    return synth_prompt_text(Example.of(problem))
+
+  def target(self, problem):
+    return target_text(Example.of(problem))
+
+  def score(self, completion, problem):
+    return float(answer_matches(completion, problem.answer))
+
+  def branch_from_output(self, text):
+    return branch_from_output(text)
+
+  def branch_as_output(self, branch):
+    return branch_as_output(branch)
+
+
+TASK = SyntheticTask()

@@ -1,6 +1,7 @@
 """Trace examples -> fixed-shape token arrays, with token-budget guards.
 
-One example (a `psynth_jax.train.data` record) becomes:
+One example (a `psynth_jax.train.data` record) becomes, with the prompt formats
+of the task it names (`psynth_jax.tasks`), so that one batch may mix tasks:
 
 * K branch token rows, each prefilled by the frozen base from position 0: the
   branch alone, or (`BatchSpec.worker_prompt_tokens` > 0 and the record has
@@ -29,14 +30,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from flax import struct
 
-from psynth_jax import prompts
-from psynth_jax.tasks import synthetic
+from psynth_jax import tasks
+from psynth_jax.tasks import Problem, Task
 
 SKIP_REASONS = (
   "too_many_branches",
@@ -101,103 +102,66 @@ class Batch:
   teacher_pos: Any = None  # [B, Y] int32
 
 
-# ---------------------------------------------------------------- prompt formats
-def _synthetic_example(example: Mapping[str, Any]) -> synthetic.Example:
-  branches = tuple(example["branches"])
-  return synthetic.Example("", example.get("task", ""), example["question"], branches, (), "")
+# ---------------------------------------------------------------- prompts
+def task_of(example: Mapping[str, Any]) -> Task:
+  """The registered task a trace record names (its prompt formats)."""
+  try:
+    return tasks.get(example["task"])
+  except KeyError:
+    raise ValueError(
+      f"trace {example.get('id')!r} names task {example['task']!r}, which is not registered"
+      f" ({tasks.names()}); synthetic-suite traces name task 'synthetic' and put the suite's"
+      " family in `family`"
+    ) from None
 
 
-def _chat(tokenizer, user: str) -> str:
-  return tokenizer.apply_chat_template([{"role": "user", "content": user}])
+def trace_problem(example: Mapping[str, Any]) -> Problem:
+  """What a task's prompt methods read from a trace record."""
+  return Problem(example["id"], example["question"], meta={"family": example.get("family", "")})
 
 
-def _synthetic_worker(example: Mapping[str, Any], i: int) -> str:
-  ex = synthetic.Example("", "", example["question"], (), tuple(example["worker_prompts"]), "")
-  return synthetic.worker_prompt_text(ex, i)
+def synth_prompt(example: Mapping[str, Any]) -> str:
+  """The synthesizer prompt (task text): the record's own `synth_prompt`, else the task's."""
+  return example.get("synth_prompt") or task_of(example).synth_prompt(trace_problem(example))
 
 
-# name -> (synthesizer prompt, text-concatenation teacher prompt, worker i's prompt) from an
-# example dict, branch text -> the text its worker wrote, and back. "chat" uses the messages of
-# `psynth_jax.prompts`, which inference uses too; its worker prompt is the record's
-# `worker_prompts[i]` as the user turn.
-PROMPT_FORMATS: dict[str, tuple[Callable, Callable, Callable, Callable, Callable]] = {
-  "synthetic": (
-    lambda ex, tok: synthetic.synth_prompt_text(_synthetic_example(ex)),
-    lambda ex, tok: synthetic.text_synthesis_prompt_text(_synthetic_example(ex)),
-    lambda ex, i, tok: _synthetic_worker(ex, i),
-    synthetic.branch_as_output,
-    synthetic.branch_from_output,
-  ),
-  "chat": (
-    lambda ex, tok: _chat(tok, prompts.latent_synth_message(ex["question"])),
-    lambda ex, tok: _chat(tok, prompts.text_synth_message(ex["question"], ex["branches"])),
-    lambda ex, i, tok: tok.apply_chat_template(
-      [{"role": "user", "content": ex["worker_prompts"][i]}], add_generation_prompt=True
-    ),
-    lambda branch: branch,
-    lambda output: output,
-  ),
-}
-
-
-def synth_prompt(example: Mapping[str, Any], fmt: str, tokenizer) -> str:
-  """The synthesizer prompt: the example's own `synth_prompt`, else the format's."""
-  return example.get("synth_prompt") or PROMPT_FORMATS[fmt][0](example, tokenizer)
-
-
-def teacher_prompt(example: Mapping[str, Any], fmt: str, tokenizer) -> str:
-  """The text-concatenation prompt P (every branch as text, then the question)."""
-  return PROMPT_FORMATS[fmt][1](example, tokenizer)
-
-
-def worker_prompt(example: Mapping[str, Any], i: int, fmt: str, tokenizer) -> str:
-  """The prompt worker i wrote branch i after (needs the record's `worker_prompts`)."""
-  return PROMPT_FORMATS[fmt][2](example, i, tokenizer)
-
-
-def branch_from_output(text: str, fmt: str) -> str:
-  """The branch text of a worker's decoded output, as records store it."""
-  return PROMPT_FORMATS[fmt][4](text)
+def teacher_prompt(example: Mapping[str, Any]) -> str:
+  """The text-concatenation prompt P (task text: every branch as text, then the question)."""
+  return task_of(example).text_synthesis_prompt(trace_problem(example), example["branches"])
 
 
 # ---------------------------------------------------------------- batcher
 class Batcher:
   """Tokenises examples into a `Batch` of a fixed size, skipping those over budget."""
 
-  def __init__(
-    self, tokenizer, spec: BatchSpec, prompt_format: str, pad_id: int, eos_id: int | None
-  ):
+  def __init__(self, tokenizer, spec: BatchSpec, pad_id: int, eos_id: int | None):
     """Creates the batcher.
 
     Args:
-      tokenizer: anything with `encode(text) -> list[int]` (no special tokens added).
+      tokenizer: anything with `encode(text) -> list[int]` (no special tokens
+        added), and `apply_chat_template` for records of a chat task.
       spec: shapes and budgets.
-      prompt_format: a key of `PROMPT_FORMATS`.
       pad_id: id written into padding (always masked).
       eos_id: appended to targets that do not already end with it, so the
         synthesizer learns to stop; None to leave targets as they are.
     """
-    if prompt_format not in PROMPT_FORMATS:
-      raise ValueError(f"prompt_format must be one of {sorted(PROMPT_FORMATS)}: {prompt_format}")
-    self.tokenizer, self.spec, self.prompt_format = tokenizer, spec, prompt_format
+    self.tokenizer, self.spec = tokenizer, spec
     self.pad_id, self.eos_id = pad_id, eos_id
 
   def encode(self, example: Mapping[str, Any]) -> tuple[dict[str, list] | None, str | None]:
     """(token lists, None) for an example that fits, else (None, skip reason)."""
-    spec, enc = self.spec, self.tokenizer.encode
-    as_written = PROMPT_FORMATS[self.prompt_format][3]
-    branches = [enc(as_written(b)) for b in example["branches"]]
+    spec, tok, task = self.spec, self.tokenizer, task_of(example)
+    branches = [tok.encode(task.branch_as_output(b)) for b in example["branches"]]
     workers = [[] for _ in branches]
     if spec.worker_prompt_tokens and example.get("worker_prompts"):
-      fmt = self.prompt_format
-      workers = [enc(worker_prompt(example, i, fmt, self.tokenizer)) for i in range(len(branches))]
-    target = enc(example["target"])
+      workers = [task.encode(tok, w) for w in example["worker_prompts"]]
+    target = tok.encode(example["target"])
     if target and self.eos_id is not None and target[-1] != self.eos_id:
       target.append(self.eos_id)
-    prompt = enc(synth_prompt(example, self.prompt_format, self.tokenizer))
+    prompt = task.encode(tok, synth_prompt(example))
     teacher = None
     if spec.teacher_tokens:
-      teacher = enc(teacher_prompt(example, self.prompt_format, self.tokenizer))
+      teacher = task.encode(tok, teacher_prompt(example))
     checks = (
       ("too_many_branches", len(branches) > spec.max_branches),
       ("branch_too_long", any(len(b) > spec.branch_tokens for b in branches)),

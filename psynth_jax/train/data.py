@@ -4,14 +4,19 @@ One JSONL row is one synthesizer training example:
 
   {"id": str, "task": str, "question": str, "branches": [str, ...],
    "synth_prompt": str (optional, default ""), "target": str,
-   "worker_prompts": [str, ...] (optional, default [])}
+   "worker_prompts": [str, ...] (optional, default []), "family": str (optional, default "")}
 
+`task` names a registered task (`psynth_jax.tasks.get`): the batcher builds the
+record's prompts with that task's formats, so one file may mix tasks. Every
+prompt is the task's own text (`Task.render` makes it the model's input).
 `branches` holds the K worker outputs, each of which becomes one branch cache;
 K varies per example (an empty list is stored as is). `worker_prompts`, when
 given, holds the K prompts the workers wrote them after (one per branch): the
 trainer can then encode each branch after its prompt, as the worker did
-(`BatchSpec.worker_prompt_tokens`). Other keys are rejected,
-so that a misspelt optional key cannot silently turn into an empty prompt.
+(`BatchSpec.worker_prompt_tokens`). An empty `synth_prompt` means the task's
+own (`Task.synth_prompt`). `family` is a subset of the task (the synthetic
+suite's families) for reports. Other keys are rejected, so that a misspelt
+optional key cannot silently turn into an empty prompt.
 
 The dataset is written as array_record rather than TFRecord: tfds then needs no
 TensorFlow, and `as_data_source()` gives random access. Stored order equals
@@ -35,10 +40,19 @@ from etils import epath
 from psynth_jax.convert.weights import sha256_of
 
 SPLITS = ("train", "validation", "test")
-FIELDS = ("id", "task", "question", "branches", "synth_prompt", "target", "worker_prompts")
-TEXT_FIELDS = ("id", "task", "question", "synth_prompt", "target")
+FIELDS = (
+  "id",
+  "task",
+  "question",
+  "branches",
+  "synth_prompt",
+  "target",
+  "worker_prompts",
+  "family",
+)
+TEXT_FIELDS = ("id", "task", "question", "synth_prompt", "target", "family")
 LIST_FIELDS = ("branches", "worker_prompts")
-_DEFAULTS = {"synth_prompt": "", "worker_prompts": []}
+_DEFAULTS = {"synth_prompt": "", "worker_prompts": [], "family": ""}
 
 Example = dict[str, Any]
 
@@ -123,11 +137,32 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
   return [example for _, example in _iter_rows(os.fspath(path))]
 
 
+def gold_trace(task, problem) -> Example:
+  """The trace of a problem with gold branches (`meta["branches"]`) and the task's target."""
+  branches = list(problem.meta.get("branches", ()))
+  if not branches:
+    raise ValueError(f"{task.name} problem {problem.id!r} has no gold branches to train on")
+  return {
+    "id": problem.id,
+    "task": task.name,
+    "question": problem.question,
+    "branches": branches,
+    "synth_prompt": task.synth_prompt(problem),
+    "target": task.target(problem),
+    "worker_prompts": task.worker_prompts(problem, len(branches)),
+    "family": problem.family,
+  }
+
+
 class WorkflowTraces(tfds.core.GeneratorBasedBuilder):
   """Workflow traces from local JSONL files, one file per split, stored as array_record."""
 
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.1.0": "Optional worker_prompts.", "1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.2.0")
+  RELEASE_NOTES = {
+    "1.2.0": "`task` is a registered task; optional family; prompts are task text.",
+    "1.1.0": "Optional worker_prompts.",
+    "1.0.0": "Initial release.",
+  }
   # tfds 4.9.10 finds the code path of a builder that lives in a package via the
   # `importlib_resources` backport, which is not installed; give it the file
   # path it falls back to anyway (it only looks for a checksums file beside it).
@@ -171,6 +206,7 @@ class WorkflowTraces(tfds.core.GeneratorBasedBuilder):
           "synth_prompt": tfds.features.Text(),
           "target": tfds.features.Text(),
           "worker_prompts": tfds.features.Sequence(tfds.features.Text()),
+          "family": tfds.features.Text(),
         }
       ),
       disable_shuffling=True,
@@ -197,7 +233,7 @@ def build_dataset(
   Args:
     jsonl_paths: split name ("train", "validation", "test") -> JSONL path.
     data_dir: tfds data directory; the dataset lands in
-      `data_dir/workflow_traces/1.1.0/`.
+      `data_dir/workflow_traces/1.2.0/`.
     overwrite: replace a copy prepared from different file contents instead of
       raising.
 

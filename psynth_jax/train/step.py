@@ -55,6 +55,9 @@ class OptimizerConfig:
   end_lr_fraction: float = 0.0
   grad_clip_norm: float = 0.0  # 0 turns clipping off
   grad_accum_steps: int = 1  # micro-batches per update (optax.MultiSteps)
+  # Weight decay on matrices (ndim >= 2) only, never on norm scales or biases:
+  # what full-parameter pretraining wants; adapters decay everything.
+  decay_matrices_only: bool = False
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
@@ -113,12 +116,27 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
   return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg: OptimizerConfig, trainable: str) -> Optimizer:
-  """AdamW (+ clipping) on the trainable part, zero updates elsewhere, optional accumulation."""
-  schedule = make_schedule(cfg)
-  adamw = optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)
+def _matrices(params):
+  return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_adamw(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Clipping (if on) then AdamW over one tree: the maths both trainers share."""
+  mask = _matrices if cfg.decay_matrices_only else None
+  adamw = optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
   if cfg.grad_clip_norm > 0:
     adamw = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw)
+  return adamw
+
+
+def make_optimizer(cfg: OptimizerConfig, trainable: str | None) -> Optimizer:
+  """AdamW (+ clipping) on the trainable part, zero updates elsewhere, optional accumulation.
+
+  `trainable` None: one tree whose every leaf learns (full-parameter pretraining);
+  otherwise a `TRAINABLE` mode over `{"mapper": ..., "lora": ...}`.
+  """
+  schedule = make_schedule(cfg)
+  adamw = make_adamw(cfg, schedule)
 
   def labels(params):
     return {
@@ -126,7 +144,10 @@ def make_optimizer(cfg: OptimizerConfig, trainable: str) -> Optimizer:
       for part, tree in params.items()
     }
 
-  tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+  if trainable is None:
+    tx = adamw
+  else:
+    tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
   if cfg.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
   return Optimizer(tx, schedule, cfg.grad_accum_steps)
@@ -265,9 +286,19 @@ def _processed_tokens(batch: Batch, with_teacher: bool) -> jax.Array:
 
 
 def train_step(
-  state: TrainState, base: Params, batch: Batch, *, config: StepConfig, optimizer: Optimizer
+  state: TrainState,
+  base: Params,
+  batch: Batch,
+  config: StepConfig,
+  optimizer_config: OptimizerConfig,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer (micro-)step; returns the new state and scalar metrics."""
+  """One optimizer (micro-)step; returns the new state and scalar metrics.
+
+  The optimizer is built from its (static) config while tracing: optax
+  transforms are pure functions, and a config compares by value, so equal
+  configs reuse one compiled step.
+  """
+  optimizer = make_optimizer(optimizer_config, config.trainable)
   # Shapes are known while tracing: a foreign mapper or LoRA fails here, by name.
   check_mapper(state.params["mapper"], base.config.num_layers)
   check_lora(state.params["lora"], base.config)
@@ -296,7 +327,7 @@ def train_step(
 
 def make_train_step(
   config: StepConfig,
-  optimizer: Optimizer,
+  optimizer_config: OptimizerConfig,
   mesh=None,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
   state: TrainState | None = None,
@@ -304,25 +335,30 @@ def make_train_step(
   batch: Batch | None = None,
   compiler_options: dict[str, Any] | None = None,
 ):
-  """`train_step` jitted once; with a mesh, with explicit in/out shardings.
+  """`train_step` jitted; with a mesh, with explicit in/out shardings.
 
-  The state (small: mapper, LoRA, Adam moments) is replicated, the frozen base
+  jax's own cache keys the program on the static configs and shardings: a
+  second call with equal arguments (a second `train()` in the process) compiles
+  nothing new. The state (small: mapper, LoRA, Adam moments) is replicated, the frozen base
   is sharded by the logical-axis rules, and the batch is split over the batch
   mesh axes. `state`, `base` and `batch` (arrays or abstract shapes) give the
   pytree structures the shardings are built for. The state is donated.
   `compiler_options` go to XLA (e.g. {"xla_backend_optimization_level": 0}
   compiles tiny CPU test models several times faster).
   """
-  fn = functools.partial(train_step, config=config, optimizer=optimizer)
-  if mesh is None:
-    return jax.jit(fn, donate_argnums=0, compiler_options=compiler_options)
-  state_sh = sharding.tree_shardings(state, mesh, rules)
-  base_sh = sharding.tree_shardings(base, mesh, rules)
-  batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, rules, x.ndim), batch)
-  return jax.jit(
-    fn,
-    in_shardings=(state_sh, base_sh, batch_sh),
-    out_shardings=(state_sh, sharding.replicated(mesh)),
-    donate_argnums=0,
-    compiler_options=compiler_options,
+  # The configs are static (positional: jit takes no keyword arguments with in_shardings).
+  jit = functools.partial(
+    jax.jit, static_argnums=(3, 4), donate_argnums=0, compiler_options=compiler_options
   )
+  if mesh is None:
+    step = jit(train_step)
+  else:
+    state_sh = sharding.tree_shardings(state, mesh, rules)
+    base_sh = sharding.tree_shardings(base, mesh, rules)
+    batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, rules, x.ndim), batch)
+    step = jit(
+      train_step,
+      in_shardings=(state_sh, base_sh, batch_sh),
+      out_shardings=(state_sh, sharding.replicated(mesh)),
+    )
+  return lambda state, base, batch: step(state, base, batch, config, optimizer_config)

@@ -1,7 +1,7 @@
 """The training loop behind `experiments/train.py`: config in, trained mapper + LoRA out.
 
 `train(config, workdir)` reads an `ml_collections` config (`default_config`
-lists every field; `configs/*.py` start from it), and:
+lists every field; `psynth_jax/configs/*.py` start from it), and:
 
 1. joins a multi-host run if the config says so (`sharding.maybe_initialize_distributed`);
 2. loads the frozen base (a converted folder) or initialises a random one,
@@ -37,12 +37,12 @@ import tqdm
 from ml_collections import ConfigDict
 from tensorboardX import SummaryWriter
 
-from psynth_jax import assets, sharding
+from psynth_jax import sharding, tasks
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import init_params, with_fingerprint
-from psynth_jax.tasks import synthetic
+from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 from psynth_jax.train import batching, checkpoints, data
 from psynth_jax.train import step as step_lib
 
@@ -54,68 +54,6 @@ class TrainResult:
   history: list[dict[str, Any]]  # the metrics rows this run logged
   skip_reasons: dict[str, int]  # this host's skipped examples by reason (whole run, resumed too)
   export_dir: str | None
-
-
-SYNTHETIC_BASE = assets.SYNTHETIC_BASE
-
-
-# ---------------------------------------------------------------- the config schema
-def default_config() -> ConfigDict:
-  """Every field `train` reads, with the paper's defaults where it has one (configs/ start here)."""
-  rules = {name: ",".join(sharding.as_tuple(axes)) for name, axes in sharding.DEFAULT_RULES}
-  return ConfigDict(
-    dict(
-      seed=0,
-      fast_compile=False,  # CPU: cheap XLA compilation (tests, tiny models)
-      prompt_format="synthetic",  # batching.PROMPT_FORMATS
-      log_every=10,
-      # path: converted model folder; "" = random init from `init` (a ModelConfig dict).
-      # tokenizer: "" = the folder's, "suite" = the synthetic suite's SuiteTokenizer.
-      model=dict(path="", dtype="", tokenizer="", init=ConfigDict(), init_seed=0),
-      data=dict(
-        source="synthetic",  # synthetic (suite examples, gold targets) | jsonl (traces)
-        train_jsonl="",
-        tfds_dir="",  # default WORKDIR/tfds
-        synthetic_examples=2000,
-        synthetic_seed=0,
-        min_workers=2,
-        max_workers=8,
-        append_eos=True,  # end every target with the tokenizer's eos id
-      ),
-      batch=dict(  # shapes and token-budget guards (batching.BatchSpec)
-        batch_size=8,  # global, used when per_device_batch_size is 0
-        per_device_batch_size=0,  # x (data * fsdp) mesh devices
-        max_branches=8,
-        branch_tokens=64,
-        branch_rows=320,
-        synth_tokens=160,
-        target_tokens=48,
-        teacher_tokens=512,  # used only when train.kl_weight > 0
-        # > 0: branches are encoded after their worker's prompt (records with
-        # worker_prompts), as the workers produced them; 0: each branch alone.
-        worker_prompt_tokens=0,
-      ),
-      mapper=dict(kind="affine", features="both"),
-      lora=dict(rank=16, alpha=32.0, dropout=0.0, targets=("q", "k", "v", "o")),
-      train=dict(
-        trainable="both",  # both | mapper_only | lora_only
-        num_steps=0,  # 0: num_epochs passes over the data
-        num_epochs=1,
-        ce_weight=1.0,
-        kl_weight=0.0,
-        kl_temperature=1.0,
-        # "example": each example's mean over its target tokens, then the mean over
-        # examples (the reference release); "token": the mean over all target tokens.
-        loss_normalize="example",
-      ),
-      optimizer=dataclasses.asdict(step_lib.OptimizerConfig()),
-      # shape over (data, fsdp, tensor); rules: logical axis -> "data,fsdp" | "fsdp" | "".
-      mesh=dict(shape=(1, -1, 1), rules=rules),
-      checkpoint=dict(every=50, max_to_keep=3, async_save=False),
-      export=dict(enabled=True),
-      distributed=dict(coordinator_address="", num_processes=0, process_id=0, auto=False),
-    )
-  )
 
 
 # ---------------------------------------------------------------- config -> library types
@@ -169,48 +107,44 @@ def load_base(config: ConfigDict, mesh, rules):
     lm = load_pretrained(os.path.expanduser(m.path), dtype=m.dtype or None)
     params = sharding.shard_tree(lm.params, mesh, rules)
     if m.tokenizer == "suite":
-      tokenizer = synthetic.SuiteTokenizer()
+      tokenizer = SuiteTokenizer()
       return params, tokenizer, tokenizer.pad_token_id, tokenizer.eos_token_id
     if lm.tokenizer is None:
       raise ValueError(f"{m.path} has no tokenizer.json; set model.tokenizer='suite' if it is ours")
     return params, lm.tokenizer, lm.pad_id, lm.stop_ids[0] if lm.stop_ids else None
   model_config = ModelConfig(**m.init.to_dict())
-  key = ("base", model_config, m.init_seed, mesh, rules, _compiler_options(config) is not None)
-  params = _initializer(key, lambda: init_params(model_config, m.init_seed), mesh, rules, config)()
+  options = _compiler_options(config)
+  args = (model_config, m.init_seed)
+  params = sharding.sharded_initializer(init_params, mesh, rules, options, args)()
   params = with_fingerprint(params)  # initialised under jit: no fingerprint yet
-  tokenizer = synthetic.SuiteTokenizer()
+  tokenizer = SuiteTokenizer()
   if model_config.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model.init.vocab_size must be >= {tokenizer.vocab_size} (suite tokenizer)")
   return params, tokenizer, tokenizer.pad_token_id, tokenizer.eos_token_id
 
 
 def load_traces(config: ConfigDict, workdir: str) -> data.TraceSource:
-  """The training split: a trace JSONL (or synthetic examples with gold targets) as tfds."""
+  """The training split as tfds: a trace JSONL, or a task's problems with gold targets."""
   d = config.data
   tfds_dir = d.tfds_dir or os.path.join(workdir, "tfds")
   path = d.train_jsonl
-  if d.source == "synthetic":
+  if d.source == "task":
     path = os.path.join(workdir, "traces", "train.jsonl")
   elif d.source != "jsonl":
-    raise ValueError(f"data.source must be 'synthetic' or 'jsonl', got {d.source!r}")
+    raise ValueError(f"data.source must be 'task' or 'jsonl', got {d.source!r}")
   if jax.process_index() == 0:
-    if d.source == "synthetic":
-      examples = synthetic.generate(
-        "train", d.synthetic_examples, d.synthetic_seed, None, d.min_workers, d.max_workers
+    if d.source == "task":
+      task = tasks.get(d.task)
+      problems = task.load(
+        split="train", limit=d.num_examples, seed=d.task_seed, **d.task_options.to_dict()
       )
       os.makedirs(os.path.dirname(path), exist_ok=True)
       with open(path, "w", encoding="utf-8") as f:
-        for e in examples:
-          record = e.to_json()
-          f.write(json.dumps({k: record[k] for k in data.FIELDS}) + "\n")
+        for p in problems:
+          f.write(json.dumps(data.gold_trace(task, p)) + "\n")
     data.build_dataset({"train": path}, tfds_dir)
   checkpoints._sync("psynth_traces_ready")
   return data.load_split(tfds_dir, "train")
-
-
-# Jitted programs shared by every `train` call of this process with the same
-# program (sweeps, notebooks, tests): keyed by everything they depend on.
-_PROGRAMS: dict[Any, Any] = {}
 
 
 def _compiler_options(config: ConfigDict) -> dict[str, Any] | None:
@@ -218,35 +152,19 @@ def _compiler_options(config: ConfigDict) -> dict[str, Any] | None:
   return {"xla_backend_optimization_level": 0} if fast else None
 
 
-def _initializer(key, init_fn, mesh, rules, config: ConfigDict):
-  if key not in _PROGRAMS:
-    options = _compiler_options(config)
-    _PROGRAMS[key] = sharding.sharded_initializer(init_fn, mesh, rules, options)
-  return _PROGRAMS[key]
-
-
-def compiled_step(config: ConfigDict, mesh, rules, state, base, batch):
-  """The jitted train step (cached, see `_PROGRAMS`)."""
-  step_cfg, opt_cfg = step_config(config), optimizer_config(config)
-  options = _compiler_options(config)
-  structure = jax.tree.structure((state, base, batch))
-  key = ("step", step_cfg, opt_cfg, mesh, rules, options is not None, structure)
-  if key not in _PROGRAMS:
-    optimizer = optimizer_for(config)
-    _PROGRAMS[key] = step_lib.make_train_step(
-      step_cfg, optimizer, mesh, rules, state, base, batch, options
-    )
-  return _PROGRAMS[key]
-
-
-_OPTIMIZERS: dict[Any, step_lib.Optimizer] = {}
-
-
-def optimizer_for(config: ConfigDict) -> step_lib.Optimizer:
-  key = (optimizer_config(config), config.train.trainable)
-  if key not in _OPTIMIZERS:
-    _OPTIMIZERS[key] = step_lib.make_optimizer(*key)
-  return _OPTIMIZERS[key]
+def init_state(
+  model_config: ModelConfig,
+  lora_config: LoRAConfig,
+  mapper_kind: str,
+  mapper_features: str,
+  optimizer_config: step_lib.OptimizerConfig,
+  trainable: str,
+  seed: int,
+) -> step_lib.TrainState:
+  """A fresh train state (module level with hashable arguments, so jit reuses its program)."""
+  mapper = Mapper.create(mapper_kind, model_config.num_layers, mapper_features)
+  lora = LoRAWeights.init(model_config, lora_config, seed)
+  return step_lib.init_state(mapper, lora, step_lib.make_optimizer(optimizer_config, trainable))
 
 
 def fetch(tree: Any) -> Any:
@@ -298,7 +216,7 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
   """Trains (or resumes training) the mapper and LoRA; see the module docstring.
 
   Args:
-    config: an experiment config (`configs/*.py`).
+    config: an experiment config (`psynth_jax/configs/*.py`).
     workdir: checkpoints, metrics, data and exports live here.
     stop_after: stop after this global step without a final checkpoint or
       export, as a kill would (tests of resuming).
@@ -317,9 +235,7 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
   spec = batch_spec(config)
   if spec.branch_tokens + spec.synth_tokens > base.config.max_position_embeddings:
     raise ValueError("batch.branch_tokens + batch.synth_tokens exceed max_position_embeddings")
-  batcher = batching.Batcher(
-    tokenizer, spec, config.prompt_format, pad_id, eos_id if config.data.append_eos else None
-  )
+  batcher = batching.Batcher(tokenizer, spec, pad_id, eos_id if config.data.append_eos else None)
 
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
   global_batch = config.batch.per_device_batch_size * data_ways or config.batch.batch_size
@@ -336,29 +252,18 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
   )
   num_steps = config.train.num_steps or config.train.num_epochs * iterator.steps_per_epoch
 
-  optimizer = optimizer_for(config)
-  model_config = base.config
   lora_config = LoRAConfig(**{**config.lora.to_dict(), "targets": tuple(config.lora.targets)})
-
-  def init():
-    mapper = Mapper.create(config.mapper.kind, model_config.num_layers, config.mapper.features)
-    lora = LoRAWeights.init(model_config, lora_config, config.seed)
-    return step_lib.init_state(mapper, lora, optimizer)
-
-  key = (
-    "state",
-    model_config,
+  init_args = (
+    base.config,
     lora_config,
     config.mapper.kind,
     config.mapper.features,
     optimizer_config(config),
     config.train.trainable,
     config.seed,
-    mesh,
-    rules,
-    _compiler_options(config) is not None,
   )
-  state = _initializer(key, init, mesh, rules, config)()
+  options = _compiler_options(config)
+  state = sharding.sharded_initializer(init_state, mesh, rules, options, init_args)()
   ckpt = checkpoints.Checkpointer(
     os.path.join(workdir, "checkpoints"),
     config.checkpoint.max_to_keep,
@@ -386,7 +291,9 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
     skip_reasons.update(reasons)
     batch = sharding.host_local_to_global(host_batch, mesh, rules)
     if step_fn is None:
-      step_fn = compiled_step(config, mesh, rules, state, base, batch)
+      step_fn = step_lib.make_train_step(
+        step_config(config), optimizer_config(config), mesh, rules, state, base, batch, options
+      )
     state, metrics = step_fn(state, base, batch)
     pending.append(metrics)
     bar.update(1)

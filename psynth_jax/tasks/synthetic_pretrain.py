@@ -37,7 +37,8 @@ import optax
 from psynth_jax.language_model import LanguageModel
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import Params, forward, init_params, with_fingerprint
-from psynth_jax.tasks import synthetic
+from psynth_jax.tasks import base, synthetic
+from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 
 FORMATS = ("text", "worker", "single")
 # The validation and test examples every run is scored on, whatever its `seed`:
@@ -104,7 +105,7 @@ class PretrainConfig:
   def model_config(self) -> ModelConfig:
     return ModelConfig(
       model_type="llama",
-      vocab_size=synthetic.SuiteTokenizer().vocab_size,
+      vocab_size=SuiteTokenizer().vocab_size,
       hidden_size=self.hidden_size,
       intermediate_size=self.intermediate_size,
       num_layers=self.num_layers,
@@ -148,7 +149,7 @@ def follow_ups(
 
 def training_sequences(
   examples: Sequence[synthetic.Example],
-  tokenizer: synthetic.SuiteTokenizer,
+  tokenizer: SuiteTokenizer,
   config: PretrainConfig,
   rng: np.random.Generator,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -316,7 +317,10 @@ def evaluate(
     (ex.family, synthetic.answer_matches(p, ex.answer))
     for ex, p in zip(examples, preds, strict=True)
   )
-  return {"text": synthetic.accuracy(scored), "worker": {"exact": float(np.mean(worker_ok))}}
+  return {
+    "text": base.accuracy(scored, synthetic.FAMILIES),
+    "worker": {"exact": float(np.mean(worker_ok))},
+  }
 
 
 # ---------------------------------------------------------------- driver
@@ -324,7 +328,7 @@ def evaluate(
 
 def language_model(params: Params) -> LanguageModel:
   """Wraps params with the suite tokenizer (stop on <eos>, pad with <pad>)."""
-  tok = synthetic.SuiteTokenizer()
+  tok = SuiteTokenizer()
   return LanguageModel(params, tok, tok.eos_token_ids, tok.pad_token_id)
 
 
@@ -345,7 +349,7 @@ def pretrain(
   from tqdm.auto import tqdm
 
   t0, cpu0 = time.perf_counter(), time.process_time()
-  tok = synthetic.SuiteTokenizer()
+  tok = SuiteTokenizer()
   rng = np.random.default_rng(config.seed)
   train = synthetic.generate(
     "train", config.train_examples, config.seed, None, config.min_workers, config.max_workers
@@ -408,14 +412,14 @@ def pretrain(
 
 def save_base(lm: LanguageModel, out: str, info: dict, dtype: str = "float32") -> None:
   """Writes a converted model folder (+ the suite tokenizer files) and pretrain_info.json."""
-  from psynth_jax.convert.checkpoint import save_converted
+  from psynth_jax.model.checkpoint import save_converted
   from psynth_jax.model.transformer import flat_state, params_from_flat
 
   params = lm.params
   if dtype != params.config.dtype:
     params = params_from_flat(params.config.replace(dtype=dtype), flat_state(params))
   with tempfile.TemporaryDirectory() as tmp:
-    synthetic.SuiteTokenizer().save(tmp)
+    SuiteTokenizer().save(tmp)
     save_converted(params, out, tokenizer_src=tmp)
   with open(os.path.join(out, "pretrain_info.json"), "w") as f:
     json.dump({**info, "date": time.strftime("%Y-%m-%d")}, f, indent=2)

@@ -14,7 +14,7 @@ x data*fsdp). Every host runs the same command; on Cloud TPU VMs
 `jax.distributed.initialize()` finds the other hosts by itself:
 
   gcloud compute tpus tpu-vm ssh $TPU --worker=all --command="cd psynth_jax && \\
-    python experiments/train.py --config configs/qwen3_14b.py \\
+    python experiments/train.py --config psynth_jax/configs/qwen3_14b.py \\
       --workdir gs://BUCKET/psynth/qwen3_14b_stage1 \\
       --config.data.train_jsonl=gs://BUCKET/traces/stage1.jsonl"
 
@@ -29,7 +29,7 @@ per-layer rematerialisation in the model.
 
 from ml_collections import ConfigDict
 
-from psynth_jax.train.trainer import default_config
+from psynth_jax.configs.base import default_config
 
 
 def get_config(arg: str = "") -> ConfigDict:
@@ -37,7 +37,6 @@ def get_config(arg: str = "") -> ConfigDict:
   c = default_config()
   c.model.path = "~/.cache/psynth_jax/models/qwen3-14b"  # converted with `psynth convert`
   c.model.dtype = "bfloat16"
-  c.prompt_format = "chat"
   c.data.source = "jsonl"
   c.batch.update(
     per_device_batch_size=1,

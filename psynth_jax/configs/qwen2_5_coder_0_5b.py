@@ -7,7 +7,7 @@ text-concatenation syntheses on the synthetic suite, written first (resumable):
   python experiments/make_traces.py --model ~/.cache/psynth_jax/models/qwen2.5-coder-0.5b-instruct \\
     --prompt_format chat --source synthetic --num 256 --max_workers 4 --max_new_tokens 48 \\
     --out /tmp/psynth/traces/qwen05_synthetic.jsonl
-  python experiments/train.py --config configs/qwen2_5_coder_0_5b.py --workdir /tmp/psynth/qwen05
+  python experiments/train.py --config psynth_jax/configs/qwen2_5_coder_0_5b.py --workdir /tmp/psynth/qwen05
 
 `:kl` adds the token-level KL to the text-concatenation teacher (weight 0.5).
 On 2 CPU cores one step of 2 examples takes tens of seconds (see
@@ -16,7 +16,7 @@ experiments/bench_train.py), so the default is a short run of 128 steps.
 
 from ml_collections import ConfigDict
 
-from psynth_jax.train.trainer import default_config
+from psynth_jax.configs.base import default_config
 
 MODEL = "~/.cache/psynth_jax/models/qwen2.5-coder-0.5b-instruct"
 
@@ -24,7 +24,6 @@ MODEL = "~/.cache/psynth_jax/models/qwen2.5-coder-0.5b-instruct"
 def get_config(arg: str = "") -> ConfigDict:
   c = default_config()
   c.model.path = MODEL
-  c.prompt_format = "chat"
   c.data.source = "jsonl"
   c.data.train_jsonl = "/tmp/psynth/traces/qwen05_synthetic.jsonl"
   # Qwen's tokens for the synthetic suite (K <= 4): branches <= 36 tokens,

@@ -1,7 +1,10 @@
-"""The synthetic suite's trainer config (and the reproduction's pretraining settings).
+r"""The synthetic suite's trainer config (and the reproduction's pretraining settings).
 
-Lives in the package so that notebooks (which have no `configs/` folder) and
-`configs/synthetic.py` build the same config; see that file for the command lines.
+  python experiments/train.py --config psynth_jax/configs/synthetic.py:tiny --workdir /tmp/psynth/tiny
+  python experiments/reproduce_synthetic.py --config psynth_jax/configs/synthetic.py
+
+In the package, so that notebooks import the same config (`get_config("random,fast")`).
+Every field can be overridden on the command line (`--config.train.num_steps=50`).
 
 Arguments, comma-separated:
   tiny     the shipped word-level base model (psynth_jax/assets/synthetic_base)
@@ -14,9 +17,10 @@ import dataclasses
 
 from ml_collections import ConfigDict
 
-from psynth_jax.pretrain import PretrainConfig
-from psynth_jax.tasks import synthetic
-from psynth_jax.train.trainer import SYNTHETIC_BASE, default_config
+from psynth_jax.configs.base import default_config
+from psynth_jax.eval.shipped import SYNTHETIC_BASE
+from psynth_jax.tasks.synthetic_pretrain import PretrainConfig
+from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 
 
 def random_model() -> ConfigDict:
@@ -24,7 +28,7 @@ def random_model() -> ConfigDict:
   return ConfigDict(
     dict(
       model_type="llama",
-      vocab_size=synthetic.SuiteTokenizer().vocab_size,
+      vocab_size=SuiteTokenizer().vocab_size,
       hidden_size=64,
       intermediate_size=128,
       num_layers=2,
@@ -43,7 +47,6 @@ def get_config(arg: str = "tiny") -> ConfigDict:
   if unknown:
     raise ValueError(f"unknown synthetic config options {sorted(unknown)}")
   c = default_config()
-  c.prompt_format = "synthetic"
   c.model.path = "" if "random" in options else SYNTHETIC_BASE
   c.model.tokenizer = "suite"
   c.model.init = random_model()
@@ -61,7 +64,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     teacher_tokens=272,
     worker_prompt_tokens=48,
   )
-  c.data.synthetic_examples = 16000  # one epoch = 2000 steps of 8
+  c.data.num_examples = 16000  # one epoch = 2000 steps of 8
   c.train.loss_normalize = "token"  # how the shipped adapters were trained
   # A tiny model needs a larger step than the paper's 1e-4 to learn in one epoch.
   c.optimizer.learning_rate = 1e-3
@@ -91,14 +94,14 @@ def get_config(arg: str = "tiny") -> ConfigDict:
   )
   c.reproduce = ConfigDict(
     dict(
-      # adapter name -> (trainable, mapper kind); names as in psynth_jax.assets.
+      # adapter name -> (trainable, mapper kind); names as in psynth_jax.eval.shipped.
       adapters=dict(
         mapper_only=("mapper_only", "affine"),
         lora_only=("lora_only", "affine"),  # the mapper stays at its identity init
         parallel_synthesis_affine=("both", "affine"),
         parallel_synthesis_head_affine=("both", "head_affine"),
       ),
-      adapter_steps=2000,  # one epoch of data.synthetic_examples
+      adapter_steps=2000,  # one epoch of data.num_examples
       eval_examples=300,  # test split, seed 0: the accuracy table
       check_examples=60,  # the fixed subset whose accuracy the shipped-model tests re-check
       ttft_examples=8,

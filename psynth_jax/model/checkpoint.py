@@ -1,4 +1,4 @@
-"""The converted-model folder, and one loader for every weight source.
+"""The native checkpoint: a converted-model folder (what `psynth convert` writes).
 
 A converted folder holds:
   psynth_config.json   `ModelConfig.to_dict()`
@@ -8,7 +8,7 @@ A converted folder holds:
   chat_template.jinja, generation_config.json   whichever the source had
 
 psynth_config.json is written last, so a folder that has it is complete.
-`load_params` accepts a converted folder, an HF folder or a .gguf file.
+`psynth_jax.load_pretrained` also reads HF folders and .gguf files (`psynth_jax.convert`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import safetensors.numpy
+from safetensors import SafetensorError, safe_open
 
-from psynth_jax.convert.hf import load_hf_folder, read_json, read_safetensors
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import Params, flat_state, params_from_flat
 
@@ -98,27 +98,27 @@ def load_converted(path: str | Path, dtype: str | None = None) -> Params:
   return params_from_flat(config, read_safetensors([weights]), source=str(weights))
 
 
-def load_params(path: str | Path, dtype: str | None = None) -> Params:
-  """Loads weights from a converted folder, an HF folder or a .gguf file.
+def read_json(path: Path) -> dict:
+  try:
+    return json.loads(Path(path).read_text())
+  except FileNotFoundError:
+    raise FileNotFoundError(f"missing file {path}") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from None
 
-  Args:
-    path: a folder with psynth_config.json (converted), a folder with
-      config.json (Hugging Face safetensors), or a .gguf file.
-    dtype: "float32" | "bfloat16"; default: the source's own dtype.
-  """
-  path = Path(path).expanduser()
-  if path.is_dir():
-    if (path / CONFIG_FILE).is_file():
-      return load_converted(path, dtype)
-    if (path / "config.json").is_file():
-      return load_hf_folder(path, dtype)
-    raise FileNotFoundError(
-      f"{path} has neither {CONFIG_FILE} (converted) nor config.json (Hugging Face)"
-    )
-  if path.suffix == ".gguf":
-    from psynth_jax.convert.gguf import load_gguf
 
-    return load_gguf(path, dtype)[0]
-  if not path.exists():
-    raise FileNotFoundError(f"no model at {path}")
-  raise ValueError(f"{path}: expected a model folder or a .gguf file")
+def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
+  """Reads every tensor of the given files as numpy (bf16 as ml_dtypes.bfloat16)."""
+  state = {}
+  for f in files:
+    try:
+      with safe_open(str(f), framework="numpy") as reader:
+        for name in reader.keys():
+          if name in state:
+            raise ValueError(f"{f}: tensor {name!r} also appears in an earlier shard")
+          state[name] = reader.get_tensor(name)
+    except FileNotFoundError:
+      raise FileNotFoundError(f"missing safetensors file {f}") from None
+    except (OSError, SafetensorError) as e:
+      raise ValueError(f"cannot read safetensors file {f}: {e}") from e
+  return state

@@ -1,7 +1,7 @@
 """`psynth demo`: the synthetic reproduction with the models that ship in the package.
 
 Loads the tiny base model and its trained mappers/LoRAs
-(`psynth_jax.assets`), takes the first `--examples` test examples of the
+(`psynth_jax.eval.shipped`), takes the first `--examples` test examples of the
 built-in suite, lets the base model run every example's K workers, then answers
 each example in every mode from the same worker outputs: single agent, text
 synthesis, naive cache merge, mapper only, LoRA only and full
@@ -17,7 +17,7 @@ TTFTs are then not a measurement; `experiments/bench_ttft.py` is).
 
 `--adapter NAME=FOLDER` adds a mode of your own: a trainer export (mapper +
 LoRA, e.g. `WORKDIR/export` of `experiments/train.py --config
-configs/synthetic.py`) trained on the shipped base model, scored on the same
+psynth_jax/configs/synthetic.py`) trained on the shipped base model, scored on the same
 worker outputs as every other mode.
 """
 
@@ -45,15 +45,14 @@ def run(
   if line := bench_meta.note(bench.meta):
     print(f"[demo] {line}", flush=True)
 
-  from psynth_jax import assets
-  from psynth_jax.eval import compare, workflow
-  from psynth_jax.pretrain import num_params
-  from psynth_jax.tasks import synthetic
+  from psynth_jax import tasks
+  from psynth_jax.eval import compare, shipped, workflow
+  from psynth_jax.tasks.synthetic_pretrain import num_params
   from psynth_jax.train.checkpoints import load_export
 
   t0 = time.perf_counter()
-  lm = assets.load_synthetic_base()
-  modes = assets.load_synthetic_modes(lm.config)
+  lm = shipped.load_synthetic_base()
+  modes = shipped.load_synthetic_modes(lm.config)
   taken = set(workflow.mode_names(modes))  # the baselines' names too
   for name, folder in (adapters or {}).items():
     if name in taken:
@@ -65,10 +64,12 @@ def run(
     f" {len(modes)} cache modes; {num_examples} test examples (K = 2-8 workers each)",
     flush=True,
   )
-  examples = synthetic.generate("test", num_examples, seed=0)
+  task = tasks.get("synthetic")
+  problems = task.load(split="test", limit=num_examples, seed=0)
   report = compare.compare_modes(
     lm,
-    examples,
+    task,
+    problems,
     modes,
     ttft_examples=ttft_examples,
     lengths=tuple(lengths),
@@ -81,7 +82,7 @@ def run(
   if line := bench_meta.note(report.meta):
     print(line)
   try:
-    recorded = assets.recorded_results()
+    recorded = shipped.recorded_results()
   except FileNotFoundError:
     recorded = None
   if recorded:

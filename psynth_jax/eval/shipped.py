@@ -1,7 +1,9 @@
-"""The built-in synthetic-suite models that ship inside the package (a few MB, no download).
+"""The built-in synthetic-suite models that ship in `psynth_jax/assets/` (a few MB, no download).
+
+The folder holds data only; this module names its files and loads them:
 
 * `synthetic_base/`: a small Llama (word-level suite vocabulary) pretrained from scratch on the
-  suite (`psynth_jax.pretrain`), as a converted model folder with its
+  suite (`psynth_jax.tasks.synthetic_pretrain`), as a converted model folder with its
   `pretrain_info.json` (config, timings, validation history, test accuracy).
 * `synthetic_adapters/<name>/`: mapper + LoRA exports of the trainer
   (`psynth_jax.train.checkpoints.export`) for that base model, one per cache mode:
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 
-ASSETS = os.path.dirname(os.path.abspath(__file__))
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 SYNTHETIC_BASE = os.path.join(ASSETS, "synthetic_base")
 SYNTHETIC_ADAPTERS = os.path.join(ASSETS, "synthetic_adapters")
 SYNTHETIC_RESULTS = os.path.join(ASSETS, "synthetic_results.json")
@@ -36,7 +38,7 @@ _REBUILD = "rebuild it with `python experiments/reproduce_synthetic.py`"
 def load_synthetic_base(folder: str = SYNTHETIC_BASE):
   """The shipped base model as a `LanguageModel` with the suite tokenizer."""
   from psynth_jax.language_model import load_pretrained
-  from psynth_jax.pretrain import language_model
+  from psynth_jax.tasks.synthetic_pretrain import language_model
 
   if not os.path.exists(os.path.join(folder, "model.safetensors")):
     raise FileNotFoundError(f"no synthetic base model in {folder}; {_REBUILD}")

@@ -62,7 +62,8 @@ def run(
 
   bench = bench_meta.start(force=force)  # first: fetching, loading and compiling raise the load
   bench_meta.print_warning(bench.meta)
-  from psynth_jax import Mapper, load_pretrained, prompts, run_workers, synthesize, synthesize_text
+  from psynth_jax import Mapper, load_pretrained, run_workers, synthesize, synthesize_text
+  from psynth_jax.tasks import chat
 
   if model_dir is None:
     try:
@@ -77,15 +78,13 @@ def run(
   for qi, question in enumerate(questions):
     print(f"\n[demo] question {qi + 1}/{len(questions)}: {question}", flush=True)
     worker_prompts = [
-      lm.encode_chat(prompts.worker_message(question, i, num_workers)) for i in range(num_workers)
+      lm.encode_chat(chat.worker_message(question, i, num_workers)) for i in range(num_workers)
     ]
     t0 = time.perf_counter()
     workers = run_workers(lm, worker_prompts, worker_tokens)
     print(f"[demo] {num_workers} workers: {time.perf_counter() - t0:.1f}s (first call compiles)")
-    text_prompt, text_tokenize_s = _chat_ids(
-      lm, prompts.text_synth_message(question, workers.texts)
-    )
-    synth_prompt, cache_tokenize_s = _chat_ids(lm, prompts.latent_synth_message(question))
+    text_prompt, text_tokenize_s = _chat_ids(lm, chat.text_synth_message(question, workers.texts))
+    synth_prompt, cache_tokenize_s = _chat_ids(lm, chat.latent_synth_message(question))
     text_ttft, text = _warm_ttft(functools.partial(synthesize_text, lm, text_prompt, answer_tokens))
     cache_ttft, cache = _warm_ttft(
       functools.partial(
