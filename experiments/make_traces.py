@@ -1,60 +1,29 @@
 r"""Writes distillation traces: worker branches + the text-concatenation synthesizer's output.
 
-For every task the workers' outputs become the branches and the base model's
-text synthesis (every branch pasted into one prompt, `batching.teacher_prompt`)
-becomes the target, one JSONL row per task in the trainer's schema
-(`psynth_jax.train.data`). Greedy decoding, as in the paper.
+For every problem of a task the workers' outputs become the branches (the
+model's own with `run_workers`, else the problem's gold branches) and the base
+model's text synthesis (every branch pasted into the task's text-synthesis
+prompt) becomes the target, one JSONL row per problem in the trainer's schema
+(`psynth_jax.train.data`). Greedy decoding, as in the paper. Commands: see
+`psynth_jax/configs/traces.py`.
 
-  # synthetic suite: branches from the generator, targets from the shipped base
-  python experiments/make_traces.py --model psynth_jax/assets/synthetic_base \
-    --source synthetic --split train --num 2000 --out /tmp/psynth/traces/synthetic.jsonl
-
-  # the same with Qwen2.5-Coder-0.5B, its chat template, and the model as workers too
-  python experiments/make_traces.py --model ~/.cache/psynth_jax/models/qwen2.5-coder-0.5b-instruct \
-    --prompt_format chat --run_workers --num 200 --out /tmp/psynth/traces/qwen05.jsonl
-
-  # your own tasks: JSONL rows {id, task, question[, branches | worker_prompts]};
-  # with --run_workers and no worker_prompts, --num_workers workers per question
-  python experiments/make_traces.py --model PATH --source jsonl:/data/tasks.jsonl --out OUT
-
-Resumable: rows already in --out are kept (a half-written last line from a
+Resumable: rows already in `out` are kept (a half-written last line from a
 kill is dropped) and only the missing ids are generated.
 """
 
 import json
 import os
 
-from absl import app, flags
+from absl import app
+from ml_collections import config_flags
 
+from psynth_jax import tasks
 from psynth_jax.language_model import load_pretrained
-from psynth_jax.tasks import chat, synthetic
-from psynth_jax.train import batching
 from psynth_jax.workers import run_workers
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "converted model folder (or HF folder / .gguf)")
-flags.DEFINE_string("source", "synthetic", "'synthetic' or 'jsonl:PATH'")
-flags.DEFINE_string("split", "train", "synthetic split")
-flags.DEFINE_integer("num", 1000, "synthetic examples")
-flags.DEFINE_integer("seed", 0, "synthetic suite seed")
-flags.DEFINE_integer("max_workers", synthetic.MAX_WORKERS, "synthetic: largest K")
-flags.DEFINE_enum("prompt_format", "synthetic", sorted(batching.PROMPT_FORMATS), "prompt format")
-flags.DEFINE_bool("run_workers", False, "decode the branches with the model from worker prompts")
-flags.DEFINE_integer("num_workers", 3, "workers per task without worker_prompts (chat format)")
-flags.DEFINE_integer("max_new_tokens", 64, "tokens per worker output and per target")
-flags.DEFINE_integer("batch_size", 8, "targets generated together")
-flags.DEFINE_string("out", None, "output JSONL")
-flags.mark_flags_as_required(["model", "out"])
-
-
-def load_tasks() -> list[dict]:
-  if FLAGS.source == "synthetic":
-    examples = synthetic.generate(FLAGS.split, FLAGS.num, FLAGS.seed, None, 2, FLAGS.max_workers)
-    return [e.to_json() for e in examples]
-  if FLAGS.source.startswith("jsonl:"):
-    with open(FLAGS.source[len("jsonl:") :], encoding="utf-8") as f:
-      return [json.loads(line) for line in f if line.strip()]
-  raise app.UsageError(f"--source must be 'synthetic' or 'jsonl:PATH', got {FLAGS.source!r}")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "psynth_jax/configs/traces.py", "psynth_jax/configs/traces.py[:arg]", lock_config=True
+)
 
 
 def done_ids(path: str) -> set[str]:
@@ -76,68 +45,66 @@ def done_ids(path: str) -> set[str]:
   return ids
 
 
-def worker_prompts_of(task: dict, k: int) -> list[str]:
-  """What the trainer's prompt format reads as worker i's prompt (`worker_prompts[i]`):
-  the suite's instruction lines, or the whole chat user message."""
-  if FLAGS.prompt_format == "synthetic":
-    return list(task["worker_prompts"])
-  messages = [chat.worker_message(task["question"], i, k) for i in range(k)]
-  if task.get("worker_prompts"):
-    messages = [f"{m}\n{extra}" for m, extra in zip(messages, task["worker_prompts"], strict=True)]
-  return messages
-
-
-def branches_of(task: dict, lm) -> tuple[list[str], list[str] | None]:
-  """(branches, worker prompts as the trainer reads them, or None if unknown)."""
-  if not FLAGS.run_workers and "branches" in task:
-    return list(task["branches"]), task.get("worker_prompts") or None
-  if FLAGS.prompt_format == "synthetic" and not task.get("worker_prompts"):
-    raise ValueError(f"task {task['id']!r} has neither branches nor worker_prompts")
-  k = len(task.get("worker_prompts") or ()) or FLAGS.num_workers
-  record = {"question": task["question"], "worker_prompts": worker_prompts_of(task, k)}
-  token_lists = [
-    lm.tokenizer.encode(batching.worker_prompt(record, i, FLAGS.prompt_format, lm.tokenizer))
-    for i in range(k)
-  ]
-  outputs = run_workers(lm, token_lists, FLAGS.max_new_tokens).texts
-  # The trainer re-encodes each branch after its prompt as the worker wrote it.
-  branches = [batching.branch_from_output(o, FLAGS.prompt_format) for o in outputs]
-  return branches, record["worker_prompts"]
+def trace_row(task, problem, lm, config) -> dict:
+  """The problem's trace without its target: branches and the prompts their workers saw."""
+  gold = list(problem.meta.get("branches", ()))
+  k = len(gold) or config.num_workers
+  worker_prompts = task.worker_prompts(problem, k)
+  if config.run_workers:
+    ids = [task.encode(lm.tokenizer, p) for p in worker_prompts]
+    branches = [
+      task.branch_from_output(o) for o in run_workers(lm, ids, config.max_new_tokens).texts
+    ]
+  elif gold:
+    branches = gold
+  else:
+    raise ValueError(f"{task.name} problem {problem.id!r} has no gold branches; set run_workers")
+  return {
+    "id": problem.id,
+    "task": task.name,
+    "question": problem.question,
+    "branches": branches,
+    "synth_prompt": task.synth_prompt(problem),
+    "worker_prompts": worker_prompts,
+    "family": problem.family,
+  }
 
 
 def main(argv):
-  del argv
-  lm = load_pretrained(os.path.expanduser(FLAGS.model))
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if not config.out:
+    raise app.UsageError("set --config.out (the JSONL to write)")
+  task = tasks.get(config.task)
+  lm = load_pretrained(os.path.expanduser(config.model))
   if lm.tokenizer is None:
-    raise app.UsageError(f"{FLAGS.model} has no tokenizer")
-  tasks = load_tasks()
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  done = done_ids(FLAGS.out)
-  todo = [t for t in tasks if str(t["id"]) not in done]
-  print(f"{len(done)} traces already in {FLAGS.out}, {len(todo)} to generate")
-  fmt, tok = FLAGS.prompt_format, lm.tokenizer
-  for start in range(0, len(todo), FLAGS.batch_size):
-    rows = []
-    for task in todo[start : start + FLAGS.batch_size]:
-      branches, worker_prompts = branches_of(task, lm)
-      row = {
-        "id": str(task["id"]),
-        "task": task.get("task", ""),
-        "question": task["question"],
-        "branches": branches,
-      }
-      if worker_prompts:
-        row["worker_prompts"] = worker_prompts
-      row["synth_prompt"] = batching.synth_prompt({**row, "synth_prompt": ""}, fmt, tok)
-      rows.append(row)
-    teacher_ids = [tok.encode(batching.teacher_prompt(r, fmt, tok)) for r in rows]
-    for row, ids in zip(rows, lm.generate(teacher_ids, FLAGS.max_new_tokens), strict=True):
+    raise app.UsageError(f"{config.model} has no tokenizer")
+  problems = task.load(
+    config.path or None,
+    split=config.split,
+    limit=config.num,
+    seed=config.seed,
+    **config.task_options.to_dict(),
+  )
+  os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
+  done = done_ids(config.out)
+  todo = [p for p in problems if p.id not in done]
+  print(f"{len(done)} traces already in {config.out}, {len(todo)} to generate")
+  for start in range(0, len(todo), config.batch_size):
+    rows = [trace_row(task, p, lm, config) for p in todo[start : start + config.batch_size]]
+    problems_of = {p.id: p for p in todo[start : start + config.batch_size]}
+    teacher = [
+      task.encode(lm.tokenizer, task.text_synthesis_prompt(problems_of[r["id"]], r["branches"]))
+      for r in rows
+    ]
+    for row, ids in zip(rows, lm.generate(teacher, config.max_new_tokens), strict=True):
       row["target"] = lm.decode_text(ids)
-    with open(FLAGS.out, "a", encoding="utf-8") as f:
+    with open(config.out, "a", encoding="utf-8") as f:
       f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
       f.flush()
       os.fsync(f.fileno())
-    print(f"{len(done) + start + len(rows)} / {len(tasks)}")
+    print(f"{len(done) + start + len(rows)} / {len(problems)}")
 
 
 if __name__ == "__main__":

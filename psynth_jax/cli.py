@@ -82,23 +82,21 @@ def _generate(args) -> None:
 
 
 def _workflow(args) -> None:
-  from psynth_jax import run_workers, synthesize, synthesize_text
-  from psynth_jax.tasks import chat
+  from psynth_jax import run_workers, synthesize, synthesize_text, tasks
 
   lm = _load(args)
   k = args.workers
-  worker_prompts = [lm.encode_chat(chat.worker_message(args.question, i, k)) for i in range(k)]
+  task, problem = tasks.get("chat"), tasks.Problem("cli", args.question)
+  tok = lm.require_tokenizer()
+  worker_prompts = [task.encode(tok, p) for p in task.worker_prompts(problem, k)]
   print(f"running {k} workers ({args.worker_tokens} new tokens max) ...", flush=True)
   workers = run_workers(lm, worker_prompts, args.worker_tokens)
   for i, text in enumerate(workers.texts):
     print(f"\n--- worker {i + 1} ({len(workers.tokens[i])} tokens) ---\n{text}")
   print(f"\n[workers: {workers.seconds:.2f}s incl. compile]")
 
-  text_prompt = lm.tokenizer.apply_chat_template(
-    [{"role": "user", "content": chat.text_synth_message(args.question, workers.texts)}],
-    add_generation_prompt=True,
-  )
-  synth_prompt = lm.encode_chat(chat.latent_synth_message(args.question))
+  text_prompt = task.render(tok, task.text_synthesis_prompt(problem, workers.texts))
+  synth_prompt = task.encode(tok, task.synth_prompt(problem))
   # Run each path twice: the first call compiles, the second is the warm TTFT.
   for _ in range(2):
     text = synthesize_text(lm, text_prompt, args.max_new_tokens)

@@ -188,7 +188,8 @@ def synthesize(
     None if num_workers is None else jnp.asarray(num_workers, jnp.int32),
   )
   stages = _profile_cache_path(lm, branches, mapper, rows, capacity) if profile else {}
-  return _run(lm, args, spec, fused, _jit_first_token, _fused, lora, len(synth_prompt), stages)
+  program = _fused if fused else _jit_first_token
+  return _run(lm, functools.partial(program, *args), fused, spec, lora, len(synth_prompt), stages)
 
 
 def synthesize_text(
@@ -218,23 +219,22 @@ def synthesize_text(
     spec,
     capacity,
   )
-  return _run(
-    lm, args, spec, fused, decode.jit_begin, decode.generate_tokens, None, len(ids), stages
-  )
+  program = decode.generate_tokens if fused else decode.jit_begin
+  return _run(lm, functools.partial(program, *args), fused, spec, None, len(ids), stages)
 
 
-def _run(lm, args, spec, fused, first_fn, fused_fn, lora, n_prompt, stages) -> SynthesisResult:
-  params = args[0]
+def _run(lm, program, fused, spec, lora, n_prompt, stages) -> SynthesisResult:
+  """Times `program()`: the whole generation (fused) or the first token, then the decode loop."""
   t0 = time.perf_counter()
   if fused:
-    state = fused_fn(*args)
+    state = program()
     ttft = None
   else:
-    state = first_fn(*args)
+    state = program()
     first = int(jax.device_get(state.tokens[0, 0]))  # first token on the host
     ttft = time.perf_counter() - t0
     del first
-    state = decode.jit_decode_loop(params, state, spec, lora)
+    state = decode.jit_decode_loop(lm.params, state, spec, lora)
   tokens = decode.trim(jax.device_get(state.tokens), spec.stop_ids)[0]
   total = time.perf_counter() - t0
   text = lm.decode_text(tokens) if lm.tokenizer is not None else None

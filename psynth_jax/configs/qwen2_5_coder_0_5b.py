@@ -4,9 +4,8 @@ The model is the converted folder ~/.cache/psynth_jax/models/qwen2.5-coder-0.5b-
 (`psynth_jax.convert.fetch_qwen_coder`). Targets are the model's own
 text-concatenation syntheses on the synthetic suite, written first (resumable):
 
-  python experiments/make_traces.py --model ~/.cache/psynth_jax/models/qwen2.5-coder-0.5b-instruct \\
-    --prompt_format chat --source synthetic --num 256 --max_workers 4 --max_new_tokens 48 \\
-    --out /tmp/psynth/traces/qwen05_synthetic.jsonl
+  python experiments/make_traces.py --config psynth_jax/configs/traces.py:qwen05 \\
+    --config.out=/tmp/psynth/traces/qwen05_synthetic.jsonl
   python experiments/train.py --config psynth_jax/configs/qwen2_5_coder_0_5b.py --workdir /tmp/psynth/qwen05
 
 `:kl` adds the token-level KL to the text-concatenation teacher (weight 0.5).

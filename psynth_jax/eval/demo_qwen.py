@@ -39,11 +39,9 @@ def _warm_ttft(fn, repeats: int = 3) -> tuple[float, object]:
   return statistics.median(times), result
 
 
-def _chat_ids(lm, message: str) -> tuple[list[int], float]:
-  """Chat-templated prompt ids (as `encode_chat`) and the seconds spent tokenising them."""
-  text = lm.tokenizer.apply_chat_template(
-    [{"role": "user", "content": message}], add_generation_prompt=True
-  )
+def _chat_ids(lm, task, message: str) -> tuple[list[int], float]:
+  """Chat-templated prompt ids and the seconds spent tokenising them (not rendering)."""
+  text = task.render(lm.tokenizer, message)
   t0 = time.perf_counter()
   ids = lm.tokenizer.encode(text)
   return ids, time.perf_counter() - t0
@@ -62,8 +60,7 @@ def run(
 
   bench = bench_meta.start(force=force)  # first: fetching, loading and compiling raise the load
   bench_meta.print_warning(bench.meta)
-  from psynth_jax import Mapper, load_pretrained, run_workers, synthesize, synthesize_text
-  from psynth_jax.tasks import chat
+  from psynth_jax import Mapper, load_pretrained, run_workers, synthesize, synthesize_text, tasks
 
   if model_dir is None:
     try:
@@ -74,17 +71,21 @@ def run(
   print(f"[demo] loading {model_dir}", flush=True)
   lm = load_pretrained(model_dir)
   mapper = Mapper.create("affine", lm.config.num_layers)  # identity at init: the naive merge
+  task = tasks.get("chat")
   rows = []
   for qi, question in enumerate(questions):
     print(f"\n[demo] question {qi + 1}/{len(questions)}: {question}", flush=True)
+    problem = tasks.Problem(f"demo-{qi}", question)
     worker_prompts = [
-      lm.encode_chat(chat.worker_message(question, i, num_workers)) for i in range(num_workers)
+      task.encode(lm.tokenizer, p) for p in task.worker_prompts(problem, num_workers)
     ]
     t0 = time.perf_counter()
     workers = run_workers(lm, worker_prompts, worker_tokens)
     print(f"[demo] {num_workers} workers: {time.perf_counter() - t0:.1f}s (first call compiles)")
-    text_prompt, text_tokenize_s = _chat_ids(lm, chat.text_synth_message(question, workers.texts))
-    synth_prompt, cache_tokenize_s = _chat_ids(lm, chat.latent_synth_message(question))
+    text_prompt, text_tokenize_s = _chat_ids(
+      lm, task, task.text_synthesis_prompt(problem, workers.texts)
+    )
+    synth_prompt, cache_tokenize_s = _chat_ids(lm, task, task.synth_prompt(problem))
     text_ttft, text = _warm_ttft(functools.partial(synthesize_text, lm, text_prompt, answer_tokens))
     cache_ttft, cache = _warm_ttft(
       functools.partial(
