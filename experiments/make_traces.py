@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from psynth_jax import tasks
 from psynth_jax.language_model import load_pretrained
+from psynth_jax.train import data
 from psynth_jax.workers import run_workers
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -46,28 +47,14 @@ def done_ids(path: str) -> set[str]:
 
 
 def trace_row(task, problem, lm, config) -> dict:
-  """The problem's trace without its target: branches and the prompts their workers saw."""
-  gold = list(problem.meta.get("branches", ()))
-  k = len(gold) or config.num_workers
-  worker_prompts = task.worker_prompts(problem, k)
+  """The problem's trace with an empty target: its branches and the prompts their workers saw."""
+  branches = None  # the problem's gold branches
   if config.run_workers:
-    ids = [task.encode(lm.tokenizer, p) for p in worker_prompts]
-    branches = [
-      task.branch_from_output(o) for o in run_workers(lm, ids, config.max_new_tokens).texts
-    ]
-  elif gold:
-    branches = gold
-  else:
-    raise ValueError(f"{task.name} problem {problem.id!r} has no gold branches; set run_workers")
-  return {
-    "id": problem.id,
-    "task": task.name,
-    "question": problem.question,
-    "branches": branches,
-    "synth_prompt": task.synth_prompt(problem),
-    "worker_prompts": worker_prompts,
-    "family": problem.family,
-  }
+    k = len(problem.meta.get("branches", ())) or config.num_workers
+    ids = [task.encode(lm.tokenizer, p) for p in task.worker_prompts(problem, k)]
+    outputs = run_workers(lm, ids, config.max_new_tokens).texts
+    branches = [task.branch_from_output(o) for o in outputs]
+  return data.gold_trace(task, problem, branches, target="")
 
 
 def main(argv):

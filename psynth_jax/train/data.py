@@ -137,9 +137,10 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
   return [example for _, example in _iter_rows(os.fspath(path))]
 
 
-def gold_trace(task, problem) -> Example:
-  """The trace of a problem with gold branches (`meta["branches"]`) and the task's target."""
-  branches = list(problem.meta.get("branches", ()))
+def gold_trace(task, problem, branches=None, target=None) -> Example:
+  """A problem's trace: `branches` (default: its gold ones, `meta["branches"]`), the
+  prompts their workers saw, and `target` (default: the task's)."""
+  branches = list(problem.meta.get("branches", ()) if branches is None else branches)
   if not branches:
     raise ValueError(f"{task.name} problem {problem.id!r} has no gold branches to train on")
   return {
@@ -148,7 +149,7 @@ def gold_trace(task, problem) -> Example:
     "question": problem.question,
     "branches": branches,
     "synth_prompt": task.synth_prompt(problem),
-    "target": task.target(problem),
+    "target": task.target(problem) if target is None else target,
     "worker_prompts": task.worker_prompts(problem, len(branches)),
     "family": problem.family,
   }
