@@ -47,7 +47,7 @@ def built(tmp_path_factory):
 
 
 def _expected(row):
-  return {"synth_prompt": "", "worker_prompts": [], **row}
+  return {"synth_prompt": "", "worker_prompts": [], "family": "", **row}
 
 
 def test_round_trip_every_field(built):

@@ -1,16 +1,21 @@
 """Tokenizer: same ids, text and chat prompts as transformers' AutoTokenizer.
 
 The comparisons need transformers (the hf extra) and are skipped without it; the
-error tests use only this package.
+error tests use only this package. The suite's SuiteTokenizer must give the ids
+the shipped models were trained on, here and in every library that loads its file.
 """
 
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from psynth_jax.eval import shipped
+from psynth_jax.tasks import synthetic
+from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 from psynth_jax.tokenizer import Tokenizer
 
 needs_transformers = pytest.mark.skipif(
@@ -197,3 +202,89 @@ def test_real_qwen_tokenizer_matches_transformers():
     assert ours.apply_chat_template(MESSAGES, tools=tools) == want
   assert ours.eos_token_ids == (151645, 151643)
   assert ours.pad_token_id == 151643
+
+
+# ---------------------------------------------------------------- SuiteTokenizer
+
+# Outside the suite: unknown and uppercase words, numbers over MAX_NUMBER, unicode,
+# special tokens inside text, runs of spaces and newlines.
+ODD_TEXTS = [
+  "",
+  "Zed!<eos> <pad>x\n\n  ",
+  "Oslo NORWAY 1000 12345 -7 3.14",
+  "café 東京 🙂 e\u0301 \u00a0",
+  "a<eos>b <bos><sep><unk> <eos",
+  "   many   spaces\n\n\nand lines\n",
+  "oslo => norway<eos>",
+]
+
+
+def _suite_texts(n=12):
+  for split in ("train", "test"):
+    for ex in synthetic.generate(split, n, seed=3):
+      yield synthetic.synth_prompt_text(ex)
+      yield synthetic.text_synthesis_prompt_text(ex)
+      yield synthetic.target_text(ex)
+      yield from (synthetic.worker_prompt_text(ex, i) for i in range(len(ex.branches)))
+
+
+@pytest.fixture(scope="module")
+def suite():
+  return SuiteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def suite_file(suite, tmp_path_factory):
+  return suite.save(str(tmp_path_factory.mktemp("suite")))
+
+
+def test_suite_round_trips_suite_texts(suite):
+  for text in _suite_texts():
+    ids = suite.encode(text)
+    assert suite.unk_token_id not in ids
+    assert suite.decode(ids, skip_special_tokens=False) == text
+    assert suite.decode(ids) == text.replace("<eos>", "")
+    assert suite.encode(text, add_special_tokens=True) == [suite.bos_token_id, *ids]
+
+
+def test_suite_odd_texts(suite):
+  v, unk = suite.vocab, suite.unk_token_id
+  assert suite.encode("") == [] and suite.encode("", add_special_tokens=True) == [1]
+  # Specials inside text are their own ids; a piece outside the vocabulary is one <unk>.
+  assert suite.encode("x<eos> 7") == [unk, suite.eos_token_id, v[" 7"]]
+  assert suite.encode("Oslo 1000") == [unk, unk, unk]
+  assert suite.encode("  => mali?\n") == [v[" "], v[" =>"], v[" mali"], v["?"], v["\n"]]
+  ids = suite.encode("<bos>oslo<eos>")
+  assert suite.decode(ids) == "oslo"
+  assert suite.decode(ids, skip_special_tokens=False) == "<bos>oslo<eos>"
+  assert suite.decode(np.asarray(ids, np.int32)) == "oslo"
+
+
+def test_suite_save_is_the_shipped_tokenizer(suite_file):
+  """The shipped models were trained on these ids: the saved file may not drift."""
+  with open(suite_file) as f, open(f"{shipped.SYNTHETIC_BASE}/tokenizer.json") as g:
+    assert json.load(f) == json.load(g)
+
+
+def test_suite_saved_file_gives_same_ids(suite, suite_file):
+  loaded = tokenizers.Tokenizer.from_file(suite_file)
+  assert loaded.get_vocab_size() == suite.vocab_size
+  for text in [*_suite_texts(4), *ODD_TEXTS]:
+    for special in (False, True):
+      ids = suite.encode(text, add_special_tokens=special)
+      assert loaded.encode(text, add_special_tokens=special).ids == ids
+      for skip in (False, True):
+        assert loaded.decode(ids, skip_special_tokens=skip) == suite.decode(ids, skip)
+
+
+def test_suite_transformers_gives_same_ids(suite, suite_file):
+  transformers = pytest.importorskip("transformers")
+  theirs = transformers.PreTrainedTokenizerFast(
+    tokenizer_file=suite_file, clean_up_tokenization_spaces=False
+  )
+  for text in [*_suite_texts(4), *ODD_TEXTS]:
+    ids = suite.encode(text)
+    assert theirs.encode(text, add_special_tokens=False) == ids
+    assert theirs.encode(text) == suite.encode(text, add_special_tokens=True)
+    assert theirs.decode(ids, skip_special_tokens=False) == suite.decode(ids, False)
+    assert theirs.decode(ids, skip_special_tokens=True) == suite.decode(ids)

@@ -7,6 +7,8 @@ import os
 import re
 from collections.abc import Iterable
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
 from psynth_jax.tasks.synthetic import MAX_NUMBER, PUNCTUATION, SPECIAL_TOKENS, WORDS
 
 
@@ -23,8 +25,11 @@ class SuiteTokenizer:
   positions of a space-as-token vocabulary and a fifth of a character one,
   which is what lets a tiny model learn the suite in minutes. The prompt formats
   end in ":" and completions start with a space, so a word has the same id in a
-  prompt, in a branch and in an answer. `save` writes the same tokenizer for
-  Hugging Face `tokenizers`.
+  prompt, in a branch and in an answer.
+
+  One Hugging Face `tokenizers` WordLevel tokenizer does the encoding, the
+  decoding and is what `save` writes, so the shipped `tokenizer.json` cannot
+  drift from the ids the models were trained on.
   """
 
   pad_token_id, bos_token_id, eos_token_id, sep_token_id, unk_token_id = range(5)
@@ -34,8 +39,18 @@ class SuiteTokenizer:
     words = ("=>", *WORDS, *(str(n) for n in range(MAX_NUMBER + 1)))
     pieces = SPECIAL_TOKENS + tuple(PUNCTUATION) + words + tuple(" " + w for w in words)
     self.vocab = {piece: i for i, piece in enumerate(pieces)}
-    self._pieces = list(self.vocab)
-    self._split = re.compile(self.PATTERN)
+    tokenizer = Tokenizer(models.WordLevel(vocab=self.vocab, unk_token="<unk>"))
+    # Every character matches the pattern, so no text is left between the pieces.
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(self.PATTERN), behavior="isolated")
+    # Pieces carry their own spaces: decoding concatenates them.
+    tokenizer.decoder = decoders.Fuse()
+    # Added as specials, "<eos>" inside text is cut out before the pattern runs and
+    # decode drops them when skip_special_tokens.
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.post_processor = processors.TemplateProcessing(
+      single="<bos> $A", special_tokens=[("<bos>", self.bos_token_id)]
+    )
+    self._tokenizer = tokenizer
 
   @property
   def vocab_size(self) -> int:
@@ -47,29 +62,20 @@ class SuiteTokenizer:
 
   def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
     """Token ids; with add_special_tokens, <bos> first."""
-    ids = [self.bos_token_id] if add_special_tokens else []
-    ids.extend(self.vocab.get(piece, self.unk_token_id) for piece in self._split.findall(text))
-    return ids
+    return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
     """Text of ids; specials (ids below len(SPECIAL_TOKENS)) are dropped unless asked for."""
-    first = len(SPECIAL_TOKENS) if skip_special_tokens else 0
-    return "".join(self._pieces[int(i)] for i in ids if int(i) >= first)
+    ids = [int(i) for i in ids]
+    if bad := [i for i in ids if not 0 <= i < self.vocab_size]:
+      raise ValueError(f"ids {bad[:5]} are outside the suite vocabulary [0, {self.vocab_size})")
+    return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
   def save(self, folder: str) -> str:
     """Writes `tokenizer.json` (+ transformers config) to folder; returns the json path."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    tokenizer = Tokenizer(models.WordLevel(vocab=self.vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(self.PATTERN), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer.post_processor = processors.TemplateProcessing(
-      single="<bos> $A", special_tokens=[("<bos>", self.bos_token_id)]
-    )
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "tokenizer.json")
-    tokenizer.save(path)
+    self._tokenizer.save(path)
     # Lets transformers' AutoTokenizer load the folder too.
     config = {f"{t[1:-1]}_token": t for t in SPECIAL_TOKENS}
     config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False)
