@@ -43,7 +43,7 @@ from psynth_jax.tasks.synthetic_pretrain import (
 from psynth_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", "psynth_jax/configs/synthetic.py", "psynth_jax/configs/synthetic.py"
+  "config", "psynth_jax/configs/synthetic.py", "psynth_jax/configs/synthetic.py", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/synthetic", "every stage's output goes here")
 _INSTALL = flags.DEFINE_bool("install", False, "copy the models and results into psynth_jax/assets")

@@ -1,5 +1,7 @@
 """Helpers for tests and benchmarks (like gemma's `gm.testing`): tiny random models.
 
+* `tiny_config`: the tests' small Llama (2 layers, GQA 4/2, head 8, vocab 64),
+  with any field replaced;
 * `random_params`: our weights for any `ModelConfig`, drawn with numpy (cheap
   to build; compiling jax's initialisers costs more than a tiny test), with
   norm scales and biases away from their 1 / 0 init so that they matter.
@@ -17,6 +19,14 @@ from flax import nnx
 
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import Params, abstract_params, params_from_flat
+
+TINY = ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8, max_position_embeddings=96)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+  """`TINY` with `overrides` (e.g. `model_type="qwen2", qkv_bias=True`)."""
+  return TINY.replace(**overrides)
+
 
 # Projections stored [D_in, D_out] whose fan-in is their first axis.
 _FAN_IN_FIRST = ("q", "k", "v", "gate", "up", "lm_head")

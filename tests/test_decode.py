@@ -14,19 +14,12 @@ import pytest
 from psynth_jax import decode
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.language_model import LanguageModel
-from psynth_jax.model.config import ModelConfig, RopeScaling
+from psynth_jax.model.config import RopeScaling
 from psynth_jax.model.transformer import forward
-from psynth_jax.testing import random_params
+from psynth_jax.testing import random_params, tiny_config
 
-CONFIG = ModelConfig(
+CONFIG = tiny_config(
   model_type="qwen2",
-  vocab_size=64,
-  hidden_size=32,
-  intermediate_size=48,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
   qkv_bias=True,
   qk_norm=True,
   rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, 16),

@@ -15,13 +15,13 @@ import pytest
 
 from psynth_jax.language_model import LanguageModel
 from psynth_jax.mapper import Mapper
-from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import flat_state, init_params, params_from_flat
 from psynth_jax.synthesis import synthesis_logits, synthesize
+from psynth_jax.testing import tiny_config
 from psynth_jax.workers import encode_branches, run_workers
 
-CONFIG = ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8, max_position_embeddings=96)
+CONFIG = tiny_config()
 TEXTS = [[4, 8, 15, 16, 23], [42, 1, 2, 3, 5], [9, 60, 11]]
 PROMPT = [30, 31, 2, 17]
 LORA = LoRAConfig(rank=2, alpha=4.0)

@@ -1,18 +1,28 @@
-"""Pretraining: completion-only loss, length-bucketed batches, and a loss that goes down."""
+"""Pretraining: completion-only loss, length-bucketed batches, the trainer's optimizer,
+and a loss that goes down."""
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from psynth_jax.configs.synthetic import get_config
 from psynth_jax.model.transformer import forward, init_params
 from psynth_jax.tasks import synthetic
 from psynth_jax.tasks import synthetic_pretrain as pretrain
 from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
+from psynth_jax.train import step as step_lib
 
-TINY = pretrain.PretrainConfig(
+
+def _config(**overrides) -> pretrain.PretrainConfig:
+  """The config file's pretraining block with test-sized overrides."""
+  return pretrain.PretrainConfig.from_dict({**get_config().pretrain.to_dict(), **overrides})
+
+
+TINY = _config(
   hidden_size=32,
   num_layers=2,
   num_heads=2,
@@ -59,7 +69,7 @@ def test_batches_mark_completion_tokens_only():
 def test_formats_in_the_mix():
   tok = SuiteTokenizer()
   ex = synthetic.generate("train", 1, seed=0)[0]
-  config = TINY.__class__(worker_rate=3.0, single_rate=1.0)
+  config = _config(worker_rate=3.0, single_rate=1.0)
   seqs = pretrain.training_sequences([ex], tok, config, np.random.default_rng(1))
   texts = [tok.decode(s, skip_special_tokens=False) for s, _ in seqs]
   first = synthetic.text_synthesis_prompt_text(ex) + synthetic.target_text(ex)
@@ -106,27 +116,88 @@ def test_a_few_steps_reduce_the_loss():
   _, stream = _batch(8)
   tokens, loss_mask = next(stream)
   params = init_params(TINY.model_config(), 0)
-  optimizer = pretrain.make_optimizer(TINY)
-  opt_state = optimizer.init(params)
+  optimizer_config = TINY.optimizer_config()
+  opt_state = step_lib.make_optimizer(optimizer_config, trainable=None).tx.init(params)
   loss_fn = jax.jit(pretrain.completion_loss)
   first = float(loss_fn(params, tokens, loss_mask)[0])
   for _ in range(15):
-    params, opt_state, loss = pretrain.train_step(params, opt_state, tokens, loss_mask, optimizer)
+    params, opt_state, loss = pretrain.train_step(
+      params, opt_state, tokens, loss_mask, optimizer_config
+    )
   last = float(loss_fn(params, tokens, loss_mask)[0])
   assert np.isfinite(last) and last < 0.7 * first
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params.state))
 
 
-def test_config_from_dict_takes_lists_and_rejects_unknown_fields():
-  config = pretrain.PretrainConfig.from_dict({"buckets": [64, 128], "steps": 7})
+def _reference_optimizer(config: pretrain.PretrainConfig) -> optax.GradientTransformation:
+  """The optimizer pretraining built itself before it used the trainer's builder."""
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0,
+    config.learning_rate,
+    config.warmup_steps,
+    max(config.steps, config.warmup_steps + 1),  # total steps, warmup included
+    config.learning_rate * config.final_lr_fraction,
+  )
+  return optax.chain(
+    optax.clip_by_global_norm(config.grad_clip),
+    optax.adamw(
+      schedule,
+      b1=0.9,
+      b2=0.98,
+      weight_decay=config.weight_decay,
+      mask=lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree),
+    ),
+  )
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 3])
+def test_trainer_optimizer_matches_the_old_pretraining_chain(warmup_steps):
+  # A short run, so the cosine reaches its end; large gradients, so clipping acts.
+  config = _config(steps=8, warmup_steps=warmup_steps, grad_clip=0.5, weight_decay=0.1)
+  optimizer = step_lib.make_optimizer(config.optimizer_config(), trainable=None)
+  reference = _reference_optimizer(config)
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {  # matrices decay, vectors (norm scales) do not
+    "w": jax.random.normal(keys[0], (6, 5)),
+    "norm": jnp.ones((5,)),
+    "emb": jax.random.normal(keys[1], (3, 2, 4)),
+  }
+  ours, theirs = params, params
+  state, ref_state = optimizer.tx.init(params), reference.init(params)
+  update, ref_update = jax.jit(optimizer.tx.update), jax.jit(reference.update)
+  for i in range(10):  # past `steps`: the schedule holds its end value
+    k = jax.random.fold_in(keys[2], i)
+    grads = jax.tree.map(lambda x, k=k: 3.0 * jax.random.normal(k, x.shape), params)
+    updates, state = update(grads, state, ours)
+    ref_updates, ref_state = ref_update(grads, ref_state, theirs)
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(ref_updates), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    ours, theirs = optax.apply_updates(ours, updates), optax.apply_updates(theirs, ref_updates)
+  end = config.learning_rate * config.final_lr_fraction
+  want = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup_steps, 8, end)
+  for i in range(10):
+    np.testing.assert_allclose(optimizer.schedule(i), want(i), rtol=1e-6)
+
+
+def test_config_file_spells_out_every_field():
+  block = get_config().pretrain.to_dict()
+  assert set(block) == {f.name for f in dataclasses.fields(pretrain.PretrainConfig)}
+
+
+def test_config_from_dict_takes_lists_and_rejects_unknown_or_missing_fields():
+  config = _config(buckets=[64, 128], steps=7)
   assert config.buckets == (64, 128) and config.steps == 7
-  assert config == pretrain.PretrainConfig(buckets=(64, 128), steps=7)
+  assert config == dataclasses.replace(_config(), buckets=(64, 128), steps=7)
   with pytest.raises(ValueError, match="stepz"):
-    pretrain.PretrainConfig.from_dict({"stepz": 7})
+    _config(stepz=7)
+  values = get_config().pretrain.to_dict()
+  del values["steps"], values["seed"]
+  with pytest.raises(ValueError, match=r"missing PretrainConfig fields \['seed', 'steps'\]"):
+    pretrain.PretrainConfig.from_dict(values)
 
 
 def test_pretrain_records_an_evaluation_at_every_eval_step():
-  config = pretrain.PretrainConfig(
+  config = _config(
     hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, steps=3, copy_steps=1,
     short_steps=0, batch_tokens=576, buckets=(576,), train_examples=6, eval_every=1,
     eval_examples=2, max_new_tokens=2,
@@ -144,7 +215,7 @@ def test_every_seed_is_scored_on_the_same_validation_examples(monkeypatch):
     return {"text": {"overall": 0.0}, "worker": {"exact": 0.0}}
 
   monkeypatch.setattr(pretrain, "evaluate", evaluate)
-  config = pretrain.PretrainConfig(
+  config = _config(
     hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, steps=1, copy_steps=0,
     short_steps=0, batch_tokens=576, buckets=(576,), train_examples=6, eval_every=1,
     eval_examples=3, max_new_tokens=2,

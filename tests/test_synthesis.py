@@ -20,20 +20,10 @@ from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import forward
 from psynth_jax.synthesis import synthesis_logits, synthesize, synthesize_text
-from psynth_jax.testing import random_params
+from psynth_jax.testing import random_params, tiny_config
 from psynth_jax.workers import Branches, encode_branches
 
-CONFIG = ModelConfig(
-  model_type="llama",
-  vocab_size=64,
-  hidden_size=32,
-  intermediate_size=48,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  max_position_embeddings=96,
-)
+CONFIG = tiny_config()
 TEXTS = [  # branch token lists: lengths 5, 12, 3 (sum 20: one 32-row bucket)
   [4, 8, 15, 16, 23],
   [42, 1, 2, 3, 5, 8, 13, 21, 34, 55, 7, 7],

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from psynth_jax import tasks
 from psynth_jax.language_model import LanguageModel
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
@@ -334,6 +335,37 @@ def test_branches_after_worker_prompts_are_the_caches_the_workers_wrote(base):
     lm, [list(r[m]) for r, m in zip(rows[0, :, :s], mask[0, :, :s], strict=True)], s
   )
   np.testing.assert_allclose(plain.cache.k[1][0], ref.cache.k[1], atol=1e-6)
+
+
+class _TerseTask(synthetic.SyntheticTask):
+  """The suite with other synthesizer and teacher prompts: a second task in one batch."""
+
+  name = "test_terse"
+
+  def synth_prompt(self, problem):
+    return f"q: {problem.question}\nout:"
+
+  def text_synthesis_prompt(self, problem, outputs):
+    return "".join(f"{b}\n" for b in outputs) + f"q: {problem.question}\nout:"
+
+
+def test_one_batch_mixes_tasks_each_record_with_its_own_prompts():
+  tasks.register(_TerseTask(), replace=True)
+  records = _records(4)
+  for r in records[1::2]:
+    r.update(task="test_terse", synth_prompt="")  # the task's own prompt
+  spec = dataclasses.replace(SPEC, teacher_tokens=256)
+  host, reasons = _batcher(spec)(records)
+  assert not reasons
+  for row, r in enumerate(records):
+    task = tasks.get(r["task"])
+    problem = batching.trace_problem(r)
+    prompt = TOK.decode(host.tokens[row][host.mask[row]])
+    assert prompt == task.synth_prompt(problem) + r["target"].removesuffix(synthetic.END_MARKER)
+    teacher = TOK.decode(host.teacher_tokens[row][host.teacher_mask[row]])
+    assert teacher.startswith(task.text_synthesis_prompt(problem, r["branches"]))
+  with pytest.raises(ValueError, match="not registered"):
+    _batcher()([{**records[0], "task": "evidence"}])
 
 
 def test_batcher_puts_worker_prompts_before_branches():

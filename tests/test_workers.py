@@ -14,22 +14,11 @@ import pytest
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.language_model import LanguageModel
 from psynth_jax.merge import mapped_branch_kv
-from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import forward
-from psynth_jax.testing import random_params
+from psynth_jax.testing import random_params, tiny_config
 from psynth_jax.workers import encode_branches, run_workers
 
-CONFIG = ModelConfig(
-  model_type="llama",
-  vocab_size=64,
-  hidden_size=32,
-  intermediate_size=48,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  max_position_embeddings=64,
-)
+CONFIG = tiny_config(max_position_embeddings=64)
 NEW = 6
 PREFIX = [7, 31, 2, 44]
 SUFFIXES = [[12], [60, 3, 3, 8, 21], [9, 9, 1, 40, 16, 5, 38, 50, 11, 2]]

@@ -13,13 +13,11 @@ Arguments, comma-separated:
   fast     cheap XLA compilation (CPU), for tests
 """
 
-import dataclasses
-
 from ml_collections import ConfigDict
 
 from psynth_jax.configs.base import default_config
 from psynth_jax.eval.shipped import SYNTHETIC_BASE
-from psynth_jax.tasks.synthetic_pretrain import PretrainConfig
+from psynth_jax.tasks import synthetic
 from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 
 
@@ -72,8 +70,46 @@ def get_config(arg: str = "tiny") -> ConfigDict:
   if "kl" in options:
     c.train.kl_weight = 0.5
   c.fast_compile = "fast" in options
-  # Read by experiments/reproduce_synthetic.py only (the trainer ignores them).
-  c.pretrain = ConfigDict(dataclasses.asdict(PretrainConfig()))
+  # Base-model pretraining (`psynth_jax.tasks.synthetic_pretrain.PretrainConfig`
+  # documents each field), read by experiments/pretrain_synthetic.py and
+  # experiments/reproduce_synthetic.py only (the trainer ignores it).
+  c.pretrain = ConfigDict(
+    dict(
+      # The shipped base model: 4 layers of width 128, 4 heads.
+      hidden_size=128,
+      num_layers=4,
+      num_heads=4,
+      intermediate_size=384,
+      max_positions=1024,
+      steps=4000,
+      batch_tokens=2048,
+      buckets=(48, 64, 96, 128, 176, 272, 368),
+      # AdamW, warmup then cosine decay to 5% of the peak at `steps`.
+      learning_rate=3e-3,
+      warmup_steps=100,
+      final_lr_fraction=0.05,
+      weight_decay=0.05,
+      grad_clip=1.0,
+      b1=0.9,
+      b2=0.98,
+      prompt_weight=0.0,  # completions only
+      worker_rate=1.0,
+      text_rate=1.0,
+      single_rate=0.1,
+      follow_ups=3,
+      copy_steps=300,
+      short_steps=1000,
+      short_max_workers=3,
+      train_examples=30000,
+      min_workers=2,
+      max_workers=synthetic.MAX_WORKERS,
+      seed=0,
+      init_from="",  # random init
+      eval_every=500,
+      eval_examples=60,
+      max_new_tokens=64,
+    )
+  )
   # Later phases, each continuing from the one before (fresh optimizer and
   # schedule, full mix, no curriculum); keys phase2, phase3, ...; {} = one phase only.
   c.pretrain_more = ConfigDict(

@@ -14,7 +14,8 @@ from `psynth_jax.tasks.synthetic`:
 Sequences carry no <bos>; `<eos>` ends every completion. They are
 right-padded into a few length buckets, with the rows per batch chosen so that
 every batch holds about `batch_tokens` tokens, so a handful of shapes compile
-once. The optimiser is AdamW with linear warmup then cosine decay.
+once. The optimiser is the distillation trainer's (`psynth_jax.train.step`):
+AdamW with linear warmup then cosine decay, over every parameter.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,8 @@ from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import Params, forward, init_params, with_fingerprint
 from psynth_jax.tasks import base, synthetic
 from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
+from psynth_jax.train import step as step_lib
+from psynth_jax.train.step import OptimizerConfig
 
 FORMATS = ("text", "worker", "single")
 # The validation and test examples every run is scored on, whatever its `seed`:
@@ -48,59 +51,84 @@ EVAL_SEED = 0
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
-  """Model size, data mix and optimiser settings (defaults: the shipped base model)."""
+  """Model size, data mix and optimiser settings: a schema without defaults.
 
-  hidden_size: int = 128  # D
-  num_layers: int = 4  # L
-  num_heads: int = 4  # N (= G: no grouping at this size)
-  intermediate_size: int = 384  # F
-  max_positions: int = 1024
-  steps: int = 4000
-  batch_tokens: int = 2048  # tokens per batch, padding included
-  buckets: tuple[int, ...] = (48, 64, 96, 128, 176, 272, 368)  # padded sequence lengths
-  learning_rate: float = 3e-3
-  warmup_steps: int = 100
-  final_lr_fraction: float = 0.05
-  weight_decay: float = 0.05
-  grad_clip: float = 1.0
+  The values (the shipped base model's) live in `psynth_jax/configs/synthetic.py`
+  (`config.pretrain`); build one with `from_dict`, which names any key missing or left over.
+  """
+
+  hidden_size: int  # D
+  num_layers: int  # L
+  num_heads: int  # N (= G: no grouping at this size)
+  intermediate_size: int  # F
+  max_positions: int
+  steps: int
+  batch_tokens: int  # tokens per batch, padding included
+  buckets: tuple[int, ...]  # padded sequence lengths
+  # AdamW: linear warmup to `learning_rate`, cosine decay to `final_lr_fraction` of it
+  # at `steps`; weight decay on matrices only; clipping to global norm `grad_clip` (0: off).
+  learning_rate: float
+  warmup_steps: int
+  final_lr_fraction: float
+  weight_decay: float
+  grad_clip: float
+  b1: float
+  b2: float
   # Weight of prompt tokens in the loss (completion tokens weigh 1). 0 trains on
   # completions only; a small weight teaches the model the formats' text too.
-  prompt_weight: float = 0.0
+  prompt_weight: float
   # Sequences drawn per training example, on average: `text_rate` text-synthesis,
   # `worker_rate` worker (each a random branch) and `single_rate` single-agent ones.
-  worker_rate: float = 1.0
-  text_rate: float = 1.0
-  single_rate: float = 0.1
+  worker_rate: float
+  text_rate: float
+  single_rate: float
   # More questions on the same branches after a text-synthesis answer (dense
   # supervision: the branches cost most of a sequence, each answer adds a few tokens).
-  follow_ups: int = 3
+  follow_ups: int
   # Curriculum: the first `copy_steps` steps see worker sequences only. They are
   # short and mostly completion, so the copy (induction) circuits that every
   # format needs form several times faster than on the full mix. The next
   # `short_steps` see the full mix with at most `short_max_workers` branches:
   # short contexts, so many more answers per step while lookups are learnt.
-  copy_steps: int = 300
-  short_steps: int = 1000
-  short_max_workers: int = 3
-  train_examples: int = 30000
-  min_workers: int = 2
-  max_workers: int = synthetic.MAX_WORKERS
-  seed: int = 0  # init, data order and the train examples (a new seed: new examples)
+  copy_steps: int
+  short_steps: int
+  short_max_workers: int
+  train_examples: int
+  min_workers: int
+  max_workers: int
+  seed: int  # init, data order and the train examples (a new seed: new examples)
   # A base-model folder to continue from (its sizes must match); "" = random init.
   # The optimizer and schedule start afresh: a second phase of pretraining.
-  init_from: str = ""
-  eval_every: int = 500  # 0: evaluate only at the end
-  eval_examples: int = 60
-  max_new_tokens: int = 64
+  init_from: str
+  eval_every: int  # 0: evaluate only at the end
+  eval_examples: int
+  max_new_tokens: int
 
   @classmethod
-  def from_dict(cls, values: dict) -> PretrainConfig:
-    """From plain values (an ml_collections block, parsed flags): lists become tuples,
-    an unknown key is an error."""
+  def from_dict(cls, values: Mapping) -> PretrainConfig:
+    """From plain values (`config.pretrain.to_dict()`, plus overrides): lists become
+    tuples; a missing or unknown key is an error naming it."""
     fields = {f.name for f in dataclasses.fields(cls)}
     if unknown := set(values) - fields:
       raise ValueError(f"unknown PretrainConfig fields {sorted(unknown)}")
+    if missing := fields - set(values):
+      raise ValueError(f"missing PretrainConfig fields {sorted(missing)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+  def optimizer_config(self) -> OptimizerConfig:
+    """The trainer's optimizer settings for this run: the cosine ends at `steps`."""
+    return OptimizerConfig(
+      learning_rate=self.learning_rate,
+      weight_decay=self.weight_decay,
+      b1=self.b1,
+      b2=self.b2,
+      schedule="warmup_cosine",
+      warmup_steps=self.warmup_steps,
+      decay_steps=max(self.steps - self.warmup_steps, 1),
+      end_lr_fraction=self.final_lr_fraction,
+      grad_clip_norm=self.grad_clip,
+      decay_matrices_only=True,
+    )
 
   def model_config(self) -> ModelConfig:
     return ModelConfig(
@@ -243,35 +271,28 @@ def completion_loss(
   return (nll * weights).sum() / jnp.maximum(weights.sum(), 1), completion_nll
 
 
-def make_optimizer(config: PretrainConfig) -> optax.GradientTransformation:
-  """AdamW, warmup + cosine decay; no weight decay on norms (vectors)."""
-  schedule = optax.warmup_cosine_decay_schedule(
-    0.0,
-    config.learning_rate,
-    config.warmup_steps,
-    max(config.steps, config.warmup_steps + 1),
-    config.learning_rate * config.final_lr_fraction,
-  )
-  return optax.chain(
-    optax.clip_by_global_norm(config.grad_clip),
-    optax.adamw(
-      schedule,
-      b1=0.9,
-      b2=0.98,
-      weight_decay=config.weight_decay,
-      mask=lambda tree: jax.tree.map(lambda x: x.ndim >= 2, tree),
-    ),
-  )
-
-
 @functools.partial(
-  jax.jit, static_argnames=("optimizer", "prompt_weight"), donate_argnames=("params", "opt_state")
+  jax.jit,
+  static_argnames=("optimizer_config", "prompt_weight"),
+  donate_argnames=("params", "opt_state"),
 )
-def train_step(params: Params, opt_state, tokens, loss_mask, optimizer, prompt_weight: float = 0.0):
-  """One AdamW step on all parameters; returns (params, opt_state, completion loss)."""
+def train_step(
+  params: Params,
+  opt_state,
+  tokens: jax.Array,
+  loss_mask: jax.Array,
+  optimizer_config: OptimizerConfig,
+  prompt_weight: float = 0.0,
+):
+  """One optimizer step on all parameters; returns (params, opt_state, completion loss).
+
+  The optimizer is the distillation trainer's (`step.make_optimizer` over the
+  whole tree), built from its static config while tracing, as `step.train_step` does.
+  """
+  optimizer = step_lib.make_optimizer(optimizer_config, trainable=None)
   grad_fn = jax.value_and_grad(completion_loss, has_aux=True)
   (_, completion_nll), grads = grad_fn(params, tokens, loss_mask, prompt_weight)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
+  updates, opt_state = optimizer.tx.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, completion_nll
 
 
@@ -384,15 +405,15 @@ def pretrain(
         f" ({params.config})"
       )
     params = loaded
-  optimizer = make_optimizer(config)
-  opt_state = optimizer.init(params)
+  optimizer_config = config.optimizer_config()
+  opt_state = step_lib.make_optimizer(optimizer_config, trainable=None).tx.init(params)
 
   history, ema = [], None
   bar = tqdm(range(1, config.steps + 1), disable=not progress, desc="pretrain", mininterval=2)
   for step in bar:
     tokens, loss_mask = next(next(it for last, it in stages if step <= last))
     params, opt_state, loss = train_step(
-      params, opt_state, tokens, loss_mask, optimizer, config.prompt_weight
+      params, opt_state, tokens, loss_mask, optimizer_config, config.prompt_weight
     )
     evaluating = step == config.steps or (config.eval_every and step % config.eval_every == 0)
     if step % 10 == 0 or evaluating:

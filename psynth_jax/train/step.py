@@ -120,7 +120,7 @@ def _matrices(params):
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
-def make_adamw(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+def _adamw(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
   """Clipping (if on) then AdamW over one tree: the maths both trainers share."""
   mask = _matrices if cfg.decay_matrices_only else None
   adamw = optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
@@ -136,18 +136,16 @@ def make_optimizer(cfg: OptimizerConfig, trainable: str | None) -> Optimizer:
   otherwise a `TRAINABLE` mode over `{"mapper": ..., "lora": ...}`.
   """
   schedule = make_schedule(cfg)
-  adamw = make_adamw(cfg, schedule)
+  tx = _adamw(cfg, schedule)
+  if trainable is not None:
 
-  def labels(params):
-    return {
-      part: jax.tree.map(lambda _, p=part: "train" if trains(trainable, p) else "frozen", tree)
-      for part, tree in params.items()
-    }
+    def labels(params):
+      return {
+        part: jax.tree.map(lambda _, p=part: "train" if trains(trainable, p) else "frozen", tree)
+        for part, tree in params.items()
+      }
 
-  if trainable is None:
-    tx = adamw
-  else:
-    tx = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   if cfg.grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
   return Optimizer(tx, schedule, cfg.grad_accum_steps)
