@@ -14,6 +14,9 @@ this module imports on a JAX-only install.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 from flax import nnx
 
@@ -26,6 +29,37 @@ TINY = ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8, max_position_embeddings=96)
 def tiny_config(**overrides) -> ModelConfig:
   """`TINY` with `overrides` (e.g. `model_type="qwen2", qkv_bias=True`)."""
   return TINY.replace(**overrides)
+
+
+BPE_CORPUS = [
+  "def add(a, b):\n    return a + b\n",
+  "The quick brown fox jumps over the lazy dog. Don't panic!",
+  "Résumé: naïve café — 東京 and emoji 🙂 too.",
+  "You are a helpful assistant. Answer the question step by step.",
+]
+BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen-like: block tags without '-' so trim_blocks/lstrip_blocks matter, tools via
+# tojson (which must not HTML-escape), raise_exception, bos_token as a variable.
+BPE_CHAT_TEMPLATE = """{{ bos_token }}
+{% if tools %}
+<|im_start|>system
+{% for tool in tools %}
+{{ tool | tojson }}
+{% endfor %}<|im_end|>
+{% elif messages[0]['role'] != 'system' %}
+<|im_start|>system
+You are a helpful assistant.<|im_end|>
+{% endif %}
+{% for message in messages %}
+    {% if message['role'] not in ['system', 'user', 'assistant'] %}
+        {{ raise_exception('bad role ' + message['role']) }}
+    {% endif %}
+<|im_start|>{{ message['role'] }}
+{{ message['content'] }}<|im_end|>
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}"""
 
 
 # Projections stored [D_in, D_out] whose fan-in is their first axis.
@@ -89,3 +123,34 @@ def tiny_llama_hf(max_position_embeddings: int = 1024, seed: int = 0):
     num_key_value_heads=2,
     max_position_embeddings=max_position_embeddings,
   )
+
+
+def bpe_tokenizer_folder(folder) -> Path:
+  """A byte-level BPE tokenizer (at most 400 ids) with Qwen-style special tokens and a chat
+  template in tokenizer_config.json, written to `folder` (a chat model's tokenizer)."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  folder = Path(folder)
+  backend = tokenizers.Tokenizer(models.BPE())
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  backend.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=400,
+    special_tokens=BPE_SPECIALS,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
+  backend.train_from_iterator(BPE_CORPUS, trainer)
+  backend.save(str(folder / "tokenizer.json"))
+  config = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "bos_token": None,
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|endoftext|>",
+    "clean_up_tokenization_spaces": False,
+    "chat_template": BPE_CHAT_TEMPLATE,
+  }
+  (folder / "tokenizer_config.json").write_text(json.dumps(config))
+  gen = {"eos_token_id": [backend.token_to_id("<|im_end|>"), backend.token_to_id("<|endoftext|>")]}
+  (folder / "generation_config.json").write_text(json.dumps(gen))
+  return folder

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from psynth_jax import tasks, testing
 from psynth_jax.eval import compare, workflow
 from psynth_jax.language_model import LanguageModel
 from psynth_jax.mapper import Mapper
@@ -12,6 +13,7 @@ from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import init_params
 from psynth_jax.tasks import synthetic
 from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
+from psynth_jax.tokenizer import Tokenizer
 
 TASK = synthetic.TASK
 
@@ -163,3 +165,25 @@ def test_accuracy_counts_answers():
   # The task's families first, in its order; then the others as they appear.
   assert list(got) == ["evidence", "tools", "other", "overall"]
   assert got == {"evidence": 1.0, "tools": 0.5, "other": 0.5, "overall": 2.5 / 4}
+
+
+def test_a_chat_task_runs_the_same_workflow(tmp_path):
+  # Nothing in the workflow is suite-specific: chat prompts through a chat template,
+  # K from `default_workers` (no gold branches), scores from the task.
+  tok = Tokenizer.from_folder(testing.bpe_tokenizer_folder(tmp_path))
+  config = testing.tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=1024)
+  lm = LanguageModel(testing.random_params(config), tok, tok.eos_token_ids, tok.pad_token_id)
+  task = tasks.get("chat")
+  problems = [tasks.Problem("a", "What is 2+2?", "4"), tasks.Problem("b", "Name a fox.", "fox")]
+  lora = LoRAWeights.init(config, LoRAConfig(rank=2, alpha=4.0))
+  modes = workflow.cache_modes(full={"affine": (Mapper.create("affine", config.num_layers), lora)})
+  records = workflow.run_workflow(
+    lm, task, problems, modes, worker_max_new_tokens=4, answer_max_new_tokens=3, progress=False
+  )
+  for rec, p in zip(records, problems, strict=True):
+    assert rec.num_workers == 3 and rec.worker_exact is None and len(rec.worker_texts) == 3
+    for mode, text in rec.predictions.items():
+      assert rec.scores[mode] == task.score(text, p)
+    # At init the trained-adapter mode answers as the naive merge.
+    assert rec.predictions["parallel_synthesis/affine"] == rec.predictions[workflow.NAIVE_MERGE]
+  assert workflow.accuracy(records, workflow.NAIVE_MERGE).keys() == {"overall"}

@@ -365,7 +365,8 @@ def test_chat_task_prompts_restate_the_question_and_score_words(tmp_path):
 
 def test_chat_tasks_render_through_the_chat_template():
   class Template:
-    def apply_chat_template(self, messages):
+    def apply_chat_template(self, messages, add_generation_prompt):
+      assert add_generation_prompt
       return f"<user>{messages[0]['content']}</user><assistant>"
 
   assert chat.CHAT.render(Template(), "hi") == "<user>hi</user><assistant>"

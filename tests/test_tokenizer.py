@@ -11,8 +11,9 @@ import json
 import numpy as np
 import pytest
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers
 
+from psynth_jax import testing
 from psynth_jax.eval import shipped
 from psynth_jax.tasks import synthetic
 from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
@@ -22,35 +23,7 @@ needs_transformers = pytest.mark.skipif(
   importlib.util.find_spec("transformers") is None, reason="needs transformers (the hf extra)"
 )
 
-CORPUS = [
-  "def add(a, b):\n    return a + b\n",
-  "The quick brown fox jumps over the lazy dog. Don't panic!",
-  "Résumé: naïve café — 東京 and emoji 🙂 too.",
-  "You are a helpful assistant. Answer the question step by step.",
-]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Qwen-like: block tags without '-' so trim_blocks/lstrip_blocks matter, tools via
-# tojson (which must not HTML-escape), raise_exception, bos_token as a variable.
-QWEN_LIKE_TEMPLATE = """{{ bos_token }}
-{% if tools %}
-<|im_start|>system
-{% for tool in tools %}
-{{ tool | tojson }}
-{% endfor %}<|im_end|>
-{% elif messages[0]['role'] != 'system' %}
-<|im_start|>system
-You are a helpful assistant.<|im_end|>
-{% endif %}
-{% for message in messages %}
-    {% if message['role'] not in ['system', 'user', 'assistant'] %}
-        {{ raise_exception('bad role ' + message['role']) }}
-    {% endif %}
-<|im_start|>{{ message['role'] }}
-{{ message['content'] }}<|im_end|>
-{% endfor %}
-{% if add_generation_prompt %}
-<|im_start|>assistant
-{% endif %}"""
+CORPUS, SPECIALS = testing.BPE_CORPUS, testing.BPE_SPECIALS
 MESSAGES = [
   {"role": "system", "content": "Be brief."},
   {"role": "user", "content": 'What is 2+2? <b>bold</b> & "quotes"'},
@@ -62,28 +35,7 @@ TOOLS = [{"name": "search", "description": "Finds <things> & 'stuff'", "paramete
 
 @pytest.fixture(scope="module")
 def bpe_folder(tmp_path_factory):
-  """A byte-level BPE tokenizer with Qwen-style special tokens, template in tokenizer_config."""
-  folder = tmp_path_factory.mktemp("bpe")
-  backend = tokenizers.Tokenizer(models.BPE())
-  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  backend.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-    vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-  )
-  backend.train_from_iterator(CORPUS, trainer)
-  backend.save(str(folder / "tokenizer.json"))
-  config = {
-    "tokenizer_class": "PreTrainedTokenizerFast",
-    "bos_token": None,
-    "eos_token": "<|im_end|>",
-    "pad_token": "<|endoftext|>",
-    "clean_up_tokenization_spaces": False,
-    "chat_template": QWEN_LIKE_TEMPLATE,
-  }
-  (folder / "tokenizer_config.json").write_text(json.dumps(config))
-  gen = {"eos_token_id": [backend.token_to_id("<|im_end|>"), backend.token_to_id("<|endoftext|>")]}
-  (folder / "generation_config.json").write_text(json.dumps(gen))
-  return folder
+  return testing.bpe_tokenizer_folder(tmp_path_factory.mktemp("bpe"))
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,10 @@ r"""The synthetic suite's trainer config (and the reproduction's pretraining set
 
 In the package, so that notebooks import the same config (`get_config("random,fast")`).
 Every field can be overridden on the command line (`--config.train.num_steps=50`).
+The traces are the suite's own problems with gold targets (`data.source="task"`); to
+distil the base model's text syntheses instead, write them with
+`experiments/make_traces.py` and pass `--config.data.source=jsonl
+--config.data.train_jsonl=PATH`.
 
 Arguments, comma-separated:
   tiny     the shipped word-level base model (psynth_jax/assets/synthetic_base)

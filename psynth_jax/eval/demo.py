@@ -47,7 +47,6 @@ def run(
 
   from psynth_jax import tasks
   from psynth_jax.eval import compare, shipped, workflow
-  from psynth_jax.tasks.synthetic_pretrain import num_params
   from psynth_jax.train.checkpoints import load_export
 
   t0 = time.perf_counter()
@@ -60,7 +59,7 @@ def run(
     mapper, lora = load_export(folder, lm.config)
     modes.append(workflow.CacheMode(name, mapper=mapper, lora=lora))
   print(
-    f"[demo] base model: {num_params(lm.params) / 1e6:.2f}M parameters, {lm.config.num_layers} layers;"
+    f"[demo] base model: {lm.params.num_params() / 1e6:.2f}M parameters, {lm.config.num_layers} layers;"
     f" {len(modes)} cache modes; {num_examples} test examples (K = 2-8 workers each)",
     flush=True,
   )

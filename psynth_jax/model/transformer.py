@@ -78,6 +78,9 @@ class Params:
   def module(self) -> Transformer:
     return nnx.merge(graphdef(self.config), self.state)
 
+  def num_params(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(self.state))
+
 
 def config_digest(config: ModelConfig) -> str:
   """8 hex digits of every config field (RoPE theta and scaling included)."""

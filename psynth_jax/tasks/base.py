@@ -55,11 +55,12 @@ class Problem:
 
 def accuracy(scored: Iterable[tuple[str, float]], families: Sequence[str] = ()) -> dict[str, float]:
   """Mean score per family and "overall" from (family, score) pairs: `families`
-  first (those present, in that order), then the others as they appear."""
+  first (those present, in that order), then the others as they appear; problems
+  without a family ("") count in "overall" only."""
   by_family: dict[str, list[float]] = {f: [] for f in families}
   for family, score in scored:
     by_family.setdefault(family, []).append(float(score))
-  out = {f: statistics.fmean(v) for f, v in by_family.items() if v}
+  out = {f: statistics.fmean(v) for f, v in by_family.items() if v and f}
   every = [s for v in by_family.values() for s in v]
   out["overall"] = statistics.fmean(every) if every else 0.0
   return out
@@ -120,7 +121,8 @@ class Task(abc.ABC):
     """The model's input text for one of this task's prompts."""
     if not self.chat:
       return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
   def encode(self, tokenizer, text: str) -> list[int]:
     """Token ids of `render(tokenizer, text)` (no special tokens added)."""

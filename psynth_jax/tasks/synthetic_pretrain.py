@@ -24,7 +24,6 @@ import collections
 import dataclasses
 import functools
 import json
-import math
 import os
 import tempfile
 import time
@@ -460,7 +459,7 @@ def pretrain_and_save(
   t0, cpu0 = time.perf_counter(), time.process_time()
   lm, history = pretrain(config, log=log)
   wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-  log(f"pretrained {num_params(lm.params):,} parameters in {wall / 60:.1f} min wall")
+  log(f"pretrained {lm.params.num_params():,} parameters in {wall / 60:.1f} min wall")
   test = synthetic.generate("test", test_examples, EVAL_SEED)
   scores = evaluate(lm, test, config.max_new_tokens)
   text = ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in scores["text"].items())
@@ -468,7 +467,7 @@ def pretrain_and_save(
   log(f"test workers exact: {100 * scores['worker']['exact']:.1f}%")
   info = {
     "config": dataclasses.asdict(config),
-    "num_params": num_params(lm.params),
+    "num_params": lm.params.num_params(),
     "train_wall_s": wall,
     "train_cpu_s": cpu,
     "cpus": os.cpu_count(),
@@ -478,7 +477,3 @@ def pretrain_and_save(
   }
   save_base(lm, out, info, dtype)
   return info
-
-
-def num_params(params: Params) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(params.state))
