@@ -18,7 +18,7 @@ Refuses to run on a loaded machine (1-minute load > 1.0 at the start) unless
 --force, which marks the JSON "forced": true. The JSON is {"meta", "rows"}.
 """
 
-import importlib.util
+import importlib
 import json
 import os
 import statistics
@@ -39,7 +39,6 @@ from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 from psynth_jax.train import batching, data, losses, trainer
 from psynth_jax.train import step as step_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_list("models", ["tiny", "qwen05"], "tiny | qwen05")
 flags.DEFINE_integer("repeats", 3, "timed runs per program")
 flags.DEFINE_string("out", "", "write the results as JSON here")
@@ -48,10 +47,7 @@ FLAGS = flags.FLAGS
 
 
 def _config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return importlib.import_module(f"psynth_jax.configs.{name}").get_config(arg)
 
 
 def _setup(model: str):

@@ -1,7 +1,6 @@
 """Tests for psynth_jax.train.checkpoints and resuming the trainer: exact resume, damaged steps."""
 
 import glob
-import importlib.util
 import json
 import os
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from psynth_jax.configs import synthetic as synthetic_config
 from psynth_jax.convert.peft import load_peft_lora
 from psynth_jax.convert.reference import mapper_from_state_dict
 from psynth_jax.mapper import Mapper
@@ -19,7 +19,6 @@ from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 from psynth_jax.train import batching, checkpoints, data, trainer
 from psynth_jax.train import step as step_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ModelConfig("llama", 56, 32, 64, 1, 2, 1, 16)
 
 
@@ -137,12 +136,7 @@ def test_an_interrupted_save_is_invisible(tmp_path, state):
 
 # ---------------------------------------------------------------- resuming the trainer
 def _config(num_steps=6):
-  spec = importlib.util.spec_from_file_location(
-    "synthetic_config", f"{REPO}/psynth_jax/configs/synthetic.py"
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("random,fast")
+  config = synthetic_config.get_config("random,fast")
   config.model.init.update(num_layers=1, hidden_size=32, intermediate_size=64)
   config.data.num_examples = 24
   config.data.task_options.max_workers = 5

@@ -176,7 +176,9 @@ def _free_port() -> int:
 def test_two_processes_take_the_same_steps_as_one(tmp_path):
   """Two jax.distributed CPU processes x 4 devices == one process (gloo collectives)."""
   script = tmp_path / "worker.py"
-  script.write_text(WORKER.format(config=os.path.join(REPO, "configs", "synthetic.py")))
+  script.write_text(
+    WORKER.format(config=os.path.join(REPO, "psynth_jax", "configs", "synthetic.py"))
+  )
   port, workdir = _free_port(), tmp_path / "two"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   env["JAX_PLATFORMS"] = "cpu"
