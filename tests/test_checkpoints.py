@@ -268,3 +268,13 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, uninterrupted):
   assert resumed.history[0]["step"] == 3  # step 4 was unreadable: resumed from 2
   jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(want))
   assert os.listdir(os.path.join(workdir, "checkpoints_corrupt"))[0].startswith("4-")
+
+
+def test_traces_of_an_unregistered_task_fail_before_training(tmp_path):
+  config = _config()
+  path = tmp_path / "old.jsonl"  # written before traces named registered tasks
+  row = {"id": "1", "task": "evidence", "question": "q", "branches": ["b"], "target": " x"}
+  path.write_text(json.dumps(row) + "\n")
+  config.data.update(source="jsonl", train_jsonl=str(path))
+  with pytest.raises(ValueError, match=r"not registered: \['evidence'\]"):
+    trainer.load_traces(config, str(tmp_path / "work"))

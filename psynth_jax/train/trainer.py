@@ -142,6 +142,12 @@ def load_traces(config: ConfigDict, workdir: str) -> data.TraceSource:
       with open(path, "w", encoding="utf-8") as f:
         for p in problems:
           f.write(json.dumps(data.gold_trace(task, p)) + "\n")
+    else:  # fail before training starts, not at the first batch that names it
+      if unknown := {r["task"] for r in data.read_jsonl(path)} - set(tasks.names()):
+        raise ValueError(
+          f"{path} names tasks that are not registered: {sorted(unknown)} (registered:"
+          f" {tasks.names()}); register them (psynth_jax.tasks.register) before training"
+        )
     data.build_dataset({"train": path}, tfds_dir)
   checkpoints._sync("psynth_traces_ready")
   return data.load_split(tfds_dir, "train")
