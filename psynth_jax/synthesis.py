@@ -135,6 +135,7 @@ def synthesize(
   max_new_tokens: int = 64,
   sampling: decode.Sampling = decode.GREEDY,
   seed: int = 0,
+  *,
   fused: bool = False,
   profile: bool = False,
   num_workers: int | None = None,
@@ -142,6 +143,9 @@ def synthesize(
   allow_foreign_branches: bool = False,
 ) -> SynthesisResult:
   """Parallel-Synthesis: the synthesizer reads the merged branch caches.
+
+  The arguments after `seed` are keyword-only: measurement (`fused`, `profile`),
+  compiled-program reuse (`num_workers`, `rows`) and a safety override.
 
   Args:
     lm: the `LanguageModel` (base weights; workers made `branches` with it).
@@ -198,6 +202,7 @@ def synthesize_text(
   max_new_tokens: int = 64,
   sampling: decode.Sampling = decode.GREEDY,
   seed: int = 0,
+  *,
   fused: bool = False,
 ) -> SynthesisResult:
   """Text-concatenation baseline: the base model prefills the whole prompt.
