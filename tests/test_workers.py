@@ -16,7 +16,7 @@ from psynth_jax.language_model import LanguageModel
 from psynth_jax.merge import mapped_branch_kv
 from psynth_jax.model.transformer import forward
 from psynth_jax.testing import random_params, tiny_config
-from psynth_jax.workers import encode_branches, run_workers
+from psynth_jax.workers import encode_branches, run_workers, worker_branches
 
 CONFIG = tiny_config(max_position_embeddings=64)
 NEW = 6
@@ -176,3 +176,21 @@ def test_bad_inputs_raise_clear_errors(lm):
     run_workers(lm, [[1] * (CONFIG.max_position_embeddings - 2)], NEW)
   with pytest.raises(ValueError, match="max_position_embeddings"):
     run_workers(lm, [[1] * 30], NEW, shared_prefix=[2] * 30)
+
+
+def test_recorded_workers_rebuild_the_same_branches(lm):
+  # Prefill of prompt + output keeps the rows decode wrote (up to float order).
+  prompts = [PREFIX + s for s in SUFFIXES]
+  out = run_workers(lm, prompts, NEW)
+  rebuilt = worker_branches(lm, prompts, out.tokens)
+  b = out.branches
+  np.testing.assert_array_equal(rebuilt.lengths, b.lengths)
+  np.testing.assert_array_equal(rebuilt.offsets, b.offsets)
+  assert rebuilt.fingerprint == b.fingerprint
+  for i, n in enumerate(np.asarray(b.lengths)):
+    np.testing.assert_array_equal(rebuilt.tokens[i, :n], b.tokens[i, :n])
+    np.testing.assert_array_equal(rebuilt.cache.positions[i, :n], b.cache.positions[i, :n])
+    for got, want in zip(rebuilt.cache.k + rebuilt.cache.v, b.cache.k + b.cache.v, strict=True):
+      np.testing.assert_allclose(got[i, :n], want[i, :n], atol=2e-5)
+  with pytest.raises(ValueError, match="one output per prompt"):
+    worker_branches(lm, prompts, out.tokens[:1])

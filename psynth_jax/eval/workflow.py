@@ -134,7 +134,7 @@ def _prompt_ids(lm, task, mode, problem, outputs) -> tuple[list[int], float]:
   return ids, time.perf_counter() - t0
 
 
-def _answer(lm, task, mode, problem, outputs, branches, max_new_tokens):
+def answer(lm, task, mode, problem, outputs, branches, max_new_tokens):
   """One mode's SynthesisResult for one problem; `stages["tokenize"]` is its prompt's.
 
   Both kinds of path get token ids, so neither timed call tokenises.
@@ -151,17 +151,17 @@ def _answer(lm, task, mode, problem, outputs, branches, max_new_tokens):
   return result
 
 
-def _wanted(modes: Sequence[CacheMode], single_agent: bool, text: bool) -> list:
+def wanted_modes(modes: Sequence[CacheMode], single_agent: bool, text: bool) -> list:
   """The modes to run, in display order: baseline names (str), then CacheModes."""
   return [SINGLE_AGENT] * single_agent + [TEXT_SYNTHESIS] * text + list(modes)
 
 
-def _name(mode) -> str:
+def mode_name(mode) -> str:
   return mode if isinstance(mode, str) else mode.name
 
 
 def mode_names(modes: Sequence[CacheMode], single_agent: bool = True, text: bool = True):
-  return [_name(m) for m in _wanted(modes, single_agent, text)]
+  return [mode_name(m) for m in wanted_modes(modes, single_agent, text)]
 
 
 def run_workflow(
@@ -196,7 +196,7 @@ def run_workflow(
   """
   from tqdm.auto import tqdm
 
-  wanted = _wanted(modes, single_agent, text)
+  wanted = wanted_modes(modes, single_agent, text)
   records = []
   for p in tqdm(problems, desc=f"eval {task.name}", disable=not progress, mininterval=2):
     k = num_workers(p, default_workers)
@@ -205,9 +205,9 @@ def run_workflow(
     exact = sum(a == b for a, b in zip(texts, gold, strict=True)) / k if gold else None
     rec = ExampleRecord(p.id, p.family, k, p.answer, texts, exact, seconds)
     for mode in wanted:
-      result = _answer(lm, task, mode, p, texts, branches, answer_max_new_tokens)
-      rec.predictions[_name(mode)] = result.text
-      rec.scores[_name(mode)] = task.score(result.text, p)
+      result = answer(lm, task, mode, p, texts, branches, answer_max_new_tokens)
+      rec.predictions[mode_name(mode)] = result.text
+      rec.scores[mode_name(mode)] = task.score(result.text, p)
     records.append(rec)
   return records
 
@@ -241,17 +241,19 @@ def measure_timings(
   Returns:
     mode -> {"ttft_s", "tokenize_s" (not inside ttft_s), "prompt_tokens"}.
   """
-  wanted = _wanted(modes, single_agent, text)
+  wanted = wanted_modes(modes, single_agent, text)
   keys = ("ttft_s", "tokenize_s", "prompt_tokens")
-  per_mode: dict[str, dict[str, list[float]]] = {_name(m): {k: [] for k in keys} for m in wanted}
+  per_mode: dict[str, dict[str, list[float]]] = {
+    mode_name(m): {k: [] for k in keys} for m in wanted
+  }
   for p in problems:
     k = num_workers(p, default_workers)
     texts, branches, _ = run_example_workers(lm, task, p, k, worker_max_new_tokens)
     for mode in wanted:
       args = (lm, task, mode, p, texts, branches, answer_max_new_tokens)
-      _answer(*args)
-      results = [_answer(*args) for _ in range(repeats)]
-      values = per_mode[_name(mode)]
+      answer(*args)
+      results = [answer(*args) for _ in range(repeats)]
+      values = per_mode[mode_name(mode)]
       values["ttft_s"].append(statistics.median(r.ttft_s for r in results))
       values["tokenize_s"].append(statistics.median(r.stages["tokenize"] for r in results))
       values["prompt_tokens"].append(results[0].prompt_tokens)

@@ -22,6 +22,20 @@ _BUILTIN = {
   "synthetic": ("psynth_jax.tasks.synthetic", "TASK"),
   "chat": ("psynth_jax.tasks.chat", "CHAT"),
   "synthetic_chat": ("psynth_jax.tasks.chat", "SYNTHETIC_CHAT"),
+  # The paper's benchmarks (`psynth data install` installs their packages).
+  "gsm8k": ("psynth_jax.tasks.mathqa", "GSM8K"),
+  "aime2024": ("psynth_jax.tasks.mathqa", "AIME2024"),
+  "aime2025": ("psynth_jax.tasks.mathqa", "AIME2025"),
+  "math500": ("psynth_jax.tasks.mathqa", "MATH500"),
+  "gpqa_diamond": ("psynth_jax.tasks.multiple_choice", "GPQA_DIAMOND"),
+  "medqa": ("psynth_jax.tasks.multiple_choice", "MEDQA"),
+  "mmlu": ("psynth_jax.tasks.multiple_choice", "MMLU"),
+  "humaneval": ("psynth_jax.tasks.coding", "HUMANEVAL"),
+  "mbpp": ("psynth_jax.tasks.coding", "MBPP"),
+  "humaneval_plus": ("psynth_jax.tasks.coding", "HUMANEVAL_PLUS"),
+  "mbpp_plus": ("psynth_jax.tasks.coding", "MBPP_PLUS"),
+  "gaia": ("psynth_jax.tasks.agents", "GAIA"),
+  "marble_db": ("psynth_jax.tasks.agents", "MARBLE_DB"),
 }
 _REGISTERED: dict[str, Task] = {}
 

@@ -1,0 +1,325 @@
+"""The benchmark harness behind `psynth eval`: resumable per-problem records and a summary.
+
+For each problem of a task the K workers run once (greedy, the base model);
+then every mode answers from those same outputs: single agent, text synthesis,
+the naive merge and each given adapter (`workflow.CacheMode`). Everything is
+appended to `WORKDIR/records.jsonl` as it finishes, one line per event:
+
+  {"kind": "workers", "id", "prompts", "outputs", "output_ids", "truncated", "seconds"}
+  {"kind": "mode", "id", "mode", "prediction", "output_tokens", "truncated", "score", "ttft_s"}
+
+so a killed run loses at most the problem in flight, a re-run skips what is
+recorded, and a later run with new adapters reuses the recorded worker outputs
+(their caches rebuilt by prefill, `workers.worker_branches`) and runs only the
+new modes. `WORKDIR/run.json` records the task, the model's fingerprint and the
+settings; a re-run with another model or other budgets is refused, since its
+records would not be comparable. `summarize` turns records into accuracy per
+mode with 95 % intervals, truncation rates, median TTFT and exact McNemar
+tests against text synthesis; `rescore` recomputes scores without the model.
+
+`truncated` means the output used its whole token budget (it may be cut short):
+a high rate says the budget, not the method, limits the score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from psynth_jax.eval import stats, workflow
+from psynth_jax.tasks import Problem, Task
+from psynth_jax.workers import worker_branches
+
+RECORDS = "records.jsonl"
+RUN = "run.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What makes two runs' records comparable (recorded in run.json)."""
+
+  num_workers: int = 3  # K (problems with gold branches use their own count)
+  worker_tokens: int = 512  # budget per worker output (paper: 4096)
+  answer_tokens: int = 512  # budget per synthesizer answer (paper: 4096)
+
+
+# ---------------------------------------------------------------- records
+def read_records(path: str) -> list[dict[str, Any]]:
+  """Every complete line of a records file; a half-written last line (a kill) is cut off."""
+  if not os.path.exists(path):
+    return []
+  rows, good = [], 0
+  with open(path, "rb") as f:
+    for line in f:
+      if not line.endswith(b"\n"):
+        break
+      try:
+        rows.append(json.loads(line))
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        break
+      good += len(line)
+  with open(path, "r+b") as f:
+    f.truncate(good)
+  return rows
+
+
+def append_record(path: str, row: dict[str, Any]) -> None:
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _by_problem(rows: Iterable[dict[str, Any]]) -> tuple[dict[str, dict], dict[str, dict]]:
+  """(id -> workers row, id -> {mode -> mode row}); a later row wins."""
+  workers, modes = {}, {}
+  for row in rows:
+    if row["kind"] == "workers":
+      workers[row["id"]] = row
+    else:
+      modes.setdefault(row["id"], {})[row["mode"]] = row
+  return workers, modes
+
+
+def _check_run(workdir: str, info: dict[str, Any]) -> None:
+  """Writes run.json, or checks that the recorded run is this one."""
+  path = os.path.join(workdir, RUN)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      recorded = json.load(f)
+    for key in ("task", "fingerprint", "settings"):
+      if recorded.get(key) != info[key]:
+        raise ValueError(
+          f"{workdir} holds a run with another {key} ({recorded.get(key)!r}, now"
+          f" {info[key]!r}); its records are not comparable: use a new --workdir"
+        )
+    adapters = {**info["adapters"], **recorded.get("adapters", {})}
+    for name, folder in info["adapters"].items():
+      if recorded.get("adapters", {}).get(name, folder) != folder:
+        raise ValueError(
+          f"mode {name!r} was recorded from {recorded['adapters'][name]}, not {folder}"
+        )
+    info = {**recorded, "adapters": adapters}
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(info, f, indent=2)
+  os.replace(tmp, path)
+
+
+def select(problems: Sequence[Problem], limit: int, seed: int = -1) -> list[Problem]:
+  """`limit` problems (0: all): the first ones (seed < 0), or a fixed-seed subset kept
+  in upstream order, the same for every run with that seed."""
+  if not limit or limit >= len(problems):
+    return list(problems)
+  if seed < 0:
+    return list(problems[:limit])
+  import random
+
+  return [problems[i] for i in sorted(random.Random(seed).sample(range(len(problems)), limit))]
+
+
+# ---------------------------------------------------------------- running
+def evaluate(
+  lm,
+  task: Task,
+  problems: Sequence[Problem],
+  workdir: str,
+  modes: Sequence[workflow.CacheMode] = (workflow.CacheMode(workflow.NAIVE_MERGE),),
+  settings: Settings = Settings(),
+  single_agent: bool = True,
+  text: bool = True,
+  adapters: dict[str, str] | None = None,
+  progress: bool = True,
+) -> list[dict[str, Any]]:
+  """Runs what is not yet recorded for every problem; returns all records of the workdir.
+
+  Args:
+    lm: the base `LanguageModel` (with a tokenizer).
+    task: the problems' task.
+    problems: the problems, in order.
+    workdir: records.jsonl and run.json live here.
+    modes: the cache modes (`workflow.cache_modes`, or adapters loaded by `load_adapter`).
+    settings: worker count and token budgets.
+    single_agent, text: also run those baselines.
+    adapters: mode name -> folder, recorded in run.json (a name is bound to one folder).
+    progress: a tqdm bar with ETA.
+  """
+  from tqdm.auto import tqdm
+
+  info = {
+    "task": task.name,
+    "fingerprint": lm.params.fingerprint,
+    "settings": dataclasses.asdict(settings),
+    "adapters": dict(adapters or {}),
+  }
+  _check_run(workdir, info)
+  path = os.path.join(workdir, RECORDS)
+  workers, done = _by_problem(read_records(path))
+  wanted = workflow.wanted_modes(modes, single_agent, text)
+  tok = lm.require_tokenizer()
+  bar = tqdm(problems, desc=f"{task.name}", disable=not progress, mininterval=2)
+  for p in bar:
+    todo = [m for m in wanted if workflow.mode_name(m) not in done.get(p.id, {})]
+    if not todo:
+      continue
+    k = workflow.num_workers(p, settings.num_workers)
+    if p.id in workers:
+      row = workers[p.id]
+      texts = row["outputs"]
+      branches = None
+      if any(isinstance(m, workflow.CacheMode) for m in todo):
+        prompt_ids = [task.encode(tok, text) for text in row["prompts"]]
+        branches = worker_branches(lm, prompt_ids, row["output_ids"])
+    else:
+      prompts = task.worker_prompts(p, k)
+      out = _run_workers(lm, task, prompts, settings.worker_tokens)
+      texts, branches = [task.branch_from_output(t) for t in out.texts], out.branches
+      row = {
+        "kind": "workers",
+        "id": p.id,
+        "prompts": prompts,
+        "outputs": texts,
+        "output_ids": out.tokens,
+        "truncated": [len(t) >= settings.worker_tokens for t in out.tokens],
+        "seconds": out.seconds,
+      }
+      append_record(path, row)
+      workers[p.id] = row
+    for mode in todo:
+      result = workflow.answer(lm, task, mode, p, texts, branches, settings.answer_tokens)
+      mode_row = {
+        "kind": "mode",
+        "id": p.id,
+        "mode": workflow.mode_name(mode),
+        "prediction": result.text,
+        "output_tokens": len(result.tokens),
+        "truncated": len(result.tokens) >= settings.answer_tokens,
+        "score": task.score(result.text, p),
+        "ttft_s": result.ttft_s,
+      }
+      append_record(path, mode_row)
+      done.setdefault(p.id, {})[mode_row["mode"]] = mode_row
+  return read_records(path)
+
+
+def _run_workers(lm, task, prompts, max_new_tokens):
+  from psynth_jax.workers import run_workers
+
+  tok = lm.require_tokenizer()
+  return run_workers(lm, [task.encode(tok, text) for text in prompts], max_new_tokens)
+
+
+def load_adapter(folder: str, model_config) -> tuple[Any, Any]:
+  """(mapper or None, LoRA or None) of an adapter folder: a trainer export (mapper/ +
+  lora/) or a PEFT LoRA folder (adapter_config.json)."""
+  if os.path.exists(os.path.join(folder, "mapper", "mapper_config.json")):
+    from psynth_jax.train.checkpoints import load_export
+
+    return load_export(folder, model_config)
+  if os.path.exists(os.path.join(folder, "adapter_config.json")):
+    from psynth_jax.convert.peft import load_peft_lora
+
+    return None, load_peft_lora(folder, model_config)
+  if os.path.exists(os.path.join(folder, "cache_mapper.pt")):
+    raise NotImplementedError(
+      f"{folder} is a reference-release folder (judger_lora/ + cache_mapper.pt); loading it"
+      " as one adapter is not implemented yet (open issue: load the published checkpoint)"
+    )
+  raise FileNotFoundError(
+    f"{folder} is not an adapter: expected a trainer export (mapper/mapper_config.json)"
+    " or a PEFT folder (adapter_config.json)"
+  )
+
+
+# ---------------------------------------------------------------- results
+def rescore(task: Task, problems: Sequence[Problem], rows: Sequence[dict]) -> list[dict]:
+  """The records with every mode's score recomputed by `task.score` (no model needed)."""
+  by_id = {p.id: p for p in problems}
+  out = []
+  for row in rows:
+    if row["kind"] == "mode" and row["id"] in by_id:
+      row = {**row, "score": task.score(row["prediction"], by_id[row["id"]])}
+    out.append(row)
+  return out
+
+
+def summarize(rows: Sequence[dict], problems: Sequence[Problem]) -> dict[str, Any]:
+  """Accuracy per mode (95 % Wilson interval), truncation, median TTFT, McNemar vs text.
+
+  Only problems in `problems` that every reported mode answered are counted, so
+  that every mode is scored on the same set (the paired tests need that).
+  """
+  workers, modes = _by_problem(rows)
+  ids = [p.id for p in problems if p.id in modes]
+  names = sorted({m for i in ids for m in modes[i]}, key=_mode_order)
+  ids = [i for i in ids if all(m in modes[i] for m in names)]
+  out: dict[str, Any] = {"num_problems": len(ids), "modes": {}, "paired_vs_text": {}}
+  for name in names:
+    scores = [modes[i][name]["score"] for i in ids]
+    ttfts = [modes[i][name]["ttft_s"] for i in ids[1:] if modes[i][name]["ttft_s"] is not None]
+    out["modes"][name] = {
+      "accuracy": statistics.fmean(scores) if scores else 0.0,
+      "ci95": stats.wilson_interval(sum(scores), len(scores)),
+      "truncated": statistics.fmean(modes[i][name]["truncated"] for i in ids) if ids else 0.0,
+      # The first problem compiles; the rest are warm (not a benchmark: see bench_ttft).
+      "ttft_s_median": statistics.median(ttfts) if ttfts else None,
+    }
+  text = workflow.TEXT_SYNTHESIS
+  if text in names:
+    for name in names:
+      a = [modes[i][name]["score"] for i in ids]
+      b = [modes[i][text]["score"] for i in ids]
+      if name != text and all(s in (0, 1) for s in (*a, *b)):
+        out["paired_vs_text"][name] = stats.mcnemar_exact(a, b)
+  flags = [t for i in ids if i in workers for t in workers[i]["truncated"]]
+  out["workers_truncated"] = statistics.fmean(flags) if flags else 0.0
+  return out
+
+
+def _mode_order(name: str) -> tuple[int, str]:
+  fixed = (workflow.SINGLE_AGENT, workflow.TEXT_SYNTHESIS, workflow.NAIVE_MERGE)
+  return (fixed.index(name), "") if name in fixed else (len(fixed), name)
+
+
+def format_summary(task_name: str, summary: dict[str, Any]) -> str:
+  lines = [f"{task_name}: {summary['num_problems']} problems"]
+  lines.append(
+    f"{'mode':<32}{'accuracy':>9}{'95% interval':>17}{'truncated':>11}{'ttft ms':>9}{'vs text p':>11}"
+  )
+  for name, m in summary["modes"].items():
+    lo, hi = m["ci95"]
+    ttft = f"{1e3 * m['ttft_s_median']:>9.1f}" if m["ttft_s_median"] is not None else f"{'-':>9}"
+    paired = summary["paired_vs_text"].get(name)
+    p = f"{paired['p_value']:>11.3f}" if paired else f"{'-':>11}"
+    lines.append(
+      f"{name:<32}{100 * m['accuracy']:>8.1f}%  [{100 * lo:5.1f}, {100 * hi:5.1f}]"
+      f"{100 * m['truncated']:>10.1f}%{ttft}{p}"
+    )
+  lines.append(f"workers: {100 * summary['workers_truncated']:.1f}% of outputs hit their budget")
+  return "\n".join(lines)
+
+
+def plot(task_name: str, summary: dict[str, Any], path: str) -> None:
+  """PNG: accuracy per mode with its 95 % interval."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = list(summary["modes"])
+  acc = [100 * summary["modes"][n]["accuracy"] for n in names]
+  lo = [a - 100 * summary["modes"][n]["ci95"][0] for a, n in zip(acc, names, strict=True)]
+  hi = [100 * summary["modes"][n]["ci95"][1] - a for a, n in zip(acc, names, strict=True)]
+  fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+  ax.bar(range(len(names)), acc, yerr=[lo, hi], capsize=4)
+  ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+  ax.set_ylabel("accuracy (%)")
+  ax.set_title(f"{task_name} ({summary['num_problems']} problems, 95% intervals)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
