@@ -17,10 +17,11 @@ checks the row count of the packaged copy.
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from psynth_jax.tasks.base import Problem, Task
@@ -70,6 +71,37 @@ def check_rows(name: str, problems: Sequence[Problem], expected: int, source: st
   """The packaged copy must have its known row count (a different file is not the benchmark)."""
   if len(problems) != expected:
     raise ValueError(f"{name}: {source} has {len(problems)} problems, expected {expected}")
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a JSON-lines file, gzipped when its name ends in `.gz`."""
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def load_rows(
+  name: str,
+  read: Callable[[str], list[Problem]],
+  path: str | None,
+  default: Callable[[], str],
+  expected: int,
+  *,
+  split: str,
+  limit: int | None,
+) -> list[Problem]:
+  """The common shape of a benchmark's `load`: the packaged copy (`default()`, row count
+  checked) or a user's file in the upstream format (`path`, taken as it is), then the first
+  `limit` problems in upstream order. Only the "test" split exists."""
+  if split != "test":
+    raise ValueError(f"{name} has only a 'test' split, not {split!r}")
+  if path is None:
+    source = default()
+    problems = read(source)
+    check_rows(name, problems, expected, source)
+  else:
+    problems = read(path)
+  return problems if limit is None else problems[:limit]
 
 
 class BenchmarkTask(Task):
