@@ -26,7 +26,7 @@ from typing import Any
 
 from psynth_jax.tasks import answers
 from psynth_jax.tasks.base import Problem
-from psynth_jax.tasks.benchmark import TEMPLATES, BenchmarkTask, MissingDataError, read_templates
+from psynth_jax.tasks.benchmark import BenchmarkTask, MissingDataError
 
 
 def answer_span(completion: str, marker: str) -> str:
@@ -166,26 +166,12 @@ def _levels(level: int | Iterable[int] | None) -> tuple[int, ...]:
 
 
 class AgentTask(BenchmarkTask):
-  """A benchmark task whose answer format is its own (`instruction`), not a prompts.json kind.
+  """A benchmark task whose answer format is its own (`instruction`), not a prompts.json kind."""
 
-  Attributes:
-    kind: no prompts.json kind: "agent" only names the family of formats.
-  """
-
-  kind = "agent"
-
-  def __init__(self, templates: str = TEMPLATES):
-    # No kind check: the instruction comes from `instruction`, not templates["instructions"].
-    self.templates = read_templates(templates)
+  kind = None
 
   def instruction(self, problem: Problem) -> str:
-    """The answer-format instruction every prompt of the problem ends with."""
     raise NotImplementedError
-
-  def _fill(self, key: str, problem: Problem, **values) -> str:
-    return self.templates[key].format(
-      question=self.question_text(problem), instruction=self.instruction(problem), **values
-    )
 
 
 class GAIATask(AgentTask):

@@ -108,7 +108,8 @@ class BenchmarkTask(Task):
   """A benchmark with the protocol's chat prompts; subclasses set `kind` and load data.
 
   Attributes:
-    kind: the answer-format instruction ("math", "choice" or "code").
+    kind: the answer-format instruction ("math", "choice" or "code" of the templates);
+      None for a task that writes its own (`instruction`).
   """
 
   chat = True
@@ -116,13 +117,16 @@ class BenchmarkTask(Task):
 
   def __init__(self, templates: str = TEMPLATES):
     self.templates = read_templates(templates)
-    if self.kind not in self.templates["instructions"]:
+    if self.kind is not None and self.kind not in self.templates["instructions"]:
       raise ValueError(f"{templates} has no instruction for kind {self.kind!r}")
 
+  def instruction(self, problem: Problem) -> str:
+    """The answer-format instruction every prompt of the problem ends with."""
+    return self.templates["instructions"][self.kind]
+
   def _fill(self, key: str, problem: Problem, **values) -> str:
-    t = self.templates
-    instruction = t["instructions"][self.kind]
-    return t[key].format(question=self.question_text(problem), instruction=instruction, **values)
+    question, instruction = self.question_text(problem), self.instruction(problem)
+    return self.templates[key].format(question=question, instruction=instruction, **values)
 
   def question_text(self, problem: Problem) -> str:
     """The task as every prompt restates it (multiple-choice tasks add their options)."""
