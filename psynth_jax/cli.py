@@ -199,6 +199,7 @@ def _eval(args) -> None:
       config.single_agent,
       config.text_synthesis,
       adapters,
+      batch_problems=config.batch_problems,
     )
   summary = harness.summarize(rows, problems)
   summary.update(task=task.name, rescored=bool(args.rescore), config=config.to_dict())

@@ -256,3 +256,29 @@ def worker_branches(
   rows = decode.bucket(max(1, int(lengths.max())))
   args = (jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(starts), jnp.asarray(lengths))
   return _rebuild_program(lm.params, *args, rows)
+
+
+def run_workers_batch(
+  lm,
+  prompts_per_problem: Sequence[Sequence[Sequence[int]]],
+  max_new_tokens: int,
+  sampling: decode.Sampling = decode.GREEDY,
+  seed: int = 0,
+) -> list[WorkerOutputs]:
+  """The workers of N problems (K_n prompts each) in one compiled program.
+
+  Decoding is weight-read bound on every backend, so N * K branches in one batch
+  cost far less than N runs of K. Each branch stops on its own; greedy outputs
+  equal the per-problem `run_workers` (sampled ones draw other keys). Every
+  problem's `WorkerOutputs` holds its own branches; `seconds` is the batch's.
+  """
+  flat = [p for prompts in prompts_per_problem for p in prompts]
+  out = run_workers(lm, flat, max_new_tokens, sampling, seed)
+  results, start = [], 0
+  for prompts in prompts_per_problem:
+    rows = list(range(start, start + len(prompts)))
+    texts = out.texts[start : start + len(prompts)] if out.texts is not None else None
+    tokens = out.tokens[start : start + len(prompts)]
+    results.append(WorkerOutputs(tokens, texts, out.branches.take(rows), out.seconds))
+    start += len(prompts)
+  return results

@@ -95,6 +95,21 @@ def test_eval_records_resumes_and_adds_modes(setup, tmp_path, capsys):
   assert "95% interval" in capsys.readouterr().out
 
 
+def test_batched_problems_give_the_one_problem_records(setup, tmp_path):
+  root, data, _ = setup
+  model = ["--model", str(root / "model")]
+  _, batched = _eval(root, data, tmp_path / "batched", *model, "--set", "batch_problems=3")
+  _, single = _eval(root, data, tmp_path / "single", *model, "--set", "batch_problems=1")
+
+  def content(rows):
+    keep = ("kind", "id", "mode", "prompts", "outputs", "output_ids", "prediction", "score")
+    return sorted(json.dumps({k: r[k] for k in keep if k in r}, sort_keys=True) for r in rows)
+
+  assert len(batched) == 3 + 3 * 3 and content(batched) == content(single)
+  assert all(r["ttft_s"] is None for r in batched if r.get("mode") == "text_synthesis")
+  assert all(r["ttft_s"] > 0 for r in single if r["kind"] == "mode")
+
+
 def test_bad_config_overrides_and_adapters_are_refused(setup, tmp_path):
   root, data, _ = setup
   with pytest.raises(SystemExit, match="KEY=VALUE"):

@@ -16,7 +16,7 @@ from psynth_jax.language_model import LanguageModel
 from psynth_jax.merge import mapped_branch_kv
 from psynth_jax.model.transformer import forward
 from psynth_jax.testing import random_params, tiny_config
-from psynth_jax.workers import encode_branches, run_workers, worker_branches
+from psynth_jax.workers import encode_branches, run_workers, run_workers_batch, worker_branches
 
 CONFIG = tiny_config(max_position_embeddings=64)
 NEW = 6
@@ -194,3 +194,18 @@ def test_recorded_workers_rebuild_the_same_branches(lm):
       np.testing.assert_allclose(got[i, :n], want[i, :n], atol=2e-5)
   with pytest.raises(ValueError, match="one output per prompt"):
     worker_branches(lm, prompts, out.tokens[:1])
+
+
+def test_a_batch_of_problems_gives_each_problems_own_workers(lm):
+  problems = [[PREFIX + s for s in SUFFIXES], [[5, 6, 7], [8, 9]], [[30, 31, 32, 33]]]
+  batched = run_workers_batch(lm, problems, NEW)
+  for prompts, got in zip(problems, batched, strict=True):
+    want = run_workers(lm, prompts, NEW)
+    assert got.tokens == want.tokens
+    n = np.asarray(want.branches.lengths)
+    np.testing.assert_array_equal(got.branches.lengths, n)
+    np.testing.assert_array_equal(got.branches.offsets, want.branches.offsets)
+    for i, m in enumerate(n):
+      np.testing.assert_allclose(
+        got.branches.cache.k[0][i, :m], want.branches.cache.k[0][i, :m], atol=2e-5
+      )

@@ -30,5 +30,8 @@ def get_config(task: str = "gsm8k") -> ConfigDict:
       single_agent=True,
       text_synthesis=True,
       naive_merge=True,
+      # Problems whose workers (and text-mode answers) share one compiled program;
+      # 1: one problem at a time, with a (non-benchmark) TTFT per answer.
+      batch_problems=4,
     )
   )

@@ -2,7 +2,9 @@
 
 For each problem of a task the K workers run once (greedy, the base model);
 then every mode answers from those same outputs: single agent, text synthesis,
-the naive merge and each given adapter (`workflow.CacheMode`). Everything is
+the naive merge and each given adapter (`workflow.CacheMode`). Problems are
+batched (`batch_problems`): their workers and text-mode answers run in one
+program each, which equals the one-problem path for greedy decoding. Everything is
 appended to `WORKDIR/records.jsonl` as it finishes, one line per event:
 
   {"kind": "workers", "id", "prompts", "outputs", "output_ids", "truncated", "seconds"}
@@ -31,8 +33,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from psynth_jax.eval import stats, workflow
+from psynth_jax.synthesis import synthesize_text_batch
 from psynth_jax.tasks import Problem, Task
-from psynth_jax.workers import worker_branches
+from psynth_jax.workers import run_workers_batch, worker_branches
 
 RECORDS = "records.jsonl"
 RUN = "run.json"
@@ -135,8 +138,13 @@ def evaluate(
   text: bool = True,
   adapters: dict[str, str] | None = None,
   progress: bool = True,
+  batch_problems: int = 4,
 ) -> list[dict[str, Any]]:
   """Runs what is not yet recorded for every problem; returns all records of the workdir.
+
+  Problems go `batch_problems` at a time: their workers in one program
+  (`run_workers_batch`) and each text mode in one (`synthesize_text_batch`);
+  the cache modes answer problem by problem. Batched text answers carry no TTFT.
 
   Args:
     lm: the base `LanguageModel` (with a tokenizer).
@@ -148,6 +156,7 @@ def evaluate(
     single_agent, text: also run those baselines.
     adapters: mode name -> folder, recorded in run.json (a name is bound to one folder).
     progress: a tqdm bar with ETA.
+    batch_problems: problems per batched program (1: the one-problem path, with TTFTs).
   """
   from tqdm.auto import tqdm
 
@@ -161,57 +170,90 @@ def evaluate(
   path = os.path.join(workdir, RECORDS)
   workers, done = _by_problem(read_records(path))
   wanted = workflow.wanted_modes(modes, single_agent, text)
-  tok = lm.require_tokenizer()
-  bar = tqdm(problems, desc=f"{task.name}", disable=not progress, mininterval=2)
-  for p in bar:
-    todo = [m for m in wanted if workflow.mode_name(m) not in done.get(p.id, {})]
-    if not todo:
-      continue
-    k = workflow.num_workers(p, settings.num_workers)
-    if p.id in workers:
+  bar = tqdm(total=len(problems), desc=task.name, disable=not progress, mininterval=2)
+  for start in range(0, len(problems), batch_problems):
+    chunk = problems[start : start + batch_problems]
+    todo = {
+      p.id: [m for m in wanted if workflow.mode_name(m) not in done.get(p.id, {})] for p in chunk
+    }
+    chunk = [p for p in chunk if todo[p.id]]
+    fresh = _chunk_workers(lm, task, [p for p in chunk if p.id not in workers], settings, path)
+    workers.update({pid: row for pid, (row, _) in fresh.items()})
+    for mode in (workflow.SINGLE_AGENT, workflow.TEXT_SYNTHESIS):
+      who = [p for p in chunk if mode in todo[p.id]]
+      if not who:
+        continue
+      outputs = [workers[p.id]["outputs"] for p in who]
+      if batch_problems == 1:
+        results = [
+          workflow.answer(lm, task, mode, who[0], outputs[0], None, settings.answer_tokens)
+        ]
+      else:
+        ids = [
+          workflow.prompt_ids(lm, task, mode, p, o)[0] for p, o in zip(who, outputs, strict=True)
+        ]
+        results = synthesize_text_batch(lm, ids, settings.answer_tokens)
+      for p, result in zip(who, results, strict=True):
+        _record_mode(path, done, task, p, mode, result, settings)
+    for p in chunk:
+      cache_modes = [m for m in todo[p.id] if isinstance(m, workflow.CacheMode)]
+      if not cache_modes:
+        continue
       row = workers[p.id]
-      texts = row["outputs"]
-      branches = None
-      if any(isinstance(m, workflow.CacheMode) for m in todo):
-        prompt_ids = [task.encode(tok, text) for text in row["prompts"]]
-        branches = worker_branches(lm, prompt_ids, row["output_ids"])
-    else:
-      prompts = task.worker_prompts(p, k)
-      out = _run_workers(lm, task, prompts, settings.worker_tokens)
-      texts, branches = [task.branch_from_output(t) for t in out.texts], out.branches
-      row = {
-        "kind": "workers",
-        "id": p.id,
-        "prompts": prompts,
-        "outputs": texts,
-        "output_ids": out.tokens,
-        "truncated": [len(t) >= settings.worker_tokens for t in out.tokens],
-        "seconds": out.seconds,
-      }
-      append_record(path, row)
-      workers[p.id] = row
-    for mode in todo:
-      result = workflow.answer(lm, task, mode, p, texts, branches, settings.answer_tokens)
-      mode_row = {
-        "kind": "mode",
-        "id": p.id,
-        "mode": workflow.mode_name(mode),
-        "prediction": result.text,
-        "output_tokens": len(result.tokens),
-        "truncated": len(result.tokens) >= settings.answer_tokens,
-        "score": task.score(result.text, p),
-        "ttft_s": result.ttft_s,
-      }
-      append_record(path, mode_row)
-      done.setdefault(p.id, {})[mode_row["mode"]] = mode_row
+      cache = fresh[p.id][1] if p.id in fresh else _rebuild(lm, task, row)
+      for mode in cache_modes:
+        result = workflow.answer(lm, task, mode, p, row["outputs"], cache, settings.answer_tokens)
+        _record_mode(path, done, task, p, mode, result, settings)
+    bar.update(len(problems[start : start + batch_problems]))
+  bar.close()
   return read_records(path)
 
 
-def _run_workers(lm, task, prompts, max_new_tokens):
-  from psynth_jax.workers import run_workers
-
+def _chunk_workers(lm, task, problems, settings, path) -> dict[str, tuple[dict, Any]]:
+  """Runs and records the workers of `problems` in one batch: id -> (row, Branches)."""
+  if not problems:
+    return {}
   tok = lm.require_tokenizer()
-  return run_workers(lm, [task.encode(tok, text) for text in prompts], max_new_tokens)
+  prompts = [
+    task.worker_prompts(p, workflow.num_workers(p, settings.num_workers)) for p in problems
+  ]
+  ids = [[task.encode(tok, text) for text in texts] for texts in prompts]
+  outs = run_workers_batch(lm, ids, settings.worker_tokens)
+  result = {}
+  for p, texts, out in zip(problems, prompts, outs, strict=True):
+    row = {
+      "kind": "workers",
+      "id": p.id,
+      "prompts": texts,
+      "outputs": [task.branch_from_output(t) for t in out.texts],
+      "output_ids": out.tokens,
+      "truncated": [len(t) >= settings.worker_tokens for t in out.tokens],
+      "seconds": out.seconds,
+    }
+    append_record(path, row)
+    result[p.id] = (row, out.branches)
+  return result
+
+
+def _rebuild(lm, task, row):
+  """The Branches of recorded workers (prefill of their prompts + outputs)."""
+  tok = lm.require_tokenizer()
+  return worker_branches(lm, [task.encode(tok, t) for t in row["prompts"]], row["output_ids"])
+
+
+def _record_mode(path, done, task, problem, mode, result, settings) -> None:
+  row = {
+    "kind": "mode",
+    "id": problem.id,
+    "mode": workflow.mode_name(mode),
+    "prediction": result.text,
+    "output_tokens": len(result.tokens),
+    "truncated": len(result.tokens) >= settings.answer_tokens,
+    "score": task.score(result.text, problem),
+    "ttft_s": result.ttft_s,
+  }
+  append_record(path, row)
+  done.setdefault(problem.id, {})[row["mode"]] = row
 
 
 def load_adapter(folder: str, model_config) -> tuple[Any, Any]:

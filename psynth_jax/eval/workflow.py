@@ -121,7 +121,7 @@ def merged_rows(num_tokens: int) -> int:
   return max(64, 1 << max(0, num_tokens - 1).bit_length())
 
 
-def _prompt_ids(lm, task, mode, problem, outputs) -> tuple[list[int], float]:
+def prompt_ids(lm, task, mode, problem, outputs) -> tuple[list[int], float]:
   """The mode's prompt ids and the seconds it took to render and tokenise them."""
   if mode == SINGLE_AGENT:
     text = task.single_agent_prompt(problem)
@@ -139,7 +139,7 @@ def answer(lm, task, mode, problem, outputs, branches, max_new_tokens):
 
   Both kinds of path get token ids, so neither timed call tokenises.
   """
-  ids, tokenize_s = _prompt_ids(lm, task, mode, problem, outputs)
+  ids, tokenize_s = prompt_ids(lm, task, mode, problem, outputs)
   if mode in (SINGLE_AGENT, TEXT_SYNTHESIS):
     result = synthesize_text(lm, ids, max_new_tokens)
   else:
