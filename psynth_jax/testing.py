@@ -23,6 +23,21 @@ from flax import nnx
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import Params, abstract_params, params_from_flat
 
+
+def require_package(module: str) -> None:
+  """Skips a test whose data package is missing, except under CI (`CI=true`), which
+  installs every package: there a missing one is a failure, never a silent skip."""
+  import importlib.util
+  import os
+
+  import pytest
+
+  if importlib.util.find_spec(module) is None:
+    if os.environ.get("CI") == "true":
+      pytest.fail(f"CI installs the data package {module}, but it is missing")
+    pytest.skip(f"the data package {module} is not installed")
+
+
 TINY = ModelConfig("llama", 64, 32, 48, 2, 4, 2, 8, max_position_embeddings=96)
 
 

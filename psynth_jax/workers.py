@@ -196,13 +196,19 @@ def encode_branches(
     raise ValueError(f"a branch has {longest} tokens, more than the capacity {capacity}")
   if longest > lm.config.max_position_embeddings:
     raise ValueError(f"a branch has {longest} tokens, beyond max_position_embeddings")
-  tokens = np.full((len(token_lists), capacity), lm.pad_id, np.int32)
+  tokens, mask = _right_padded(lm, token_lists, capacity)
+  return _encode_program(lm.params, jnp.asarray(tokens), jnp.asarray(mask))
+
+
+def _right_padded(lm, token_lists, width: int) -> tuple[np.ndarray, np.ndarray]:
+  """[K, width] ids (checked against the vocabulary) and their mask, padded on the right."""
+  tokens = np.full((len(token_lists), width), lm.pad_id, np.int32)
   mask = np.zeros(tokens.shape, bool)
   for i, t in enumerate(token_lists):
     tokens[i, : len(t)] = t
     mask[i, : len(t)] = True
   lm.check_ids(tokens)
-  return _encode_program(lm.params, jnp.asarray(tokens), jnp.asarray(mask))
+  return tokens, mask
 
 
 @functools.partial(jax.jit, static_argnames=("rows",))
@@ -244,13 +250,7 @@ def worker_branches(
   longest = max(len(s) for s in seqs)
   if longest > lm.config.max_position_embeddings:
     raise ValueError(f"a worker has {longest} tokens, beyond max_position_embeddings")
-  width = decode.bucket(longest)
-  tokens = np.full((len(seqs), width), lm.pad_id, np.int32)
-  mask = np.zeros(tokens.shape, bool)
-  for i, s in enumerate(seqs):
-    tokens[i, : len(s)] = s
-    mask[i, : len(s)] = True
-  lm.check_ids(tokens)
+  tokens, mask = _right_padded(lm, seqs, decode.bucket(longest))
   starts = np.asarray([len(p) for p in prompts], np.int32)
   lengths = np.asarray([len(o) for o in outputs], np.int32)
   rows = decode.bucket(max(1, int(lengths.max())))

@@ -1,11 +1,11 @@
 """Math benchmarks: answer extraction and comparison, loaders on upstream-format fixtures,
 prompts, and (where the data packages are installed: always in CI) the real sets."""
 
-import importlib.util
 import os
 
 import pytest
 
+from psynth_jax import testing
 from psynth_jax.tasks import answers, get, mathqa
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "bench")
@@ -15,12 +15,7 @@ def fixture(name):
   return os.path.join(FIXTURES, name)
 
 
-def need_package(module):
-  """Skips a real-data test where the package is missing, except in CI, which installs it."""
-  if importlib.util.find_spec(module) is None:
-    if os.environ.get("CI") == "true":
-      pytest.fail(f"CI installs the data package {module}, but it is missing")
-    pytest.skip(f"the data package {module} is not installed")
+need_package = testing.require_package
 
 
 # --- answers -----------------------------------------------------------------

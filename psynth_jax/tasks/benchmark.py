@@ -110,15 +110,34 @@ class BenchmarkTask(Task):
   Attributes:
     kind: the answer-format instruction ("math", "choice" or "code" of the templates);
       None for a task that writes its own (`instruction`).
+    rows: the packaged copy's row count (`check_rows`).
+
+  A file-based benchmark implements `default_path` (its packaged file) and `read`
+  (a file in the upstream format -> problems in upstream order); `load` does the rest.
   """
 
   chat = True
   kind = "math"
+  rows = 0
 
   def __init__(self, templates: str = TEMPLATES):
     self.templates = read_templates(templates)
     if self.kind is not None and self.kind not in self.templates["instructions"]:
       raise ValueError(f"{templates} has no instruction for kind {self.kind!r}")
+
+  def default_path(self) -> str:
+    """The packaged copy's file (`package_file`)."""
+    raise NotImplementedError
+
+  def read(self, path: str) -> list[Problem]:
+    """The problems of a file (or folder) in the upstream format, in its order."""
+    raise NotImplementedError
+
+  def load(self, path=None, *, split="test", limit=None, seed=0) -> list[Problem]:
+    del seed  # a fixed set, in upstream order (`harness.select` draws seeded subsets)
+    return load_rows(
+      self.name, self.read, path, self.default_path, self.rows, split=split, limit=limit
+    )
 
   def instruction(self, problem: Problem) -> str:
     """The answer-format instruction every prompt of the problem ends with."""

@@ -30,26 +30,11 @@ class MathTask(BenchmarkTask):
   """A benchmark whose answer is one math expression in `\\boxed{}`.
 
   Attributes:
-    rows: the packaged copy's row count (`benchmark.check_rows`).
     integer: answers are integers, compared as integers (AIME).
   """
 
   kind = "math"
-  rows = 0
   integer = False
-
-  def default_path(self) -> str:
-    raise NotImplementedError
-
-  def read(self, path: str) -> list[Problem]:
-    """The problems of a file (or folder) in the upstream format, in its order."""
-    raise NotImplementedError
-
-  def load(self, path=None, *, split="test", limit=None, seed=0) -> list[Problem]:
-    del seed  # a fixed set: see the module docstring
-    return benchmark.load_rows(
-      self.name, self.read, path, self.default_path, self.rows, split=split, limit=limit
-    )
 
   def extract(self, completion: str) -> str | None:
     """The completion's answer: its last `\\boxed{}`, else its last number."""

@@ -33,27 +33,9 @@ LETTERS = "ABCDEFGHIJ"
 
 
 class ChoiceTask(BenchmarkTask):
-  """A benchmark answered with an option letter in `\\boxed{}`.
-
-  Attributes:
-    rows: the packaged copy's row count (`benchmark.check_rows`).
-  """
+  """A benchmark answered with an option letter in `\\boxed{}`."""
 
   kind = "choice"
-  rows = 0
-
-  def default_path(self) -> str:
-    raise NotImplementedError
-
-  def read(self, path: str) -> list[Problem]:
-    """The problems of a file (or folder) in the upstream format, in its order."""
-    raise NotImplementedError
-
-  def load(self, path=None, *, split="test", limit=None, seed=0) -> list[Problem]:
-    del seed  # a fixed set: see the module docstring
-    return benchmark.load_rows(
-      self.name, self.read, path, self.default_path, self.rows, split=split, limit=limit
-    )
 
   def question_text(self, problem):
     options = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(problem.meta["options"]))
