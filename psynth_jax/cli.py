@@ -174,6 +174,12 @@ def _eval(args) -> None:
   if args.limit is not None:
     config.limit = args.limit
   task = tasks.get(config.task)
+  if config.templates:
+    from psynth_jax.tasks.benchmark import BenchmarkTask
+
+    if not isinstance(task, BenchmarkTask):
+      raise SystemExit(f"--set templates= applies to benchmark tasks, not {task.name!r}")
+    task = type(task)(templates=config.templates)
   problems = harness.select(task.load(config.path or None), config.limit, config.subset_seed)
   os.makedirs(args.workdir, exist_ok=True)
   records = os.path.join(args.workdir, harness.RECORDS)

@@ -1,12 +1,13 @@
 """Math benchmarks: answer extraction and comparison, loaders on upstream-format fixtures,
 prompts, and (where the data packages are installed: always in CI) the real sets."""
 
+import json
 import os
 
 import pytest
 
 from psynth_jax import testing
-from psynth_jax.tasks import answers, get, mathqa
+from psynth_jax.tasks import Problem, answers, benchmark, get, mathqa
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "bench")
 
@@ -230,3 +231,21 @@ def test_packaged_aime2025_degrees():
   by_id = {p.id: p for p in mathqa.AIME2025.load()}
   assert by_id["aime2025-II/5"].answer == "336"
   assert by_id["aime2025-II/5"].meta["raw_answer"] == r"336^\circ"
+
+
+def test_a_template_file_replaces_the_wording(tmp_path):
+  templates = json.loads(open(benchmark.TEMPLATES, encoding="utf-8").read())
+  templates["synth"] = "LATENT CONTEXT.\n{question}\n{instruction}"
+  path = tmp_path / "release.json"
+  path.write_text(json.dumps(templates))
+  task = type(get("gsm8k"))(templates=str(path))
+  problem = Problem("x", "What is 1+1?", "2")
+  assert (
+    task.synth_prompt(problem)
+    == "LATENT CONTEXT.\nWhat is 1+1?\n" + templates["instructions"]["math"]
+  )
+  assert task.worker_prompts(problem, 3) == get("gsm8k").worker_prompts(problem, 3)
+  del templates["worker"]
+  path.write_text(json.dumps(templates))
+  with pytest.raises(ValueError, match="worker"):
+    type(get("gsm8k"))(templates=str(path))

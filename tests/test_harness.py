@@ -114,6 +114,8 @@ def test_bad_config_overrides_and_adapters_are_refused(setup, tmp_path):
   root, data, _ = setup
   with pytest.raises(SystemExit, match="KEY=VALUE"):
     cli.main(["eval", "--config", CONFIG, "--workdir", str(tmp_path), "--set", "budget=3"])
+  with pytest.raises(SystemExit, match="benchmark tasks"):
+    cli.main(["eval", "--config", CONFIG, "--workdir", str(tmp_path), "--set", "templates=x.json"])
   with pytest.raises(FileNotFoundError, match="not an adapter"):
     harness.load_adapter(str(tmp_path), testing.tiny_config())
 

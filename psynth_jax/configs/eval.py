@@ -22,6 +22,9 @@ def get_config(task: str = "gsm8k") -> ConfigDict:
     dict(
       task=task,
       path="",  # the task's problems from this local file; "" = its packaged copy
+      # A prompt-template file in the shape of psynth_jax/tasks/prompts.json (e.g. the
+      # reference release's wording); "" = ours. Benchmark tasks only.
+      templates="",
       limit=0,  # 0: every problem
       subset_seed=-1,  # >= 0: `limit` problems drawn with this seed; -1: the first `limit`
       num_workers=3,
