@@ -8,7 +8,7 @@ setup(
   description="Parallel-Synthesis in JAX/Flax: synthesizers that read the KV caches of parallel agent branches.",
   python_requires=">=3.10",
   packages=find_packages(include=["psynth_jax", "psynth_jax.*"]),
-  package_data={"psynth_jax": ["assets/**/*"]},
+  package_data={"psynth_jax": ["assets/**/*", "tasks/prompts.json"]},
   include_package_data=True,
   install_requires=[
     "jax>=0.10",
