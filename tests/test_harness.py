@@ -106,7 +106,7 @@ def test_batched_problems_give_the_one_problem_records(setup, tmp_path):
     return sorted(json.dumps({k: r[k] for k in keep if k in r}, sort_keys=True) for r in rows)
 
   assert len(batched) == 3 + 3 * 3 and content(batched) == content(single)
-  assert all(r["ttft_s"] is None for r in batched if r.get("mode") == "text_synthesis")
+  assert all(r["ttft_s"] is None for r in batched if r["kind"] == "mode")
   assert all(r["ttft_s"] > 0 for r in single if r["kind"] == "mode")
 
 

@@ -19,7 +19,7 @@ from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import forward
-from psynth_jax.synthesis import synthesis_logits, synthesize, synthesize_text
+from psynth_jax.synthesis import synthesis_logits, synthesize, synthesize_batch, synthesize_text
 from psynth_jax.testing import random_params, tiny_config
 from psynth_jax.workers import Branches, encode_branches
 
@@ -261,3 +261,20 @@ def test_branch_lengths_beyond_the_cache_are_refused(lm, branches):
     synthesis_logits(lm, bad, PROMPT)
   with pytest.raises(ValueError):
     synthesize(lm, bad, PROMPT, max_new_tokens=NEW)
+
+
+@pytest.mark.parametrize("kind", ["affine", "head_affine"])
+def test_a_batch_of_problems_synthesizes_as_each_one_alone(lm, branches, kind):
+  # Different K, branch lengths, capacities and prompts per problem; one program.
+  mapper, lora = random_mapper(kind, 4), random_lora(4)
+  problems = [
+    (branches, PROMPT),
+    (encode_branches(lm, [[3, 1, 4, 1, 5, 9, 2, 6], [5, 3]]), [11, 12, 13]),
+    (encode_branches(lm, [[7] * 20, [8] * 3, [9] * 11, [10]]), [20, 21, 22, 23, 24, 25]),
+  ]
+  got = synthesize_batch(lm, [b for b, _ in problems], [p for _, p in problems], mapper, lora, NEW)
+  for (b, prompt), result in zip(problems, got, strict=True):
+    want = synthesize(lm, b, prompt, mapper, lora, NEW)
+    assert result.tokens == want.tokens and result.ttft_s is None
+  with pytest.raises(ValueError, match="one prompt per problem"):
+    synthesize_batch(lm, [branches], [PROMPT, PROMPT])

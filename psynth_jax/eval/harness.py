@@ -3,7 +3,7 @@
 For each problem of a task the K workers run once (greedy, the base model);
 then every mode answers from those same outputs: single agent, text synthesis,
 the naive merge and each given adapter (`workflow.CacheMode`). Problems are
-batched (`batch_problems`): their workers and text-mode answers run in one
+batched (`batch_problems`): their workers and each mode's answers run in one
 program each, which equals the one-problem path for greedy decoding. Everything is
 appended to `WORKDIR/records.jsonl` as it finishes, one line per event:
 
@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from psynth_jax.eval import stats, workflow
-from psynth_jax.synthesis import synthesize_text_batch
+from psynth_jax.synthesis import synthesize_batch, synthesize_text_batch
 from psynth_jax.tasks import Problem, Task
 from psynth_jax.workers import run_workers_batch, worker_branches
 
@@ -143,8 +143,8 @@ def evaluate(
   """Runs what is not yet recorded for every problem; returns all records of the workdir.
 
   Problems go `batch_problems` at a time: their workers in one program
-  (`run_workers_batch`) and each text mode in one (`synthesize_text_batch`);
-  the cache modes answer problem by problem. Batched text answers carry no TTFT.
+  (`run_workers_batch`), then each mode in one (`synthesize_text_batch`,
+  `synthesize_batch`). Batched answers carry no TTFT.
 
   Args:
     lm: the base `LanguageModel` (with a tokenizer).
@@ -195,14 +195,14 @@ def evaluate(
         results = synthesize_text_batch(lm, ids, settings.answer_tokens)
       for p, result in zip(who, results, strict=True):
         _record_mode(path, done, task, p, mode, result, settings)
-    for p in chunk:
-      cache_modes = [m for m in todo[p.id] if isinstance(m, workflow.CacheMode)]
-      if not cache_modes:
-        continue
-      row = workers[p.id]
-      cache = fresh[p.id][1] if p.id in fresh else _rebuild(lm, task, row)
-      for mode in cache_modes:
-        result = workflow.answer(lm, task, mode, p, row["outputs"], cache, settings.answer_tokens)
+    caches = {}
+    for mode in [m for m in wanted if isinstance(m, workflow.CacheMode)]:
+      who = [p for p in chunk if mode in todo[p.id]]
+      for p in who:
+        if p.id not in caches:
+          caches[p.id] = fresh[p.id][1] if p.id in fresh else _rebuild(lm, task, workers[p.id])
+      results = _cache_answers(lm, task, mode, who, workers, caches, settings, batch_problems)
+      for p, result in zip(who, results, strict=True):
         _record_mode(path, done, task, p, mode, result, settings)
     bar.update(len(problems[start : start + batch_problems]))
   bar.close()
@@ -233,6 +233,30 @@ def _chunk_workers(lm, task, problems, settings, path) -> dict[str, tuple[dict, 
     append_record(path, row)
     result[p.id] = (row, out.branches)
   return result
+
+
+def _cache_answers(lm, task, mode, problems, workers, caches, settings, batch_problems):
+  """One cache mode's answers for `problems`: one program for all, or one each (with TTFT)."""
+  if not problems:
+    return []
+  outputs = [workers[p.id]["outputs"] for p in problems]
+  if batch_problems == 1:
+    return [
+      workflow.answer(lm, task, mode, p, o, caches[p.id], settings.answer_tokens)
+      for p, o in zip(problems, outputs, strict=True)
+    ]
+  ids = [
+    workflow.prompt_ids(lm, task, mode, p, o)[0] for p, o in zip(problems, outputs, strict=True)
+  ]
+  return synthesize_batch(
+    lm,
+    [caches[p.id] for p in problems],
+    ids,
+    mode.mapper,
+    mode.lora,
+    settings.answer_tokens,
+    num_workers=[len(o) for o in outputs],
+  )
 
 
 def _rebuild(lm, task, row):
