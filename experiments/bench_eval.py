@@ -3,9 +3,10 @@
   python experiments/bench_eval.py --models tiny,qwen --problems 1,4,16
 
 N problems of K = 3 workers each (random prompts of `--prompt-tokens`, `--new-tokens`
-each), then one text-synthesis answer per problem: per-problem path = N runs of
-`run_workers` + `synthesize_text`; batched path = one `run_workers_batch` + one
-`synthesize_text_batch` (what `psynth eval` does with `batch_problems = N`). Both
+each), then one text-synthesis and one cache-synthesis (naive merge) answer per
+problem: per-problem path = N runs of `run_workers` + `synthesize_text` +
+`synthesize`; batched path = one `run_workers_batch` + one `synthesize_text_batch` +
+one `synthesize_batch` (what `psynth eval` does with `batch_problems = N`). Both
 decode the same tokens (checked equal). Warm (one untimed run per shape first), median
 of repeats; problems/s and generated tokens/s, with the load recorded. Refuses to run
 on a loaded machine (1-minute load > 1.0 at the start) unless --force, which marks the
@@ -23,7 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from psynth_jax.eval import bench_meta
-from psynth_jax.synthesis import synthesize_text, synthesize_text_batch
+from psynth_jax.synthesis import (
+  synthesize,
+  synthesize_batch,
+  synthesize_text,
+  synthesize_text_batch,
+)
 from psynth_jax.workers import run_workers, run_workers_batch
 
 K = 3
@@ -45,8 +51,10 @@ def load(name: str):
 def per_problem(lm, problems, answers, new):
   tokens = []
   for prompts, answer in zip(problems, answers, strict=True):
-    tokens.append(run_workers(lm, prompts, new).tokens)
-    tokens.append([synthesize_text(lm, answer, new).tokens])
+    out = run_workers(lm, prompts, new)
+    text = synthesize_text(lm, answer, new)
+    cache = synthesize(lm, out.branches, answer[:16], max_new_tokens=new)
+    tokens += [out.tokens, [text.tokens], [cache.tokens]]
   return tokens
 
 
@@ -54,8 +62,11 @@ def batched(lm, problems, answers, new):
   tokens = []
   outs = run_workers_batch(lm, problems, new)
   texts = synthesize_text_batch(lm, answers, new)
-  for out, text in zip(outs, texts, strict=True):
-    tokens += [out.tokens, [text.tokens]]
+  caches = synthesize_batch(
+    lm, [o.branches for o in outs], [a[:16] for a in answers], None, None, new
+  )
+  for out, text, cache in zip(outs, texts, caches, strict=True):
+    tokens += [out.tokens, [text.tokens], [cache.tokens]]
   return tokens
 
 
