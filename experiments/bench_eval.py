@@ -35,19 +35,6 @@ from psynth_jax.workers import run_workers, run_workers_batch
 K = 3
 
 
-def load(name: str):
-  from psynth_jax import load_pretrained
-
-  if name == "qwen":
-    from psynth_jax.convert.weights import fetch_qwen_coder
-
-    return load_pretrained(fetch_qwen_coder())
-  from psynth_jax import LanguageModel, ModelConfig, init_params
-
-  config = ModelConfig("llama", 512, 128, 384, 4, 4, 2, 32, max_position_embeddings=8192)
-  return LanguageModel(init_params(config))
-
-
 def per_problem(lm, problems, answers, new):
   tokens = []
   for prompts, answer in zip(problems, answers, strict=True):
@@ -94,7 +81,7 @@ def main():
   bench_meta.print_warning(run.meta)
   rows = []
   for name in args.models.split(","):
-    lm = load(name)
+    lm = bench_meta.bench_model(name)
     rng = np.random.default_rng(0)
     high = min(lm.config.vocab_size, 20000)
     for n in map(int, args.problems.split(",")):

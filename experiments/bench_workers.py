@@ -26,19 +26,6 @@ from psynth_jax.eval import bench_meta
 from psynth_jax.eval.ttft import warm_median
 
 
-def load(name: str):
-  from psynth_jax import load_pretrained
-
-  if name == "qwen":
-    from psynth_jax.convert.weights import fetch_qwen_coder
-
-    return load_pretrained(fetch_qwen_coder())
-  from psynth_jax import LanguageModel, ModelConfig, init_params
-
-  config = ModelConfig("llama", 512, 128, 384, 4, 4, 2, 32, max_position_embeddings=8192)
-  return LanguageModel(init_params(config))
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", default="tiny,qwen")
@@ -54,7 +41,7 @@ def main():
   bench_meta.print_warning(run.meta)
   rows = []
   for name in args.models.split(","):
-    lm = load(name)
+    lm = bench_meta.bench_model(name)
     rng = np.random.default_rng(0)
     for p in map(int, args.prefix_tokens.split(",")):
       prefix = rng.integers(100, 500, p).tolist()

