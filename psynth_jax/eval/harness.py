@@ -179,29 +179,14 @@ def evaluate(
     chunk = [p for p in chunk if todo[p.id]]
     fresh = _chunk_workers(lm, task, [p for p in chunk if p.id not in workers], settings, path)
     workers.update({pid: row for pid, (row, _) in fresh.items()})
-    for mode in (workflow.SINGLE_AGENT, workflow.TEXT_SYNTHESIS):
-      who = [p for p in chunk if mode in todo[p.id]]
-      if not who:
-        continue
-      outputs = [workers[p.id]["outputs"] for p in who]
-      if batch_problems == 1:
-        results = [
-          workflow.answer(lm, task, mode, who[0], outputs[0], None, settings.answer_tokens)
-        ]
-      else:
-        ids = [
-          workflow.prompt_ids(lm, task, mode, p, o)[0] for p, o in zip(who, outputs, strict=True)
-        ]
-        results = synthesize_text_batch(lm, ids, settings.answer_tokens)
-      for p, result in zip(who, results, strict=True):
-        _record_mode(path, done, task, p, mode, result, settings)
     caches = {}
-    for mode in [m for m in wanted if isinstance(m, workflow.CacheMode)]:
+    for mode in wanted:
       who = [p for p in chunk if mode in todo[p.id]]
-      for p in who:
-        if p.id not in caches:
-          caches[p.id] = fresh[p.id][1] if p.id in fresh else _rebuild(lm, task, workers[p.id])
-      results = _cache_answers(lm, task, mode, who, workers, caches, settings, batch_problems)
+      if isinstance(mode, workflow.CacheMode):
+        for p in who:
+          if p.id not in caches:
+            caches[p.id] = fresh[p.id][1] if p.id in fresh else _rebuild(lm, task, workers[p.id])
+      results = _answers(lm, task, mode, who, workers, caches, settings, batch_problems)
       for p, result in zip(who, results, strict=True):
         _record_mode(path, done, task, p, mode, result, settings)
     bar.update(len(problems[start : start + batch_problems]))
@@ -235,19 +220,21 @@ def _chunk_workers(lm, task, problems, settings, path) -> dict[str, tuple[dict, 
   return result
 
 
-def _cache_answers(lm, task, mode, problems, workers, caches, settings, batch_problems):
-  """One cache mode's answers for `problems`: one program for all, or one each (with TTFT)."""
+def _answers(lm, task, mode, problems, workers, caches, settings, batch_problems):
+  """One mode's answers for `problems`: one program for all, or one each (with TTFT)."""
   if not problems:
     return []
   outputs = [workers[p.id]["outputs"] for p in problems]
   if batch_problems == 1:
     return [
-      workflow.answer(lm, task, mode, p, o, caches[p.id], settings.answer_tokens)
+      workflow.answer(lm, task, mode, p, o, caches.get(p.id), settings.answer_tokens)
       for p, o in zip(problems, outputs, strict=True)
     ]
   ids = [
     workflow.prompt_ids(lm, task, mode, p, o)[0] for p, o in zip(problems, outputs, strict=True)
   ]
+  if not isinstance(mode, workflow.CacheMode):
+    return synthesize_text_batch(lm, ids, settings.answer_tokens)
   return synthesize_batch(
     lm,
     [caches[p.id] for p in problems],
