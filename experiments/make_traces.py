@@ -18,6 +18,7 @@ from absl import app
 from ml_collections import config_flags
 
 from psynth_jax import tasks
+from psynth_jax.eval import harness
 from psynth_jax.language_model import load_pretrained
 from psynth_jax.train import data
 from psynth_jax.workers import run_workers
@@ -25,25 +26,6 @@ from psynth_jax.workers import run_workers
 _CONFIG = config_flags.DEFINE_config_file(
   "config", "psynth_jax/configs/traces.py", "psynth_jax/configs/traces.py[:arg]", lock_config=True
 )
-
-
-def done_ids(path: str) -> set[str]:
-  """Ids already written; drops a partial last line left by a kill."""
-  if not os.path.exists(path):
-    return set()
-  ids, good = set(), 0
-  with open(path, "rb") as f:
-    for line in f:
-      if not line.endswith(b"\n"):
-        break
-      try:
-        ids.add(json.loads(line)["id"])
-      except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-        break
-      good += len(line)
-  with open(path, "r+b") as f:
-    f.truncate(good)
-  return ids
 
 
 def trace_row(task, problem, lm, config) -> dict:
@@ -75,7 +57,8 @@ def main(argv):
     **config.task_options.to_dict(),
   )
   os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
-  done = done_ids(config.out)
+  # Ids already written; a half-written last line (a kill) is cut off and made again.
+  done = {str(row["id"]) for row in harness.read_records(config.out)}
   todo = [p for p in problems if p.id not in done]
   print(f"{len(done)} traces already in {config.out}, {len(todo)} to generate")
   for start in range(0, len(todo), config.batch_size):
