@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import statistics
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -177,7 +178,10 @@ def evaluate(
       p.id: [m for m in wanted if workflow.mode_name(m) not in done.get(p.id, {})] for p in chunk
     }
     chunk = [p for p in chunk if todo[p.id]]
+    t0 = time.perf_counter()
     fresh = _chunk_workers(lm, task, [p for p in chunk if p.id not in workers], settings, path)
+    if fresh and progress:
+      bar.write(f"  workers of {len(fresh)} problems: {time.perf_counter() - t0:.0f} s")
     workers.update({pid: row for pid, (row, _) in fresh.items()})
     caches = {}
     for mode in wanted:
@@ -186,7 +190,10 @@ def evaluate(
         for p in who:
           if p.id not in caches:
             caches[p.id] = fresh[p.id][1] if p.id in fresh else _rebuild(lm, task, workers[p.id])
+      t0 = time.perf_counter()
       results = _answers(lm, task, mode, who, workers, caches, settings, batch_problems)
+      if who and progress:
+        bar.write(f"  {workflow.mode_name(mode)} of {len(who)}: {time.perf_counter() - t0:.0f} s")
       for p, result in zip(who, results, strict=True):
         _record_mode(path, done, task, p, mode, result, settings)
     bar.update(len(problems[start : start + batch_problems]))
