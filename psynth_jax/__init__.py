@@ -24,12 +24,14 @@ for the merged branches. (The TTFT sweep's rows keep their JSON keys "K" and
 "L", the latter meaning tokens per branch.)
 """
 
+from psynth_jax.convert.peft import load_peft_lora
+from psynth_jax.convert.reference import load_reference_mapper
 from psynth_jax.decode import GREEDY, Sampling
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.language_model import LanguageModel, load_pretrained
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.lora import LoRAConfig, LoRAWeights
+from psynth_jax.model.lora import LoRAConfig, LoRAWeights, average_adapters
 from psynth_jax.model.transformer import Params, forward, init_params
 from psynth_jax.synthesis import SynthesisResult, synthesis_logits, synthesize, synthesize_text
 from psynth_jax.workers import Branches, encode_branches, run_workers
@@ -46,10 +48,13 @@ __all__ = [
   "Params",
   "Sampling",
   "SynthesisResult",
+  "average_adapters",
   "encode_branches",
   "forward",
   "init_params",
+  "load_peft_lora",
   "load_pretrained",
+  "load_reference_mapper",
   "run_workers",
   "synthesis_logits",
   "synthesize",

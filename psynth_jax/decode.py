@@ -142,7 +142,7 @@ def decode_step(params: Params, state: DecodeState, spec: DecodeSpec, lora=None)
   x, cache = hidden_states(
     params, state.last[:, None], state.position[:, None], state.cache, None, lora
   )
-  logits = unembed(params, x)[:, 0]
+  logits = unembed(params, x, lora)[:, 0]
   rng, key = jax.random.split(state.rng)
   state = state.replace(cache=cache, rng=rng, position=state.position + 1)
   return _record(state, sample(logits, key, spec.sampling), spec)
@@ -231,7 +231,7 @@ def prefill(
 ) -> tuple[jax.Array, KVCache]:
   """Writes a left-padded prompt batch into the cache; returns last-token logits [B, V]."""
   x, cache = hidden_states(params, tokens, positions, cache, mask, lora)
-  return unembed(params, x[:, -1:])[:, 0], cache
+  return unembed(params, x[:, -1:], lora)[:, 0], cache
 
 
 def begin(

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psynth_jax import decode
-from psynth_jax.model.lora import check_lora
+from psynth_jax.model.lora import check_lora, vocab_limit
 from psynth_jax.model.transformer import Params, forward
 
 
@@ -48,8 +48,8 @@ class LanguageModel:
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2 or 0 in tokens.shape:
       raise ValueError(f"tokens must be a non-empty [B, T] array, got shape {tokens.shape}")
-    self.check_ids(tokens)
     check_lora(lora, self.config)
+    self.check_ids(tokens, lora)
     return _logits(self.params, tokens, jnp.ones(tokens.shape, bool), lora)
 
   def generate(
@@ -67,7 +67,7 @@ class LanguageModel:
     Returns, per prompt, the new token ids up to (not including) the first stop id.
     """
     check_lora(lora, self.config)
-    spec, batch, capacity = self.prepare(prompts, max_new_tokens, sampling, stop_ids)
+    spec, batch, capacity = self.prepare(prompts, max_new_tokens, sampling, stop_ids, lora)
     state = decode.generate_tokens(
       self.params,
       jnp.asarray(batch.tokens),
@@ -110,12 +110,13 @@ class LanguageModel:
     max_new_tokens: int,
     sampling: decode.Sampling = decode.GREEDY,
     stop_ids: Sequence[int] | None = None,
+    lora=None,
   ) -> tuple[decode.DecodeSpec, decode.PromptBatch, int]:
     """Checks and batches prompts for a decode: (spec, left-padded batch, cache capacity).
 
     Raises:
-      ValueError: an empty budget, ids outside the vocabulary, or prompt + budget
-        beyond the model's `max_position_embeddings`.
+      ValueError: an empty budget, ids outside the vocabulary (`lora`'s, if it
+        has one), or prompt + budget beyond the model's `max_position_embeddings`.
     """
     if not isinstance(sampling, decode.Sampling):
       raise TypeError(f"sampling must be a decode.Sampling, got {type(sampling).__name__}")
@@ -124,6 +125,8 @@ class LanguageModel:
     length = decode.bucket(max((len(p) for p in prompts), default=0))
     batch = decode.pad_prompts(prompts, length, self.pad_id)
     self.check_ids(batch.tokens)
+    if vocab_limit(lora) is not None:  # the prompts, not the padding, must fit the adapter
+      self.check_ids(batch.tokens[batch.mask], lora)
     capacity = decode.bucket(length + max_new_tokens)
     limit = self.config.max_position_embeddings
     if batch.lengths.max() + max_new_tokens > limit:
@@ -139,13 +142,26 @@ class LanguageModel:
     )
     return spec, batch, capacity
 
-  def check_ids(self, tokens) -> None:
-    """Raises ValueError if any id is outside this model's vocabulary."""
+  def check_ids(self, tokens, lora=None) -> None:
+    """Raises ValueError if any id is outside this model's vocabulary, or `lora`'s.
+
+    An adapter trained on a vocabulary resized to V' (`lora.config.vocab_size`)
+    never saw ids >= V' (their logits are -inf with it), so prompts holding them
+    are refused rather than fed to it.
+    """
     tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+    if not tokens.size:
+      return
+    limit = self.config.vocab_size
+    if tokens.min() < 0 or tokens.max() >= limit:
       raise ValueError(
-        f"token ids must be in [0, {self.config.vocab_size}), got range"
-        f" [{tokens.min()}, {tokens.max()}]"
+        f"token ids must be in [0, {limit}), got range [{tokens.min()}, {tokens.max()}]"
+      )
+    adapter = vocab_limit(lora)
+    if adapter is not None and tokens.max() >= adapter:
+      raise ValueError(
+        f"token ids must be in [0, {adapter}) with this LoRA adapter (its vocabulary was"
+        f" resized to {adapter} of the model's {limit} ids), got ids up to {tokens.max()}"
       )
 
   # Text helpers (need a tokenizer).
@@ -167,17 +183,25 @@ class LanguageModel:
     return self.tokenizer
 
 
-def load_pretrained(path: str | os.PathLike, dtype: str | None = None) -> LanguageModel:
+def load_pretrained(
+  path: str | os.PathLike, dtype: str | None = None, mesh=None, rules=None
+) -> LanguageModel:
   """Loads a model from an HF folder, a converted psynth folder, or a .gguf file.
 
   Args:
     path: folder with `config.json` + safetensors (Hugging Face), folder with
       `psynth_config.json` (written by `psynth convert`), or a `.gguf` file.
     dtype: "float32" or "bfloat16"; default: the checkpoint's.
+    mesh: a `jax.sharding.Mesh` with axes (data, fsdp, tensor)
+      (`psynth_jax.sharding.make_mesh`): every tensor goes straight from the
+      file into its `NamedSharding` (tensor parallel over heads / MLP /
+      vocabulary, fsdp over the model dim, by `rules`, default
+      `psynth_jax.sharding.DEFAULT_RULES`), one tensor at a time, so neither a
+      host nor a device ever holds the whole model. None: the default device.
   """
   from psynth_jax.tokenizer import Tokenizer
 
-  params = load_params(path, dtype=dtype)
+  params = load_params(path, dtype, mesh, rules)
   folder = os.fspath(path) if os.path.isdir(path) else os.path.dirname(os.fspath(path))
   tokenizer = None
   if os.path.exists(os.path.join(folder, "tokenizer.json")):
@@ -189,31 +213,32 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None) -> Langua
   return LanguageModel(params, tokenizer, stop_ids, pad_id)
 
 
-def load_params(path: str | Path, dtype: str | None = None) -> Params:
+def load_params(path: str | Path, dtype: str | None = None, mesh=None, rules=None) -> Params:
   """Loads weights from a converted folder, an HF folder or a .gguf file.
 
   Args:
     path: a folder with psynth_config.json (converted), a folder with
       config.json (Hugging Face safetensors), or a .gguf file.
     dtype: "float32" | "bfloat16"; default: the source's own dtype.
+    mesh, rules: sharded placement, as in `load_pretrained`.
   """
   path = Path(path).expanduser()
   from psynth_jax.model.checkpoint import CONFIG_FILE, load_converted
 
   if path.is_dir():
     if (path / CONFIG_FILE).is_file():
-      return load_converted(path, dtype)
+      return load_converted(path, dtype, mesh, rules)
     if (path / "config.json").is_file():
       from psynth_jax.convert.hf import load_hf_folder
 
-      return load_hf_folder(path, dtype)
+      return load_hf_folder(path, dtype, mesh, rules)
     raise FileNotFoundError(
       f"{path} has neither {CONFIG_FILE} (converted) nor config.json (Hugging Face)"
     )
   if path.suffix == ".gguf":
     from psynth_jax.convert.gguf import load_gguf
 
-    return load_gguf(path, dtype)[0]
+    return load_gguf(path, dtype, mesh, rules)[0]
   if not path.exists():
     raise FileNotFoundError(f"no model at {path}")
   raise ValueError(f"{path}: expected a model folder or a .gguf file")

@@ -208,6 +208,29 @@ def shard_init(init_fn, mesh: Mesh, rules: Rules, compiler_options=None):
   return sharded_initializer(init_fn, mesh, rules, compiler_options)()
 
 
+def place_array(value, dtype, axes, mesh: Mesh, rules: Rules) -> jax.Array:
+  """A host array (numpy or memory-mapped) -> a global array in its `NamedSharding`.
+
+  Each addressable device receives only its own slice, cast to `dtype` there and
+  then, so placing a tensor never makes a second full copy of it on the host,
+  and each host of a multi-host mesh reads only the slices its devices hold.
+
+  Args:
+    value: an array-like of the full (global) shape, sliceable with numpy indices.
+    dtype: the device dtype.
+    axes: logical axis names, one per dimension (None: replicated).
+    mesh, rules: the mesh and logical-axis rules.
+  """
+  shape = tuple(np.shape(value))
+  spec = PartitionSpec() if axes is None else logical_to_spec(axes, rules, shape, mesh)
+  dtype = np.dtype(dtype)
+
+  def shard(index):
+    return np.asarray(value[index], dtype=dtype)
+
+  return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), shard)
+
+
 def shard_tree(tree: Any, mesh: Mesh, rules: Rules) -> Any:
   """Places an existing pytree (e.g. weights loaded on every host) by the rules."""
   return jax.device_put(tree, tree_shardings(tree, mesh, rules))

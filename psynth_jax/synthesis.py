@@ -166,7 +166,7 @@ def synthesize(
   check_branches(lm, branches, allow_foreign_branches)
   check_adapters(lm, mapper, lora)
   check_num_workers(branches, num_workers)
-  spec, batch, _ = lm.prepare([synth_prompt], max_new_tokens, sampling)
+  spec, batch, _ = lm.prepare([synth_prompt], max_new_tokens, sampling, lora=lora)
   used = int(np.asarray(branches.lengths).sum())
   rows = branch_rows(branches) if rows is None else rows
   if rows < used:
@@ -316,7 +316,7 @@ def synthesize_batch(
   k = max(b.num_branches for b in branches_list)
   s = max(b.capacity for b in branches_list)
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[_padded(b, k, s) for b in branches_list])
-  spec, batch, _ = lm.prepare([list(p) for p in synth_prompts], max_new_tokens, sampling)
+  spec, batch, _ = lm.prepare([list(p) for p in synth_prompts], max_new_tokens, sampling, lora=lora)
   lengths = np.asarray(stacked.lengths)
   rows = decode.bucket(int(lengths.sum(axis=1).max()))
   if (
@@ -408,7 +408,7 @@ def latent_hidden(
 def _synthesis_logits(params, branches, tokens, mapper, lora, rows):
   batched = jax.tree.map(lambda x: x[None], branches)
   x = latent_hidden(params, batched, tokens, jnp.ones(tokens.shape, bool), mapper, lora, rows)
-  return unembed(params, x)[0]
+  return unembed(params, x, lora)[0]
 
 
 def synthesis_logits(
@@ -425,5 +425,5 @@ def synthesis_logits(
   if len(synth_prompt) == 0:
     raise ValueError("the synthesizer prompt is empty")
   tokens = jnp.asarray([list(synth_prompt)], jnp.int32)
-  lm.check_ids(tokens)
+  lm.check_ids(tokens, lora)
   return _synthesis_logits(lm.params, branches, tokens, mapper, lora, branch_rows(branches))

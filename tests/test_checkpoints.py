@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -12,7 +13,7 @@ import safetensors.numpy
 from psynth_jax.configs import synthetic as synthetic_config
 from psynth_jax.convert.peft import load_peft_lora
 from psynth_jax.convert.reference import mapper_from_state_dict
-from psynth_jax.mapper import Mapper
+from psynth_jax.mapper import Mapper, cache_statistics
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
@@ -79,6 +80,22 @@ def test_structure_mismatch_names_the_keys(tmp_path, state):
   other = state.replace(params={**state.params, "mapper": Mapper.create("identity", 1)})
   with pytest.raises(checkpoints.CheckpointError, match="another state structure: missing=.*fc1"):
     ckpt.restore(1, other)
+
+
+def test_a_state_of_other_shapes_is_refused_and_nothing_is_set_aside(tmp_path, state):
+  directory = str(tmp_path / "ckpt")
+  ckpt = checkpoints.Checkpointer(directory)
+  ckpt.save(1, state)
+  # Same names, other shapes: e.g. a run resumed with a narrower mapper.
+  narrower = Mapper.create("affine", CONFIG.num_layers, features="length")
+  other = state.replace(params={**state.params, "mapper": narrower})
+  with pytest.raises(checkpoints.CheckpointMismatchError, match=r"fc1.kernel.*\(3, 32\)"):
+    ckpt.restore(1, other)
+  with pytest.raises(checkpoints.CheckpointMismatchError):
+    ckpt.restore_latest(other)
+  assert ckpt.all_steps() == [1] and not os.path.exists(directory + "_corrupt")
+  restored, _ = ckpt.restore(1, state)  # still there, intact
+  _assert_trees_equal(restored, state)
 
 
 # orbax's reader threads report the failed read once more, from a closed event loop.
@@ -208,7 +225,7 @@ def test_uninterrupted_run_skips_and_counts_oversize_examples(uninterrupted):
 def test_export_round_trips_through_peft_and_the_reference_mapper(uninterrupted):
   workdir, result = uninterrupted
   params = _params(result)
-  lora = load_peft_lora(os.path.join(workdir, "export", "lora"), params["lora"].model_config)
+  lora = load_peft_lora(os.path.join(workdir, "export", "lora"))  # shapes from the tensors
   assert lora.config == params["lora"].config
   jax.tree.map(
     np.testing.assert_array_equal, jax.tree.map(np.asarray, lora.state), params["lora"].state
@@ -222,26 +239,77 @@ def test_export_round_trips_through_peft_and_the_reference_mapper(uninterrupted)
   )
 
 
+def _randomise(tree, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), tree)
+
+
 @pytest.mark.parametrize("kind", ["affine", "head_affine"])
-def test_load_export_reads_back_what_export_wrote(tmp_path, kind):
-  rng = np.random.default_rng(0)
-
-  def randomise(tree):
-    return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), tree)
-
-  mapper = Mapper.create(kind, CONFIG.num_layers)
-  mapper = mapper.replace(state=randomise(mapper.state))
+@pytest.mark.parametrize("features", ["both", "length", "num_workers", "none"])
+def test_load_export_reads_back_what_export_wrote(tmp_path, kind, features):
+  mapper = Mapper.create(kind, CONFIG.num_layers, features, hidden_dim=8)
+  mapper = mapper.replace(state=_randomise(mapper.state))
   lora = LoRAWeights.init(CONFIG, LoRAConfig(rank=2))
-  lora = lora.replace(state=randomise(lora.state))
+  lora = lora.replace(state=_randomise(lora.state, 1))
   folder = checkpoints.export({"mapper": mapper, "lora": lora}, str(tmp_path / "export"))
+  # The reference's layout: only the features the mode reads (+ 2 statistics for head_affine).
+  saved = safetensors.numpy.load_file(os.path.join(folder, "mapper", "mapper.safetensors"))
+  assert saved["net.0.weight"].shape == (8, mapper.num_features + (kind == "head_affine") * 2)
   got_mapper, got_lora = checkpoints.load_export(folder, CONFIG)
-  assert (got_mapper.kind, got_mapper.features) == (kind, mapper.features)
+  assert (got_mapper.kind, got_mapper.features, got_mapper.hidden_dim) == (kind, features, 8)
+  assert got_mapper.num_layers == CONFIG.num_layers
   _assert_trees_equal(got_mapper.state, mapper.state)
   _assert_trees_equal(got_lora.state, lora.state)
   with pytest.raises(ValueError, match="layers"):
     checkpoints.load_export(folder, CONFIG.replace(num_layers=3))
   with pytest.raises(FileNotFoundError, match="not an export folder"):
     checkpoints.load_export(str(tmp_path), CONFIG)
+
+
+@pytest.mark.parametrize("kind", ["affine", "head_affine"])
+@pytest.mark.parametrize("features", ["length", "num_workers", "none"])
+def test_load_export_reads_old_zero_fed_exports_exactly(tmp_path, kind, features):
+  """Older exports kept 3 features in every mode (dropped ones fed zeros) and no hidden_dim."""
+  stats = 2 if kind == "head_affine" else 0
+  rng = np.random.default_rng(2)
+  old = {
+    "net.0.weight": rng.normal(0, 0.8, (32, 3 + stats)).astype(np.float32),
+    "net.0.bias": rng.normal(0, 0.5, (32,)).astype(np.float32),
+    "net.2.weight": rng.normal(0, 1.0, (4, 32)).astype(np.float32),
+    "net.2.bias": rng.normal(0, 0.5, (4,)).astype(np.float32),
+  }
+  lora = LoRAWeights.init(CONFIG, LoRAConfig(rank=2))
+  folder = checkpoints.export(
+    {"mapper": Mapper.create(kind, CONFIG.num_layers), "lora": lora}, str(tmp_path)
+  )
+  safetensors.numpy.save_file(old, os.path.join(folder, "mapper", "mapper.safetensors"))
+  with open(os.path.join(folder, "mapper", "mapper_config.json"), "w") as f:
+    json.dump({"kind": kind, "features": features, "num_layers": CONFIG.num_layers}, f)
+  mapper, _ = checkpoints.load_export(folder, CONFIG)
+  assert (mapper.features, mapper.hidden_dim) == (features, 32)
+
+  lengths, num_workers, g, h = np.array([3, 0, 9]), 3, CONFIG.num_kv_heads, CONFIG.head_dim
+  k = tuple(
+    jnp.asarray(rng.normal(size=(3, 10, g, h)), jnp.float32) for _ in range(CONFIG.num_layers)
+  )
+  v = tuple(
+    jnp.asarray(rng.normal(size=(3, 10, g, h)), jnp.float32) for _ in range(CONFIG.num_layers)
+  )
+  got = np.asarray(mapper.coefficients(k, v, jnp.asarray(lengths), jnp.asarray(num_workers)))
+  # The old computation, in numpy: all three features, the dropped ones zero.
+  f_len = np.log1p(np.maximum(lengths, 1)) * (features not in ("num_workers", "none"))
+  f_num = np.full(3, np.log1p(num_workers)) * (features not in ("length", "none"))
+  assert CONFIG.num_layers == 1  # so the layer feature is 0
+  x = np.stack([f_len, f_num, np.zeros(3)], -1)[:, None, None, :]  # [K, L, 1, 3]
+  if stats:
+    s = np.asarray(cache_statistics(k, v, jnp.asarray(lengths)), np.float64)  # [K, L, G, 2]
+    x = np.concatenate([np.broadcast_to(x, s.shape[:3] + (3,)), s], -1)
+  hidden = x @ old["net.0.weight"].T.astype(np.float64) + old["net.0.bias"]
+  r = (hidden / (1 + np.exp(-hidden))) @ old["net.2.weight"].T.astype(np.float64) + old[
+    "net.2.bias"
+  ]
+  want = 0.1 * np.tanh(r) + np.array([1.0, 0.0, 1.0, 0.0])
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_kill_and_resume_gives_the_uninterrupted_params(tmp_path, uninterrupted):

@@ -216,8 +216,9 @@ def test_wrong_shape_is_named():
   # Transposed: same element count, so only the HF-shape check catches it.
   key = "model.layers.0.self_attn.q_proj.weight"
   state[key] = np.ascontiguousarray(state[key].T)
+  flat = hf_state_to_flat(config, state)  # names are checked now, shapes when read
   with pytest.raises(ValueError, match=r"q_proj\.weight.*\(64, 128\)"):
-    hf_state_to_flat(config, state)
+    flat["layers.0.attn.q"]
 
 
 def test_unknown_model_type_is_named(tmp_path):

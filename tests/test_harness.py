@@ -6,6 +6,7 @@ import os
 import pytest
 
 from psynth_jax import cli, testing
+from psynth_jax.convert.release import load_adapter
 from psynth_jax.eval import harness, stats
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.checkpoint import save_converted
@@ -117,7 +118,7 @@ def test_bad_config_overrides_and_adapters_are_refused(setup, tmp_path):
   with pytest.raises(SystemExit, match="benchmark tasks"):
     cli.main(["eval", "--config", CONFIG, "--workdir", str(tmp_path), "--set", "templates=x.json"])
   with pytest.raises(FileNotFoundError, match="not an adapter"):
-    harness.load_adapter(str(tmp_path), testing.tiny_config())
+    load_adapter(str(tmp_path))
 
 
 def test_select_is_a_fixed_seed_subset_in_upstream_order():

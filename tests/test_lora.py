@@ -219,7 +219,7 @@ def _edit_tensors(folder, fn):
     (dict(exclude_modules=r"model\.layers\.1\..*"), r"layers \[0\] only"),
     (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
     (dict(alpha_pattern={"q_proj": 2}), "alpha_pattern"),
-    (dict(modules_to_save=["lm_head"]), "modules_to_save"),
+    (dict(modules_to_save=["lm_head", "model.norm"]), r"modules_to_save.*model\.norm"),
     (dict(fan_in_fan_out=True), "fan_in_fan_out"),
     (dict(peft_type="IA3"), "peft_type"),
   ],

@@ -2,7 +2,10 @@
 
 * Re-encoding by -offset equals recomputing the keys at the new positions, for
   every RoPE variant (default, linear, Llama-3) and with qkv bias / q/k norm.
-* Feature modes change only their features.
+* Feature modes keep only their features (the reference's layout: F = 3 / 2 / 2 / 1),
+  `num_agents` is `num_workers`; coefficients equal the formula computed in numpy.
+* The old layout (width 3 in every mode, dropped features fed zeros) loads exactly.
+* A mapper without a depth fits every depth; a recorded depth is checked.
 * Mappers start as the identity, ignore padding rows and branch order.
 
 No torch here: the PyTorch reference mapper and the reference release's state
@@ -15,8 +18,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from psynth_jax.convert.reference import mapper_from_state_dict, mapper_to_state_dict
 from psynth_jax.kv_cache import KVCache
-from psynth_jax.mapper import FEATURE_MODES, Mapper, kinds, register
+from psynth_jax.mapper import (
+  FEATURE_MODES,
+  Mapper,
+  base_features,
+  cache_statistics,
+  check_mapper,
+  feature_names,
+  kinds,
+  normalize_features,
+  num_features,
+  register,
+)
 from psynth_jax.merge import mapped_branch_kv, merge
 from psynth_jax.model.config import ModelConfig, RopeScaling
 from psynth_jax.model.rope import apply_rope, inv_frequencies
@@ -143,45 +158,135 @@ def test_reencode_equals_recomputing_keys_at_new_positions(name):
 # --- the paper's affine mapper ------------------------------------------------------
 
 
-def random_reference_state(seed=0) -> dict[str, np.ndarray]:
+def random_reference_state(seed=0, width=3, hidden=32) -> dict[str, np.ndarray]:
   """A reference-layout state dict (torch Linear [out, in]) with a non-zero last layer."""
   rng = np.random.default_rng(seed)
   return {
-    "net.0.weight": rng.normal(0, 0.8, (32, 3)).astype(np.float32),
-    "net.0.bias": rng.normal(0, 0.5, (32,)).astype(np.float32),
-    "net.2.weight": rng.normal(0, 1.0, (4, 32)).astype(np.float32),
+    "net.0.weight": rng.normal(0, 0.8, (hidden, width)).astype(np.float32),
+    "net.0.bias": rng.normal(0, 0.5, (hidden,)).astype(np.float32),
+    "net.2.weight": rng.normal(0, 1.0, (4, hidden)).astype(np.float32),
     "net.2.bias": rng.normal(0, 0.5, (4,)).astype(np.float32),
   }
 
 
 def mapper_with(kind: str, state: dict, num_layers=NUM_LAYERS, features="both") -> Mapper:
   """A Mapper whose fc1/fc2 hold the given torch-layout weights (transposed to [in, out])."""
-  mapper = Mapper.create(kind, num_layers, features)
+  hidden = state["net.0.weight"].shape[0]
+  mapper = Mapper.create(kind, num_layers, features, hidden_dim=hidden)
   ours = {
     ("fc1", "kernel"): state["net.0.weight"].T,
     ("fc1", "bias"): state["net.0.bias"],
     ("fc2", "kernel"): state["net.2.weight"].T,
     ("fc2", "bias"): state["net.2.bias"],
   }
-  flat = [
-    (path, var.replace(jnp.asarray(ours[tuple(path)])))
-    for path, var in nnx.to_flat_state(mapper.state)
-  ]
+  flat = []
+  for path, var in nnx.to_flat_state(mapper.state):
+    assert var.shape == ours[tuple(path)].shape, (path, var.shape, ours[tuple(path)].shape)
+    flat.append((path, var.replace(jnp.asarray(ours[tuple(path)]))))
   return mapper.replace(state=nnx.from_flat_state(flat))
+
+
+def numpy_mlp_coefficients(state: dict, x: np.ndarray) -> np.ndarray:
+  """Linear -> SiLU -> Linear -> (1 + 0.1 tanh, 0.1 tanh, ...) in float64: x [..., in] -> [..., 4]."""
+  w0, b0 = state["net.0.weight"].astype(np.float64), state["net.0.bias"].astype(np.float64)
+  w2, b2 = state["net.2.weight"].astype(np.float64), state["net.2.bias"].astype(np.float64)
+  h = x @ w0.T + b0
+  r = (h / (1 + np.exp(-h))) @ w2.T + b2
+  return 0.1 * np.tanh(r) + np.array([1.0, 0.0, 1.0, 0.0])
+
+
+def zero_fed_features(lengths, num_workers, num_layers, mode) -> np.ndarray:
+  """The old layout's features [K, L, 3]: all three columns, the dropped ones zero."""
+  f_len = np.log1p(np.maximum(np.asarray(lengths, np.float64), 1))
+  f_num = np.full_like(f_len, np.log1p(max(num_workers, 1)))
+  if mode in ("num_workers", "none"):
+    f_len = 0 * f_len
+  if mode in ("length", "none"):
+    f_num = 0 * f_num
+  f_layer = np.arange(num_layers) / max(num_layers - 1, 1)
+  shape = (len(lengths), num_layers)
+  return np.stack(
+    [
+      np.broadcast_to(f_len[:, None], shape),
+      np.broadcast_to(f_num[:, None], shape),
+      np.broadcast_to(f_layer[None], shape),
+    ],
+    -1,
+  )
 
 
 def _config(num_layers=NUM_LAYERS) -> ModelConfig:
   return ModelConfig("llama", **{**SMALL, "num_layers": num_layers})
 
 
+def test_base_features_keep_only_their_columns_in_reference_order():
+  lengths, k, layers = jnp.asarray([0, 5, 40]), jnp.asarray(3), 4
+  shape = (3, layers)
+  f_len = np.broadcast_to(np.log1p([1.0, 5.0, 40.0])[:, None], shape)  # max(len, 1)
+  f_num = np.full(shape, np.log1p(3.0))
+  f_layer = np.broadcast_to(np.arange(layers) / (layers - 1), shape)
+  want = {
+    "both": [f_len, f_num, f_layer],
+    "length": [f_len, f_layer],
+    "num_workers": [f_num, f_layer],
+    "none": [f_layer],
+  }
+  for mode, columns in want.items():
+    got = np.asarray(base_features(lengths, k, layers, mode))
+    assert got.shape == (*shape, num_features(mode)) == (*shape, len(columns)), mode
+    np.testing.assert_allclose(got, np.stack(columns, -1), rtol=1e-6)
+  # One layer: the layer position is 0.
+  np.testing.assert_array_equal(base_features(lengths, k, 1, "none"), np.zeros((3, 1, 1)))
+
+
+def test_num_agents_is_an_alias_of_num_workers():
+  for spelling in ("num_agents", " Num_Agents ", "NUM_WORKERS"):
+    assert normalize_features(spelling) == "num_workers"
+    assert Mapper.create("affine", features=spelling).features == "num_workers"
+  assert normalize_features(" Both") == "both"
+  with pytest.raises(ValueError, match="feature mode.*'agents'"):
+    normalize_features("agents")
+
+
+@pytest.mark.parametrize("hidden", [32, 16])
+def test_mlp_width_follows_the_mode_and_hidden_dim(hidden):
+  for mode, width in (("both", 3), ("length", 2), ("num_agents", 2), ("none", 1)):
+    affine = Mapper.create("affine", NUM_LAYERS, mode, hidden_dim=hidden)
+    assert affine.module().fc1.kernel.shape == (width, hidden), mode
+    assert affine.num_params() == width * hidden + hidden + hidden * 4 + 4
+    head = Mapper.create("head_affine", NUM_LAYERS, mode, hidden_dim=hidden)
+    assert head.module().fc1.kernel.shape == (width + 2, hidden), mode  # + 2 cache statistics
+  assert Mapper.create("affine", NUM_LAYERS).num_params() == 260  # the paper's count
+  with pytest.raises(ValueError, match="hidden_dim"):
+    Mapper.create("affine", NUM_LAYERS, hidden_dim=0)
+  with pytest.raises(ValueError, match="num_layers"):
+    Mapper.create("affine", 2.5)
+
+
+@pytest.mark.parametrize("mode", FEATURE_MODES)
+def test_affine_coefficients_match_the_formula(mode):
+  state = random_reference_state(1, width=num_features(mode), hidden=16)
+  lengths = [2, 0, 9]
+  branches = random_branches(lengths)
+  got = np.asarray(
+    mapper_with("affine", state, features=mode).coefficients(
+      branches.cache.k, branches.cache.v, branches.lengths, jnp.asarray(5)
+    )
+  )[:, :, 0]
+  keep = [
+    i for i, name in enumerate(("length", "num_workers", "layer")) if name in feature_names(mode)
+  ]
+  x = zero_fed_features(lengths, 5, NUM_LAYERS, mode)[..., keep]
+  np.testing.assert_allclose(got, numpy_mlp_coefficients(state, x), rtol=1e-6, atol=1e-6)
+
+
 def test_feature_modes_differ_only_in_their_features():
-  state = random_reference_state(1)
   branches = random_branches([2, 9])
   coeffs = {
     mode: np.asarray(
-      mapper_with("affine", state, features=mode).coefficients(
-        branches.cache.k, branches.cache.v, branches.lengths, jnp.asarray(2)
-      )
+      mapper_with(
+        "affine", random_reference_state(1, num_features(mode)), features=mode
+      ).coefficients(branches.cache.k, branches.cache.v, branches.lengths, jnp.asarray(2))
     )
     for mode in FEATURE_MODES
   }
@@ -192,6 +297,56 @@ def test_feature_modes_differ_only_in_their_features():
     assert np.abs(coeffs[mode][0] - coeffs[mode][1]).max() > 1e-4
   # Layers always differ (the layer position is always an input).
   assert np.abs(coeffs["none"][0, 0] - coeffs["none"][0, -1]).max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["affine", "head_affine"])
+@pytest.mark.parametrize("mode", FEATURE_MODES)
+def test_old_zero_fed_state_dicts_load_with_the_same_coefficients(kind, mode):
+  """psynth_jax used to keep width 3 (+ 2 statistics) in every mode and feed the dropped features zeros."""
+  stats = 2 if kind == "head_affine" else 0
+  old = random_reference_state(2, width=3 + stats)
+  mapper = mapper_from_state_dict(old, NUM_LAYERS, mode, kind=kind)
+  assert mapper.module().fc1.kernel.shape == (num_features(mode) + stats, 32)
+  lengths = [4, 0, 11]
+  branches = random_branches(lengths, seed=3)
+  got = np.asarray(
+    mapper.coefficients(branches.cache.k, branches.cache.v, branches.lengths, jnp.asarray(3))
+  )
+  x = zero_fed_features(lengths, 3, NUM_LAYERS, mode)  # [K, L, 3]
+  if stats:
+    s = np.asarray(
+      cache_statistics(branches.cache.k, branches.cache.v, branches.lengths), np.float64
+    )
+    x = np.concatenate([np.broadcast_to(x[:, :, None], s.shape[:3] + (3,)), s], -1)  # [K, L, G, 5]
+  else:
+    x = x[:, :, None]
+  np.testing.assert_allclose(got, numpy_mlp_coefficients(old, x), rtol=1e-6, atol=1e-6)
+  # Saved again, it is in the new layout and loads to the same mapper.
+  again = mapper_from_state_dict(mapper_to_state_dict(mapper), NUM_LAYERS, mode, kind=kind)
+  jax.tree.map(np.testing.assert_array_equal, again.state, mapper.state)
+
+
+def test_a_mapper_without_a_depth_fits_every_depth():
+  state = random_reference_state(4)
+  mapper = mapper_with("affine", state, num_layers=None)
+  for layers in (1, 2, 5):
+    branches = random_branches([3, 7], seed=layers, num_layers=layers)
+    coeffs = np.asarray(
+      mapper.coefficients(branches.cache.k, branches.cache.v, branches.lengths, jnp.asarray(2))
+    )
+    assert coeffs.shape == (2, layers, 1, 4)
+    want = numpy_mlp_coefficients(state, zero_fed_features([3, 7], 2, layers, "both"))
+    np.testing.assert_allclose(coeffs[:, :, 0], want, rtol=1e-6, atol=1e-6)
+    k, v = mapped_branch_kv(branches, _config(layers), mapper)  # the model check passes too
+    for layer in range(layers):
+      np.testing.assert_allclose(
+        k[layer],
+        coeffs[:, layer, 0, 0, None, None, None] * branches.cache.k[layer]
+        + coeffs[:, layer, 0, 1, None, None, None],
+        rtol=1e-6,
+        atol=1e-6,
+      )
+  check_mapper(mapper, 7)
 
 
 # --- identity at init, padding and order ---------------------------------------------
@@ -274,6 +429,13 @@ def test_mapper_with_another_depth_is_refused():
   branches = random_branches([3, 4])
   with pytest.raises(ValueError, match="layers"):
     mapped_branch_kv(branches, _config(), Mapper.create("affine", NUM_LAYERS + 1))
+  recorded = Mapper.create("affine", NUM_LAYERS + 1)  # a depth that an export recorded
+  with pytest.raises(
+    ValueError, match=f"made for {NUM_LAYERS + 1} layers, the model has {NUM_LAYERS}"
+  ):
+    recorded.coefficients(branches.cache.k, branches.cache.v, branches.lengths, jnp.asarray(2))
+  with pytest.raises(ValueError, match="made for 3 layers, the model has 2"):
+    check_mapper(Mapper.create("head_affine", 3), 2)
   with pytest.raises(ValueError, match="unknown mapper kind"):
     Mapper.create("mlp", NUM_LAYERS)
   with pytest.raises(ValueError, match="feature mode"):
@@ -288,10 +450,10 @@ def test_a_new_kind_is_one_registered_class():
     needs_stats = False
     is_identity = False
 
-    def __init__(self, rngs: nnx.Rngs):
+    def __init__(self, rngs: nnx.Rngs, num_features: int, hidden_dim: int):
       self.scale = nnx.Param(jnp.asarray(0.5))
 
-    def coefficients(self, feats, stats):  # [K, L, 3] -> [K, L, 1, 4]
+    def coefficients(self, feats, stats):  # [K, L, F] -> [K, L, 1, 4]
       c = jnp.stack([jnp.asarray(1.0), jnp.asarray(0.0), self.scale[...], jnp.asarray(0.0)])
       return jnp.broadcast_to(c, feats.shape[:-1] + (1, 4))
 

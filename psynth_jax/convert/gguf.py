@@ -38,12 +38,17 @@ def load_gguf_torch(file: str | Path):
     raise ValueError(f"transformers cannot load GGUF file {Path(file)}: {e}") from e
 
 
-def load_gguf(file: str | Path, dtype: str | None = None) -> tuple[Params, dict[str, Any]]:
+def load_gguf(
+  file: str | Path, dtype: str | None = None, mesh=None, rules=None
+) -> tuple[Params, dict[str, Any]]:
   """Loads a GGUF model (any quantisation transformers can dequantise).
 
   Args:
     file: the .gguf file.
     dtype: "float32" | "bfloat16"; default float32 (transformers' dequantised dtype).
+    mesh: place each tensor into its `NamedSharding` on this mesh
+      (`psynth_jax.sharding`; logical-axis `rules`, default DEFAULT_RULES).
+      (transformers dequantises the whole file in host memory first).
 
   Returns:
     (params, hf_config_dict): our weights and the HF config transformers derived
@@ -55,7 +60,7 @@ def load_gguf(file: str | Path, dtype: str | None = None) -> tuple[Params, dict[
   # .numpy() shares memory with the torch tensors; params_from_flat makes the copy.
   state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
   flat = hf_state_to_flat(config, state, source=str(file))
-  params = params_from_flat(config, flat, source=str(file))
+  params = params_from_flat(config, flat, str(file), mesh, rules)
   del model, state, flat
   gc.collect()
   return params, hf_config

@@ -12,12 +12,13 @@ consumed; `params_from_flat` then checks every name and shape once more.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from psynth_jax.model.checkpoint import read_json, read_safetensors
+from psynth_jax.model.checkpoint import LazyArrays, read_json, read_safetensors
 from psynth_jax.model.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
 from psynth_jax.model.transformer import Params, params_from_flat
 
@@ -181,21 +182,23 @@ def name_table(config: ModelConfig) -> NameTable:
 
 
 def hf_state_to_flat(
-  config: ModelConfig, state: dict[str, np.ndarray], source: str = "HF checkpoint"
-) -> dict[str, np.ndarray]:
+  config: ModelConfig, state: Mapping[str, np.ndarray], source: str = "HF checkpoint"
+) -> LazyArrays:
   """Renames and re-lays out an HF state dict into our flat parameter names.
 
   Args:
     config: the model's config (from `ModelConfig.from_hf`).
-    state: HF tensor name -> numpy array (any float dtype; not cast here).
+    state: HF tensor name -> numpy array (any float dtype; not cast here); a
+      lazy mapping (`read_safetensors`) is read one tensor at a time.
     source: what to call the checkpoint in error messages.
 
   Returns:
-    {our name: array}, ready for `params_from_flat`.
+    {our name: array}, ready for `params_from_flat`; each array is read and
+    converted when it is looked up.
 
   Raises:
-    KeyError: HF tensors are missing or left over (all are named).
-    ValueError: an HF tensor has the wrong shape (names it).
+    KeyError: HF tensors are missing or left over (all are named), at once.
+    ValueError: an HF tensor has the wrong shape (names it), when it is read.
   """
   table = name_table(config)
   missing = sorted(theirs for theirs, _ in table.values() if theirs not in state)
@@ -206,13 +209,16 @@ def hf_state_to_flat(
       f"{source} does not match a {config.model_type} model with {config.num_layers}"
       f" layers: missing HF tensors {missing}, unused HF tensors {leftover}"
     )
-  flat = {}
-  for ours, (theirs, quirk) in table.items():
+
+  def convert(ours: str, theirs: str, quirk: Quirk) -> np.ndarray:
     try:
-      flat[ours] = quirk(np.asarray(state[theirs]), config)
+      return quirk(np.asarray(state[theirs]), config)
     except ValueError as e:
       raise ValueError(f"{source}: HF tensor {theirs!r} (-> {ours!r}) {e}") from None
-  return flat
+
+  return LazyArrays(
+    {ours: functools.partial(convert, ours, *entry) for ours, entry in table.items()}
+  )
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:
@@ -238,19 +244,22 @@ def safetensors_files(folder: Path) -> list[Path]:
   return files
 
 
-def load_hf_folder(path: str | Path, dtype: str | None = None) -> Params:
+def load_hf_folder(path: str | Path, dtype: str | None = None, mesh=None, rules=None) -> Params:
   """Loads an HF model folder (config.json + single or sharded safetensors).
 
   Args:
     path: the folder.
     dtype: "float32" | "bfloat16"; default: the checkpoint's own dtype.
+    mesh: place each tensor straight into its `NamedSharding` on this mesh
+      (`psynth_jax.sharding`; logical-axis `rules`, default DEFAULT_RULES).
 
   Returns:
-    `Params` with every tensor converted and shape-checked.
+    `Params` with every tensor converted and shape-checked; the files are read
+    one tensor at a time.
   """
   folder = Path(path)
   config_path = folder / "config.json"
   config = ModelConfig.from_hf(read_json(config_path), dtype=dtype, source=str(config_path))
   state = read_safetensors(safetensors_files(folder))
   flat = hf_state_to_flat(config, state, source=str(folder))
-  return params_from_flat(config, flat, source=str(folder))
+  return params_from_flat(config, flat, str(folder), mesh, rules)

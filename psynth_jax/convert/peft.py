@@ -12,30 +12,72 @@ each tensor is transposed. PEFT computes `(alpha / R) * B(A(dropout(x)))`
 (`alpha / sqrt(R)` with `use_rslora`), which is exactly our LoRA. Only plain
 LoRA on the attention projections q/k/v/o of every layer maps onto ours; any
 other option (DoRA, biases, MLP or head targets, per-layer ranks, ...) is
-refused with an error that names it. torch is not needed: safetensors files
-are read (bf16 included) and written through numpy.
+refused with an error that names it. The layer count, D_in, D_out and rank
+come from the tensors, so a folder loads on its own; a model config, or the
+model itself, only adds checks.
+
+Embedding copies. PEFT's `save_embedding_layers=True` (the release: its
+vocabulary was resized to V' = 151,669 of Qwen3's 151,936) and
+`modules_to_save=["lm_head"]` / `["embed_tokens"]` store full copies
+
+  base_model.model.model.embed_tokens.weight  [V', D]
+  base_model.model.lm_head.weight             [V', D]
+
+(torch layout; our unembedding is [D, V]). The adapter then records
+`vocab_size = V'`: logits of ids >= V' are -inf wherever it is used. The
+copies themselves are not part of the adapter: `load_peft_lora(..., lm=lm)`
+compares them with the base model's first V' rows and warns if they differ,
+and `apply_adapter_embeddings` makes a model that uses them instead.
+
+Files are read tensor by tensor: safetensors memory-mapped (`safe_open`),
+legacy `adapter_model.bin` through `torch.load(..., weights_only=True,
+mmap=True)`. The key set and shapes are checked from the headers before any
+data is read, and the embedding copies (3 GB in the release) are only ever
+read in row chunks in their own dtype, never whole, never as float32.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-from flax import nnx
 
-from psynth_jax.model.checkpoint import read_safetensors
+from psynth_jax.convert.adapter_files import (
+  CONFIG_FILE,
+  EMBEDDING_KEYS,
+  LEGACY_WEIGHTS_FILE,
+  PREFIX,
+  WEIGHTS_FILE,
+  open_adapter,
+  read_safetensors_f32,
+)
+from psynth_jax.convert.peft_embeddings import apply_adapter_embeddings, check_copies, copy_shapes
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.lora import TARGETS, LoRA, LoRAConfig, LoRAWeights, target_dims
+from psynth_jax.model.lora import TARGETS, LoRAConfig, LoRAWeights, check_lora, target_dims
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-LEGACY_WEIGHTS_FILE = "adapter_model.bin"
-PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the *ForCausalLM model
+__all__ = [
+  "CONFIG_FILE",
+  "EMBEDDING_KEYS",
+  "LEGACY_WEIGHTS_FILE",
+  "WEIGHTS_FILE",
+  "UnsupportedAdapterError",
+  "apply_adapter_embeddings",
+  "export_peft_lora",
+  "load_peft_lora",
+  "lora_config_from_peft",
+  "read_safetensors_f32",
+]
+
+_LORA_TENSOR = re.compile(
+  re.escape(PREFIX) + r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.lora_([AB])\.weight"
+)
+_log = logging.getLogger(__name__)
+_unchecked_logged: set[str] = set()  # folders whose unchecked copies were reported
 
 
 class UnsupportedAdapterError(ValueError):
@@ -111,7 +153,6 @@ _MUST_BE_OFF = {
   "use_dora": "DoRA (magnitude vectors)",
   "lora_bias": "LoRA biases",
   "fan_in_fan_out": "Conv1D-style transposed weights",
-  "modules_to_save": "fully trained extra modules",
   "rank_pattern": "per-module ranks",
   "alpha_pattern": "per-module alphas",
   "target_parameters": "adapted nn.Parameters",
@@ -123,8 +164,23 @@ _MUST_BE_OFF = {
 }
 
 
-def lora_config_from_peft(cfg: dict, num_layers: int) -> LoRAConfig:
-  """A `LoRAConfig` from a parsed `adapter_config.json` (refuses unsupported options)."""
+def _check_modules_to_save(cfg: dict) -> None:
+  """Full module copies: embed_tokens / lm_head are embedding copies; anything else is refused."""
+  modules = cfg.get("modules_to_save") or []
+  modules = [modules] if isinstance(modules, str) else list(modules)
+  others = [m for m in modules if m.split(".")[-1] not in EMBEDDING_KEYS]
+  if others:
+    raise UnsupportedAdapterError(
+      f"adapter_config.json sets modules_to_save={modules!r}: psynth_jax cannot use full"
+      f" trained copies of {others} (only embed_tokens / lm_head, read as embedding copies)"
+    )
+
+
+def lora_config_from_peft(cfg: dict, num_layers: int, vocab_size: int | None = None) -> LoRAConfig:
+  """A `LoRAConfig` from a parsed `adapter_config.json` (refuses unsupported options).
+
+  `vocab_size`: rows of the adapter's embedding copies (V'), if it has any.
+  """
   peft_type = cfg.get("peft_type", "LORA")
   if str(peft_type).upper() != "LORA":
     raise UnsupportedAdapterError(f"peft_type {peft_type!r} is not supported (only LORA)")
@@ -134,6 +190,7 @@ def lora_config_from_peft(cfg: dict, num_layers: int) -> LoRAConfig:
         f"adapter_config.json sets {key}={cfg[key]!r} ({meaning}), which psynth_jax's LoRA"
         " does not support"
       )
+  _check_modules_to_save(cfg)
   layers = cfg.get("layers_to_transform")
   if layers is not None:
     layers = {layers} if isinstance(layers, int) else set(layers)
@@ -154,105 +211,148 @@ def lora_config_from_peft(cfg: dict, num_layers: int) -> LoRAConfig:
     dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
     targets=_targets_from_config(cfg, num_layers),
     use_rslora=bool(cfg.get("use_rslora", False)),
+    vocab_size=vocab_size,
   )
 
 
-def read_safetensors_f32(path: Path) -> dict[str, np.ndarray]:
-  """Every tensor of a safetensors file as float32 numpy, bf16 included.
-
-  safetensors' numpy reader returns bf16 as `ml_dtypes.bfloat16` (since 0.8).
-  """
-  state = read_safetensors([Path(path)])
-  for name, x in state.items():
-    if not np.issubdtype(x.dtype, np.floating) and x.dtype != ml_dtypes.bfloat16:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {x.dtype}, not a float type")
-  return {name: x.astype(np.float32) for name, x in state.items()}
-
-
-def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
-  """The adapter's tensors as float32 numpy arrays (safetensors, else a legacy .bin)."""
-  path = folder / WEIGHTS_FILE
-  if path.exists():
-    return read_safetensors_f32(path)
-  legacy = folder / LEGACY_WEIGHTS_FILE
-  if legacy.exists():
-    import torch
-
-    state = torch.load(legacy, map_location="cpu", weights_only=True)
-    return {name: t.detach().float().numpy() for name, t in state.items()}
-  raise FileNotFoundError(f"{folder} has neither {WEIGHTS_FILE} nor {LEGACY_WEIGHTS_FILE}")
-
-
-def load_peft_lora(folder: str | Path, model_config: ModelConfig) -> LoRAWeights:
-  """Imports a PEFT LoRA adapter folder for the model described by `model_config`.
-
-  Args:
-    folder: a folder written by `PeftModel.save_pretrained` (or `export_peft_lora`).
-    model_config: the base model's config (layer count and projection sizes).
-
-  Returns:
-    `LoRAWeights` (float32) with the adapter's rank, alpha, dropout, rsLoRA flag
-    and targets.
-
-  Raises:
-    UnsupportedAdapterError: an option psynth_jax cannot represent (names it).
-    KeyError: adapter tensors are missing or unexpected (names them all).
-    ValueError: a tensor has the wrong shape (names it and both shapes).
-  """
-  folder = Path(folder)
+def _read_config(folder: Path) -> dict:
   config_path = folder / CONFIG_FILE
   try:
-    cfg = json.loads(config_path.read_text())
+    return json.loads(config_path.read_text())
   except FileNotFoundError:
     raise FileNotFoundError(f"missing {config_path}") from None
   except json.JSONDecodeError as e:
     raise ValueError(f"{config_path} is not valid JSON: {e}") from None
-  config = lora_config_from_peft(cfg, model_config.num_layers)
-  tensors = _read_tensors(folder)
 
-  n = model_config.num_layers
-  want = {_tensor_name(i, t, w): (i, t, w) for i in range(n) for t in config.targets for w in "AB"}
-  missing = sorted(set(want) - set(tensors))
-  unexpected = sorted(set(tensors) - set(want))
-  if missing or unexpected:
-    raise KeyError(
-      f"{folder}: adapter tensors do not match a {n}-layer model with targets"
-      f" {config.targets}: missing={missing}, unexpected={unexpected}"
-    )
-  arrays: dict[str, np.ndarray] = {}
+
+# ---------------------------------------------------------------------------
+# Import.
+
+
+def _num_layers(names: set[str], folder: Path) -> int:
+  layers = [int(m.group(1)) for n in names if (m := _LORA_TENSOR.fullmatch(n))]
+  if not layers:
+    raise KeyError(f"{folder}: no LoRA tensors (like {_tensor_name(0, 'q', 'A')!r})")
+  return max(layers) + 1
+
+
+def _target_shapes(f, folder: Path, config: LoRAConfig, n: int, model_config) -> dict:
+  """{target: (D_in, D_out)}: the model's, or layer 0's; every layer's tensors checked."""
+  dims = {}
   for t in config.targets:
-    d_in, d_out = target_dims(model_config, t)
-    a = np.empty((n, d_in, config.rank), np.float32)
-    b = np.empty((n, config.rank, d_out), np.float32)
+    if model_config is not None:
+      d_in, d_out = target_dims(model_config, t)
+    else:
+      d_in = f.shape(_tensor_name(0, t, "A"))[-1]
+      d_out = f.shape(_tensor_name(0, t, "B"))[0]
     for i in range(n):
-      for which, dst, shape in (("A", a, (config.rank, d_in)), ("B", b, (d_out, config.rank))):
+      for which, shape in (("A", (config.rank, d_in)), ("B", (d_out, config.rank))):
         name = _tensor_name(i, t, which)
-        w = tensors[name]
-        if tuple(w.shape) != shape:
+        if f.shape(name) != shape:
+          where = f"model D={model_config.hidden_size}" if model_config else "layer 0's shapes"
           raise ValueError(
-            f"{folder}: adapter tensor {name!r} has shape {tuple(w.shape)}, expected {shape}"
-            f" (r={config.rank}, model {model_config.model_type} D={model_config.hidden_size})"
+            f"{folder}: adapter tensor {name!r} has shape {f.shape(name)}, expected {shape}"
+            f" (r={config.rank}, {where})"
           )
-        dst[i] = w.T
-    arrays[f"a_{t}"], arrays[f"b_{t}"] = a, b
-  return lora_from_arrays(model_config, config, arrays)
+    dims[t] = (d_in, d_out)
+  if len(_model_dims(dims)) > 1:
+    raise ValueError(f"{folder}: the adapter's projections disagree on D: (D_in, D_out) {dims}")
+  return dims
 
 
-def lora_from_arrays(
-  model_config: ModelConfig, config: LoRAConfig, arrays: dict[str, np.ndarray]
+def _model_dims(dims: dict[str, tuple[int, int]]) -> set[int]:
+  """The model dims D that {target: (D_in, D_out)} implies (q/k/v read D, o writes it)."""
+  return {d_in for t, (d_in, _) in dims.items() if t != "o"} | {
+    d_out for t, (_, d_out) in dims.items() if t == "o"
+  }
+
+
+def _hidden_size(dims: dict[str, tuple[int, int]]) -> int:
+  return next(iter(_model_dims(dims)))
+
+
+def load_peft_lora(
+  folder: str | Path,
+  model_config: ModelConfig | None = None,
+  *,
+  lm=None,
+  embeddings: str = "check",
 ) -> LoRAWeights:
-  """`LoRAWeights` from {'a_q': [L, D_in, R], 'b_q': [L, R, D_out], ...} (shapes checked)."""
-  abstract = nnx.eval_shape(lambda: LoRA(model_config, config, nnx.Rngs(0)))
-  flat = []
-  for path, var in nnx.to_flat_state(nnx.state(abstract)):
-    name = ".".join(str(p) for p in path)
-    if name not in arrays:
-      raise KeyError(f"LoRA array {name!r} is missing")
-    arr = arrays[name]
-    if tuple(arr.shape) != tuple(var.shape):
-      raise ValueError(f"LoRA array {name!r} has shape {arr.shape}, expected {var.shape}")
-    flat.append((path, var.replace(jnp.asarray(arr, jnp.float32))))
-  return LoRAWeights(config, model_config, nnx.from_flat_state(flat))
+  """Imports a PEFT LoRA adapter folder; its shapes come from its own tensors.
+
+  Args:
+    folder: a folder written by `PeftModel.save_pretrained` (or `export_peft_lora`).
+    model_config: optional; the adapter must then fit this model (layer count,
+      projection sizes, vocabulary).
+    lm: optional `LanguageModel` the adapter is for: checks it like
+      `model_config` and (with embeddings="check") compares the adapter's
+      embedding copies, if any, with the model's first V' rows, warning with
+      how many rows differ (see `apply_adapter_embeddings`).
+    embeddings: "check" (default) or "ignore" (skip that comparison).
+
+  Returns:
+    `LoRAWeights` (float32) with the adapter's rank, alpha, dropout, rsLoRA
+    flag and targets, and `vocab_size` = V' if it holds embedding copies.
+
+  Raises:
+    UnsupportedAdapterError: an option psynth_jax cannot represent (names it).
+    KeyError: adapter tensors are missing or unexpected (names them all).
+    ValueError: a tensor has the wrong shape (names it and both shapes), or
+      the adapter does not fit `model_config` / `lm`.
+  """
+  folder = Path(folder)
+  if embeddings not in ("check", "ignore"):
+    raise ValueError(f"embeddings must be 'check' or 'ignore', got {embeddings!r}")
+  if lm is not None:
+    if model_config is not None and model_config != lm.config:
+      raise ValueError("model_config and lm.config differ; pass one of them")
+    model_config = lm.config
+  cfg = _read_config(folder)
+  with open_adapter(folder) as f:
+    names = set(f.keys())
+    copies = copy_shapes(f, folder, model_config)
+    lora_names = names - {EMBEDDING_KEYS[m] for m in copies}
+    n = model_config.num_layers if model_config else _num_layers(lora_names, folder)
+    vocab = next(iter(copies.values()))[0] if copies else None
+    config = lora_config_from_peft(cfg, n, vocab)
+    want = {_tensor_name(i, t, w) for i in range(n) for t in config.targets for w in "AB"}
+    missing, unexpected = sorted(want - lora_names), sorted(lora_names - want)
+    if missing or unexpected:
+      raise KeyError(
+        f"{folder}: adapter tensors do not match a {n}-layer model with targets"
+        f" {config.targets}: missing={missing}, unexpected={unexpected}"
+      )
+    dims = _target_shapes(f, folder, config, n, model_config)
+    if copies and {d for _, d in copies.values()} != {_hidden_size(dims)}:
+      raise ValueError(f"{folder}: embedding copies {copies} do not match the LoRA's D {dims}")
+    arrays = {}
+    for t, (d_in, d_out) in dims.items():
+      a = np.empty((n, d_in, config.rank), np.float32)
+      b = np.empty((n, config.rank, d_out), np.float32)
+      for i in range(n):
+        a[i] = f.read(_tensor_name(i, t, "A")).astype(np.float32).T
+        b[i] = f.read(_tensor_name(i, t, "B")).astype(np.float32).T
+      arrays[f"a_{t}"], arrays[f"b_{t}"] = a, b
+    lora = LoRAWeights.from_arrays(config, arrays)
+    if model_config is not None:
+      check_lora(lora, model_config)
+    if copies and embeddings == "check":
+      if lm is not None:
+        check_copies(f, folder, copies, lm)
+      elif str(folder.resolve()) not in _unchecked_logged:
+        _unchecked_logged.add(str(folder.resolve()))
+        _log.warning(
+          "%s: the adapter holds copies of %s for a vocabulary of %d ids; they were not compared"
+          " with the base model's (pass lm= to load_peft_lora to check them)",
+          folder,
+          " and ".join(copies),
+          vocab,
+        )
+  return lora
+
+
+# ---------------------------------------------------------------------------
+# Export.
 
 
 def export_peft_lora(
@@ -273,6 +373,14 @@ def export_peft_lora(
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   config = lora.config
+  if config.vocab_size is not None:
+    # PEFT records a resized vocabulary only through embedding copies, which belong to
+    # the model, not to this adapter: the exported folder loads without the limit.
+    warnings.warn(
+      f"{folder}: the adapter's vocab_size={config.vocab_size} is not exported (PEFT keeps it"
+      " only as embedding copies); the exported adapter will not mask ids >= it",
+      stacklevel=2,
+    )
   alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
   adapter_config = {
     "peft_type": "LORA",
@@ -294,7 +402,7 @@ def export_peft_lora(
   tensors = {}
   for t in config.targets:
     a, b = (np.asarray(x, np.float32) for x in lora.arrays(t))  # [L, D_in, R], [L, R, D_out]
-    for i in range(lora.model_config.num_layers):
+    for i in range(lora.num_layers):
       tensors[_tensor_name(i, t, "A")] = np.ascontiguousarray(a[i].T)  # [R, D_in]
       tensors[_tensor_name(i, t, "B")] = np.ascontiguousarray(b[i].T)  # [D_out, R]
   save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})

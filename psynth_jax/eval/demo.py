@@ -37,7 +37,8 @@ def run(
 ):
   """Runs the comparison; returns the `compare.Report` (also written under `out`).
 
-  `adapters` maps extra mode names to trainer export folders for the shipped base model.
+  `adapters` maps extra mode names to adapter folders for the shipped base model (a
+  trainer export, a PEFT folder or a release folder: `convert.release.load_adapter`).
   """
   from psynth_jax.eval import bench_meta
 
@@ -46,8 +47,8 @@ def run(
     print(f"[demo] {line}", flush=True)
 
   from psynth_jax import tasks
+  from psynth_jax.convert.release import load_adapter
   from psynth_jax.eval import compare, shipped, workflow
-  from psynth_jax.train.checkpoints import load_export
 
   t0 = time.perf_counter()
   lm = shipped.load_synthetic_base()
@@ -56,7 +57,7 @@ def run(
   for name, folder in (adapters or {}).items():
     if name in taken:
       raise ValueError(f"adapter name {name!r} is taken by a built-in mode; pick another")
-    mapper, lora = load_export(folder, lm.config)
+    mapper, lora = load_adapter(folder, lm)
     modes.append(workflow.CacheMode(name, mapper=mapper, lora=lora))
   print(
     f"[demo] base model: {lm.params.num_params() / 1e6:.2f}M parameters, {lm.config.num_layers} layers;"

@@ -152,7 +152,8 @@ def evaluate(
     task: the problems' task.
     problems: the problems, in order.
     workdir: records.jsonl and run.json live here.
-    modes: the cache modes (`workflow.cache_modes`, or adapters loaded by `load_adapter`).
+    modes: the cache modes (`workflow.cache_modes`, with adapters from
+      `psynth_jax.convert.release.load_adapter`).
     settings: worker count and token budgets.
     single_agent, text: also run those baselines.
     adapters: mode name -> folder, recorded in run.json (a name is bound to one folder).
@@ -272,28 +273,6 @@ def _record_mode(path, done, task, problem, mode, result, settings) -> None:
   }
   append_record(path, row)
   done.setdefault(problem.id, {})[row["mode"]] = row
-
-
-def load_adapter(folder: str, model_config) -> tuple[Any, Any]:
-  """(mapper or None, LoRA or None) of an adapter folder: a trainer export (mapper/ +
-  lora/) or a PEFT LoRA folder (adapter_config.json)."""
-  if os.path.exists(os.path.join(folder, "mapper", "mapper_config.json")):
-    from psynth_jax.train.checkpoints import load_export
-
-    return load_export(folder, model_config)
-  if os.path.exists(os.path.join(folder, "adapter_config.json")):
-    from psynth_jax.convert.peft import load_peft_lora
-
-    return None, load_peft_lora(folder, model_config)
-  if os.path.exists(os.path.join(folder, "cache_mapper.pt")):
-    raise NotImplementedError(
-      f"{folder} is a reference-release folder (judger_lora/ + cache_mapper.pt); loading it"
-      " as one adapter is not implemented yet (open issue: load the published checkpoint)"
-    )
-  raise FileNotFoundError(
-    f"{folder} is not an adapter: expected a trainer export (mapper/mapper_config.json)"
-    " or a PEFT folder (adapter_config.json)"
-  )
 
 
 # ---------------------------------------------------------------- results

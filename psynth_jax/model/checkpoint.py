@@ -13,9 +13,11 @@ psynth_config.json is written last, so a folder that has it is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +80,14 @@ def _write_text(path: Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def load_converted(path: str | Path, dtype: str | None = None) -> Params:
+def load_converted(path: str | Path, dtype: str | None = None, mesh=None, rules=None) -> Params:
   """Loads a folder written by `save_converted`.
 
   Args:
     path: the folder.
     dtype: "float32" | "bfloat16"; default: the dtype it was saved in.
+    mesh: place each tensor straight into its `NamedSharding` on this mesh
+      (`psynth_jax.sharding`; logical-axis `rules`, default DEFAULT_RULES).
   """
   folder = Path(path)
   try:
@@ -95,7 +99,7 @@ def load_converted(path: str | Path, dtype: str | None = None) -> Params:
   weights = folder / WEIGHTS_FILE
   if not weights.is_file():
     raise FileNotFoundError(f"missing weights file {weights}")
-  return params_from_flat(config, read_safetensors([weights]), source=str(weights))
+  return params_from_flat(config, read_safetensors([weights]), str(weights), mesh, rules)
 
 
 def read_json(path: Path) -> dict:
@@ -107,18 +111,76 @@ def read_json(path: Path) -> dict:
     raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
-  """Reads every tensor of the given files as numpy (bf16 as ml_dtypes.bfloat16)."""
-  state = {}
-  for f in files:
-    try:
-      with safe_open(str(f), framework="numpy") as reader:
+def read_safetensors(files: list[Path]) -> TensorFiles:
+  """The tensors of the given files by name, each read when it is looked up (see below)."""
+  return TensorFiles(files)
+
+
+class TensorFiles(Mapping[str, np.ndarray]):
+  """The tensors of safetensors files by name; a lookup reads that one tensor from disk.
+
+  Only the headers (names, shapes) are read up front. A lookup memory-maps the
+  tensor's file, copies the tensor out (bf16 as `ml_dtypes.bfloat16`) and unmaps
+  it, so a checkpoint read tensor by tensor never holds more than one tensor in
+  host memory, whatever the size of the files.
+  """
+
+  def __init__(self, files: list[Path]):
+    self._where: dict[str, Path] = {}
+    self._shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+      with _open(f) as reader:
         for name in reader.keys():
-          if name in state:
-            raise ValueError(f"{f}: tensor {name!r} also appears in an earlier shard")
-          state[name] = reader.get_tensor(name)
-    except FileNotFoundError:
-      raise FileNotFoundError(f"missing safetensors file {f}") from None
-    except (OSError, SafetensorError) as e:
-      raise ValueError(f"cannot read safetensors file {f}: {e}") from e
-  return state
+          if name in self._where:
+            raise ValueError(f"{f}: tensor {name!r} also appears in {self._where[name]}")
+          self._where[name] = Path(f)
+          self._shapes[name] = tuple(reader.get_slice(name).get_shape())
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    f = self._where[name]
+    with _open(f) as reader:
+      try:
+        return reader.get_tensor(name)
+      except (OSError, SafetensorError) as e:
+        raise ValueError(f"cannot read tensor {name!r} of {f}: {e}") from e
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._where)
+
+  def __len__(self) -> int:
+    return len(self._where)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    """A tensor's shape, from the header (nothing is read)."""
+    return self._shapes[name]
+
+
+@contextlib.contextmanager
+def _open(f: Path):
+  try:
+    with safe_open(str(f), framework="numpy") as reader:
+      yield reader
+  except FileNotFoundError:
+    raise FileNotFoundError(f"missing safetensors file {f}") from None
+  except SafetensorError as e:
+    raise ValueError(f"cannot read safetensors file {f}: {e}") from e
+
+
+class LazyArrays(Mapping[str, np.ndarray]):
+  """{name: array} whose arrays are made when looked up, from {name: zero-argument function}.
+
+  Converters return one (e.g. HF names and layouts -> ours) so that loading
+  converts one tensor at a time instead of holding a second copy of the model.
+  """
+
+  def __init__(self, makers: dict[str, Callable[[], np.ndarray]]):
+    self._makers = makers
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self._makers[name]()
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._makers)
+
+  def __len__(self) -> int:
+    return len(self._makers)

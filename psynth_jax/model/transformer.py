@@ -11,16 +11,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from psynth_jax import sharding
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.model.attention import Attention
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.layers import MLP, Embed, RMSNorm, param
+from psynth_jax.model.lora import mask_vocab
 from psynth_jax.model.rope import inv_frequencies
 
 
@@ -101,16 +104,24 @@ def fingerprint(config: ModelConfig, arrays) -> str:
     config: the model config.
     arrays: {name: array} of concrete weights (numpy or jax, any sharding).
   """
-  h = hashlib.sha256()
-  for name in sorted(arrays):
-    x = arrays[name]
-    flat = x.reshape(-1)
-    sample = flat[:: max(1, flat.shape[0] // _SAMPLE)]
-    if isinstance(sample, jax.Array) and not sample.is_fully_addressable:  # multi-host
-      from jax.experimental import multihost_utils
+  return _digest(config, {name: fingerprint_sample(x) for name, x in arrays.items()})
 
-      sample = multihost_utils.process_allgather(sample, tiled=True)
-    sample = np.asarray(jax.device_get(sample))
+
+def fingerprint_sample(x) -> np.ndarray:
+  """The strided sample of one tensor that `fingerprint` hashes (host numpy)."""
+  flat = x.reshape(-1)
+  sample = flat[:: max(1, flat.shape[0] // _SAMPLE)]
+  if isinstance(sample, jax.Array) and not sample.is_fully_addressable:  # multi-host
+    from jax.experimental import multihost_utils
+
+    sample = multihost_utils.process_allgather(sample, tiled=True)
+  return np.asarray(jax.device_get(sample))
+
+
+def _digest(config: ModelConfig, samples: dict[str, np.ndarray]) -> str:
+  h = hashlib.sha256()
+  for name in sorted(samples):
+    sample = samples[name]
     h.update(name.encode())
     h.update(str(sample.dtype).encode())
     h.update(np.ascontiguousarray(sample).view(np.uint8).tobytes())
@@ -208,9 +219,13 @@ def hidden_states(
   return x, cache
 
 
-def unembed(params: Params, x: jax.Array) -> jax.Array:
-  """Hidden states [B, T, D] -> float32 logits [B, T, V]."""
-  return params.module().unembed(x)
+def unembed(params: Params, x: jax.Array, lora=None) -> jax.Array:
+  """Hidden states [B, T, D] -> float32 logits [B, T, V].
+
+  With an adapter trained on a vocabulary resized to V' < V (`lora.config.vocab_size`),
+  ids >= V' get -inf: this is the one place every path given a `lora` masks them.
+  """
+  return mask_vocab(params.module().unembed(x), lora)
 
 
 def forward(
@@ -223,7 +238,7 @@ def forward(
 ) -> tuple[jax.Array, KVCache | None]:
   """`logits [B, T, V] float32, cache = forward(params, tokens, positions, cache, mask)`."""
   x, cache = hidden_states(params, tokens, positions, cache, mask, lora)
-  return unembed(params, x), cache
+  return unembed(params, x, lora), cache
 
 
 def flat_state(params: Params) -> dict[str, np.ndarray | jax.Array]:
@@ -232,9 +247,25 @@ def flat_state(params: Params) -> dict[str, np.ndarray | jax.Array]:
 
 
 def params_from_flat(
-  config: ModelConfig, arrays: dict[str, np.ndarray], source: str = "checkpoint"
+  config: ModelConfig,
+  arrays: Mapping[str, np.ndarray],
+  source: str = "checkpoint",
+  mesh: jax.sharding.Mesh | None = None,
+  rules=None,
 ) -> Params:
   """Builds Params from {name: array}, checking every name and shape.
+
+  Arrays are looked up one at a time and dropped once placed, so a lazy mapping
+  (`psynth_jax.model.checkpoint.read_safetensors`) is read tensor by tensor.
+
+  Args:
+    config: the model config (its dtype is the parameters' dtype).
+    arrays: {flat parameter name: array}; any mapping.
+    source: what to call the checkpoint in error messages.
+    mesh: place every parameter straight into its `NamedSharding` on this mesh
+      (by its logical axes and `rules`); each device receives only its slice.
+      None: the default device.
+    rules: logical-axis rules (default `psynth_jax.sharding.DEFAULT_RULES`).
 
   Raises:
     KeyError: a parameter is missing or an unexpected one is present (names all).
@@ -250,15 +281,23 @@ def params_from_flat(
       f" unexpected={unexpected}"
     )
   dtype = jnp.dtype(config.dtype)
-  flat = []
+  rules = sharding.DEFAULT_RULES if rules is None else rules
+  flat, samples = [], {}
   for name, var in want.items():
-    arr = arrays[name]
+    arr = arrays[name]  # read (and converted) now, dropped after placement
     if tuple(arr.shape) != tuple(var.shape):
       raise ValueError(
         f"{source}: parameter {name!r} has shape {tuple(arr.shape)}, expected {tuple(var.shape)}"
       )
-    flat.append((tuple(_key(p) for p in name.split(".")), var.replace(jnp.asarray(arr, dtype))))
-  return with_fingerprint(Params(config, nnx.from_flat_state(flat)))
+    if mesh is None:
+      value = jnp.asarray(arr, dtype)
+    else:
+      value = sharding.place_array(arr, dtype, var.get_metadata().get("axes"), mesh, rules)
+    flat.append((tuple(_key(p) for p in name.split(".")), var.replace(value)))
+    # Sampled on the host now: slicing sharded arrays later would compile a gather each.
+    samples[name] = fingerprint_sample(np.asarray(arr)).astype(dtype)
+    del arr
+  return Params(config, nnx.from_flat_state(flat), _digest(config, samples))
 
 
 def _key(part: str):

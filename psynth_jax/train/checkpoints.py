@@ -20,10 +20,13 @@ previous one.
 `export` writes the trained parts for use outside training: the LoRA as a
 PEFT adapter folder (`psynth_jax.convert.peft.export_peft_lora`; without the
 convert package, `lora.safetensors` + `lora_config.json`), and the mapper as
-`mapper.safetensors` with the reference release's torch names (`net.0.weight`
-[32, 3], `net.0.bias`, `net.2.weight` [4, 32], `net.2.bias`; what
-`psynth_jax.convert.reference.mapper_from_state_dict` reads) plus
-`mapper_config.json`. `load_export` reads such a folder back for inference.
+`mapper.safetensors` with the reference release's torch names and layout
+(`net.0.weight` [hidden, F] with only the features its mode reads, plus 2 cache
+statistics for `head_affine`; `net.0.bias`, `net.2.weight` [4, hidden],
+`net.2.bias`; what `psynth_jax.convert.reference.mapper_from_state_dict` reads)
+plus `mapper_config.json` (kind, features, num_layers, hidden_dim).
+`load_export` reads such a folder back for inference, and also the folders of
+older versions, whose ablation-mode mappers kept all 3 features (zero-fed).
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ from psynth_jax.convert import reference
 
 class CheckpointError(RuntimeError):
   """A checkpoint step cannot be restored; the message names the step, its path and the cause."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """An intact step saved for another state (other names, shapes or dtypes): the run's
+  config changed. `restore_latest` never sets such steps aside: nothing is wrong with them."""
 
 
 def _key_name(key) -> str:
@@ -198,7 +206,7 @@ class Checkpointer:
     names = set(meta.get("names", ()))
     if names != set(abstract):
       missing, unexpected = sorted(set(abstract) - names), sorted(names - set(abstract))
-      raise CheckpointError(
+      raise CheckpointMismatchError(
         f"{where} was saved for another state structure: missing={missing[:8]},"
         f" unexpected={unexpected[:8]}"
       )
@@ -210,6 +218,17 @@ class Checkpointer:
       raise CheckpointError(f"{where}: cannot read its arrays ({_cause(e)})") from e
     if digest(restored) != meta.get("digest"):
       raise CheckpointError(f"{where} is corrupt: its arrays do not match the saved digest")
+    # orbax hands back the saved shape whatever the target's: compare, leaf by leaf.
+    changed = [
+      f"{name} {tuple(restored[name].shape)}/{restored[name].dtype} (the state has"
+      f" {tuple(x.shape)}/{x.dtype})"
+      for name, x in abstract.items()
+      if tuple(restored[name].shape) != tuple(x.shape) or restored[name].dtype != x.dtype
+    ]
+    if changed:
+      raise CheckpointMismatchError(
+        f"{where} was saved for a state of other shapes: {'; '.join(changed[:4])}"
+      )
     leaves = [_place(restored[name], flat_target[name]) for name in flat_target]
     return jax.tree_util.tree_unflatten(treedef, leaves), meta.get("data", {})
 
@@ -227,6 +246,8 @@ class Checkpointer:
       try:
         state, data_state = self.restore(step, target)
         return step, state, data_state
+      except CheckpointMismatchError:
+        raise  # the config changed: an earlier step would not fit either, and none is damaged
       except CheckpointError as e:
         message = f"{e}; falling back to an earlier checkpoint"
         logging.error(message)
@@ -272,11 +293,16 @@ def export(params: dict[str, Any], folder: str, base_model: str = "") -> str:
     export_peft_lora(lora, lora_dir, base_model)
   if not mapper.is_identity:
     # torch Linear layout, weight [out, in]: `affine` is the reference mapper
-    # itself; `head_affine` has the same layers with 5 inputs.
+    # itself; `head_affine` has the same layers with 2 more inputs.
     arrays = reference.mapper_to_state_dict(mapper)
     safetensors.numpy.save_file(arrays, os.path.join(mapper_dir, "mapper.safetensors"))
   with open(os.path.join(mapper_dir, "mapper_config.json"), "w") as f:
-    meta = {"kind": mapper.kind, "features": mapper.features, "num_layers": mapper.num_layers}
+    meta = {
+      "kind": mapper.kind,
+      "features": mapper.features,
+      "num_layers": mapper.num_layers,
+      "hidden_dim": mapper.hidden_dim,
+    }
     json.dump(meta, f, indent=2)
   return folder
 
@@ -284,11 +310,15 @@ def export(params: dict[str, Any], folder: str, base_model: str = "") -> str:
 def load_export(folder: str | os.PathLike, model_config) -> tuple[Any, Any]:
   """Reads an `export` folder back: (Mapper, LoRAWeights) for `model_config`'s base model.
 
+  Mappers of older exports (3 features in every mode, `hidden_dim` unrecorded)
+  load too, with the same coefficients.
+
   Raises:
     FileNotFoundError: the folder lacks mapper/mapper_config.json or the LoRA files.
-    KeyError / ValueError: tensors missing or of the wrong shape (named).
+    KeyError / ValueError: tensors missing or of the wrong shape (named); a
+      mapper made for another layer count.
   """
-  from psynth_jax.mapper import Mapper
+  from psynth_jax.mapper import HIDDEN, Mapper
 
   folder = os.fspath(folder)
   config_path = os.path.join(folder, "mapper", "mapper_config.json")
@@ -296,15 +326,19 @@ def load_export(folder: str | os.PathLike, model_config) -> tuple[Any, Any]:
     raise FileNotFoundError(f"{folder} is not an export folder: {config_path} is missing")
   with open(config_path) as f:
     meta = json.load(f)
-  if meta["num_layers"] != model_config.num_layers:
+  if not isinstance(meta, dict) or "kind" not in meta:
+    raise ValueError(f"{config_path}: expected a JSON object with the mapper's 'kind'")
+  num_layers = meta.get("num_layers")
+  if num_layers is not None and num_layers != model_config.num_layers:
     raise ValueError(
-      f"{folder}: mapper made for {meta['num_layers']} layers, model has {model_config.num_layers}"
+      f"{folder}: mapper made for {num_layers} layers, model has {model_config.num_layers}"
     )
-  mapper = Mapper.create(meta["kind"], meta["num_layers"], meta["features"])
+  kind, features, hidden = meta["kind"], meta.get("features", "both"), meta.get("hidden_dim")
+  mapper = Mapper.create(kind, num_layers, features, hidden_dim=hidden or HIDDEN)
   if not mapper.is_identity:
     path = os.path.join(folder, "mapper", "mapper.safetensors")
     mapper = reference.mapper_from_state_dict(
-      safetensors.numpy.load_file(path), meta["num_layers"], meta["features"], path, meta["kind"]
+      safetensors.numpy.load_file(path), num_layers, features, path, kind, hidden
     )
   from psynth_jax.convert.peft import load_peft_lora
 

@@ -67,7 +67,10 @@ def kl_to_teacher(
   student = student_logits.astype(jnp.float32) / temperature
   log_p = jax.nn.log_softmax(teacher, axis=-1)
   log_q = jax.nn.log_softmax(student, axis=-1)
-  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # [B, Y]
+  # 0 * log(0 / 0) = 0: ids both distributions exclude (-inf logits, an adapter's
+  # resized vocabulary) would otherwise give NaN.
+  p = jnp.exp(log_p)
+  kl = jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)  # [B, Y]
   return weighted_mean(kl, weights, normalize) * temperature**2
 
 

@@ -221,13 +221,18 @@ def encode_branch_batch(
   )
 
 
-def teacher_logits(base: Params, batch: Batch) -> jax.Array:
-  """The text-concatenation teacher's logits at the target positions [B, Y, V] (no gradient)."""
+def teacher_logits(base: Params, batch: Batch, lora=None) -> jax.Array:
+  """The text-concatenation teacher's logits at the target positions [B, Y, V] (no gradient).
+
+  The teacher is the base model; `lora` only limits its vocabulary to the
+  student's (`lora.config.vocab_size`), so that the KL compares distributions
+  over the same ids.
+  """
   p = batch.teacher_tokens.shape[1]
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), batch.teacher_tokens.shape)
   x, _ = hidden_states(base, batch.teacher_tokens, positions, None, batch.teacher_mask)
   x = losses.gather_positions(jax.lax.stop_gradient(x), batch.teacher_pos)
-  return jax.lax.stop_gradient(unembed(base, x))
+  return jax.lax.stop_gradient(unembed(base, x, lora))
 
 
 def loss_fn(params, base: Params, batch: Batch, rng: jax.Array, config: StepConfig):
@@ -252,7 +257,7 @@ def loss_fn(params, base: Params, batch: Batch, rng: jax.Array, config: StepConf
     batch.num_workers,
     lora_rng,
   )
-  logits = unembed(base, losses.gather_positions(x, batch.score_pos))  # [B, Y, V]
+  logits = unembed(base, losses.gather_positions(x, batch.score_pos), lora)  # [B, Y, V]
   ce = losses.cross_entropy(logits, batch.labels, batch.weights, config.loss_normalize)
   metrics = {"ce": ce, "accuracy": losses.accuracy(logits, batch.labels, batch.weights)}
   loss = config.ce_weight * ce
@@ -261,7 +266,7 @@ def loss_fn(params, base: Params, batch: Batch, rng: jax.Array, config: StepConf
       raise ValueError("kl_weight > 0 needs teacher tokens (BatchSpec.teacher_tokens > 0)")
     kl = losses.kl_to_teacher(
       logits,
-      teacher_logits(base, batch),
+      teacher_logits(base, batch, lora),
       batch.weights,
       config.kl_temperature,
       config.loss_normalize,

@@ -104,8 +104,9 @@ def load_base(config: ConfigDict, mesh, rules):
   if m.path:
     from psynth_jax.language_model import load_pretrained
 
-    lm = load_pretrained(os.path.expanduser(m.path), dtype=m.dtype or None)
-    params = sharding.shard_tree(lm.params, mesh, rules)
+    # Straight into the shards, tensor by tensor: no host holds the whole model.
+    lm = load_pretrained(os.path.expanduser(m.path), m.dtype or None, mesh, rules)
+    params = lm.params
     if m.tokenizer == "suite":
       tokenizer = SuiteTokenizer()
       return params, tokenizer, tokenizer.pad_token_id, tokenizer.eos_token_id
