@@ -1,7 +1,7 @@
 """A PEFT adapter folder's layout, and its weights read one tensor (or row chunk) at a time.
 
-`open_adapter(folder)` opens `adapter_model.safetensors` memory-mapped
-(`safe_open`), else a legacy `adapter_model.bin` through `torch.load(...,
+`open_adapter(folder)` opens `adapter_model.safetensors` (read tensor by
+tensor, memory-mapped, through `model.checkpoint.TensorFiles`), else a legacy `adapter_model.bin` through `torch.load(...,
 weights_only=True, mmap=True)`. Names and shapes come from the headers, so a
 caller checks the key set before reading any data; `read` returns one tensor
 and `rows` a row range of one, both in the file's own dtype (bf16 as
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
+
+from psynth_jax.model.checkpoint import TensorFiles
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -30,24 +31,24 @@ EMBEDDING_KEYS = {
 
 
 class SafetensorsFile:
-  """A memory-mapped safetensors file: headers up front, data only when asked."""
+  """The adapter's safetensors file (`model.checkpoint.TensorFiles`), float tensors only."""
 
-  def __init__(self, path: Path, reader):
-    self.path, self._reader = path, reader
+  def __init__(self, path: Path):
+    self.path, self._files = path, TensorFiles([path])
 
   def keys(self) -> list[str]:
-    return list(self._reader.keys())
+    return list(self._files)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._reader.get_slice(name).get_shape())
+    return self._files.shape(name)
 
   def read(self, name: str) -> np.ndarray:
     """One whole tensor in its own dtype."""
-    return float_tensor(self.path, name, self._reader.get_tensor(name))
+    return float_tensor(self.path, name, self._files[name])
 
   def rows(self, name: str, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a tensor in its own dtype (only those bytes are read)."""
-    return float_tensor(self.path, name, self._reader.get_slice(name)[start:stop])
+    return float_tensor(self.path, name, self._files.rows(name, start, stop))
 
 
 class TorchFile:
@@ -92,12 +93,7 @@ def open_adapter(folder: Path) -> Iterator[AdapterFile]:
   """The adapter's weights file (safetensors, else a legacy .bin), opened lazily."""
   path = folder / WEIGHTS_FILE
   if path.exists():
-    try:
-      reader = safe_open(str(path), framework="numpy")
-    except SafetensorError as e:
-      raise ValueError(f"cannot read safetensors file {path}: {e}") from e
-    with reader:
-      yield SafetensorsFile(path, reader)
+    yield SafetensorsFile(path)
     return
   legacy = folder / LEGACY_WEIGHTS_FILE
   if not legacy.exists():
@@ -109,17 +105,3 @@ def open_adapter(folder: Path) -> Iterator[AdapterFile]:
   except RuntimeError:
     state = torch.load(legacy, map_location="cpu", weights_only=True)
   yield TorchFile(legacy, state)
-
-
-def read_safetensors_f32(path: Path) -> dict[str, np.ndarray]:
-  """Every tensor of a small safetensors file as float32 numpy, bf16 included.
-
-  Holds the whole file in memory as float32: for LoRA-sized files only (the
-  adapter loader reads tensor by tensor instead).
-  """
-  path = Path(path)
-  with safe_open(str(path), framework="numpy") as reader:
-    return {
-      name: float_tensor(path, name, reader.get_tensor(name)).astype(np.float32)
-      for name in reader.keys()
-    }

@@ -54,7 +54,6 @@ from psynth_jax.convert.adapter_files import (
   PREFIX,
   WEIGHTS_FILE,
   open_adapter,
-  read_safetensors_f32,
 )
 from psynth_jax.convert.peft_embeddings import apply_adapter_embeddings, check_copies, copy_shapes
 from psynth_jax.model.config import ModelConfig
@@ -70,7 +69,6 @@ __all__ = [
   "export_peft_lora",
   "load_peft_lora",
   "lora_config_from_peft",
-  "read_safetensors_f32",
 ]
 
 _LORA_TENSOR = re.compile(

@@ -154,6 +154,15 @@ class TensorFiles(Mapping[str, np.ndarray]):
     """A tensor's shape, from the header (nothing is read)."""
     return self._shapes[name]
 
+  def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a tensor: only those bytes are read."""
+    f = self._where[name]
+    with _open(f) as reader:
+      try:
+        return reader.get_slice(name)[start:stop]
+      except (OSError, SafetensorError) as e:
+        raise ValueError(f"cannot read rows of tensor {name!r} of {f}: {e}") from e
+
 
 @contextlib.contextmanager
 def _open(f: Path):
