@@ -31,6 +31,7 @@ from psynth_jax import decode
 from psynth_jax.mapper import Mapper, check_mapper
 from psynth_jax.merge import merge, synth_start_position
 from psynth_jax.model.lora import check_lora
+from psynth_jax.model.remat import remat_layer
 from psynth_jax.model.transformer import Params, hidden_states, unembed
 from psynth_jax.workers import Branches
 
@@ -387,6 +388,7 @@ def latent_hidden(
   rows: int,
   num_workers: jax.Array | None = None,  # [B], K per example (default: K)
   lora_rng: jax.Array | None = None,
+  remat: str = "none",  # psynth_jax.model.remat.POLICIES (training)
 ) -> jax.Array:
   """Final hidden states [B, T, D] of the synthesizer over merged branch caches."""
   b, t = tokens.shape
@@ -397,10 +399,12 @@ def latent_hidden(
     cache = merge(br, params.config, mapper, rows, rows + t, nw)
     return jax.tree.map(lambda x: x[0] if x.ndim else x, cache), synth_start_position(br)
 
-  caches, starts = jax.vmap(one)(branches, num_workers)
+  # The merge keeps only its (bfloat16) inputs for the backward when remat is on, not its
+  # float32 working copies of every branch row.
+  caches, starts = jax.vmap(remat_layer(one, remat))(branches, num_workers)
   cache = caches.replace(index=jnp.asarray(rows, jnp.int32))  # vmap stacked the index
   positions = starts[:, None] + jnp.arange(t)[None, :]
-  x, _ = hidden_states(params, tokens, positions, cache, mask, lora, lora_rng)
+  x, _ = hidden_states(params, tokens, positions, cache, mask, lora, lora_rng, remat)
   return x
 
 

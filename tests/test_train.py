@@ -250,6 +250,24 @@ def test_only_the_chosen_part_trains_and_loss_falls(trainable, base, batch):
     assert history[-1] < 0.7 * history[0], history
 
 
+def test_a_rematerialised_step_computes_the_same_update(base, batch):
+  """remat (synthesizer layers and the merge) trades memory for recomputation, nothing else."""
+  opt_config = step_lib.OptimizerConfig(learning_rate=1e-2)
+  optimizer = step_lib.make_optimizer(opt_config, "both")
+  device_batch = jax.tree.map(jnp.asarray, batch)
+  results = {}
+  for policy in ("none", "full"):
+    config = step_lib.StepConfig(branch_rows=SPEC.branch_rows, remat=policy)
+    step_fn = step_lib.make_train_step(config, opt_config, compiler_options=FAST)
+    state = step_lib.init_state(*_trainables(perturb=0.05), optimizer)
+    state, metrics = step_fn(state, base, device_batch)
+    results[policy] = float(metrics["loss"]), float(metrics["grad_norm"]), _copy(state.params)
+  (loss, norm, params), (ref_loss, ref_norm, ref_params) = results["full"], results["none"]
+  np.testing.assert_allclose([loss, norm], [ref_loss, ref_norm], rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
 def test_a_batch_of_skipped_examples_changes_nothing(base, batch):
   optimizer, step_fn = _step_fn("both", 1e-2)
   state = step_lib.init_state(*_trainables(), optimizer)

@@ -62,6 +62,9 @@ def default_config() -> ConfigDict:
         # "example": each example's mean over its target tokens, then the mean over
         # examples (the reference release); "token": the mean over all target tokens.
         loss_normalize="example",
+        # What each synthesizer layer keeps for the backward pass (psynth_jax.model.remat):
+        # none | full | dots | dots_no_batch. Memory against recomputation; no value changes.
+        remat="none",
       ),
       optimizer=dataclasses.asdict(OptimizerConfig()),
       # shape over (data, fsdp, tensor); rules: logical axis -> "data,fsdp" | "fsdp" | "".

@@ -18,18 +18,51 @@ x data*fsdp). Every host runs the same command; on Cloud TPU VMs
       --workdir gs://BUCKET/psynth/qwen3_14b_stage1 \\
       --config.data.train_jsonl=gs://BUCKET/traces/stage1.jsonl"
 
-The workdir and the traces must be on storage every host sees (GCS). Memory:
-the frozen weights take 28 GB (0.9 GB per chip sharded), the branch caches of
-one example 8 x 2048 rows x 40 layers x 2 x 8 x 128 x 2 B = 1.3 GB; the peak is
-the synthesizer's backward pass, whose saved float32 attention scores over
-1024 queries x 9216 rows are 1.5 GB per layer, 60 GB over 40 layers, 15 GB per
-chip on the 4-way tensor axis (v5p: 95 GB HBM per chip). Longer budgets need
-per-layer rematerialisation in the model.
+The workdir and the traces must be on storage every host sees (GCS).
+
+Memory per chip (`python experiments/memory_qwen3_14b.py`, which traces the step at
+these shapes and counts what its backward pass keeps; results/memory_qwen3_14b.json):
+the frozen bf16 weights are 29.5 GB, 0.92 GB per chip over fsdp x tensor; one
+example's caches (8 branches x 2048 rows and the merged 9216 rows, 40 layers, 8 kv
+heads x 128, bf16) 4.2 GB, 1.05 GB per chip over the kv heads; the trainables with
+their gradient and Adam moments 0.34 GB. What the backward keeps besides, by
+`train.remat` (psynth_jax.model.remat), per example and per chip:
+
+  none           178 GB   46 GB  every layer's float32 attention scores [40, 1024, 9216]
+  dots            67 GB   18 GB  the matmul outputs, attention scores included
+  dots_no_batch  5.7 GB  2.9 GB  the projections (q/k/v/o, MLP, LoRA); attention recomputed
+  full           1.0 GB 0.65 GB  each layer's input; the whole layer recomputed
+
+plus, with any remat, one layer's recomputed attention at a time (scores,
+probabilities and their cotangent: 4.5 GB, 1.1 GB per chip). So "none" needs about
+49 GB per chip before XLA's own temporaries and fits only v5p's 95 GB; the default
+"dots_no_batch" needs about 6.3 GB (about one extra attention forward per step), and
+"full" about 4.1 GB, which leaves room for 4x longer budgets or a v5e's 16 GB.
 """
 
 from ml_collections import ConfigDict
 
 from psynth_jax.configs.base import default_config
+from psynth_jax.model.config import ModelConfig
+
+
+def model_config(dtype: str = "bfloat16") -> ModelConfig:
+  """Qwen/Qwen3-14B's shapes (its config.json), for memory budgets and random-weight runs."""
+  return ModelConfig(
+    "qwen3",
+    vocab_size=151936,
+    hidden_size=5120,
+    intermediate_size=17408,
+    num_layers=40,
+    num_heads=40,
+    num_kv_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-6,
+    rope_theta=1e6,
+    qk_norm=True,
+    max_position_embeddings=40960,
+    dtype=dtype,
+  )
 
 
 def get_config(arg: str = "") -> ConfigDict:
@@ -49,6 +82,7 @@ def get_config(arg: str = "") -> ConfigDict:
   )
   c.train.num_steps = 0  # one epoch
   c.train.num_epochs = 1
+  c.train.remat = "dots_no_batch"  # see the memory table above
   c.optimizer.learning_rate = 1e-4
   c.mesh.shape = (1, -1, 4)
   c.checkpoint.update(every=200, max_to_keep=3, async_save=True)

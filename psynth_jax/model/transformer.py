@@ -24,6 +24,7 @@ from psynth_jax.model.attention import Attention
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.layers import MLP, Embed, RMSNorm, param
 from psynth_jax.model.lora import mask_vocab
+from psynth_jax.model.remat import remat_layer
 from psynth_jax.model.rope import inv_frequencies
 
 
@@ -165,13 +166,15 @@ def hidden_states(
   mask: jax.Array | None = None,  # [B, T] bool, False for padding tokens
   lora=None,
   lora_rng: jax.Array | None = None,
+  remat: str = "none",
 ) -> tuple[jax.Array, KVCache | None]:
   """Runs the decoder stack; returns final-normed hidden states [B, T, D] and the cache.
 
   With a cache, the T tokens are written at rows [cache.index, cache.index + T)
   and attend to every valid earlier row; without one they attend causally to
   each other only. `lora` is a `psynth_jax.model.lora.LoRAWeights` (or None);
-  `lora_rng` turns on its dropout.
+  `lora_rng` turns on its dropout. `remat` names what each layer keeps for a
+  backward pass (`psynth_jax.model.remat.POLICIES`; it changes no value).
   """
   model = params.module()
   config = params.config
@@ -206,7 +209,11 @@ def hidden_states(
   for i, block in enumerate(model.layers):
     cache_kv = None if cache is None else (cache.k[i], cache.v[i])
     layer_lora = None if lora_layers is None else lora_layers[i]
-    x, kv = block(x, positions, inv_freq, cache_kv, index, key_mask, layer_lora)
+
+    def layer(x, cache_kv, block=block, layer_lora=layer_lora):
+      return block(x, positions, inv_freq, cache_kv, index, key_mask, layer_lora)
+
+    x, kv = remat_layer(layer, remat)(x, cache_kv)
     if kv is not None:
       new_k.append(kv[0])
       new_v.append(kv[1])

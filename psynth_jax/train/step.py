@@ -30,6 +30,7 @@ from psynth_jax import sharding
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.mapper import Mapper, check_mapper
 from psynth_jax.model.lora import LoRAWeights, check_lora
+from psynth_jax.model.remat import check_policy
 from psynth_jax.model.transformer import Params, hidden_states, unembed
 from psynth_jax.synthesis import latent_hidden
 from psynth_jax.train import losses
@@ -80,8 +81,10 @@ class StepConfig:
   loss_normalize: str = "example"  # losses.NORMALIZE: per example (the reference) or per token
   seed: int = 0  # LoRA dropout keys are fold_in(key(seed), step): resuming replays them
   worker_prompt_tokens: int = 0  # BatchSpec.worker_prompt_tokens
+  remat: str = "none"  # the synthesizer's per-layer policy (psynth_jax.model.remat)
 
   def __post_init__(self):
+    check_policy(self.remat)
     if self.trainable not in TRAINABLE:
       raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
     if self.loss_normalize not in losses.NORMALIZE:
@@ -256,6 +259,7 @@ def loss_fn(params, base: Params, batch: Batch, rng: jax.Array, config: StepConf
     config.branch_rows,
     batch.num_workers,
     lora_rng,
+    config.remat,
   )
   logits = unembed(base, losses.gather_positions(x, batch.score_pos), lora)  # [B, Y, V]
   ce = losses.cross_entropy(logits, batch.labels, batch.weights, config.loss_normalize)

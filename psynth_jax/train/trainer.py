@@ -82,6 +82,7 @@ def step_config(config: ConfigDict) -> step_lib.StepConfig:
     loss_normalize=t.loss_normalize,
     seed=config.seed,
     worker_prompt_tokens=config.batch.worker_prompt_tokens,
+    remat=t.remat,
   )
 
 
