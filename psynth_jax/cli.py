@@ -65,11 +65,13 @@ def _load(args):
   from psynth_jax import load_pretrained
 
   t0 = time.perf_counter()
-  lm = load_pretrained(args.model, dtype=args.dtype, mesh=_mesh(getattr(args, "mesh", None)))
+  mesh = _mesh(getattr(args, "mesh", None))
+  lm = load_pretrained(args.model, dtype=args.dtype, mesh=mesh)
   c = lm.config
+  where = "" if mesh is None else f" on mesh {dict(mesh.shape)}"
   print(
     f"loaded {c.model_type} ({c.num_layers} layers, d={c.hidden_size}, {c.dtype}) from"
-    f" {args.model} in {time.perf_counter() - t0:.1f}s",
+    f" {args.model}{where} in {time.perf_counter() - t0:.1f}s",
     flush=True,
   )
   return lm
@@ -206,6 +208,8 @@ def _eval(args) -> None:
   else:
     if not args.model:
       raise SystemExit("--model is needed to run (only --rescore works from the records alone)")
+    args.mesh = args.mesh or config.mesh or None
+    args.dtype = args.dtype or config.dtype or None
     lm = _load(args)
     adapters = parse_adapters(args.adapter)
     modes = [workflow.CacheMode(workflow.NAIVE_MERGE)] if config.naive_merge else []

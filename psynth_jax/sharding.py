@@ -115,7 +115,11 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
 
 
 def logical_to_spec(
-  axes: Sequence[str | None], rules: Rules, shape: Sequence[int] | None = None, mesh=None
+  axes: Sequence[str | None],
+  rules: Rules,
+  shape: Sequence[int] | None = None,
+  mesh=None,
+  warn: bool = True,
 ) -> PartitionSpec:
   """Maps logical axis names to a `PartitionSpec`.
 
@@ -125,6 +129,8 @@ def logical_to_spec(
     shape: the array shape; with `mesh`, dimensions that the mesh axes do not
       divide are replicated instead.
     mesh: the mesh (for the divisibility check).
+    warn: log (once) each axis left replicated because it does not divide; off for
+      activations, whose batch often does not divide (3 workers on 2 ways).
   """
   table = dict(rules)
   used: set[str] = set()
@@ -136,7 +142,8 @@ def logical_to_spec(
     if shape is not None and mesh is not None and mesh_axes:
       ways = math.prod(mesh.shape[a] for a in mesh_axes)
       if shape[dim] % ways:
-        _warn_replicated(name, shape[dim], mesh_axes, ways)
+        if warn:
+          _warn_replicated(name, shape[dim], mesh_axes, ways)
         mesh_axes = ()
     used.update(mesh_axes)
     spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
@@ -153,6 +160,25 @@ def _warn_replicated(name: str | None, size: int, mesh_axes: tuple[str, ...], wa
     mesh_axes,
     ways,
   )
+
+
+# Logical axes of what inference and training compute, for `constrain`.
+CACHE_AXES = ("batch", None, "kv_heads", "head_dim")  # k, v [B, S, G, H]: over kv heads
+ACTIVATION_AXES = ("batch", None, None)  # [B, T, D]: the residual stream, D not split
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None, rules: Rules):
+  """`x` laid out by its logical `axes` on `mesh` (inside jit); `x` itself without a mesh.
+
+  The model states its own layouts (caches over kv heads, activations over the batch)
+  where GSPMD would otherwise have to infer them from the weights: a cache written by
+  one jitted program and read by the next keeps the same layout, and no layer gathers
+  a cache to one device. Dimensions the mesh does not divide stay replicated.
+  """
+  if mesh is None or mesh.size == 1:
+    return x
+  spec = logical_to_spec(axes, rules, np.shape(x), mesh, warn=False)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -49,3 +49,45 @@ def test_missing_key_names_file_and_key(key):
   hf = {k: v for k, v in QWEN3.items() if k != key}
   with pytest.raises(KeyError, match=f"some/config.json .*{key}"):
     ModelConfig.from_hf(hf, source="some/config.json")
+
+
+def test_the_14b_inference_config_splits_every_large_tensor_over_8_devices():
+  """Qwen3-14B on (1, 1, 8): nothing large stays whole on a device, and the budget fits v5e."""
+  import math
+
+  import jax
+
+  from psynth_jax import sharding
+  from psynth_jax.configs import qwen3_14b, qwen3_14b_eval
+  from psynth_jax.model.transformer import abstract_params
+
+  config = qwen3_14b_eval.get_config("gsm8k")
+  assert (config.mesh, config.dtype, config.worker_tokens, config.answer_tokens) == (
+    "1,1,8",
+    "bfloat16",
+    4096,
+    4096,
+  )
+  shape = tuple(int(x) for x in config.mesh.split(","))
+  mesh = sharding.make_mesh(sharding.MeshConfig(shape))
+  params = abstract_params(qwen3_14b.model_config())
+  total = 0
+  variables = jax.tree.leaves(params.state, is_leaf=lambda x: hasattr(x, "get_metadata"))
+  assert len(variables) == 40 * 11 + 3  # 11 per layer; embedding, final norm, head
+  for var in variables:
+    value, axes = var.get_value(), var.get_metadata().get("axes")
+    total += math.prod(value.shape) * 2
+    spec = sharding.logical_to_spec(axes, sharding.DEFAULT_RULES, value.shape, mesh)
+    if len(value.shape) >= 2:
+      assert "tensor" in tuple(spec), (axes, value.shape, spec)
+  budget = qwen3_14b_eval.inference_memory()
+  assert abs(budget["weights"] - total / 8 / 1e9) < 1e-9
+  assert budget["peak"] == budget["peak_text"] < 16  # a v5e chip's HBM
+  assert budget["peak_synthesis"] < budget["peak_text"] / 1.5
+
+
+def test_the_14b_training_config_rematerialises():
+  from psynth_jax.configs import qwen3_14b
+  from psynth_jax.model.remat import POLICIES
+
+  assert qwen3_14b.get_config().train.remat == "dots_no_batch" in POLICIES

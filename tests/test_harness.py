@@ -111,6 +111,18 @@ def test_batched_problems_give_the_one_problem_records(setup, tmp_path):
   assert all(r["ttft_s"] > 0 for r in single if r["kind"] == "mode")
 
 
+def test_a_mesh_in_the_config_shards_the_run_and_changes_no_record(setup, tmp_path, capsys):
+  root, data, _ = setup
+  model = ["--model", str(root / "model"), "--limit", "2", "--set", "batch_problems=2"]
+  _, sharded = _eval(root, data, tmp_path / "sharded", *model, "--set", "mesh=1,2,2")
+  assert "on mesh {'data': 1, 'fsdp': 2, 'tensor': 2}" in capsys.readouterr().out
+  _, single = _eval(root, data, tmp_path / "single", *model)
+  keep = ("kind", "id", "mode", "outputs", "output_ids", "prediction", "score")
+  assert [{k: r.get(k) for k in keep} for r in sharded] == [
+    {k: r.get(k) for k in keep} for r in single
+  ]
+
+
 def test_bad_config_overrides_and_adapters_are_refused(setup, tmp_path):
   root, data, _ = setup
   with pytest.raises(SystemExit, match="KEY=VALUE"):

@@ -86,8 +86,9 @@ def test_sharded_inference_equals_one_device(one_device, folder, shape):
   assert got_workers.tokens == ref_workers.tokens
   for a, b in zip(got_workers.branches.cache.k, ref_workers.branches.cache.k, strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
-  k = got_workers.branches.cache.k[0]  # [K, S, G, H]: kv heads over the tensor axis
-  assert k.sharding.spec[2] == "tensor", k.sharding.spec
+  cache = got_workers.branches.cache
+  for x in (*cache.k, *cache.v):  # [K, S, G, H]: every layer's kv heads over the tensor axis
+    assert tuple(x.sharding.spec)[:3] == (None, None, "tensor"), x.sharding.spec
 
   mapper = Mapper.create("affine", CONFIG.num_layers, seed=2)
   prompt = [3, 4, 5]

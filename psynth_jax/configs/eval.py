@@ -33,6 +33,10 @@ def get_config(task: str = "gsm8k") -> ConfigDict:
       single_agent=True,
       text_synthesis=True,
       naive_merge=True,
+      # Where the model runs: "DATA,FSDP,TENSOR" (e.g. "1,1,8"; `psynth eval --mesh` wins),
+      # "" = one device; dtype "" = the checkpoint's (`--dtype` wins).
+      mesh="",
+      dtype="",
       # Problems whose workers (and text-mode answers) share one compiled program;
       # 1: one problem at a time, with a (non-benchmark) TTFT per answer.
       batch_problems=4,

@@ -78,12 +78,20 @@ class Params:
   config: ModelConfig = struct.field(pytree_node=False)
   state: nnx.State
   fingerprint: str = struct.field(pytree_node=False, default="")
+  # The mesh the weights were placed on (`params_from_flat(mesh=)`) and its logical-axis
+  # rules: the forward constrains caches and activations to match (`sharding.constrain`).
+  mesh: jax.sharding.Mesh | None = struct.field(pytree_node=False, default=None)
+  rules: sharding.Rules = struct.field(pytree_node=False, default=sharding.DEFAULT_RULES)
 
   def module(self) -> Transformer:
     return nnx.merge(graphdef(self.config), self.state)
 
   def num_params(self) -> int:
     return sum(x.size for x in jax.tree.leaves(self.state))
+
+  def constrain(self, x: jax.Array, axes) -> jax.Array:
+    """`x` laid out on this model's mesh by its logical axes (unchanged without a mesh)."""
+    return sharding.constrain(x, axes, self.mesh, self.rules)
 
 
 def config_digest(config: ModelConfig) -> str:
@@ -204,19 +212,22 @@ def hidden_states(
     key_mask = key_mask & (distance < config.sliding_window)
 
   lora_layers = None if lora is None else lora.layers(lora_rng)
-  x = model.embed(tokens)
+  x = params.constrain(model.embed(tokens), sharding.ACTIVATION_AXES)
   new_k, new_v = [], []
   for i, block in enumerate(model.layers):
-    cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+    cache_kv = None
+    if cache is not None:
+      cache_kv = tuple(params.constrain(c[i], sharding.CACHE_AXES) for c in (cache.k, cache.v))
     layer_lora = None if lora_layers is None else lora_layers[i]
 
     def layer(x, cache_kv, block=block, layer_lora=layer_lora):
       return block(x, positions, inv_freq, cache_kv, index, key_mask, layer_lora)
 
     x, kv = remat_layer(layer, remat)(x, cache_kv)
+    x = params.constrain(x, sharding.ACTIVATION_AXES)
     if kv is not None:
-      new_k.append(kv[0])
-      new_v.append(kv[1])
+      new_k.append(params.constrain(kv[0], sharding.CACHE_AXES))
+      new_v.append(params.constrain(kv[1], sharding.CACHE_AXES))
   x = model.final_norm(x)
 
   if cache is not None:
@@ -304,7 +315,7 @@ def params_from_flat(
     # Sampled on the host now: slicing sharded arrays later would compile a gather each.
     samples[name] = fingerprint_sample(np.asarray(arr)).astype(dtype)
     del arr
-  return Params(config, nnx.from_flat_state(flat), _digest(config, samples))
+  return Params(config, nnx.from_flat_state(flat), _digest(config, samples), mesh, rules)
 
 
 def _key(part: str):
