@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psynth_jax import decode
+from psynth_jax.model.attention_ops import check_impl
 from psynth_jax.model.lora import check_lora, vocab_limit
 from psynth_jax.model.transformer import Params, forward
 
@@ -42,6 +43,12 @@ class LanguageModel:
   @property
   def config(self):
     return self.params.config
+
+  def with_attention(self, impl: str) -> LanguageModel:
+    """The same model computing attention with `impl` ("auto", "dense", "blocked", "cudnn";
+    `psynth_jax.model.attention_ops`). The weights are shared, not copied."""
+    check_impl(impl)
+    return dataclasses.replace(self, params=self.params.replace(attention=impl))
 
   def logits(self, tokens, lora=None) -> jax.Array:
     """Full causal forward without a cache: tokens [B, T] -> float32 logits [B, T, V]."""

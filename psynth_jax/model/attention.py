@@ -13,11 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from psynth_jax.model.attention_ops import attention
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.layers import RMSNorm, param
 from psynth_jax.model.rope import apply_rope
-
-_MASKED = -1e30  # finite, so a fully masked (padding) query stays NaN-free
 
 
 class LoRALayer(NamedTuple):
@@ -37,23 +36,6 @@ class LoRALayer(NamedTuple):
       keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
     return (x @ a.astype(x.dtype)) @ b.astype(x.dtype) * jnp.asarray(self.scale, x.dtype)
-
-
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
-  """Softmax attention of q [B, T, G, Q, H] over k, v [B, S, G, H] -> [B, T, G, Q, H].
-
-  The Q query heads that share a kv head are folded with T into one matmul
-  dimension M = Q*T: one [M, H] x [H, S] product per (batch, kv head). On CPU
-  this is 2-4x faster than a 5-D einsum and never copies k/v per query head.
-  """
-  b, t, g, qh, h = q.shape
-  q = q.transpose(0, 2, 3, 1, 4).reshape(b, g, qh * t, h)  # [B, G, M, H]
-  logits = jnp.einsum("BGMH,BSGH->BGMS", q, k, preferred_element_type=jnp.float32)
-  logits = logits.reshape(b, g, qh, t, -1) * (h**-0.5)
-  logits = jnp.where(key_mask[:, None, None], logits, _MASKED)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, g, qh * t, -1)
-  out = jnp.einsum("BGMS,BSGH->BGMH", probs, v)
-  return out.reshape(b, g, qh, t, h).transpose(0, 3, 1, 2, 4)
 
 
 class Attention(nnx.Module):
@@ -91,6 +73,7 @@ class Attention(nnx.Module):
     index: jax.Array | None,  # [] first row written by x
     key_mask: jax.Array,  # [B, T, S] bool
     lora: LoRALayer | None = None,
+    impl: str = "auto",  # psynth_jax.model.attention_ops.IMPLEMENTATIONS
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     cfg = self.config
     q = self._project(x, "q", lora)  # [B, T, N, H]
@@ -112,7 +95,7 @@ class Attention(nnx.Module):
 
     b, t, n, h = q.shape
     g = cfg.num_kv_heads
-    out = grouped_attention(q.reshape(b, t, g, n // g, h), k, v, key_mask).reshape(b, t, n, h)
+    out = attention(q.reshape(b, t, g, n // g, h), k, v, key_mask, impl).reshape(b, t, n, h)
 
     y = jnp.einsum("BTNH,NHD->BTD", out, self.o[...])
     if lora is not None and (delta := lora.delta("o", out.reshape(b, t, n * h))) is not None:

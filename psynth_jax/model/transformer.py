@@ -21,6 +21,7 @@ from flax import nnx, struct
 from psynth_jax import sharding
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.model.attention import Attention
+from psynth_jax.model.attention_ops import check_impl
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.layers import MLP, Embed, RMSNorm, param
 from psynth_jax.model.lora import mask_vocab
@@ -36,8 +37,10 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
     self.mlp = MLP(config, rngs)
 
-  def __call__(self, x, positions, inv_freq, cache_kv, index, key_mask, lora):
-    h, new_kv = self.attn(self.attn_norm(x), positions, inv_freq, cache_kv, index, key_mask, lora)
+  def __call__(self, x, positions, inv_freq, cache_kv, index, key_mask, lora, impl="auto"):
+    h, new_kv = self.attn(
+      self.attn_norm(x), positions, inv_freq, cache_kv, index, key_mask, lora, impl
+    )
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), new_kv
 
@@ -82,6 +85,9 @@ class Params:
   # rules: the forward constrains caches and activations to match (`sharding.constrain`).
   mesh: jax.sharding.Mesh | None = struct.field(pytree_node=False, default=None)
   rules: sharding.Rules = struct.field(pytree_node=False, default=sharding.DEFAULT_RULES)
+  # How attention is computed (`psynth_jax.model.attention_ops`): the same function,
+  # a runtime choice and not part of the model, so it is not in the fingerprint.
+  attention: str = struct.field(pytree_node=False, default="auto")
 
   def module(self) -> Transformer:
     return nnx.merge(graphdef(self.config), self.state)
@@ -211,6 +217,7 @@ def hidden_states(
     distance = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
     key_mask = key_mask & (distance < config.sliding_window)
 
+  impl = check_impl(params.attention)
   lora_layers = None if lora is None else lora.layers(lora_rng)
   x = params.constrain(model.embed(tokens), sharding.ACTIVATION_AXES)
   new_k, new_v = [], []
@@ -221,7 +228,7 @@ def hidden_states(
     layer_lora = None if lora_layers is None else lora_layers[i]
 
     def layer(x, cache_kv, block=block, layer_lora=layer_lora):
-      return block(x, positions, inv_freq, cache_kv, index, key_mask, layer_lora)
+      return block(x, positions, inv_freq, cache_kv, index, key_mask, layer_lora, impl)
 
     x, kv = remat_layer(layer, remat)(x, cache_kv)
     x = params.constrain(x, sharding.ACTIVATION_AXES)

@@ -1,0 +1,154 @@
+"""Grouped-query softmax attention, one entry point and its implementations.
+
+`attention(q, k, v, key_mask, impl)` takes q [B, T, G, Q, H] (Q query heads per kv head),
+k, v [B, S, G, H] and key_mask [B, T, S] (True: the query may see the key) and returns
+[B, T, G, Q, H]. The implementations compute the same function:
+
+* "dense": one [Q*T, S] float32 score matrix per (batch, kv head). Fastest for short
+  rows and for decode (T = 1); its memory grows with T x S.
+* "blocked": an online softmax over key blocks of `BLOCK` rows in plain XLA (any
+  backend): no [T, S] score matrix, blocks no query may see are skipped (a merged
+  cache's unwritten capacity), and the backward pass recomputes each block's scores
+  instead of keeping them.
+* "cudnn": `jax.nn.dot_product_attention` with cuDNN's fused kernel (GPU, bf16/fp16).
+* "auto": cuDNN on a GPU where it applies, else dense up to `DENSE_MAX_SCORES` scores
+  per (batch, kv head) and blocked beyond.
+
+A query that sees no key at all (a padding token) gets the mean of the values in
+"dense" and an undefined but finite output elsewhere: nothing reads it.
+
+TPU Pallas kernels (splash / flash attention) take a mask fixed when the kernel is
+built, where ours depends on the cache's valid rows at run time: not implemented
+here, refused by name.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "dense", "blocked", "cudnn")
+BLOCK = 512  # key rows per block of "blocked"
+DENSE_MAX_SCORES = 1 << 22  # Q*T*S per (batch, kv head) above which "auto" blocks (16 MiB)
+_MASKED = -1e30  # finite, so a fully masked (padding) query stays NaN-free
+
+
+def check_impl(impl: str) -> str:
+  if impl in ("splash", "flash"):
+    raise NotImplementedError(
+      f"attention impl {impl!r}: the Pallas TPU kernels need a mask fixed when the kernel"
+      " is built, and psynth_jax's masks follow the cache's valid rows at run time; use"
+      f" one of {IMPLEMENTATIONS}"
+    )
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+  return impl
+
+
+def attention(q, k, v, key_mask, impl: str = "auto") -> jax.Array:
+  """Softmax attention of q [B, T, G, Q, H] over k, v [B, S, G, H] -> [B, T, G, Q, H]."""
+  impl = resolve(check_impl(impl), q.shape, k.shape[1], q.dtype)
+  if impl == "dense":
+    return dense_attention(q, k, v, key_mask)
+  if impl == "blocked":
+    return blocked_attention(q, k, v, key_mask)
+  return cudnn_attention(q, k, v, key_mask)
+
+
+def resolve(impl: str, q_shape, rows: int, dtype) -> str:
+  """The implementation "auto" stands for for q of `q_shape` over `rows` keys here."""
+  if impl != "auto":
+    return impl
+  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  _, t, _, qh, _ = q_shape
+  return "blocked" if qh * t * rows > DENSE_MAX_SCORES else "dense"
+
+
+def dense_attention(q, k, v, key_mask) -> jax.Array:
+  """The reference: the Q query heads that share a kv head are folded with T into one
+  matmul dimension M = Q*T, one [M, H] x [H, S] product per (batch, kv head); on CPU
+  2-4x faster than a 5-D einsum, and k/v are never copied per query head."""
+  b, t, g, qh, h = q.shape
+  q = q.transpose(0, 2, 3, 1, 4).reshape(b, g, qh * t, h)  # [B, G, M, H]
+  logits = jnp.einsum("BGMH,BSGH->BGMS", q, k, preferred_element_type=jnp.float32)
+  logits = logits.reshape(b, g, qh, t, -1) * (h**-0.5)
+  logits = jnp.where(key_mask[:, None, None], logits, _MASKED)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, g, qh * t, -1)
+  out = jnp.einsum("BGMS,BSGH->BGMH", probs, v)
+  return out.reshape(b, g, qh, t, h).transpose(0, 3, 1, 2, 4)
+
+
+def blocked_attention(q, k, v, key_mask, block: int = BLOCK) -> jax.Array:
+  """Online softmax over key blocks (flash attention's recurrence, in plain XLA).
+
+  Per block: scores of all queries against its keys, a running row maximum m, a
+  running denominator l and a running float32 output, rescaled by exp(m_old - m_new).
+  A block that no query sees is skipped (`lax.cond`). Each step is rematerialised, so
+  a backward pass keeps only the running state per block, never a score matrix.
+  """
+  b, t, g, qh, h = q.shape
+  s = k.shape[1]
+  c = min(block, s)
+  nb = -(-s // c)
+  if nb * c != s:  # pad the keys to whole blocks; padded keys are masked
+    pad = nb * c - s
+    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    key_mask = jnp.pad(key_mask, ((0, 0), (0, 0), (0, pad)))
+  qf = q.transpose(0, 2, 3, 1, 4).reshape(b, g, qh * t, h)
+  blocks = (
+    k.reshape(b, nb, c, g, h).swapaxes(0, 1),  # [nb, B, C, G, H]
+    v.reshape(b, nb, c, g, h).swapaxes(0, 1),
+    key_mask.reshape(b, t, nb, c).transpose(2, 0, 1, 3),  # [nb, B, T, C]
+  )
+
+  def update(carry, kc, vc, mc):
+    m, l, acc = carry  # [B, G, Q, T], [B, G, Q, T], [B, G, Q, T, H] float32
+    logits = jnp.einsum("BGMH,BCGH->BGMC", qf, kc, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, g, qh, t, c) * (h**-0.5)
+    logits = jnp.where(mc[:, None, None], logits, _MASKED)
+    m_new = jnp.maximum(m, logits.max(-1))
+    p = jnp.exp(logits - m_new[..., None])
+    scale = jnp.exp(m - m_new)
+    pv = jnp.einsum(
+      "BGMC,BCGH->BGMH",
+      p.astype(v.dtype).reshape(b, g, qh * t, c),
+      vc,
+      preferred_element_type=jnp.float32,
+    )
+    acc = acc * scale[..., None] + pv.reshape(b, g, qh, t, h)
+    return m_new, l * scale + p.sum(-1), acc
+
+  @jax.checkpoint
+  def step(carry, blk):
+    kc, vc, mc = blk
+    carry = jax.lax.cond(mc.any(), lambda cr: update(cr, kc, vc, mc), lambda cr: cr, carry)
+    return carry, None
+
+  init = (
+    jnp.full((b, g, qh, t), -jnp.inf, jnp.float32),
+    jnp.zeros((b, g, qh, t), jnp.float32),
+    jnp.zeros((b, g, qh, t, h), jnp.float32),
+  )
+  (_, l, acc), _ = jax.lax.scan(step, init, blocks)
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # l = 0 only if every block was skipped
+  return out.astype(v.dtype).transpose(0, 3, 1, 2, 4)
+
+
+def cudnn_attention(q, k, v, key_mask) -> jax.Array:
+  """cuDNN's fused attention through `jax.nn.dot_product_attention` (GPU only)."""
+  if jax.default_backend() != "gpu":
+    raise ValueError(
+      f"attention impl 'cudnn' needs a GPU (this backend is {jax.default_backend()!r});"
+      " use 'blocked' or 'dense'"
+    )
+  b, t, g, qh, h = q.shape
+  out = jax.nn.dot_product_attention(
+    q.reshape(b, t, g * qh, h),  # query head n = kv head n // Q: our grouping
+    k,
+    v,
+    mask=key_mask[:, None],
+    implementation="cudnn",
+  )
+  return out.reshape(b, t, g, qh, h)

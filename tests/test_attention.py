@@ -1,0 +1,140 @@
+"""The attention implementations compute one function: blocked == dense on every mask the
+model builds (merged caches, causal, sliding windows, padding), forward and backward, and the
+blocked backward keeps no score matrix."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from psynth_jax.language_model import LanguageModel
+from psynth_jax.model import attention_ops
+from psynth_jax.model.attention_ops import attention, blocked_attention, dense_attention
+from psynth_jax.model.remat import nbytes, residuals
+from psynth_jax.testing import random_params, tiny_config
+
+
+def _qkv(rng, b, t, g, qh, h, s, dtype):
+  q = jnp.asarray(rng.normal(size=(b, t, g, qh, h)), dtype)
+  k = jnp.asarray(rng.normal(size=(b, s, g, h)), dtype)
+  v = jnp.asarray(rng.normal(size=(b, s, g, h)), dtype)
+  return q, k, v
+
+
+def _mask(rng, kind, b, t, s):
+  """[B, T, S] masks of the shapes the model builds."""
+  rows = np.arange(s)
+  query_rows = s - t + np.arange(t)  # the queries are the last T rows
+  causal = rows[None, :] <= query_rows[:, None]
+  if kind == "random":
+    return rng.random((b, t, s)) > 0.3
+  if kind == "merged":  # branch rows all visible, then the synthesizer's own causal tokens,
+    filled = s - t - 40  # with unwritten capacity between them
+    valid = (rows < filled) | (rows >= s - t)
+    valid = np.broadcast_to(valid, (b, s)).copy()
+    valid[-1, 5:9] = False  # a shorter branch's padding
+    return valid[:, None, :] & causal[None]
+  if kind == "window":
+    return np.broadcast_to(causal & (query_rows[:, None] - rows[None, :] < 23), (b, t, s))
+  if kind == "padded":  # left-padded prompts: the first rows of example 0 are padding
+    valid = np.ones((b, s), bool)
+    valid[0, : s // 3] = False
+    return valid[:, None, :] & causal[None]
+  raise ValueError(kind)
+
+
+CASES = [  # (kind, T, G, Q, S): GQA ratios 1-4, S not a multiple of the block, decode
+  ("random", 37, 2, 3, 300),
+  ("merged", 24, 2, 2, 333),
+  ("window", 50, 1, 4, 260),
+  ("padded", 64, 2, 1, 200),
+  ("merged", 1, 2, 2, 290),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kind,t,g,qh,s", CASES)
+def test_blocked_equals_dense(kind, t, g, qh, s, dtype):
+  rng = np.random.default_rng(hash((kind, t, s)) % 2**32)
+  q, k, v = _qkv(rng, 2, t, g, qh, 16, s, dtype)
+  mask = jnp.asarray(_mask(rng, kind, 2, t, s))
+  seen = np.asarray(mask.any(-1))  # queries with no key at all (padding) are never read
+  want = np.asarray(dense_attention(q, k, v, mask), np.float32)
+  got = np.asarray(blocked_attention(q, k, v, mask, block=64), np.float32)
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  np.testing.assert_allclose(got[seen], want[seen], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["merged", "window"])
+def test_blocked_gradients_equal_dense(kind):
+  rng = np.random.default_rng(3)
+  t, s = 20, 150
+  q, k, v = _qkv(rng, 2, t, 2, 2, 8, s, jnp.float32)
+  mask = jnp.asarray(_mask(rng, kind, 2, t, s))
+  weight = jnp.asarray(rng.normal(size=q.shape)) * mask.any(-1)[:, :, None, None, None]
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v, mask) * weight)
+
+  want = jax.grad(loss(dense_attention), argnums=(0, 1, 2))(q, k, v)
+  blocked = lambda q, k, v, m: blocked_attention(q, k, v, m, block=32)  # noqa: E731
+  got = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+def test_blocked_backward_keeps_no_score_matrix():
+  rng = np.random.default_rng(4)
+  t, s, qh = 256, 1024, 2
+  q, k, v = _qkv(rng, 1, t, 1, qh, 8, s, jnp.float32)
+  mask = jnp.asarray(_mask(rng, "merged", 1, t, s))
+  scores = qh * t * s * 4  # one float32 [Q*T, S] matrix
+  dense = residuals(lambda q, k, v: jnp.sum(dense_attention(q, k, v, mask)), q, k, v)
+  blocked = residuals(lambda q, k, v: jnp.sum(blocked_attention(q, k, v, mask)), q, k, v)
+  assert max(nbytes(x) for x in dense) >= scores
+  assert sum(nbytes(x) for x in blocked) < scores / 4
+
+
+def test_blocks_no_query_sees_are_skipped():
+  """A key block no query sees takes no part: NaN keys there change nothing."""
+  rng = np.random.default_rng(5)
+  q, k, v = _qkv(rng, 1, 8, 1, 2, 8, 256, jnp.float32)
+  mask = np.zeros((1, 8, 256), bool)
+  mask[:, :, :64] = True
+  mask[:, :, 192:] = True
+  k = k.at[:, 64:192].set(jnp.nan)
+  v = v.at[:, 64:192].set(jnp.nan)
+  out = blocked_attention(q, k, v, jnp.asarray(mask), block=64)
+  assert np.isfinite(np.asarray(out)).all()
+  keep = np.r_[0:64, 192:256]
+  want = dense_attention(q, k[:, keep], v[:, keep], jnp.asarray(mask[:, :, keep]))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-6)
+
+
+def test_auto_and_refusals():
+  assert attention_ops.resolve("auto", (1, 1, 2, 7, 64), 4096, jnp.float32) == "dense"  # decode
+  assert attention_ops.resolve("auto", (1, 1024, 2, 7, 64), 4096, jnp.float32) == "blocked"
+  q = jnp.zeros((1, 2, 1, 1, 8))
+  k = jnp.zeros((1, 4, 1, 8))
+  mask = jnp.ones((1, 2, 4), bool)
+  with pytest.raises(NotImplementedError, match="Pallas"):
+    attention(q, k, k, mask, "splash")
+  with pytest.raises(ValueError, match="one of"):
+    attention(q, k, k, mask, "flashy")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="needs a GPU"):
+      attention(q, k, k, mask, "cudnn")
+
+
+def test_the_model_gives_the_same_tokens_with_either_implementation():
+  config = tiny_config(num_layers=2, vocab_size=64, max_position_embeddings=512)
+  lm = LanguageModel(random_params(config, seed=2), stop_ids=())
+  prompts = [list(range(1, 40)), list(range(5, 20))]
+  dense, blocked = lm.with_attention("dense"), lm.with_attention("blocked")
+  tokens = jnp.asarray([list(range(1, 60))])
+  np.testing.assert_allclose(
+    np.asarray(blocked.logits(tokens)), np.asarray(dense.logits(tokens)), atol=1e-5, rtol=0
+  )
+  assert blocked.generate(prompts, 12) == dense.generate(prompts, 12)
+  with pytest.raises(ValueError, match="one of"):
+    lm.with_attention("fast")
