@@ -80,10 +80,10 @@ def test_the_14b_inference_config_splits_every_large_tensor_over_8_devices():
     spec = sharding.logical_to_spec(axes, sharding.DEFAULT_RULES, value.shape, mesh)
     if len(value.shape) >= 2:
       assert "tensor" in tuple(spec), (axes, value.shape, spec)
-  budget = qwen3_14b_eval.inference_memory()
+  budget = qwen3_14b_eval.inference_memory(batch_problems=config.batch_problems)
   assert abs(budget["weights"] - total / 8 / 1e9) < 1e-9
   assert budget["peak"] == budget["peak_text"] < 16  # a v5e chip's HBM
-  assert budget["peak_synthesis"] < budget["peak_text"] / 1.5
+  assert budget["text_prefill_scores"] < budget["text_cache"]  # blocked attention
 
 
 def test_the_14b_training_config_rematerialises():

@@ -11,21 +11,21 @@ head are split 8 ways, and every cache over its kv heads (one kv head per
 device); `load_pretrained(mesh=)` puts each tensor straight into its shards.
 K = 3 workers, greedy, 4096 tokens per worker and per answer as the paper.
 
-Memory per device, bf16 (`inference_memory()`, one problem at a time, a 512-token
-prompt; GB = 1e9 bytes):
+Memory per device, bf16 (`inference_memory()`, per problem, a 512-token prompt,
+attention "auto": blocked beyond 4M scores per kv head; GB = 1e9 bytes):
 
-  weights (29.5 GB in all)                       3.69
-  workers: prompt + 4096 rows x 3 (the caches)   0.28, prefill scores 0.14
+  weights (29.5 GB in all, once)                 3.69
+  workers: prompt + 4096 rows x 3 (the caches)   0.28, prefill attention 0.02
   branch caches kept, 3 x 4096 rows              0.25
-  cache synthesis: merged cache, 16,896 rows     0.35, prefill scores 0.17
-  text synthesis: its cache, 16,896 rows         0.35, prefill scores 4.33
-  peak (text synthesis's prefill)                8.62
+  cache synthesis: merged cache, 16,896 rows     0.35, prefill attention 0.005
+  text synthesis: its cache, 16,896 rows         0.35, prefill attention 0.13
+  peak (text synthesis)                          4.42
 
-A v5e chip has 16 GB and an H100 80 GB. The peak is the text baseline's prefill of the
-12,800 pasted worker tokens at once: its float32 attention scores over all 16,896 rows
-(XLA may hold two such tensors, about 13 GB on a v5e chip): keep `batch_problems=1` on
-a v5e-8; on 8 H100s `--set batch_problems=4` fits. Parallel-Synthesis' own peak is
-4.46 GB: it never prefills the worker text.
+A v5e chip has 16 GB, an H100 80 GB: `batch_problems=4` (the default here) peaks at
+about 6.6 GB per chip, and 8 H100s take `--set batch_problems=64`. The text baseline's
+prefill of the 12,800 pasted worker tokens is the largest step: with dense attention
+its float32 scores alone would be 4.3 GB per chip per problem; blocked attention holds
+one 512-row key block of them, and cuDNN (GPU) none.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ml_collections import ConfigDict
 
 from psynth_jax.configs import eval as eval_config
 from psynth_jax.configs import qwen3_14b
+from psynth_jax.model.attention_ops import BLOCK, DENSE_MAX_SCORES
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import abstract_params
 
@@ -48,7 +49,7 @@ def get_config(task: str = "gsm8k") -> ConfigDict:
     dtype="bfloat16",
     worker_tokens=4096,
     answer_tokens=4096,
-    batch_problems=1,
+    batch_problems=4,
   )
   return c
 
@@ -66,7 +67,8 @@ def inference_memory(
 
   Weights from the model's own parameter shapes; caches at L x 2 x G x H values per row;
   prefill scores are one float32 [heads, prompt, cache rows] tensor per problem (the
-  largest activation of a prefill). Everything but the weights scales with
+  largest activation of a prefill; blocked attention holds one key block of them).
+  Everything but the weights scales with
   `batch_problems`.
   """
   model = model or qwen3_14b.model_config()
@@ -80,7 +82,10 @@ def inference_memory(
     return n * rows * kv_row / tensor / GB
 
   def scores(queries, rows):
-    return n * heads * queries * rows * 4 / tensor / GB
+    # "auto" attention (attention_ops): dense scores up to DENSE_MAX_SCORES per kv head,
+    # beyond that blocked, which holds [heads, queries, BLOCK] float32 at a time.
+    dense = (heads // model.num_kv_heads) * queries * rows <= DENSE_MAX_SCORES
+    return n * heads * queries * (rows if dense else BLOCK) * 4 / tensor / GB
 
   synth_rows = k * w + p + a
   out = dict(
