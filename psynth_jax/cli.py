@@ -347,7 +347,14 @@ def main(argv=None) -> None:
   p.set_defaults(func=_demo_qwen)
 
   args = parser.parse_args(argv)
+  from psynth_jax import compile_cache
+
+  compile_cache.enable()  # a rerun loads its programs instead of compiling them again
   args.func(args)
+  if args.command in ("eval", "demo", "demo-qwen", "workflow") and not getattr(
+    args, "rescore", False
+  ):
+    print(compile_cache.describe(), flush=True)
 
 
 if __name__ == "__main__":

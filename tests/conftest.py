@@ -9,6 +9,9 @@ os.environ.setdefault(
   "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI and the benchmarks turn on the persistent compilation cache; tests that call
+# them must not fill ~/.cache with test programs (tests/test_compile_cache.py tests it).
+os.environ.setdefault("PSYNTH_JAX_COMPILATION_CACHE", "off")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

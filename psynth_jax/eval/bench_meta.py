@@ -18,7 +18,8 @@ Meta fields: date, platform, cpu_model, cpu_count, cpu_affinity, threads
 (torch's intra-op threads if torch is imported; XLA_FLAGS and the BLAS/OpenMP
 thread variables if set), versions, device, load_1m_start, load_5m_start,
 load_15m_start, load_limit, over_limit, forced, load_after ([1m, 5m, 15m]),
-wall_s. A benchmark that keeps both cores busy ends with a 1-minute load near
+wall_s, compilations (`psynth_jax.compile_cache.counts()`: `start` turns the persistent
+compilation cache on, so a compile time measured on a rerun is a cache load). A benchmark that keeps both cores busy ends with a 1-minute load near
 2 on its own, so `load_after` describes the run rather than judging it.
 """
 
@@ -32,6 +33,8 @@ import platform
 import sys
 import time
 from typing import Any
+
+from psynth_jax import compile_cache
 
 LOAD_LIMIT = 1.0
 THREAD_ENV = ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -136,6 +139,7 @@ def start(force: bool = False, refuse: bool = True, limit: float = LOAD_LIMIT) -
     # Only an overridden guard marks the result: --force on an idle machine changes nothing.
     "forced": bool(over and refuse and force),
   }
+  meta["compilation_cache"] = compile_cache.enable()
   return Run(meta, time.perf_counter())
 
 
@@ -144,6 +148,8 @@ def finish(run: Run) -> dict[str, Any]:
   meta = {**run.meta, **machine_record()}
   meta["load_after"] = list(os.getloadavg())
   meta["wall_s"] = time.perf_counter() - run.t0
+  # Programs loaded from the persistent cache report their load time, not a compile time.
+  meta["compilations"] = compile_cache.counts()
   return meta
 
 
