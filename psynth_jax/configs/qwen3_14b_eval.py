@@ -12,7 +12,7 @@ device); `load_pretrained(mesh=)` puts each tensor straight into its shards.
 K = 3 workers, greedy, 4096 tokens per worker and per answer as the paper.
 
 Memory per device, bf16 (`inference_memory()`, per problem, a 512-token prompt,
-attention "auto": blocked beyond 4M scores per kv head; GB = 1e9 bytes):
+attention "auto": blocked beyond 262K scores per kv head; GB = 1e9 bytes):
 
   weights (29.5 GB in all, once)                 3.69
   workers: prompt + 4096 rows x 3 (the caches)   0.28, prefill attention 0.02

@@ -29,7 +29,10 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "dense", "blocked", "cudnn")
 BLOCK = 512  # key rows per block of "blocked"
-DENSE_MAX_SCORES = 1 << 22  # Q*T*S per (batch, kv head) above which "auto" blocks (16 MiB)
+# Q*T*S per (batch, kv head) above which "auto" blocks: on this CPU blocked is 3x faster
+# already at 3M scores (a synthesizer prompt), and 2x slower at decode (T = 1); see
+# experiments/bench_attention.py.
+DENSE_MAX_SCORES = 1 << 18
 _MASKED = -1e30  # finite, so a fully masked (padding) query stays NaN-free
 
 

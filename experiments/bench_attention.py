@@ -1,0 +1,97 @@
+"""Attention alone: dense vs blocked (psynth_jax.model.attention_ops) at a model's prefill shapes.
+
+  python experiments/bench_attention.py [--out outputs/bench_attention.json]
+
+Shapes of Qwen2.5-Coder-0.5B (14 query / 2 kv heads, head dim 64), float32: the text
+synthesizer's prefill of K = 3 worker outputs (T queries over T + answer-budget rows,
+causal), the cache synthesizer's prompt over a merged cache, and one decode step. Per
+case: median wall time of both implementations, their largest difference on queries
+that see a key, and the float32 score bytes dense attention holds per call. Refuses a
+loaded machine (1-minute load > 1.0) unless --force, which marks the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psynth_jax.eval import bench_meta
+from psynth_jax.model.attention_ops import blocked_attention, dense_attention
+
+G, Q, H = 2, 7, 64
+CASES = {  # name: (batch, queries T, cache rows S, causal offset: first query's row)
+  "text prefill, 3 x 512 + 200 prompt": (1, 1736, 2248, 0),
+  "text prefill, batch 4": (4, 1736, 2248, 0),
+  "text prefill, 3 x 4096 (paper budget)": (1, 12488, 16584, 0),
+  "cache synth prompt over 3 x 512": (1, 200, 2248, 1536),
+  "decode step, 2248 rows": (16, 1, 2248, 2000),
+}
+
+
+def inputs(rng, b, t, s, offset):
+  q = jnp.asarray(rng.normal(size=(b, t, G, Q, H)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, s, G, H)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, s, G, H)), jnp.float32)
+  rows = np.arange(s)
+  mask = rows[None, :] <= (offset + np.arange(t))[:, None]
+  return q, k, v, jnp.asarray(np.broadcast_to(mask, (b, t, s)))
+
+
+def timed(fn, args, repeats):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--skip-dense-above-gb", type=float, default=4.0, help="dense would not fit")
+  ap.add_argument("--force", action="store_true")
+  ap.add_argument("--out", default="outputs/bench_attention.json")
+  args = ap.parse_args()
+  run = bench_meta.start(force=args.force)
+  bench_meta.print_warning(run.meta)
+  jax.config.update("jax_default_matmul_precision", "highest")
+  rng = np.random.default_rng(0)
+  dense, blocked = jax.jit(dense_attention), jax.jit(blocked_attention)
+  rows = []
+  print(
+    f"{'case':40} {'dense s':>9} {'blocked s':>9} {'speedup':>8} {'max diff':>9} {'scores GB':>9}"
+  )
+  for name, (b, t, s, offset) in CASES.items():
+    q, k, v, mask = inputs(rng, b, t, s, offset)
+    score_gb = b * G * Q * t * s * 4 / 1e9
+    row = dict(case=name, batch=b, queries=t, rows=s, dense_scores_gb=score_gb)
+    row["blocked_s"] = timed(blocked, (q, k, v, mask), args.repeats)
+    if score_gb <= args.skip_dense_above_gb:
+      row["dense_s"] = timed(dense, (q, k, v, mask), args.repeats)
+      diff = jnp.abs(dense(q, k, v, mask) - blocked(q, k, v, mask))
+      row["max_abs_diff"] = float(jnp.max(diff))
+    rows.append(row)
+    d = row.get("dense_s")
+    print(
+      f"{name:40} {d if d else float('nan'):9.4f} {row['blocked_s']:9.4f}"
+      f" {(d / row['blocked_s']) if d else float('nan'):8.2f}"
+      f" {row.get('max_abs_diff', float('nan')):9.1e} {score_gb:9.2f}",
+      flush=True,
+    )
+  meta = bench_meta.finish(run)
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
