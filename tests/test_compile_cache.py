@@ -13,8 +13,8 @@ SCRIPT = textwrap.dedent(
   import json
   import jax, jax.numpy as jnp
   from psynth_jax import compile_cache
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache tiny programs too
   path = compile_cache.enable()
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache tiny programs too
   f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(0))
   f(jnp.ones((32, 32))).block_until_ready()
   print(json.dumps({"path": path, **compile_cache.counts()}))
