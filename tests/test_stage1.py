@@ -169,3 +169,59 @@ def test_the_packaged_sources_have_their_row_counts():
     pytest.skip(str(e))
   assert chat_report.rows == 17_671 and len(chats) > 8_000
   assert chunk_report.rows == 3_939 and len(chunks) > 2_500
+
+
+def test_two_training_steps_on_each_routes_traces(sharegpt_file, tmp_path):
+  """The traces are trainer rows: a tiny chat model takes two steps on each route's."""
+  import math
+
+  from psynth_jax import testing
+  from psynth_jax.configs.base import default_config
+  from psynth_jax.model.checkpoint import save_converted
+  from psynth_jax.tokenizer import Tokenizer
+  from psynth_jax.train import trainer
+
+  tok_dir = testing.bpe_tokenizer_folder(tmp_path / "tok")
+  vocab = Tokenizer.from_folder(tok_dir).vocab_size
+  model = tmp_path / "model"
+  config = testing.tiny_config(vocab_size=vocab, max_position_embeddings=2048)
+  save_converted(testing.random_params(config), model, tokenizer_src=tok_dir)
+  chunks = tmp_path / "chunks"
+  chunks.mkdir()
+  docs = {"d": [f"paragraph {i} about topic {i}" for i in range(6)]}
+  rows = [
+    {
+      "answers": [f"answer {i}"],
+      "ground_truth_ctx": i % 5,
+      "document": "d",
+      "ctxs": [0, 1, 2, 3, 4],
+      "messages": [{"role": "user", "content": f"question {i}?"}],
+    }
+    for i in range(8)
+  ]
+  (chunks / "nvidia_dragon_multiturn_retrieved.jsonl").write_text(json.dumps(rows))
+  (chunks / "documents.json").write_text(json.dumps(docs))
+  paths = {"chat_rounds": str(sharegpt_file), "retrieved_chunks": str(chunks)}
+  for route, path in paths.items():
+    out = tmp_path / route
+    stage1.build([route], str(out), paths={route: path}, benchmarks=BENCHMARKS)
+    c = default_config()
+    c.model.path = str(model)
+    c.data.update(source="jsonl", train_jsonl=str(out / "train.jsonl"))
+    c.batch.update(
+      batch_size=2,
+      max_branches=8,
+      branch_tokens=128,
+      branch_rows=640,
+      synth_tokens=512,
+      target_tokens=64,
+    )
+    c.lora.rank = 2
+    c.train.num_steps = 2
+    c.mesh.shape = (1, 1, 1)
+    c.fast_compile = True
+    c.export.enabled = False
+    result = trainer.train(c, str(tmp_path / f"work_{route}"))
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses), (route, losses)
+    assert all(h["skipped"] == 0 for h in result.history), (route, result.history)
