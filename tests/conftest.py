@@ -1,5 +1,6 @@
 """Shared test setup: float32 at full matmul precision, 8 emulated CPU devices, --runslow."""
 
+import gc
 import os
 
 # Must happen before jax is imported anywhere: the sharding tests need 8 devices.
@@ -30,3 +31,13 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "slow" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops jax's compiled programs after each test module. One process runs the whole
+  suite; without this its executables accumulate until XLA:CPU crashed compiling
+  (a segfault in backend_compile at ~525 tests, not reproducible per module)."""
+  yield
+  jax.clear_caches()
+  gc.collect()
