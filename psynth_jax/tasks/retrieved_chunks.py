@@ -23,7 +23,7 @@ import os
 
 from psynth_jax.tasks import benchmark
 from psynth_jax.tasks.base import Problem
-from psynth_jax.tasks.routes import Report, RouteTask, select
+from psynth_jax.tasks.routes import Report, RouteTask
 
 FOLDER = ("lm_eval", "tasks/chatrag_bench/dataset")
 RETRIEVED = "nvidia_dragon_multiturn_retrieved.jsonl"
@@ -51,7 +51,7 @@ class RetrievedChunksTask(RouteTask):
     " answer the user's last message."
   )
 
-  def load_report(self, path=None, *, split="train", limit=None, seed=0):
+  def read(self, path=None):
     folder = path or benchmark.package_file(*FOLDER)
     rows_path, docs_path = (os.path.join(folder, n) for n in (RETRIEVED, DOCUMENTS))
     for p in (rows_path, docs_path):
@@ -72,8 +72,6 @@ class RetrievedChunksTask(RouteTask):
       problem = self._problem(row, index, documents, report)
       if problem is not None:
         problems.append(problem)
-    problems = select(problems, split, limit, seed)
-    report.kept = len(problems)
     return problems, report
 
   @staticmethod

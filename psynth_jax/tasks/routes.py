@@ -86,17 +86,25 @@ class RouteTask(Task):
   """A stage-1 route: chat prompts, chunk branches, the target as `answer`, token-F1 score.
 
   Subclasses set `name`, `context_line` (what the synthesizer is told the latent information is) and
-  `instruction`, and implement `load_report`.
+  `instruction`, and implement `read`.
   """
 
   chat = True
   context_line = "You are given latent information: context chunks."
   instruction = "Answer."
 
+  def read(self, path: str | None = None) -> tuple[list[Problem], Report]:
+    """Every usable problem of the source (both splits) and the report of what was skipped."""
+    raise NotImplementedError
+
   def load_report(
     self, path: str | None = None, *, split: str = "train", limit: int | None = None, seed: int = 0
   ) -> tuple[list[Problem], Report]:
-    raise NotImplementedError
+    """The split's problems (`limit` drawn with `seed`) and the source's report."""
+    problems, report = self.read(path)
+    problems = select(problems, split, limit, seed)
+    report.kept = len(problems)
+    return problems, report
 
   def load(self, path=None, *, split="train", limit=None, seed=0) -> list[Problem]:
     return self.load_report(path, split=split, limit=limit, seed=seed)[0]

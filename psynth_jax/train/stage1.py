@@ -18,6 +18,7 @@ import random
 from collections.abc import Mapping, Sequence
 
 from psynth_jax import tasks
+from psynth_jax.tasks.routes import select
 from psynth_jax.train import data
 from psynth_jax.train.overlap import Contamination
 
@@ -51,15 +52,12 @@ def route_traces(
 ) -> tuple[dict[str, list[dict]], RouteCard]:
   """One route's traces per split, with its card; `limit` caps the train split."""
   task = tasks.get(name)
-  out, removed, report = {}, {}, None
-  for split, cap in (
-    ("train", limit),
-    ("validation", None if limit is None else max(1, limit // 20)),
-  ):
-    problems, split_report = task.load_report(path, split=split, limit=cap, seed=seed)
-    report = report or split_report  # rows / skips are the same for both splits
+  problems, report = task.read(path)  # once: both splits are drawn from it
+  out, removed = {}, {}
+  caps = {"train": limit, "validation": None if limit is None else max(1, limit // 20)}
+  for split, cap in caps.items():
     rows = []
-    for p in problems:
+    for p in select(problems, split, cap, seed):
       trace = data.gold_trace(task, p)
       trace["id"] = f"{name}:{p.id}"  # unique across routes
       hit = check.find(p.id, [trace["question"], trace["target"], *trace["branches"]])
