@@ -31,7 +31,9 @@ _listening = False
 def enable(path: str | None = None) -> str | None:
   """Turns the persistent cache on (idempotent); returns its folder, or None if "off"."""
   listen()
-  path = path or os.environ.get(ENV) or os.path.join(_cache_root(), "xla")
+  from psynth_jax.convert.weights import cache_root
+
+  path = path or os.environ.get(ENV) or str(cache_root() / "xla")
   if path.lower() == "off":
     return None
   path = os.path.expanduser(path)
@@ -42,10 +44,6 @@ def enable(path: str | None = None) -> str | None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
-
-
-def _cache_root() -> str:
-  return os.environ.get("PSYNTH_CACHE") or os.path.join("~", ".cache", "psynth_jax")
 
 
 def listen() -> None:

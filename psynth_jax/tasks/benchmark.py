@@ -59,8 +59,9 @@ def read_templates(path: str = TEMPLATES) -> dict[str, Any]:
 
 def private_site() -> str:
   """Where `psynth data install` puts the `PRIVATE` packages ($PSYNTH_CACHE/data/site)."""
-  root = os.environ.get("PSYNTH_CACHE") or os.path.join("~", ".cache", "psynth_jax")
-  return os.path.join(os.path.expanduser(root), "data", "site")
+  from psynth_jax.convert.weights import cache_root
+
+  return str(cache_root() / "data" / "site")
 
 
 def package_file(module: str, relative: str) -> str:
