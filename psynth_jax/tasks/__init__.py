@@ -36,6 +36,10 @@ _BUILTIN = {
   "mbpp_plus": ("psynth_jax.tasks.coding", "MBPP_PLUS"),
   "gaia": ("psynth_jax.tasks.agents", "GAIA"),
   "marble_db": ("psynth_jax.tasks.agents", "MARBLE_DB"),
+  # Stage-2 training problems (`psynth_jax.train.stage2`): in no evaluation set.
+  "math_train": ("psynth_jax.tasks.training_problems", "MATH_TRAIN"),
+  "mmlu_train": ("psynth_jax.tasks.training_problems", "MMLU_TRAIN"),
+  "arith_gym": ("psynth_jax.tasks.training_problems", "ARITH_GYM"),
   # Stage-1 training routes (`psynth_jax.train.stage1`): context chunks as branches.
   "chat_rounds": ("psynth_jax.tasks.chat_rounds", "CHAT_ROUNDS"),
   "retrieved_chunks": ("psynth_jax.tasks.retrieved_chunks", "RETRIEVED_CHUNKS"),

@@ -115,28 +115,49 @@ def build(
       f" traces, {len(card.removed_by_overlap)} removed by the overlap check",
       flush=True,
     )
+  write(out_dir, splits, cards, seed=seed, limit=limit, benchmarks=benchmarks)
+  return cards
+
+
+def write(
+  out_dir: str,
+  splits: Mapping[str, list[dict]],
+  cards: Sequence[RouteCard],
+  *,
+  seed: int,
+  limit: int | None,
+  benchmarks: Mapping[str, Sequence],
+  title: str = "Stage-1 training data",
+  extra: Mapping | None = None,
+) -> None:
+  """`<split>.jsonl` (rows mixed in a seeded order), `data_card.json` and `DATA_CARD.md`."""
   os.makedirs(out_dir, exist_ok=True)
   for split, rows in splits.items():
+    rows = list(rows)
     random.Random(seed).shuffle(rows)
     with open(os.path.join(out_dir, f"{split}.jsonl"), "w", encoding="utf-8") as f:
       for row in rows:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
   card = {
+    "title": title,
     "routes": [dataclasses.asdict(c) for c in cards],
     "seed": seed,
     "limit": limit,
+    **dict(extra or {}),
     "overlap_checked_against": {name: len(problems) for name, problems in benchmarks.items()},
   }
   with open(os.path.join(out_dir, "data_card.json"), "w", encoding="utf-8") as f:
     json.dump(card, f, indent=1)
   with open(os.path.join(out_dir, "DATA_CARD.md"), "w", encoding="utf-8") as f:
     f.write(data_card_markdown(card))
-  return cards
 
 
 def data_card_markdown(card: dict) -> str:
-  lines = ["# Stage-1 training data", ""]
+  lines = [f"# {card.get('title', 'Stage-1 training data')}", ""]
   lines.append(f"seed {card['seed']}, limit {card['limit']} train problems per route.")
+  for key, value in card.items():
+    if key not in ("title", "routes", "seed", "limit", "overlap_checked_against"):
+      lines.append(f"{key}: {value}.")
   checked = ", ".join(f"{k} ({v})" for k, v in card["overlap_checked_against"].items())
   lines += ["", f"Overlap check (ids, normalised text, 13-word runs) against: {checked}.", ""]
   for r in card["routes"]:
