@@ -176,15 +176,12 @@ def _data(args) -> None:
 
 def _load_config(spec: str, overrides):
   """`path.py[:arg]` -> its `get_config(arg)`, with `key=value` overrides (typed as the field)."""
-  import importlib.util
+  from psynth_jax import configs
 
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("psynth_config", path)
-  if module_spec is None:
-    raise SystemExit(f"--config: cannot load {path}")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    config = configs.load(spec)
+  except FileNotFoundError as e:
+    raise SystemExit(f"--config: {e}") from None
   for item in overrides or ():
     key, sep, value = item.partition("=")
     if not sep or key not in config:

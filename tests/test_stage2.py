@@ -10,7 +10,7 @@ from psynth_jax.model.checkpoint import save_converted
 from psynth_jax.tasks import benchmark
 from psynth_jax.tasks.base import Problem
 from psynth_jax.tokenizer import Tokenizer
-from psynth_jax.train import data, stage2
+from psynth_jax.train import batching, data, stage2
 from psynth_jax.train.overlap import Contamination
 
 PLANTED = "A robot walks 3 km north and 4 km east each day of a week; how far is it from its start on Sunday evening?"
@@ -108,6 +108,13 @@ def test_distil_keeps_the_text_answers_with_their_worker_prompts():
   kept, report, _ = stage2.distil(task, problems, rows, only_correct=True, check=check)
   assert [t["id"] for t in kept] == ["math_train:p0", "math_train:p1"]
   assert report.to_json()["skipped"]["text-synthesis answer not correct (only_correct)"] == 1
+  # The teacher prompt rebuilt from a trace is the text synthesizer's own, options and all.
+  mmlu = tasks.get("mmlu_train")
+  choice = Problem("c1", "Which is a prime?", "B", {"options": ["4", "5", "6", "8"]})
+  (trace,), _, _ = stage2.distil(mmlu, [choice], _records([choice], ["\\boxed{B}"]))
+  outputs = ["worker 0 on c1", "worker 1 on c1"]
+  assert batching.teacher_prompt(trace) == mmlu.text_synthesis_prompt(choice, outputs)
+  assert "B. 5" in trace["synth_prompt"] and "B. 5" in trace["question"]
   with pytest.raises(ValueError, match="no recorded workers"):
     stage2.distil(task, problems, rows[:-1])
 

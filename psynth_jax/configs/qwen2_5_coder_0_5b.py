@@ -47,6 +47,44 @@ def get_config(arg: str = "") -> ConfigDict:
   c.log_every = 1
   if arg == "kl":
     c.train.kl_weight = 0.5
+  elif arg in ("stage1", "stage2"):
+    _real_data(c, arg)
   elif arg:
-    raise ValueError(f"unknown argument {arg!r} (expected '' or 'kl')")
+    raise ValueError(f"unknown argument {arg!r} (expected '', 'kl', 'stage1' or 'stage2')")
   return c
+
+
+def _real_data(c: ConfigDict, stage: str) -> None:
+  """Budgets for the paper's two stages on real data, scaled to 2 CPU cores.
+
+  stage1 (experiments/build_stage1.py traces: chat rounds, tool calls, in-context
+  examples, retrieved chunks): up to 8 branches of <= 384 tokens, 1024 cache rows, a
+  target of <= 192 tokens. About half the chat-round and retrieval problems are longer;
+  `build_stage1.py --budget <this config>` keeps only those that fit, and says how many.
+  stage2 (experiments/build_stage2.py: 3 workers' outputs of <= 512 tokens, the text
+  synthesizer's answer of <= 512): the eval harness's CPU budgets.
+  """
+  c.data.train_jsonl = f"runs/{stage}/train.jsonl"
+  c.data.eval_jsonl = f"runs/{stage}/validation.jsonl"
+  if stage == "stage1":
+    c.batch.update(
+      max_branches=8,
+      branch_tokens=384,
+      branch_rows=1024,
+      synth_tokens=480,
+      target_tokens=192,
+      teacher_tokens=1536,  # the text teacher (KL arms, held-out CE): chunks pasted + target
+      worker_prompt_tokens=0,  # stage-1 chunks are context: no worker wrote them
+    )
+  else:
+    c.batch.update(
+      max_branches=3,
+      branch_tokens=512,
+      branch_rows=1536,
+      synth_tokens=768,
+      target_tokens=512,
+      teacher_tokens=2560,
+      worker_prompt_tokens=384,
+    )
+  c.train.num_steps = 500  # 1,000 examples at batch 2
+  c.checkpoint.every = 10

@@ -38,6 +38,9 @@ class ChoiceTask(BenchmarkTask):
   kind = "choice"
 
   def question_text(self, problem):
+    if "options" not in problem.meta:
+      # A training trace (`train.stage2`): its question was written with the options in it.
+      return problem.question
     options = "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(problem.meta["options"]))
     return f"{problem.question}\n\n{options}"
 

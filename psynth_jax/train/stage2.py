@@ -86,6 +86,10 @@ def distil(
       report.note("a worker output cut at the token budget (kept)")
     trace = data.gold_trace(task, p, branches=outputs, target=answer["prediction"])
     trace["worker_prompts"] = list(workers[p.id]["prompts"])
+    # A trace keeps no `meta`: the question carries what the prompts show of it (a
+    # multiple-choice problem's options), so the teacher prompt rebuilt from the trace
+    # (`batching.teacher_prompt`) is the one the text synthesizer answered.
+    trace["question"] = task.question_text(p) if hasattr(task, "question_text") else p.question
     trace["id"] = f"{task.name}:{p.id}"
     if check is not None:
       hit = check.find(p.id, [trace["question"], trace["target"], *trace["branches"]])

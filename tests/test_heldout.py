@@ -1,0 +1,112 @@
+"""Held-out CE: the teacher's equals a plain forward over the pasted text, the naive merge's
+the inference path's (`synthesis_logits`), an identity adapter equals the naive merge, tasks are pooled apart and over-budget traces are counted."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from psynth_jax import load_pretrained, tasks, testing
+from psynth_jax.mapper import Mapper
+from psynth_jax.model.checkpoint import save_converted
+from psynth_jax.model.lora import LoRAConfig, LoRAWeights
+from psynth_jax.model.transformer import forward
+from psynth_jax.synthesis import synthesis_logits
+from psynth_jax.tasks.base import Problem
+from psynth_jax.tokenizer import Tokenizer
+from psynth_jax.train import batching, data, heldout
+from psynth_jax.workers import encode_branches
+
+SPEC = batching.BatchSpec(
+  max_branches=3,
+  branch_tokens=48,
+  branch_rows=120,
+  synth_tokens=240,
+  target_tokens=64,
+  teacher_tokens=400,
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("heldout")
+  tok_dir = testing.bpe_tokenizer_folder(root / "tok")
+  config = testing.tiny_config(
+    vocab_size=Tokenizer.from_folder(tok_dir).vocab_size, max_position_embeddings=1024
+  )
+  save_converted(testing.random_params(config), root / "model", tokenizer_src=tok_dir)
+  lm = load_pretrained(str(root / "model"))
+  chat, chunks = tasks.get("chat_rounds"), tasks.get("retrieved_chunks")
+  traces = []
+  for i in range(3):
+    rounds = [f"[Round {j + 1}]\nUser: hi {i} {j}\nAssistant: ok {j}" for j in range(2)]
+    p = Problem(f"c{i}", f"User: what now {i}?", f"reply number {i}", {"branches": rounds})
+    traces.append(data.gold_trace(chat, p))
+  for i in range(2):
+    paras = [f"[Chunk {j + 1}] text {i} {j}" for j in range(3)]
+    p = Problem(
+      f"r{i}", f"User: where {i}?", f"Supporting chunk: 2\nthere {i}", {"branches": paras}
+    )
+    traces.append(data.gold_trace(chunks, p))
+  long = Problem("long", "User: x", "y", {"branches": ["word " * 200]})
+  traces.append(data.gold_trace(chat, long))  # a branch over SPEC.branch_tokens
+  batcher = batching.Batcher(lm.tokenizer, SPEC, lm.pad_id, lm.stop_ids[0])
+  return lm, batcher, traces
+
+
+def _teacher_ce(lm, trace):
+  """Mean target CE of the base model over the text-synthesis prompt + target (no batching)."""
+  task = tasks.get(trace["task"])
+  prompt = task.encode(lm.tokenizer, batching.teacher_prompt(trace))
+  target = lm.tokenizer.encode(trace["target"]) + [lm.stop_ids[0]]
+  tokens = jnp.asarray([prompt + target])
+  logits, _ = forward(lm.params, tokens, jnp.arange(tokens.shape[1])[None])
+  pred = logits[0, len(prompt) - 1 : len(prompt) + len(target) - 1]
+  return float(
+    optax.softmax_cross_entropy_with_integer_labels(pred, jnp.asarray(target)).sum()
+  ), len(target)
+
+
+def _synthesizer_ce(lm, trace):
+  """The same for the inference path: `synthesis_logits` over `encode_branches` (naive merge)."""
+  task = tasks.get(trace["task"])
+  branches = encode_branches(lm, [lm.tokenizer.encode(b) for b in trace["branches"]])
+  prompt = task.encode(lm.tokenizer, trace["synth_prompt"])
+  target = lm.tokenizer.encode(trace["target"]) + [lm.stop_ids[0]]
+  logits = synthesis_logits(lm, branches, prompt + target)
+  pred = logits[len(prompt) - 1 : len(prompt) + len(target) - 1]
+  return float(optax.softmax_cross_entropy_with_integer_labels(pred, jnp.asarray(target)).sum())
+
+
+def test_heldout_ce_against_plain_references(setup):
+  lm, batcher, traces = setup
+  fresh = (
+    Mapper.create("affine", lm.config.num_layers),
+    LoRAWeights.init(lm.config, LoRAConfig(rank=2)),  # B = 0: the base model
+  )
+  arms = {"naive_merge": (None, None), "fresh": fresh}
+  result = heldout.evaluate(lm.params, batcher, traces, arms, batch_size=2, progress=False)
+  assert result["skipped"] == {"branch_too_long": 1}
+  by_task = result["tasks"]
+  assert {t: r["examples"] for t, r in by_task.items()} == {"chat_rounds": 3, "retrieved_chunks": 2}
+  for task, r in by_task.items():
+    # An identity mapper and a zero LoRA are the naive merge.
+    np.testing.assert_allclose(r["fresh"], r["naive_merge"], rtol=1e-5)
+    kept = [t for t in traces if t["task"] == task and t["id"] != "long"]
+    sums = [_teacher_ce(lm, t) for t in kept]
+    assert r["tokens"] == sum(n for _, n in sums)
+    np.testing.assert_allclose(r["text"], sum(s for s, _ in sums) / r["tokens"], rtol=2e-5)
+    naive = sum(_synthesizer_ce(lm, t) for t in kept) / r["tokens"]
+    np.testing.assert_allclose(r["naive_merge"], naive, rtol=2e-5)
+    assert np.isfinite(r["naive_merge"]) and r["naive_merge"] > 0
+  table = heldout.format_table(result, list(arms))
+  assert "| chat_rounds | 3 |" in table and "branch_too_long" in table
+
+
+def test_heldout_ce_needs_the_teacher(setup):
+  lm, batcher, traces = setup
+  no_teacher = batching.Batcher(
+    lm.tokenizer, batching.BatchSpec(3, 48, 120, 240, 64), lm.pad_id, lm.stop_ids[0]
+  )
+  with pytest.raises(ValueError, match="teacher_tokens"):
+    heldout.evaluate(lm.params, no_teacher, traces, {"naive_merge": (None, None)})
