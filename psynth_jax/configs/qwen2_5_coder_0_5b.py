@@ -65,7 +65,6 @@ def _real_data(c: ConfigDict, stage: str) -> None:
   synthesizer's answer of <= 512): the eval harness's CPU budgets.
   """
   c.data.train_jsonl = f"runs/{stage}/train.jsonl"
-  c.data.eval_jsonl = f"runs/{stage}/validation.jsonl"
   if stage == "stage1":
     c.batch.update(
       max_branches=8,
