@@ -225,3 +225,20 @@ def test_two_training_steps_on_each_routes_traces(sharegpt_file, tmp_path):
     losses = [h["loss"] for h in result.history]
     assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses), (route, losses)
     assert all(h["skipped"] == 0 for h in result.history), (route, result.history)
+
+
+def test_problems_of_one_group_share_a_split():
+  """Turns of one conversation / document never straddle train and validation."""
+  from psynth_jax.tasks.base import Problem
+  from psynth_jax.tasks.routes import select
+
+  problems = [
+    Problem(f"doc{g}-{t}", "q", "a", {"group": f"doc{g}"}) for g in range(60) for t in range(4)
+  ]
+  train = {p.id for p in select(problems, "train", None, 0)}
+  validation = {p.id for p in select(problems, "validation", None, 0)}
+  assert train | validation == {p.id for p in problems} and not train & validation
+  for g in range(60):
+    ids = {f"doc{g}-{t}" for t in range(4)}
+    assert ids <= train or ids <= validation
+  assert validation  # 60 groups at 5 %: some land in validation

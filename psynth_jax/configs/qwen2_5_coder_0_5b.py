@@ -58,9 +58,10 @@ def _real_data(c: ConfigDict, stage: str) -> None:
   """Budgets for the paper's two stages on real data, scaled to 2 CPU cores.
 
   stage1 (experiments/build_stage1.py traces: chat rounds, tool calls, in-context
-  examples, retrieved chunks): up to 8 branches of <= 384 tokens, 1024 cache rows, a
-  target of <= 192 tokens. About half the chat-round and retrieval problems are longer;
-  `build_stage1.py --budget <this config>` keeps only those that fit, and says how many.
+  examples, retrieved chunks): up to 8 branches of <= 512 tokens, 2048 cache rows, a
+  target of <= 256 tokens (a retrieval problem's 5 chunks are ~1,750 tokens at the
+  median). Longer problems are dropped at build time (`build_stage1.py --budget <this
+  config>` keeps only those that fit, and its data card says how many).
   stage2 (experiments/build_stage2.py: 3 workers' outputs of <= 512 tokens, the text
   synthesizer's answer of <= 512): the eval harness's CPU budgets.
   """
@@ -68,11 +69,11 @@ def _real_data(c: ConfigDict, stage: str) -> None:
   if stage == "stage1":
     c.batch.update(
       max_branches=8,
-      branch_tokens=384,
-      branch_rows=1024,
-      synth_tokens=480,
-      target_tokens=192,
-      teacher_tokens=1536,  # the text teacher (KL arms, held-out CE): chunks pasted + target
+      branch_tokens=512,
+      branch_rows=2048,
+      synth_tokens=576,
+      target_tokens=256,
+      teacher_tokens=2560,  # the text teacher (KL arms, held-out CE): chunks pasted + target
       worker_prompt_tokens=0,  # stage-1 chunks are context: no worker wrote them
     )
   else:

@@ -43,6 +43,10 @@ _BUILTIN = {
   # Stage-1 training routes (`psynth_jax.train.stage1`): context chunks as branches.
   "chat_rounds": ("psynth_jax.tasks.chat_rounds", "CHAT_ROUNDS"),
   "retrieved_chunks": ("psynth_jax.tasks.retrieved_chunks", "RETRIEVED_CHUNKS"),
+  "tool_calls": ("psynth_jax.tasks.tool_calls", "TOOL_CALLS"),  # ToolTalk
+  "bfcl_calls": ("psynth_jax.tasks.tool_calls", "BFCL_CALLS"),  # BFCL multi-turn
+  "in_context": ("psynth_jax.tasks.in_context", "IN_CONTEXT"),
+  "in_context_inverse": ("psynth_jax.tasks.in_context", "IN_CONTEXT_INVERSE"),
 }
 _REGISTERED: dict[str, Task] = {}
 

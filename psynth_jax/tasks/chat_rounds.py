@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 
 from psynth_jax.tasks import benchmark
@@ -154,7 +155,10 @@ def conversation_problem(
     f"row{index}",
   )
   question, answer = rounds[-1]
-  return Problem(rid, f"User: {question}", answer, {"branches": branches, "rounds": len(rounds)})
+  meta = {"branches": branches, "rounds": len(rounds)}
+  if "conversations" in record and (part := re.fullmatch(r"(.+)_\d+", rid)):
+    meta["group"] = part[1]  # ShareGPT's parts "<id>_<n>" of one conversation: one split
+  return Problem(rid, f"User: {question}", answer, meta)
 
 
 class ChatRoundsTask(RouteTask):

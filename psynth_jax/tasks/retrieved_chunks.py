@@ -92,7 +92,12 @@ class RetrievedChunksTask(RouteTask):
       return None
     branches = [f"[Chunk {i + 1}] {text.strip()}" for i, text in enumerate(texts)]
     target = f"Supporting chunk: {ctxs.index(gold) + 1}\n{answers[0].strip()}"
-    meta = {"branches": branches, "document": row["document"], "gold_chunk": ctxs.index(gold) + 1}
+    meta = {
+      "branches": branches,
+      "document": row["document"],
+      "gold_chunk": ctxs.index(gold) + 1,
+      "group": row["document"],  # a document's turns share its chunks: one split
+    }
     return Problem(f"{row['document']}-{index}", conversation_text(row["messages"]), target, meta)
 
 

@@ -25,10 +25,17 @@ from psynth_jax.tasks.base import Problem, Task
 VALIDATION_PERCENT = 5  # ids whose hash falls in the first 5 of 100 buckets
 
 
-def split_of(problem_id: str) -> str:
-  """ "validation" for a fixed 5 % of ids (by hash, so stable under any filtering), else "train"."""
-  bucket = int(hashlib.sha256(problem_id.encode()).hexdigest()[:8], 16) % 100
+def split_of(key: str) -> str:
+  """ "validation" for a fixed 5 % of keys (by hash, so stable under any filtering), else "train"."""
+  bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100
   return "validation" if bucket < VALIDATION_PERCENT else "train"
+
+
+def split_key(problem: Problem) -> str:
+  """What decides a problem's split: its `meta["group"]` (the conversation, document or
+  passage it shares with other problems, so that no validation target is in a training
+  problem's context), else its id."""
+  return str(problem.meta.get("group", problem.id))
 
 
 class Report:
@@ -56,10 +63,10 @@ class Report:
 
 
 def select(problems: list[Problem], split: str, limit: int | None, seed: int) -> list[Problem]:
-  """The split's problems; `limit` of them drawn with `seed`, kept in file order."""
+  """The split's problems (`split_key`); `limit` of them drawn with `seed`, kept in file order."""
   if split not in ("train", "validation"):
     raise ValueError(f"training routes have splits 'train' and 'validation', not {split!r}")
-  problems = [p for p in problems if split_of(p.id) == split]
+  problems = [p for p in problems if split_of(split_key(p)) == split]
   if limit is not None and limit < len(problems):
     chosen = set(random.Random(seed).sample(range(len(problems)), limit))
     problems = [p for i, p in enumerate(problems) if i in chosen]

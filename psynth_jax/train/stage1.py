@@ -15,9 +15,10 @@ import dataclasses
 import json
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from psynth_jax import tasks
+from psynth_jax.tasks import in_context
 from psynth_jax.tasks.routes import select
 from psynth_jax.train import data
 from psynth_jax.train.overlap import Contamination
@@ -33,6 +34,16 @@ SOURCES = {
     "the package states MIT (its metadata) and Apache-2.0 (NVIDIA's files); the data files"
     " state no license of their own (ChatRAG-Bench / doc2dial upstream terms apply)",
   ),
+  **dict.fromkeys(("in_context", "in_context_inverse"), (in_context.SOURCE, in_context.LICENSE)),
+  "tool_calls": (
+    "ToolTalk recorded conversations (nvidia-tooltalk==26.3, tooltalk/data/tooltalk)",
+    "MIT (the package's metadata and LICENSE, Microsoft's ToolTalk); its NOTICE adds"
+    " API-Bank's Apache-2.0 for the API code it was modelled on",
+  ),
+  "bfcl_calls": (
+    "BFCL v4 multi_turn_* with gold calls run on BFCL's backends (bfcl-eval==2026.3.23)",
+    "Apache-2.0 (the package's metadata and bfcl_eval/data/README.md)",
+  ),
 }
 
 
@@ -47,12 +58,42 @@ class RouteCard:
   validation: int
 
 
+def budget_check(config) -> Callable[[dict], str | None]:
+  """trace -> the reason the training run of `config` would skip it, or None.
+
+  It is the trainer's own test (`Batcher.encode` under `config.batch`, with the
+  tokenizer of `config.model.path`), so a build can keep only the traces that fit.
+  """
+  from psynth_jax.tokenizer import Tokenizer
+  from psynth_jax.train import batching, trainer
+
+  tok = Tokenizer.from_folder(os.path.expanduser(config.model.path))
+  eos = tok.eos_token_ids[0] if tok.eos_token_ids and config.data.append_eos else None
+  batcher = batching.Batcher(tok, trainer.batch_spec(config), tok.pad_token_id or 0, eos)
+  return lambda trace: batcher.encode(trace)[1]
+
+
 def route_traces(
-  name: str, path: str | None, limit: int | None, seed: int, check: Contamination
+  name: str,
+  path: str | None,
+  limit: int | None,
+  seed: int,
+  check: Contamination,
+  fits: Callable[[dict], str | None] | None = None,
 ) -> tuple[dict[str, list[dict]], RouteCard]:
-  """One route's traces per split, with its card; `limit` caps the train split."""
+  """One route's traces per split, with its card; `limit` caps the train split. With
+  `fits` (`budget_check`), problems whose trace it refuses are dropped before the draw."""
   task = tasks.get(name)
   problems, report = task.read(path)  # once: both splits are drawn from it
+  if fits is not None:
+    kept = []
+    for p in problems:
+      reason = fits(data.gold_trace(task, p))
+      if reason:
+        report.skip(f"over the training budget ({reason})")
+      else:
+        kept.append(p)
+    problems = kept
   out, removed = {}, {}
   caps = {"train": limit, "validation": None if limit is None else max(1, limit // 20)}
   for split, cap in caps.items():
@@ -87,6 +128,7 @@ def build(
   seed: int = 0,
   paths: Mapping[str, str] | None = None,
   benchmarks: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+  fits: Callable[[dict], str | None] | None = None,
 ) -> list[RouteCard]:
   """Writes the mixed stage-1 traces and the data card to `out_dir`; returns the cards.
 
@@ -96,6 +138,8 @@ def build(
     paths: route -> a local file in its upstream format (default: the package's copy).
     benchmarks: what the overlap check indexes (default: every benchmark the harness
       loads, `overlap.load_benchmarks`).
+    fits: keep only traces this accepts (`budget_check(training config)`); the card
+      counts the others by reason.
   """
   if benchmarks is None:
     from psynth_jax.train.overlap import load_benchmarks
@@ -106,7 +150,7 @@ def build(
   splits: dict[str, list[dict]] = {"train": [], "validation": []}
   cards = []
   for name in routes:
-    traces, card = route_traces(name, paths.get(name), limit, seed, check)
+    traces, card = route_traces(name, paths.get(name), limit, seed, check, fits)
     for split, rows in traces.items():
       splits[split].extend(rows)
     cards.append(card)

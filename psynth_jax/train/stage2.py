@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from psynth_jax import tasks
 from psynth_jax.eval import harness, workflow
@@ -52,6 +52,7 @@ def distil(
   *,
   only_correct: bool = False,
   check: Contamination | None = None,
+  fits: Callable[[dict], str | None] | None = None,
 ) -> tuple[list[data.Example], Report, dict[str, str]]:
   """Traces from a harness run's records: (traces, report, id -> benchmark hit removed).
 
@@ -62,6 +63,7 @@ def distil(
       record and a text-synthesis answer are an error (run them first).
     only_correct: keep only answers the task scores 1.
     check: the overlap check; None skips it (tests only).
+    fits: keep only traces this accepts (`stage1.budget_check(training config)`).
   """
   workers, modes = harness.by_problem(rows)
   report, removed, traces = Report(), {}, []
@@ -91,6 +93,9 @@ def distil(
     # (`batching.teacher_prompt`) is the one the text synthesizer answered.
     trace["question"] = task.question_text(p) if hasattr(task, "question_text") else p.question
     trace["id"] = f"{task.name}:{p.id}"
+    if fits is not None and (reason := fits(trace)):
+      report.skip(f"over the training budget ({reason})")
+      continue
     if check is not None:
       hit = check.find(p.id, [trace["question"], trace["target"], *trace["branches"]])
       if hit:
@@ -112,6 +117,7 @@ def build(
   only_correct: bool = False,
   batch_problems: int = 4,
   benchmarks: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+  fits: Callable[[dict], str | None] | None = None,
 ) -> list[stage1.RouteCard]:
   """Runs (or resumes) the workers and the text synthesizer on each task's `limit` train
   and `limit // 20` (at least 1) validation problems drawn with `seed`, then writes the
@@ -141,7 +147,9 @@ def build(
         single_agent=False,
         batch_problems=batch_problems,
       )
-      traces, report, hits = distil(task, problems, rows, only_correct=only_correct, check=check)
+      traces, report, hits = distil(
+        task, problems, rows, only_correct=only_correct, check=check, fits=fits
+      )
       splits[split] += traces
       counts[split], reports[split], removed = len(traces), report.to_json(), {**removed, **hits}
     source, license_ = SOURCES.get(name, (name, "see the upstream"))
