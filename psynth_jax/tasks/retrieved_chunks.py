@@ -18,6 +18,7 @@ could name no chunk), as is one without an answer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -41,6 +42,10 @@ def conversation_text(messages: list[dict]) -> str:
     else:
       turns.append([role, m["content"].strip()])
   return "\n".join(f"{role}: {text}" for role, text in turns)
+
+
+def _digest(text: str) -> str:
+  return hashlib.sha256(text.strip().encode()).hexdigest()[:16]
 
 
 class RetrievedChunksTask(RouteTask):
@@ -96,7 +101,9 @@ class RetrievedChunksTask(RouteTask):
       "branches": branches,
       "document": row["document"],
       "gold_chunk": ctxs.index(gold) + 1,
-      "group": row["document"],  # a document's turns share its chunks: one split
+      # A conversation's turns (rows that open with the same message) share their chunks
+      # and earlier answers: one split. (`document` is the domain: va, dmv, ssa, studentaid.)
+      "group": f"{row['document']}/{_digest(row['messages'][0]['content'])}",
     }
     return Problem(f"{row['document']}-{index}", conversation_text(row["messages"]), target, meta)
 
