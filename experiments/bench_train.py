@@ -9,10 +9,15 @@ three parts run) and, as separate programs on the same batch, its parts:
 * teacher: the base over the text-concatenation prompt + target (forward only).
 
   python experiments/bench_train.py --models tiny,qwen05 --out results/bench_train.json
+  python experiments/bench_train.py --models smollm2,qwen05 --stage stage1 --out ...
 
 `tiny` is the shipped synthetic base (random weights of the same shape if it
-is not there); `qwen05` is Qwen2.5-Coder-0.5B-Instruct from its converted
-folder. Batches are synthetic-suite examples under each config's budgets.
+is not there); `qwen05` is Qwen2.5-Coder-0.5B-Instruct and `smollm2` SmolLM2-135M-Instruct
+from their converted folders. Batches are synthetic-suite examples under each config's
+budgets, or with --stage the first fitting traces of that real-data stage
+(`psynth_jax/configs/stages.py`: the files experiments/build_stage1.py wrote) under its
+budgets. Next to each time: its floor, the step's FLOPs (XLA's cost analysis of the
+compiled step) over the matmul rate measured at the model's shapes in the same run.
 Times are medians over --repeats runs after one warm-up (compile) run.
 Refuses to run on a loaded machine (1-minute load > 1.0 at the start) unless
 --force, which marks the JSON "forced": true. The JSON is {"meta", "rows"}.
@@ -28,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from psynth_jax.eval import bench_meta
+from psynth_jax.eval import bench_meta, limits
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
@@ -39,7 +44,8 @@ from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 from psynth_jax.train import batching, data, losses, trainer
 from psynth_jax.train import step as step_lib
 
-flags.DEFINE_list("models", ["tiny", "qwen05"], "tiny | qwen05")
+flags.DEFINE_list("models", ["tiny", "qwen05"], "tiny | qwen05 | smollm2")
+flags.DEFINE_string("stage", "", "stage1 | stage2: real traces under that stage's budgets")
 flags.DEFINE_integer("repeats", 3, "timed runs per program")
 flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_bool("force", False, 'run on a loaded machine (the JSON is marked "forced")')
@@ -50,9 +56,14 @@ def _config(name: str, arg: str):
   return importlib.import_module(f"psynth_jax.configs.{name}").get_config(arg)
 
 
+_CONFIGS = {"qwen05": "qwen2_5_coder_0_5b", "smollm2": "smollm2_135m"}
+
+
 def _setup(model: str):
   """(config, base params, tokenizer) or None if the weights are missing."""
   if model == "tiny":
+    if FLAGS.stage:
+      raise app.UsageError("--stage needs a real model (qwen05, smollm2)")
     config = _config("synthetic", "tiny,kl")
     if os.path.isdir(config.model.path):
       from psynth_jax.language_model import load_pretrained
@@ -62,7 +73,11 @@ def _setup(model: str):
     shape = dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4)
     config.model.init.update(shape, num_kv_heads=4, head_dim=64)
     return config, init_params(ModelConfig(**config.model.init.to_dict())), None
-  config = _config("qwen2_5_coder_0_5b", "kl")
+  if model not in _CONFIGS:
+    raise app.UsageError(f"unknown model {model!r}: tiny, {', '.join(_CONFIGS)}")
+  if model == "smollm2" and not FLAGS.stage:
+    raise app.UsageError("smollm2 trains on the real-data stages only: pass --stage stage1")
+  config = _config(_CONFIGS[model], f"{FLAGS.stage},kl" if FLAGS.stage else "kl")
   path = os.path.expanduser(config.model.path)
   if not os.path.isdir(path):
     return None
@@ -70,6 +85,18 @@ def _setup(model: str):
 
   lm = load_pretrained(path)
   return config, lm.params, lm.tokenizer
+
+
+def _records(config, tokenizer):
+  """Trace records for the batch: the stage's train file, else synthetic-suite problems."""
+  if FLAGS.stage:
+    return data.read_jsonl(config.data.train_jsonl)
+  examples = synthetic.generate("train", 64, 0, None, 2, config.batch.max_branches)
+  records = [data.gold_trace(synthetic.TASK, e.problem()) for e in examples]
+  if not isinstance(tokenizer, SuiteTokenizer):
+    for record, example in zip(records, examples, strict=True):
+      record["target"] = example.answer  # the tokenizer's own eos is appended instead
+  return records
 
 
 def _time(fn, *args) -> tuple[float, float]:
@@ -94,11 +121,7 @@ def bench(model: str) -> dict | None:
   tokenizer = tokenizer or SuiteTokenizer()
   spec = trainer.batch_spec(config)
   b = config.batch.batch_size
-  examples = synthetic.generate("train", 64, 0, None, 2, spec.max_branches)
-  records = [data.gold_trace(synthetic.TASK, e.problem()) for e in examples]
-  if not isinstance(tokenizer, SuiteTokenizer):
-    for record, example in zip(records, examples, strict=True):
-      record["target"] = example.answer  # the tokenizer's own eos is appended instead
+  records = _records(config, tokenizer)
   eos = tokenizer.eos_token_ids[0]
   batcher = batching.Batcher(tokenizer, spec, 0, eos)
   fitting = [r for r in records if batcher.encode(r)[0] is not None][:b]
@@ -140,6 +163,15 @@ def bench(model: str) -> dict | None:
     )
   )
 
+  # The floor: XLA's FLOP count of each program over the matmul rate at the model's shapes.
+  c = base.config
+  gflops = limits.matmul_gflops(512, c.hidden_size, c.intermediate_size, str(c.dtype))
+  costs = {
+    "branch_prefill": limits.program_cost(prefill, base, batch),
+    "synth_fwd_bwd": limits.program_cost(synth_fwd_bwd, state.params, base, branches, batch),
+    "teacher_fwd": limits.program_cost(teacher, base, batch),
+    "full_step": limits.program_cost(full, state, base, batch),
+  }
   parts = {
     "branch_prefill": _time(prefill, base, batch),
     "synth_fwd_bwd": _time(synth_fwd_bwd, state.params, base, branches, batch),
@@ -162,6 +194,12 @@ def bench(model: str) -> dict | None:
     "tokens_per_s": tokens / step_s,
     "target_tokens_per_s": counts["target_tokens"] / step_s,
     "split_s": {k: parts[k][1] for k in ("branch_prefill", "synth_fwd_bwd", "teacher_fwd")},
+    "matmul_gflops": gflops,
+    "tflop": {k: v["flops"] / 1e12 for k, v in costs.items()},
+    "compute_floor_s": {k: v["flops"] / (gflops * 1e9) for k, v in costs.items()},
+    "time_over_floor": {
+      k: parts[k][1] / max(v["flops"] / (gflops * 1e9), 1e-12) for k, v in costs.items()
+    },
     "split_fraction": {
       k: parts[k][1] / split_total for k in ("branch_prefill", "synth_fwd_bwd", "teacher_fwd")
     },
@@ -176,14 +214,18 @@ def main(argv):
   meta = bench_meta.finish(run)
   bench_meta.print_warning(meta)
   print(
-    "| model | params | batch | step s | examples/s | tokens/s | prefill | synth fwd+bwd | teacher |"
+    "| model | params | batch | step s | floor s (TFLOP / matmul rate) | time / floor |"
+    " examples/s | tokens/s | prefill | synth fwd+bwd | teacher |"
   )
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in results:
     f = r["split_fraction"]
+    floor = r["compute_floor_s"]["full_step"]
     print(
       f"| {r['model']} | {r['params_M']}M | {r['batch']} | {r['step_s']:.3f} |"
-      f" {r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {f['branch_prefill']:.0%} |"
+      f" {floor:.3f} ({r['tflop']['full_step']:.2f} / {r['matmul_gflops']:.0f} GFLOP/s) |"
+      f" {r['time_over_floor']['full_step']:.2f} | {r['examples_per_s']:.2f} |"
+      f" {r['tokens_per_s']:.0f} | {f['branch_prefill']:.0%} |"
       f" {f['synth_fwd_bwd']:.0%} | {f['teacher_fwd']:.0%} |"
     )
   bench_meta.print_warning(meta)

@@ -138,6 +138,22 @@ def torch_weight_read_bytes(model) -> int:
   return total
 
 
+def program_cost(fn, *args) -> dict[str, float]:
+  """XLA's own count of a jitted program's work: {"flops", "bytes_accessed"} (0 if unknown).
+
+  Read from the compiled program's cost analysis, so it counts what the program does
+  (remat recomputation, the teacher, the backward pass), not a formula of ours.
+  """
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  return {
+    "flops": float(cost.get("flops", 0.0)),
+    "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+  }
+
+
 def floors(weight_bytes: int, bandwidth_gbps: float, flops: float, gflops: float) -> dict:
   """Weight-read and compute floors (seconds) of one step, and the binding one."""
   weight_s = weight_bytes / (bandwidth_gbps * 1e9)
