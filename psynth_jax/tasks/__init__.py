@@ -47,6 +47,7 @@ _BUILTIN = {
   "bfcl_calls": ("psynth_jax.tasks.tool_calls", "BFCL_CALLS"),  # BFCL multi-turn
   "in_context": ("psynth_jax.tasks.in_context", "IN_CONTEXT"),
   "in_context_inverse": ("psynth_jax.tasks.in_context", "IN_CONTEXT_INVERSE"),
+  "gaia_offline": ("psynth_jax.tasks.gaia_offline", "GAIA_OFFLINE"),  # generated, needs tools
 }
 _REGISTERED: dict[str, Task] = {}
 
