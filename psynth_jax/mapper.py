@@ -230,10 +230,16 @@ class Mapper:
     """F: the base features this mapper reads (before any cache statistics)."""
     return num_features(self.features)
 
-  def coefficients(self, k, v, lengths: jax.Array, num_workers: jax.Array) -> jax.Array:
-    """Coefficients [K, L, G or 1, 4] for branch caches k, v (L x [K, S, G, H]; L = len(k))."""
+  def coefficients(
+    self, k, v, lengths: jax.Array, num_workers: jax.Array, spans: jax.Array | None = None
+  ) -> jax.Array:
+    """Coefficients [K, L, G or 1, 4] for branch caches k, v (L x [K, S, G, H]; L = len(k)).
+
+    `spans` (multi-turn branches: last position + 1) is the length feature where given;
+    the cache statistics always average the `lengths` valid rows.
+    """
     check_mapper(self, len(k))
-    feats = base_features(lengths, num_workers, len(k), self.features)
+    feats = base_features(lengths if spans is None else spans, num_workers, len(k), self.features)
     module = self.module()
     stats = cache_statistics(k, v, lengths) if module.needs_stats else None
     return module.coefficients(feats, stats)

@@ -1,14 +1,28 @@
 """Re-encode, map and merge K branch caches into one synthesizer cache.
 
-1. Re-encoding: branch i's keys were rotated at offsets[i] + t; rotating them
-   by -offsets[i] puts every branch at positions t in [0, len_i), all starting at
-   the same branching point. RoPE rotations compose, so this equals recomputing
-   the keys at the new positions (up to float rounding). Values are untouched.
-2. Mapping: `psynth_jax.mapper` coefficients, per branch and layer.
+1. Re-encoding: branch i's keys were rotated at their stored positions
+   (`cache.positions`); rotating them by -offsets[i] moves every row of branch i
+   by the same amount, so that every branch starts at the same branching point.
+   RoPE rotations compose, so this equals recomputing the keys at the new
+   positions (up to float rounding). Values are untouched.
+   * single-turn branches (`Branches.spans` None): rows sit at offsets[i] + t,
+     so they land at t in [0, len_i);
+   * multi-turn branches (`spans` set, `psynth_jax.agents.memory`): each row
+     lands at its stored position - offsets[i]; kept turn outputs keep the
+     prompt / tool-response gaps between them, and the branch covers
+     [0, span_i) with span_i = its last position + 1.
+2. Mapping: `psynth_jax.mapper` coefficients, per branch and layer; the length
+   feature is the span (= len_i for a single turn).
 3. Merging: the valid rows of all branches are packed, in branch order, into
    rows [0, sum_i len_i) of a fresh cache; the synthesizer's own tokens follow
-   from row `rows` on. Attention treats all branch rows alike (fully visible,
-   order-free), so the synthesizer's view does not depend on branch order.
+   from row `rows` on, at positions max_i span_i + j. Attention treats all
+   branch rows alike (fully visible, order-free), so the synthesizer's view does
+   not depend on branch order.
+
+The single-turn path is the formula the method defines (positions = the row
+index t within a branch, start = max_i len_i); multi-turn branches read the
+stored positions and spans instead, which for single-turn rows are the same
+numbers.
 """
 
 from __future__ import annotations
@@ -36,7 +50,8 @@ def mapped_branch_kv(branches, config: ModelConfig, mapper: Mapper | None, num_w
     check_mapper(mapper, config.num_layers)
     if num_workers is None:
       num_workers = jnp.asarray(branches.num_branches)
-    k, v = apply(mapper.coefficients(k, v, branches.lengths, num_workers), k, v)
+    coeffs = mapper.coefficients(k, v, branches.lengths, num_workers, branches.spans)
+    k, v = apply(coeffs, k, v)
   return k, v
 
 
@@ -57,8 +72,9 @@ def merge(
       empty ones included: an empty branch adds no rows but still counts).
 
   Returns:
-    KVCache [1, capacity] with valid rows [0, sum_i len_i), positions t within each
-    branch, and `index` = rows (where the synthesizer prompt is written).
+    KVCache [1, capacity] with valid rows [0, sum_i len_i), and `index` = rows
+    (where the synthesizer prompt is written). Positions: t within each branch
+    (single-turn), or each row's stored position - offsets[i] (multi-turn).
   """
   k, v = mapped_branch_kv(branches, config, mapper, num_workers)
   lengths = branches.lengths
@@ -68,6 +84,10 @@ def merge(
   branch = jnp.clip(jnp.searchsorted(jnp.cumsum(lengths), r, side="right"), 0, lengths.shape[0] - 1)
   local = jnp.clip(r - starts[branch], 0, branches.capacity - 1)  # [rows]
   valid = r < total
+  if branches.spans is None:
+    position = local
+  else:
+    position = branches.cache.positions[branch, local] - branches.offsets[branch]
 
   def gather(x):  # [K, S, G, H] -> [1, capacity, G, H]
     packed = x[branch, local]
@@ -76,12 +96,12 @@ def merge(
   return KVCache(
     k=tuple(gather(kl) for kl in k),
     v=tuple(gather(vl) for vl in v),
-    positions=jnp.pad(jnp.where(valid, local, 0), (0, capacity - rows))[None].astype(jnp.int32),
+    positions=jnp.pad(jnp.where(valid, position, 0), (0, capacity - rows))[None].astype(jnp.int32),
     valid=jnp.pad(valid, (0, capacity - rows))[None],
     index=jnp.asarray(rows, jnp.int32),
   )
 
 
 def synth_start_position(branches) -> jax.Array:
-  """The synthesizer prompt starts at position max_i len_i."""
-  return branches.lengths.max()
+  """The synthesizer prompt starts at position max_i span_i (max_i len_i for one turn)."""
+  return branches.span.max()

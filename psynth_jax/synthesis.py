@@ -1,7 +1,8 @@
 """Synthesis: from K branch caches (Parallel-Synthesis) or from concatenated text (baseline).
 
 Cache path (`synthesize`): re-encode + map + merge the branch caches, prefill
-the synthesizer prompt at positions max_i len_i + j with the synthesizer's
+the synthesizer prompt at positions max_i len_i + j (max_i span_i for
+multi-turn branches, `psynth_jax.merge`) with the synthesizer's
 LoRA, sample, then decode. Text path (`synthesize_text`): the base model
 prefills the whole concatenated prompt and decodes with the same decoder and
 the same sampling.
@@ -120,6 +121,10 @@ def check_branches(lm, branches: Branches, allow_foreign_branches: bool = False)
     raise ValueError(
       f"branch lengths {lengths.tolist()} do not fit the branch cache capacity {branches.capacity}"
     )
+  if branches.spans is not None:
+    spans = np.asarray(branches.spans)
+    if spans.shape != lengths.shape or (spans < lengths).any():
+      raise ValueError(f"branch spans {spans.tolist()} must be >= the lengths {lengths.tolist()}")
 
 
 def branch_rows(branches: Branches) -> int:
@@ -172,7 +177,7 @@ def synthesize(
   rows = branch_rows(branches) if rows is None else rows
   if rows < used:
     raise ValueError(f"rows={rows} cannot hold the {used} branch tokens")
-  start = int(np.asarray(branches.lengths).max())
+  start = int(np.asarray(branches.span).max())
   if start + batch.lengths[0] + max_new_tokens > lm.config.max_position_embeddings:
     raise ValueError(
       "longest branch + synthesizer prompt + max_new_tokens exceed max_position_embeddings"
@@ -275,7 +280,7 @@ def _batch_program(
 
   cache = jax.vmap(one)(branches, num_workers)
   cache = cache.replace(index=jnp.asarray(rows, jnp.int32))
-  positions = positions + branches.lengths.max(axis=1)[:, None]
+  positions = positions + branches.span.max(axis=1)[:, None]
   logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
   state = decode.start(logits, positions[:, -1] + 1, cache, rng, spec)
   return decode.decode_loop(params, state, spec, lora)
@@ -316,13 +321,14 @@ def synthesize_batch(
     check_num_workers(b, k)
   k = max(b.num_branches for b in branches_list)
   s = max(b.capacity for b in branches_list)
+  if any(b.spans is not None for b in branches_list):  # one pytree structure for the stack
+    branches_list = [b.with_spans() for b in branches_list]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[_padded(b, k, s) for b in branches_list])
   spec, batch, _ = lm.prepare([list(p) for p in synth_prompts], max_new_tokens, sampling, lora=lora)
   lengths = np.asarray(stacked.lengths)
   rows = decode.bucket(int(lengths.sum(axis=1).max()))
-  if (
-    int(lengths.max()) + batch.tokens.shape[1] + max_new_tokens > lm.config.max_position_embeddings
-  ):
+  longest = int(np.asarray(stacked.span).max())
+  if longest + batch.tokens.shape[1] + max_new_tokens > lm.config.max_position_embeddings:
     raise ValueError(
       "longest branch + synthesizer prompt + max_new_tokens exceed max_position_embeddings"
     )

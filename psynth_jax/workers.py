@@ -14,6 +14,15 @@ tokens; later rows are padding. Two ways to get one:
 
 An empty branch (length 0) is allowed: it contributes no rows.
 
+Multi-turn branches (`psynth_jax.agents.memory`) keep rows that are not at
+consecutive positions: a worker agent's kept turn outputs, with its prompts and
+tool responses between them dropped. They set `spans`, and then the merge reads
+each row's stored position (`cache.positions`, minus `offsets[i]`) instead of
+its row index, and a branch's span (its last position + 1 after the shift) is
+both the mapper's length feature and what the synthesizer's start
+(max_i span_i) is taken over. Single-turn branches leave `spans` None: rows at
+positions offsets[i] + r, span = length, merged exactly as before.
+
 `Branches.fingerprint` is the `Params.fingerprint` of the model that made the
 cache (static, like the params'); synthesis refuses branches from another
 model unless told otherwise (`allow_foreign_branches=True`).
@@ -43,10 +52,30 @@ class Branches:
   offsets: jax.Array  # [K] int32, RoPE position of row 0 of each branch
   tokens: jax.Array  # [K, S] int32, the branch tokens (pad beyond lengths)
   fingerprint: str = struct.field(pytree_node=False, default="")  # of the model that made them
+  # [K] int32, multi-turn branches only: last kept position - offsets[i] + 1 (read as 0
+  # where a branch is empty). None: rows at consecutive positions offsets[i] + r (span = length).
+  spans: jax.Array | None = None
 
   @property
   def num_branches(self) -> int:
     return self.lengths.shape[0]
+
+  @property
+  def span(self) -> jax.Array:
+    """[K] positions each branch covers after re-encoding: `spans` (0 for an emptied
+    branch), or `lengths` if None."""
+    if self.spans is None:
+      return self.lengths
+    return jnp.where(self.lengths > 0, self.spans, 0).astype(jnp.int32)
+
+  def with_spans(self) -> Branches:
+    """The same branches with `spans` set (to the lengths where it was None).
+
+    Lets single-turn and multi-turn branches stack into one batch. Merging then reads the
+    stored positions, which for the rows `run_workers`, `encode_branches` and
+    `worker_branches` make are offsets[i] + r: the same merged cache.
+    """
+    return self if self.spans is not None else self.replace(spans=self.lengths)
 
   @property
   def capacity(self) -> int:

@@ -1,0 +1,114 @@
+"""The ReAct loop: thought / tool call / observation turns, until a final answer or the step limit.
+
+  episode = run_react(model, chat, messages, toolbox, max_steps=5)
+
+`model` is anything with `turn(new_ids) -> output ids`: the ids given are appended after
+everything it has seen (its own cache) and it decodes one output. The real one is
+`psynth_jax.agents.session.CacheSession` (workers, the latent-prefix synthesizer and the
+text baseline alike); tests drive the loop with a scripted one.
+
+Turn by turn:
+1. the first turn feeds `chat.prompt(messages)` (system prompt, tool schemas, the task);
+2. the output is parsed (`tool_calls.parse_output`): no call is the final answer and ends
+   the loop;
+3. otherwise the turn is one *tool step*: its calls run in order through the toolbox (an
+   unknown tool, bad arguments or an exception inside a tool comes back as an error
+   observation, `Toolbox.call`; a malformed call gets one too, `malformed_observation`),
+   and the next turn feeds the observations (`chat.observations`).
+At most `max_steps` tool steps (the reference's 5). The last one's observations end with
+`LIMIT_NOTE`, and the next output is the answer whatever it holds: its calls are not run
+and `Episode.stopped` is "step_limit". Nothing in the loop raises on what a model writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+from psynth_jax.agents.tool_calls import (
+  ChatFormat,
+  Malformed,
+  ToolCall,
+  malformed_observation,
+  parse_output,
+)
+from psynth_jax.agents.tools import Observation, Toolbox
+
+MAX_STEPS = 5  # the reference's tool-step limit
+LIMIT_NOTE = "You have used all your tool calls. Give your final answer now, without tool calls."
+
+
+class TurnModel(Protocol):
+  def turn(self, new_ids: Sequence[int]) -> Sequence[int]:
+    """Reads `new_ids` after everything so far and returns one output's ids (stop excluded)."""
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One tool step: the output, the thought outside its calls, the calls and what they returned."""
+
+  output: str
+  thought: str
+  calls: tuple[ToolCall | Malformed, ...]
+  observations: tuple[Observation, ...]
+
+
+@dataclasses.dataclass
+class Episode:
+  """A finished loop. `stopped`: "answer" (an output without calls) or "step_limit"."""
+
+  answer: str
+  steps: list[Step]
+  stopped: str
+  outputs: list[list[int]]  # every turn's output ids, the answer's last
+
+  @property
+  def num_tool_calls(self) -> int:
+    return sum(len(s.calls) for s in self.steps)
+
+
+def run_call(toolbox: Toolbox, call: ToolCall | Malformed) -> Observation:
+  """One call's observation (never raises)."""
+  if isinstance(call, Malformed):
+    return Observation(malformed_observation(call.reason), error=True)
+  return toolbox.call(call.name, call.arguments)
+
+
+def run_react(
+  model: TurnModel,
+  chat: ChatFormat,
+  messages: Sequence[dict],
+  toolbox: Toolbox,
+  max_steps: int = MAX_STEPS,
+) -> Episode:
+  """Runs one agent until it answers or has taken `max_steps` tool steps (then one last turn).
+
+  Args:
+    model: a `TurnModel` (a `CacheSession`, or a scripted stand-in).
+    chat: renders the prompt and the observation turns (`ChatFormat`, built with the
+      toolbox's schemas).
+    messages: the first turn's chat messages (system, user task).
+    toolbox: the tools the agent may call.
+    max_steps: the most tool steps; 0 lets the agent only answer.
+  """
+  if max_steps < 0:
+    raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+  feed = chat.prompt(messages)
+  steps: list[Step] = []
+  outputs: list[list[int]] = []
+  while True:
+    out = list(model.turn(feed))
+    outputs.append(out)
+    text = chat.decode(out)
+    parsed = parse_output(text)
+    if parsed.is_final or len(steps) == max_steps:
+      # At the limit, calls left in the last output are dropped from the answer, not run.
+      return Episode(parsed.text, steps, "answer" if parsed.is_final else "step_limit", outputs)
+    observations = tuple(run_call(toolbox, c) for c in parsed.calls)
+    steps.append(Step(text, parsed.text, parsed.calls, observations))
+    texts = [o.text for o in observations]
+    if len(steps) == max_steps:
+      texts[-1] = f"{texts[-1]}\n\n{LIMIT_NOTE}"
+    feed = chat.observations(texts)
