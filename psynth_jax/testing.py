@@ -170,3 +170,39 @@ def bpe_tokenizer_folder(folder) -> Path:
   gen = {"eos_token_id": [backend.token_to_id("<|im_end|>"), backend.token_to_id("<|endoftext|>")]}
   (folder / "generation_config.json").write_text(json.dumps(gen))
   return folder
+
+
+def tiny_chat_model(folder, max_position_embeddings: int = 2048) -> Path:
+  """A converted tiny random chat model (the BPE tokenizer above) in `folder`."""
+  from psynth_jax.model.checkpoint import save_converted
+  from psynth_jax.tokenizer import Tokenizer
+
+  folder = Path(folder)
+  tok_dir = bpe_tokenizer_folder(folder / "tok")
+  config = tiny_config(
+    vocab_size=Tokenizer.from_folder(tok_dir).vocab_size,
+    max_position_embeddings=max_position_embeddings,
+  )
+  save_converted(random_params(config), folder / "model", tokenizer_src=tok_dir)
+  return folder / "model"
+
+
+def train_two_steps(folder, train_jsonl, **batch) -> list[dict]:
+  """Two trainer steps of a tiny random chat model on a trace file: the step history.
+
+  Proves a data route's traces are trainer rows; `batch` overrides the config's budgets.
+  """
+  from psynth_jax.configs.base import default_config
+  from psynth_jax.train import trainer
+
+  folder = Path(folder)
+  c = default_config()
+  c.model.path = str(tiny_chat_model(folder / "tiny"))
+  c.data.update(source="jsonl", train_jsonl=str(train_jsonl))
+  c.batch.update(dict(batch_size=2, max_branches=8, synth_tokens=512) | batch)
+  c.lora.rank = 2
+  c.train.num_steps = 2
+  c.mesh.shape = (1, 1, 1)
+  c.fast_compile = True
+  c.export.enabled = False
+  return trainer.train(c, str(folder / "work")).history

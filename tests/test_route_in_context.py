@@ -196,37 +196,14 @@ def test_the_packaged_requests_have_their_counts():
 def test_two_training_steps_on_the_routes_traces(tmp_path, route):
   """The traces are trainer rows: a tiny chat model takes two steps on them."""
   from psynth_jax import testing
-  from psynth_jax.configs.base import default_config
-  from psynth_jax.model.checkpoint import save_converted
-  from psynth_jax.tokenizer import Tokenizer
-  from psynth_jax.train import trainer
 
-  tok_dir = testing.bpe_tokenizer_folder(tmp_path / "tok")
-  vocab = Tokenizer.from_folder(tok_dir).vocab_size
-  model = tmp_path / "model"
-  config = testing.tiny_config(vocab_size=vocab, max_position_embeddings=2048)
-  save_converted(testing.random_params(config), model, tokenizer_src=tok_dir)
   out = tmp_path / route
   stage1.build([route], str(out), paths={route: FIXTURE}, benchmarks=BENCHMARKS)
   rows = data.read_jsonl(out / "train.jsonl")
   assert len(rows) == 3 and all(r["task"] == route for r in rows)
-  c = default_config()
-  c.model.path = str(model)
-  c.data.update(source="jsonl", train_jsonl=str(out / "train.jsonl"))
-  c.batch.update(
-    batch_size=2,
-    max_branches=8,
-    branch_tokens=128,
-    branch_rows=640,
-    synth_tokens=512,
-    target_tokens=64,
+  history = testing.train_two_steps(
+    tmp_path, out / "train.jsonl", branch_tokens=128, branch_rows=640, target_tokens=64
   )
-  c.lora.rank = 2
-  c.train.num_steps = 2
-  c.mesh.shape = (1, 1, 1)
-  c.fast_compile = True
-  c.export.enabled = False
-  result = trainer.train(c, str(tmp_path / "work"))
-  losses = [h["loss"] for h in result.history]
+  losses = [h["loss"] for h in history]
   assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses), losses
-  assert all(h["skipped"] == 0 for h in result.history), result.history
+  assert all(h["skipped"] == 0 for h in history), history

@@ -277,41 +277,18 @@ def test_the_packaged_sources_have_their_counts():
 def test_two_training_steps_on_the_routes_traces(route, tmp_path):
   """The traces are trainer rows: a tiny chat model takes two steps on them."""
   from psynth_jax import testing
-  from psynth_jax.configs.base import default_config
-  from psynth_jax.model.checkpoint import save_converted
-  from psynth_jax.tokenizer import Tokenizer
-  from psynth_jax.train import trainer
 
   path = TOOLTALK_DIR if route == "tool_calls" else _file_system_folder(tmp_path / "bfcl")
   out = tmp_path / "traces"
   stage1.build([route], str(out), paths={route: str(path)}, benchmarks=BENCHMARKS)
   rows = [json.loads(line) for s in ("train", "validation") for line in open(out / f"{s}.jsonl")]
   (out / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  tok_dir = testing.bpe_tokenizer_folder(tmp_path / "tok")
-  config = testing.tiny_config(
-    vocab_size=Tokenizer.from_folder(tok_dir).vocab_size, max_position_embeddings=2048
+  history = testing.train_two_steps(
+    tmp_path, out / "all.jsonl", branch_tokens=512, branch_rows=1024, target_tokens=128
   )
-  save_converted(testing.random_params(config), tmp_path / "model", tokenizer_src=tok_dir)
-  c = default_config()
-  c.model.path = str(tmp_path / "model")
-  c.data.update(source="jsonl", train_jsonl=str(out / "all.jsonl"))
-  c.batch.update(
-    batch_size=2,
-    max_branches=8,
-    branch_tokens=512,
-    branch_rows=1024,
-    synth_tokens=512,
-    target_tokens=128,
-  )
-  c.lora.rank = 2
-  c.train.num_steps = 2
-  c.mesh.shape = (1, 1, 1)
-  c.fast_compile = True
-  c.export.enabled = False
-  result = trainer.train(c, str(tmp_path / "work"))
-  losses = [h["loss"] for h in result.history]
+  losses = [h["loss"] for h in history]
   assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses), losses
-  assert all(h["skipped"] == 0 for h in result.history), result.history
+  assert all(h["skipped"] == 0 for h in history), history
 
 
 @pytest.mark.parametrize(

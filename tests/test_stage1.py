@@ -176,16 +176,7 @@ def test_two_training_steps_on_each_routes_traces(sharegpt_file, tmp_path):
   import math
 
   from psynth_jax import testing
-  from psynth_jax.configs.base import default_config
-  from psynth_jax.model.checkpoint import save_converted
-  from psynth_jax.tokenizer import Tokenizer
-  from psynth_jax.train import trainer
 
-  tok_dir = testing.bpe_tokenizer_folder(tmp_path / "tok")
-  vocab = Tokenizer.from_folder(tok_dir).vocab_size
-  model = tmp_path / "model"
-  config = testing.tiny_config(vocab_size=vocab, max_position_embeddings=2048)
-  save_converted(testing.random_params(config), model, tokenizer_src=tok_dir)
   chunks = tmp_path / "chunks"
   chunks.mkdir()
   docs = {"d": [f"paragraph {i} about topic {i}" for i in range(6)]}
@@ -205,26 +196,16 @@ def test_two_training_steps_on_each_routes_traces(sharegpt_file, tmp_path):
   for route, path in paths.items():
     out = tmp_path / route
     stage1.build([route], str(out), paths={route: path}, benchmarks=BENCHMARKS)
-    c = default_config()
-    c.model.path = str(model)
-    c.data.update(source="jsonl", train_jsonl=str(out / "train.jsonl"))
-    c.batch.update(
-      batch_size=2,
-      max_branches=8,
+    history = testing.train_two_steps(
+      tmp_path / f"work_{route}",
+      out / "train.jsonl",
       branch_tokens=128,
       branch_rows=640,
-      synth_tokens=512,
       target_tokens=64,
     )
-    c.lora.rank = 2
-    c.train.num_steps = 2
-    c.mesh.shape = (1, 1, 1)
-    c.fast_compile = True
-    c.export.enabled = False
-    result = trainer.train(c, str(tmp_path / f"work_{route}"))
-    losses = [h["loss"] for h in result.history]
+    losses = [h["loss"] for h in history]
     assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses), (route, losses)
-    assert all(h["skipped"] == 0 for h in result.history), (route, result.history)
+    assert all(h["skipped"] == 0 for h in history), (route, history)
 
 
 def test_problems_of_one_group_share_a_split():
