@@ -56,6 +56,9 @@ setup(
       "python-docx==1.2.0",
       "openpyxl==3.1.5",
       "fpdf2==2.8.9",
+      # Database diagnosis (agents/postgres.py, db_scenarios.py, db_tools.py): the client of
+      # the disposable PostgreSQL server; the server itself is the Debian `postgresql` package.
+      "psycopg[binary]==3.3.9",
     ],
     "tpu": ["jax[tpu]"],
   },

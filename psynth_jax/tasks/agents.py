@@ -305,7 +305,9 @@ class MarbleDBTask(AgentTask):
   (`sum(gold in predicted) / len(gold)`): with one gold cause and two guesses allowed, a hit
   is the gold cause among the two. Upstream has gpt-4o-mini extract the predicted causes from
   free text (always two); we read them from the answer line instead, deterministically, and
-  allow as many as the task asks for, so naming every label cannot score.
+  allow as many as the task asks for, so naming every label cannot score. A task is
+  `correct` when every gold cause is named; accuracy is the fraction correct
+  (`marble_accuracy`).
   """
 
   name = "marble_db"
@@ -337,6 +339,17 @@ class MarbleDBTask(AgentTask):
     n = problem.meta.get("num_predictions", len(gold))
     predicted = predicted_causes(completion, candidates, n)
     return sum(g in predicted for g in gold) / len(gold)
+
+  def correct(self, completion, problem) -> bool:
+    """MARBLE's correctness: every gold root cause is among the causes named (score 1)."""
+    return self.score(completion, problem) == 1.0
+
+
+def marble_accuracy(scores: Iterable[float]) -> float:
+  """The fraction of tasks answered correctly (score 1: every gold cause named), MARBLE's
+  accuracy; the mean of the scores themselves is its partial credit."""
+  scores = list(scores)
+  return sum(s == 1.0 for s in scores) / len(scores) if scores else 0.0
 
 
 def _marble_problem(record: dict[str, Any], source: str) -> Problem:
