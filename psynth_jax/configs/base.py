@@ -49,6 +49,10 @@ def default_config() -> ConfigDict:
         # > 0: branches are encoded after their worker's prompt (records with
         # worker_prompts), as the workers produced them; 0: each branch alone.
         worker_prompt_tokens=0,
+        # True: each batch only as large as its longest example, rounded up to a
+        # bucket (powers of two up to the budgets above, which stay the guards); one
+        # step program per shape met. False: every batch at the budget shapes.
+        bucketed=False,
       ),
       mapper=dict(kind="affine", features="both"),
       lora=dict(rank=16, alpha=32.0, dropout=0.0, targets=("q", "k", "v", "o")),

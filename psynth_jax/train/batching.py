@@ -18,12 +18,22 @@ Y is tokenised once and appended to both prompts, so target token j sits at
 predict it are one position earlier (`score_pos`, `teacher_pos`). Only those
 N target positions are scored.
 
-Every array has a static shape (`BatchSpec`), so the train step compiles
-once. An example that does not fit (too many branches, a branch or the sum of
-branches over budget, a prompt + target too long, an empty target or prompt)
-is *skipped*: its row stays padding with zero weight, `skipped` marks it, and
-the reason is counted. Padding rows keep the per-host batch size fixed, which
-a multi-host step needs.
+Every array has a static shape (a `BatchShape`). By default it is the spec's
+budgets, so the train step compiles once. With `BatchSpec.bucketed` each batch
+is only as large as its longest example needs, rounded up to a bucket (`bucket`:
+K in 1, 2, 4, ...; token lengths in powers of two from `MIN_BUCKET`; each
+budget is itself the largest bucket), so the step compiles one program per
+shape met, of a bounded set. Bucketing changes no loss: it drops padding only
+(positions, masks and score positions do not depend on the shape). The worker
+prompt width W stays at its budget, because consumers pass it to the step
+statically (`StepConfig.worker_prompt_tokens`, the held-out evaluator).
+
+An example that does not fit the budgets (too many branches, a branch or the
+sum of branches over budget, a prompt + target too long, an empty target or
+prompt) is *skipped*: its row stays padding with zero weight, `skipped` marks
+it, and the reason is counted. Padding rows keep the per-host batch size fixed,
+which a multi-host step needs (its hosts must also agree on the shape:
+`BatchShape.union`).
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ from flax import struct
 
 from psynth_jax import tasks
 from psynth_jax.tasks import Problem, Task
+
+MIN_BUCKET = 32  # the smallest bucket of a token length (a budget below it is its own bucket)
 
 SKIP_REASONS = (
   "too_many_branches",
@@ -65,6 +77,8 @@ class BatchSpec:
     teacher_tokens: teacher prompt + target; 0 disables the teacher.
     worker_prompt_tokens: W, tokens of a worker prompt before its branch; 0
       encodes every branch alone (from position 0).
+    bucketed: shape each batch by its longest example, rounded up to a bucket
+      (`Batcher.shape`); False: every batch has the budget shapes.
   """
 
   max_branches: int
@@ -74,6 +88,7 @@ class BatchSpec:
   target_tokens: int
   teacher_tokens: int = 0
   worker_prompt_tokens: int = 0
+  bucketed: bool = False
 
   def __post_init__(self):
     for name in ("max_branches", "branch_tokens", "branch_rows", "synth_tokens", "target_tokens"):
@@ -81,6 +96,47 @@ class BatchSpec:
         raise ValueError(f"BatchSpec.{name} must be >= 1, got {getattr(self, name)}")
     if self.target_tokens >= self.synth_tokens:
       raise ValueError("target_tokens must leave room for the prompt in synth_tokens")
+
+  @property
+  def budget(self) -> BatchShape:
+    """The shape of an unbucketed batch: every budget."""
+    return BatchShape(
+      self.max_branches,
+      self.branch_tokens,
+      self.worker_prompt_tokens,
+      self.branch_rows,
+      self.synth_tokens,
+      self.target_tokens,
+      self.teacher_tokens,
+    )
+
+
+def bucket(n: int, budget: int, minimum: int = MIN_BUCKET) -> int:
+  """The smallest power of two >= n (and >= `minimum`), capped at `budget` (also a bucket)."""
+  return min(budget, max(minimum, 1 << max(n - 1, 0).bit_length()))
+
+
+def buckets(budget: int, minimum: int = MIN_BUCKET) -> tuple[int, ...]:
+  """Every value `bucket(n, budget, minimum)` takes for 0 <= n <= budget."""
+  return tuple(sorted({bucket(n, budget, minimum) for n in range(budget + 1)}))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+  """The static sizes of one batch (at most the spec's budgets); hashable: one per program."""
+
+  branches: int  # K
+  branch_tokens: int  # S
+  worker_prompt_tokens: int  # W
+  branch_rows: int  # merged-cache rows, >= every example's sum_i len_i
+  synth_tokens: int  # T
+  target_tokens: int  # Y
+  teacher_tokens: int  # P, 0 without a teacher
+
+  def union(self, *others: BatchShape) -> BatchShape:
+    """The elementwise maximum: a shape every one of them fits (hosts of one step agree on it)."""
+    rows = [dataclasses.astuple(x) for x in (self, *others)]
+    return BatchShape(*(max(column) for column in zip(*rows, strict=True)))
 
 
 @struct.dataclass
@@ -182,26 +238,58 @@ class Batcher:
     encoded = {"branches": branches, "workers": workers, "prompt": prompt, "target": target}
     return {**encoded, "teacher": teacher}, None
 
-  def __call__(
-    self, examples: Sequence[Mapping[str, Any]], batch_size: int | None = None
-  ) -> tuple[Batch, collections.Counter]:
-    """Tokenises `examples` into a Batch of `batch_size` rows (default: len(examples)).
+  def encode_all(
+    self, examples: Sequence[Mapping[str, Any]]
+  ) -> tuple[list[dict[str, list] | None], collections.Counter]:
+    """`encode` of each example (None for a skipped one) and a Counter of skip reasons."""
+    encoded, reasons = [], collections.Counter()
+    for example in examples:
+      tokens, reason = self.encode(example)
+      encoded.append(tokens)
+      if reason is not None:
+        reasons[reason] += 1
+    return encoded, reasons
 
-    Returns:
-      The batch (numpy arrays) and a Counter of skip reasons.
+  def shape(self, encoded: Sequence[dict[str, list] | None]) -> BatchShape:
+    """The shape of a batch of `encoded` (`encode_all`): the budgets, or their buckets.
+
+    Bucketed, every size is the smallest bucket that holds the longest example
+    (the sum of branch lengths for `branch_rows`); a batch of skipped examples
+    only gets the smallest buckets.
     """
     spec = self.spec
-    b = len(examples) if batch_size is None else batch_size
-    if len(examples) > b:
-      raise ValueError(f"{len(examples)} examples do not fit a batch of {b}")
-    k, s, t, n, p = (
-      spec.max_branches,
-      spec.branch_tokens,
-      spec.synth_tokens,
-      spec.target_tokens,
-      spec.teacher_tokens,
+    if not spec.bucketed:
+      return spec.budget
+    kept = [e for e in encoded if e is not None]
+
+    def longest(length) -> int:
+      return max((length(e) for e in kept), default=0)
+
+    k = longest(lambda e: len(e["branches"]))
+    s = longest(lambda e: max((len(b) for b in e["branches"]), default=0))
+    rows = longest(lambda e: sum(len(b) for b in e["branches"]))
+    t = longest(lambda e: len(e["prompt"]) + len(e["target"]))
+    y = longest(lambda e: len(e["target"]))
+    p = longest(lambda e: len(e["teacher"]) + len(e["target"])) if spec.teacher_tokens else 0
+    return BatchShape(
+      bucket(k, spec.max_branches, 1),
+      bucket(s, spec.branch_tokens),
+      spec.worker_prompt_tokens,
+      bucket(rows, spec.branch_rows),
+      bucket(t, spec.synth_tokens),
+      bucket(y, spec.target_tokens),
+      bucket(p, spec.teacher_tokens) if spec.teacher_tokens else 0,
     )
-    w = spec.worker_prompt_tokens
+
+  def pack(
+    self, encoded: Sequence[dict[str, list] | None], batch_size: int, shape: BatchShape
+  ) -> Batch:
+    """`encode_all`'s token lists -> a Batch of `batch_size` rows of `shape` (numpy)."""
+    b = batch_size
+    if len(encoded) > b:
+      raise ValueError(f"{len(encoded)} examples do not fit a batch of {b}")
+    k, s, w = shape.branches, shape.branch_tokens, shape.worker_prompt_tokens
+    t, n, p = shape.synth_tokens, shape.target_tokens, shape.teacher_tokens
     out = {
       "branch_tokens": np.full((b, k, w + s), self.pad_id, np.int32),
       "branch_mask": np.zeros((b, k, w + s), bool),
@@ -218,22 +306,19 @@ class Batcher:
       out["teacher_tokens"] = np.full((b, p), self.pad_id, np.int32)
       out["teacher_mask"] = np.zeros((b, p), bool)
       out["teacher_pos"] = np.zeros((b, n), np.int32)
-    reasons: collections.Counter = collections.Counter()
-    for row, example in enumerate(examples):
-      encoded, reason = self.encode(example)
-      if encoded is None:
-        reasons[reason] += 1
+    for row, encoded_row in enumerate(encoded):
+      if encoded_row is None:
         out["skipped"][row] = 1
         continue
       for i, (worker, branch) in enumerate(
-        zip(encoded["workers"], encoded["branches"], strict=True)
+        zip(encoded_row["workers"], encoded_row["branches"], strict=True)
       ):
         seq = worker + branch
         out["branch_tokens"][row, i, : len(seq)] = seq
         out["branch_mask"][row, i, : len(seq)] = True
         out["branch_start"][row, i] = len(worker)
-      out["num_workers"][row] = len(encoded["branches"])
-      target, prompt = encoded["target"], encoded["prompt"]
+      out["num_workers"][row] = len(encoded_row["branches"])
+      target, prompt = encoded_row["target"], encoded_row["prompt"]
       seq = prompt + target
       out["tokens"][row, : len(seq)] = seq
       out["mask"][row, : len(seq)] = True
@@ -242,11 +327,33 @@ class Batcher:
       out["labels"][row, :nt] = target
       out["weights"][row, :nt] = 1.0
       if p:
-        teacher = encoded["teacher"] + target
+        teacher = encoded_row["teacher"] + target
         out["teacher_tokens"][row, : len(teacher)] = teacher
         out["teacher_mask"][row, : len(teacher)] = True
-        out["teacher_pos"][row, :nt] = len(encoded["teacher"]) - 1 + np.arange(nt)
-    return Batch(**out), reasons
+        out["teacher_pos"][row, :nt] = len(encoded_row["teacher"]) - 1 + np.arange(nt)
+    return Batch(**out)
+
+  def __call__(
+    self,
+    examples: Sequence[Mapping[str, Any]],
+    batch_size: int | None = None,
+    shape: BatchShape | None = None,
+  ) -> tuple[Batch, collections.Counter]:
+    """Tokenises `examples` into a Batch of `batch_size` rows (default: len(examples)).
+
+    Args:
+      examples: trace records.
+      batch_size: rows of the batch (skipped and missing examples are padding).
+      shape: the batch's shape; default `self.shape` of these examples.
+
+    Returns:
+      The batch (numpy arrays) and a Counter of skip reasons.
+    """
+    b = len(examples) if batch_size is None else batch_size
+    if len(examples) > b:
+      raise ValueError(f"{len(examples)} examples do not fit a batch of {b}")
+    encoded, reasons = self.encode_all(examples)
+    return self.pack(encoded, b, self.shape(encoded) if shape is None else shape), reasons
 
 
 def token_counts(batch: Batch) -> dict[str, int]:

@@ -12,8 +12,9 @@ lists every field; `psynth_jax/configs/*.py` start from it), and:
    position), or starts fresh;
 5. runs the jitted step with a tqdm bar, writing metrics to
    `workdir/metrics.jsonl` and TensorBoard events to `workdir/tensorboard`
-   (loss, CE, KL, skipped examples, tokens/s, learning rate, ...; the first
-   row's rates include compilation);
+   (loss, CE, KL, skipped examples, tokens/s of real tokens, learning rate, ...;
+   the rates of the first row, and with `batch.bucketed` of any row whose
+   steps met a new batch shape, include compilation);
 6. saves checkpoints every `checkpoint.every` steps and at the end, then
    exports the LoRA (a PEFT adapter) and the mapper (the reference's state
    dict names) to `workdir/export/` (`checkpoints.export`).
@@ -68,6 +69,7 @@ def batch_spec(config: ConfigDict) -> batching.BatchSpec:
     b.target_tokens,
     teacher,
     b.worker_prompt_tokens,
+    b.bucketed,
   )
 
 
@@ -88,6 +90,16 @@ def step_config(config: ConfigDict) -> step_lib.StepConfig:
 
 def optimizer_config(config: ConfigDict) -> step_lib.OptimizerConfig:
   return step_lib.OptimizerConfig(**config.optimizer.to_dict())
+
+
+def common_shape(shape: batching.BatchShape) -> batching.BatchShape:
+  """The union of every host's batch shape: the global arrays of one step need one shape."""
+  if jax.process_count() == 1:
+    return shape
+  from jax.experimental import multihost_utils
+
+  shapes = multihost_utils.process_allgather(np.asarray(dataclasses.astuple(shape), np.int64))
+  return batching.BatchShape(*(int(x) for x in np.max(shapes, axis=0)))
 
 
 def mesh_config(config: ConfigDict) -> sharding.MeshConfig:
@@ -289,20 +301,39 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
   else:
     start = 0
   log = MetricsLog(workdir, start)
-  history, pending, step_fn = [], [], None
+  history, pending = [], []
+  # One jitted step per merged-cache size (a static argument); jax compiles one program
+  # per batch shape under each. Unbucketed batches have a single shape.
+  step_fns: dict[int, Any] = {}
+  shapes: set[batching.BatchShape] = set()
   bar = tqdm.tqdm(
     total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
   )
   t_last, step = time.perf_counter(), start
   for step in range(start + 1, num_steps + 1):
-    host_batch, reasons = batcher(next(iterator), local_batch)
+    encoded, reasons = batcher.encode_all(next(iterator))
     skip_reasons.update(reasons)
-    batch = sharding.host_local_to_global(host_batch, mesh, rules)
-    if step_fn is None:
-      step_fn = step_lib.make_train_step(
-        step_config(config), optimizer_config(config), mesh, rules, state, base, batch, options
+    shape = batcher.shape(encoded)
+    if spec.bucketed:
+      shape = common_shape(shape)
+    batch = sharding.host_local_to_global(batcher.pack(encoded, local_batch, shape), mesh, rules)
+    if shape not in shapes:
+      shapes.add(shape)
+      logging.info(
+        "step %d: batch shape %d, %s (compiles a step program)", step, len(shapes), shape
       )
-    state, metrics = step_fn(state, base, batch)
+    if shape.branch_rows not in step_fns:
+      step_fns[shape.branch_rows] = step_lib.make_train_step(
+        dataclasses.replace(step_config(config), branch_rows=shape.branch_rows),
+        optimizer_config(config),
+        mesh,
+        rules,
+        state,
+        base,
+        batch,
+        options,
+      )
+    state, metrics = step_fns[shape.branch_rows](state, base, batch)
     pending.append(metrics)
     bar.update(1)
     if step % config.log_every == 0 or step == num_steps or step == start + 1:
@@ -313,6 +344,7 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
       for k in ("examples", "tokens", "target_tokens"):
         row[f"{k}_per_s"] = float(sum(r[k] for r in rows)) / dt
       row.update(step=step, skipped_total=int(fetch(state.skipped)), seconds=dt)
+      row["batch_shapes"] = len(shapes)  # distinct shapes (step programs) of this run so far
       row["skip_reasons"] = dict(skip_reasons)
       log.write(row)
       history.append(row)
