@@ -22,6 +22,7 @@ from flax import nnx
 from psynth_jax import testing
 from psynth_jax.agents import episode as agent_episode
 from psynth_jax.agents.memory import memory_branches
+from psynth_jax.agents.react import Agent
 from psynth_jax.agents.session import CacheSession
 from psynth_jax.agents.tool_calls import ChatFormat
 from psynth_jax.agents.tools import Tool, Toolbox
@@ -169,23 +170,22 @@ def test_an_episode_runs_workers_and_both_synthesizers(tmp_path):
   toolbox = Toolbox([Tool("add", "Add two integers.", {"a": int, "b": int}, lambda a, b: a + b)])
   chat = ChatFormat(tok, toolbox.schemas())
   question = "What is 2 + 3?"
-  tasks = [[{"role": "user", "content": f"{question} (worker {i})"}] for i in range(2)]
+  workers = [Agent(chat, [{"role": "user", "content": f"{question} ({i})"}], toolbox) for i in range(2)]
   budget = dict(max_new_tokens=6, capacity=1536)  # the tool prompt is ~570 tiny-BPE ids
-  workers = agent_episode.run_worker_agents(chat_lm, chat, tasks, toolbox, "turns", **budget)
-  assert workers.branches.num_branches == 2 and len(workers.texts) == 2
+  run = agent_episode.run_workers(chat_lm, [workers, workers[:1]], "turns", **budget)
+  assert [r.branches.num_branches for r in run] == [2, 1] and len(run[0].texts) == 2
+  assert run[1].texts == run[0].texts[:1]  # the same agent in another episode: same greedy run
+  latent_messages = [{"role": "user", "content": f"Latent notes above. {question}"}]
   latent = agent_episode.run_synthesizer(
-    chat_lm, chat, agent_episode.latent_messages(question), toolbox, workers.branches, **budget
+    chat_lm, Agent(chat, latent_messages, toolbox), run[0].branches, **budget
   )
-  text = agent_episode.run_synthesizer(
-    chat_lm, chat, agent_episode.text_messages(question, workers.texts), toolbox, **budget
-  )
-  for run in (latent, text):
-    assert run.ttft_s == run.session.turns[0].first_token_s > 0
-    assert run.episode.stopped in ("answer", "step_limit")
-    assert len(run.session.turns) == len(run.episode.outputs)
+  pasted_messages = [{"role": "user", "content": "\n".join(run[0].texts) + question}]
+  text = agent_episode.run_synthesizer(chat_lm, Agent(chat, pasted_messages, toolbox), **budget)
+  for r in (latent, text):
+    assert r.ttft_s == r.session.turns[0].first_token_s > 0
+    assert r.episode.stopped in ("answer", "step_limit")
+    assert len(r.session.turns) == len(r.episode.outputs)
   # The latent synthesizer's first prompt is its own text only (the branches are merged, not
   # prefilled); the baseline's holds the pasted worker outputs.
-  assert latent.session.turns[0].fed == chat.prompt(agent_episode.latent_messages(question))
-  pasted = chat.prompt(agent_episode.text_messages(question, workers.texts))
-  assert text.session.turns[0].fed == pasted
-  assert all(t in tok.decode(pasted) for t in workers.texts)
+  assert latent.session.turns[0].fed == chat.prompt(latent_messages)
+  assert text.session.turns[0].fed == chat.prompt(pasted_messages)

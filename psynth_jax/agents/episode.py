@@ -1,18 +1,19 @@
 """An agent workflow: K worker agents, their memory branches, then a synthesizer agent.
 
-  workers = run_worker_agents(lm, chat, [messages_1, ..., messages_K], toolbox, memory="final")
-  latent = run_synthesizer(lm, chat, latent_messages(question), toolbox,
-                           branches=workers.branches, mapper=mapper, lora=lora)
-  text = run_synthesizer(lm, chat, text_messages(question, workers.texts), toolbox)
+  runs = run_workers(lm, [[Agent(chat, messages_k, toolbox_k) for k in ...] for episode ...])
+  latent = run_synthesizer(lm, Agent(chat, synth_messages, toolbox), runs[0].branches,
+                           mapper=mapper, lora=lora)
+  text = run_synthesizer(lm, Agent(chat, pasted_messages, toolbox))   # runs[0].texts pasted
 
-Workers are the frozen base model, each a ReAct agent (`run_react`) on its own cache
-(`CacheSession.text`); their branches are the rows their memory mode keeps
-(`psynth_jax.agents.memory`). The synthesizer runs the same loop: over the merged branches
-as a persistent latent prefix (`CacheSession.latent`: merged once, every turn prefills only
-its own new ids), or, for the text baseline, from the worker texts pasted into its first
-prompt, on a cache it also keeps across turns, so that later turns cost alike on both
-paths. The pasted texts are the kept tokens' text (`memory_ids`): both paths read the same
-tokens. TTFT is the synthesizer's first step (`SynthesizerRun.ttft_s`).
+Workers are the frozen base model, each a ReAct agent on its own conversation; the workers
+of several episodes run together, one row each of a batched `CacheSession.text`
+(`run_react_batch`). Their branches are the rows their memory mode keeps
+(`psynth_jax.agents.memory`). The synthesizer runs the same loop, one episode at a time: over
+the merged branches as a persistent latent prefix (`CacheSession.latent`: merged once, every
+turn prefills only its own new ids), or, for the text baseline, from the worker texts
+pasted into its first prompt, on a cache it also keeps across turns, so that later turns
+cost alike on both paths. The pasted texts are the kept tokens' text (`memory_ids`): both
+paths read the same tokens. TTFT is the synthesizer's first step (`SynthesizerRun.ttft_s`).
 """
 
 from __future__ import annotations
@@ -21,69 +22,66 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
+from psynth_jax import decode
 from psynth_jax.agents.memory import memory_branches, memory_ids
-from psynth_jax.agents.react import MAX_STEPS, Episode, run_react
-from psynth_jax.agents.session import CacheSession
-from psynth_jax.agents.tool_calls import ChatFormat
-from psynth_jax.agents.tools import Toolbox
+from psynth_jax.agents.react import MAX_STEPS, Agent, Episode, run_react, run_react_batch
+from psynth_jax.agents.session import CacheSession, SessionRow
 from psynth_jax.workers import Branches
-
-LATENT_NOTE = "You are given latent information from previous agents."
-
-
-def latent_messages(question: str, system: str | None = None) -> list[dict]:
-  """The latent synthesizer's first messages: the question, after the merged branches."""
-  head = [{"role": "system", "content": system}] if system else []
-  return head + [{"role": "user", "content": f"{LATENT_NOTE}\n\n{question}"}]
-
-
-def text_messages(question: str, worker_texts: Sequence[str], system: str | None = None):
-  """The text baseline's first messages: "[Worker i]: <output>" blocks, then the question."""
-  blocks = "\n\n".join(f"[Worker {i + 1}]: {t}" for i, t in enumerate(worker_texts))
-  head = [{"role": "system", "content": system}] if system else []
-  return head + [{"role": "user", "content": f"{blocks}\n\n{question}"}]
 
 
 @dataclasses.dataclass
 class WorkerRun:
+  """One episode's workers."""
+
   episodes: list[Episode]
-  sessions: list[CacheSession]
+  rows: list[SessionRow]  # their conversations (rows of the batched session)
   branches: Branches  # the kept rows of every worker, under `memory`
   texts: list[str]  # the kept tokens' text per worker (what the text baseline pastes)
   memory: str
-  seconds: float
+  seconds: float  # the whole batch's (every episode of the call ran together)
 
 
-def run_worker_agents(
+def run_workers(
   lm,
-  chat: ChatFormat,
-  tasks: Sequence[Sequence[dict]],
-  toolbox: Toolbox,
+  episodes: Sequence[Sequence[Agent]],
   memory: str = "final",
   *,
+  sampling: decode.Sampling = decode.GREEDY,
+  seed: int = 0,
   max_steps: int = MAX_STEPS,
   max_new_tokens: int = 256,
-  capacity: int = 2048,
-) -> WorkerRun:
-  """K worker agents, one after another, each on its own cache, and their branches.
+  capacity: int = 4096,
+) -> list[WorkerRun]:
+  """The worker agents of several episodes, together on one batched session.
 
   Args:
     lm: the frozen base model (no adapter).
-    chat: the chat format (built with `toolbox.schemas()`).
-    tasks: each worker's first messages.
-    toolbox: the workers' tools.
+    episodes: per episode, its K workers (`Agent`: chat format with its tools' schemas,
+      first messages, tools).
     memory: the memory mode (`memory.MEMORY_MODES`).
-    max_steps, max_new_tokens, capacity: per worker (`run_react`, `CacheSession`).
+    sampling, seed: how workers draw tokens (the batch shares one key per step).
+    max_steps, max_new_tokens: per worker turn (`run_react`, `CacheSession`).
+    capacity: cache rows of every conversation; a turn takes as many rows as the batch's
+      widest input plus its longest output, so allow for the longest conversation.
   """
+  if not episodes or not all(episodes):
+    raise ValueError("run_workers needs at least one episode, each with at least one worker")
   t0 = time.perf_counter()
-  episodes, sessions = [], []
-  for messages in tasks:
-    session = CacheSession.text(lm, max_new_tokens, capacity)
-    episodes.append(run_react(session, chat, messages, toolbox, max_steps))
-    sessions.append(session)
-  branches = memory_branches(sessions, memory)
-  texts = [chat.decode(memory_ids(s, memory)) for s in sessions]
-  return WorkerRun(episodes, sessions, branches, texts, memory, time.perf_counter() - t0)
+  agents = [a for workers in episodes for a in workers]
+  session = CacheSession.text(
+    lm, max_new_tokens, capacity, batch=len(agents), sampling=sampling, seed=seed
+  )
+  done = run_react_batch(session, agents, max_steps)
+  seconds = time.perf_counter() - t0
+  runs, b = [], 0
+  for workers in episodes:
+    rows = [session.row(b + k) for k in range(len(workers))]
+    chat = workers[0].chat
+    texts = [chat.decode(memory_ids(r, memory)) for r in rows]
+    branches = memory_branches(rows, memory)
+    runs.append(WorkerRun(done[b : b + len(workers)], rows, branches, texts, memory, seconds))
+    b += len(workers)
+  return runs
 
 
 @dataclasses.dataclass
@@ -101,25 +99,24 @@ class SynthesizerRun:
 
 def run_synthesizer(
   lm,
-  chat: ChatFormat,
-  messages: Sequence[dict],
-  toolbox: Toolbox,
+  agent: Agent,
   branches: Branches | None = None,
   mapper=None,
   lora=None,
   *,
   max_steps: int = MAX_STEPS,
   max_new_tokens: int = 256,
-  capacity: int = 2048,
+  capacity: int = 4096,
   rows: int | None = None,
   num_workers: int | None = None,
 ) -> SynthesizerRun:
   """The synthesizer agent: over `branches` as a latent prefix, or (None) the text baseline.
 
   Args:
-    messages: its first messages (`latent_messages`, or `text_messages` for the baseline).
+    agent: its chat format, first messages (the task's synthesizer prompt, or for the
+      baseline the prompt with the worker texts pasted) and tools.
     branches, mapper, lora, rows, num_workers: as for `synthesize`; with `branches` None the
-      base model (`lora` None) reads only `messages`.
+      model (with `lora`, if given) reads only the messages.
     max_steps, max_new_tokens, capacity: `run_react`, `CacheSession`.
   """
   t0 = time.perf_counter()
@@ -129,5 +126,5 @@ def run_synthesizer(
     session = CacheSession.latent(
       lm, branches, mapper, lora, max_new_tokens, capacity, rows=rows, num_workers=num_workers
     )
-  episode = run_react(session, chat, messages, toolbox, max_steps)
+  episode = run_react(session, agent.chat, agent.messages, agent.toolbox, max_steps)
   return SynthesizerRun(episode, session, session.turns[0].first_token_s, time.perf_counter() - t0)

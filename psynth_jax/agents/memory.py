@@ -24,19 +24,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from psynth_jax import decode
-from psynth_jax.agents.session import CacheSession, Written
+from psynth_jax.agents.session import CacheSession, SessionRow, Written
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.workers import Branches
 
 MEMORY_MODES = ("final", "turns", "full")
+Conversation = CacheSession | SessionRow  # a batch-1 session, or one row of a batch
 
 
-def kept_tokens(session: CacheSession, mode: str) -> tuple[list[Written], int]:
+def kept_tokens(session: Conversation, mode: str) -> tuple[list[Written], int]:
   """The written tokens `mode` keeps, in cache order, and the branch's offset.
 
   Writes the session's pending output token first (`flush`), so every output token is kept.
@@ -59,26 +59,19 @@ def kept_tokens(session: CacheSession, mode: str) -> tuple[list[Written], int]:
   return kept, max(w.position for w in written) + 1  # an empty output: an empty branch
 
 
-def memory_ids(session: CacheSession, mode: str) -> list[int]:
+def memory_ids(session: Conversation, mode: str) -> list[int]:
   """The token ids `mode` keeps (the text baseline pastes their text)."""
   return [w.id for w in kept_tokens(session, mode)[0]]
 
 
-@jax.jit
-def _take_rows(cache: KVCache, rows: jax.Array):
-  """Rows [S] of a batch-1 cache: (k, v: L x [S, G, H], positions [S])."""
-  k = tuple(x[0, rows] for x in cache.k)
-  v = tuple(x[0, rows] for x in cache.v)
-  return k, v, cache.positions[0, rows]
-
-
 def memory_branches(
-  sessions: Sequence[CacheSession], mode: str, capacity: int | None = None
+  sessions: Sequence[Conversation], mode: str, capacity: int | None = None
 ) -> Branches:
-  """K worker sessions -> their `Branches` under memory `mode` (see the module docstring).
+  """K worker conversations -> their `Branches` under memory `mode` (module docstring).
 
   Args:
-    sessions: the workers' finished sessions (one model; each holds its cache).
+    sessions: the workers' finished conversations (batch-1 sessions or rows of batched
+      ones; one model).
     mode: one of `MEMORY_MODES`.
     capacity: rows per branch; default: the length bucket of the longest kept branch.
   """
@@ -98,7 +91,7 @@ def memory_branches(
     n = len(tokens_kept)
     rows = np.zeros(capacity, np.int32)
     rows[:n] = [w.row for w in tokens_kept]
-    k, v, pos = _take_rows(session.cache, jnp.asarray(rows))
+    k, v, pos = session.take_rows(jnp.asarray(rows))
     k_rows.append(k)
     v_rows.append(v)
     positions.append(jnp.where(jnp.arange(capacity) < n, pos, 0))

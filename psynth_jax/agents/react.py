@@ -1,6 +1,7 @@
 """The ReAct loop: thought / tool call / observation turns, until a final answer or the step limit.
 
   episode = run_react(model, chat, messages, toolbox, max_steps=5)
+  episodes = run_react_batch(session, [Agent(chat, messages, toolbox), ...])  # in lockstep
 
 `model` is anything with `turn(new_ids) -> output ids`: the ids given are appended after
 everything it has seen (its own cache) and it decodes one output. The real one is
@@ -18,6 +19,10 @@ Turn by turn:
 At most `max_steps` tool steps (the reference's 5). The last one's observations end with
 `LIMIT_NOTE`, and the next output is the answer whatever it holds: its calls are not run
 and `Episode.stopped` is "step_limit". Nothing in the loop raises on what a model writes.
+
+`run_react_batch` runs the same loop for many agents (workers of several episodes) on one
+batched `CacheSession`: each step, the agents still running take a turn together, the
+finished ones sit out; tools run on the host in agent order.
 """
 
 from __future__ import annotations
@@ -76,6 +81,47 @@ def run_call(toolbox: Toolbox, call: ToolCall | Malformed) -> Observation:
   return toolbox.call(call.name, call.arguments)
 
 
+@dataclasses.dataclass(frozen=True)
+class Agent:
+  """One agent's setup: its chat format (with its tools' schemas), first messages, tools."""
+
+  chat: ChatFormat
+  messages: Sequence[dict]
+  toolbox: Toolbox
+
+
+class _Loop:
+  """One agent's loop state: what it feeds next, or its finished Episode."""
+
+  def __init__(self, agent: Agent, max_steps: int):
+    if max_steps < 0:
+      raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    self.agent, self.max_steps = agent, max_steps
+    self.feed: list[int] | None = agent.chat.prompt(agent.messages)
+    self.steps: list[Step] = []
+    self.outputs: list[list[int]] = []
+    self.episode: Episode | None = None
+
+  def consume(self, out: Sequence[int]) -> None:
+    """Reads one output: ends the loop, or runs its calls and sets the next feed."""
+    chat, toolbox = self.agent.chat, self.agent.toolbox
+    self.outputs.append(list(out))
+    text = chat.decode(list(out))
+    parsed = parse_output(text)
+    if parsed.is_final or len(self.steps) == self.max_steps:
+      # At the limit, calls left in the last output are dropped from the answer, not run.
+      stopped = "answer" if parsed.is_final else "step_limit"
+      self.episode = Episode(parsed.text, self.steps, stopped, self.outputs)
+      self.feed = None
+      return
+    observations = tuple(run_call(toolbox, c) for c in parsed.calls)
+    self.steps.append(Step(text, parsed.text, parsed.calls, observations))
+    texts = [o.text for o in observations]
+    if len(self.steps) == self.max_steps:
+      texts[-1] = f"{texts[-1]}\n\n{LIMIT_NOTE}"
+    self.feed = chat.observations(texts)
+
+
 def run_react(
   model: TurnModel,
   chat: ChatFormat,
@@ -93,22 +139,22 @@ def run_react(
     toolbox: the tools the agent may call.
     max_steps: the most tool steps; 0 lets the agent only answer.
   """
-  if max_steps < 0:
-    raise ValueError(f"max_steps must be >= 0, got {max_steps}")
-  feed = chat.prompt(messages)
-  steps: list[Step] = []
-  outputs: list[list[int]] = []
-  while True:
-    out = list(model.turn(feed))
-    outputs.append(out)
-    text = chat.decode(out)
-    parsed = parse_output(text)
-    if parsed.is_final or len(steps) == max_steps:
-      # At the limit, calls left in the last output are dropped from the answer, not run.
-      return Episode(parsed.text, steps, "answer" if parsed.is_final else "step_limit", outputs)
-    observations = tuple(run_call(toolbox, c) for c in parsed.calls)
-    steps.append(Step(text, parsed.text, parsed.calls, observations))
-    texts = [o.text for o in observations]
-    if len(steps) == max_steps:
-      texts[-1] = f"{texts[-1]}\n\n{LIMIT_NOTE}"
-    feed = chat.observations(texts)
+  loop = _Loop(Agent(chat, messages, toolbox), max_steps)
+  while loop.episode is None:
+    loop.consume(model.turn(loop.feed))
+  return loop.episode
+
+
+def run_react_batch(session, agents: Sequence[Agent], max_steps: int = MAX_STEPS) -> list[Episode]:
+  """Runs `len(agents)` agents in lockstep on a batched `CacheSession` (one row each): every
+  step, the agents still running take one turn together; each agent's loop is `run_react`'s.
+  """
+  if len(agents) != session.batch:
+    raise ValueError(f"{len(agents)} agents for a session of batch {session.batch}")
+  loops = [_Loop(a, max_steps) for a in agents]
+  while any(loop.episode is None for loop in loops):
+    outs = session.step([loop.feed for loop in loops])
+    for loop, out in zip(loops, outs, strict=True):
+      if out is not None:
+        loop.consume(out)
+  return [loop.episode for loop in loops]

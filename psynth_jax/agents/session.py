@@ -1,28 +1,41 @@
-"""One agent's conversation on an explicit KV cache: every turn prefills only its new ids.
+"""Agents' conversations on an explicit KV cache: every turn prefills only its new ids.
 
   session = CacheSession.text(lm, max_new_tokens=256, capacity=2048)   # a worker, the text baseline
   session = CacheSession.latent(lm, branches, mapper, lora, ...)        # the synthesizer
   out = session.turn(prompt_ids)        # prefill, then decode one output
   out = session.turn(observation_ids)   # only these ids are prefilled, over everything before
 
-Layout (batch 1). Cache rows, in order: [merged branch rows (latent only)] [turn 1 input]
+  agents = CacheSession.text(lm, 256, 4096, batch=12)   # 12 conversations in one cache
+  outs = agents.step([ids_0, None, ids_2, ...])          # the rows given ids take a turn
+  agents.row(2).turns, agents.row(2).written             # one conversation's record
+
+Layout. Cache rows, in order: [merged branch rows (latent only)] [turn 1 input]
 [output 1] [turn 2 input] [output 2] ... Each turn's input is left-padded to a length bucket
 (`decode.bucket`, so few programs compile); padding rows are invalid and take no position,
 so the real tokens sit at consecutive positions: 0, 1, ... in a text session, and
 start + 0, 1, ... over a latent prefix, start = max_i span_i (`merge.synth_start_position`).
+
+Batches. A text session may hold `batch` conversations (agents of several episodes), one
+cache row each; `step` gives each conversation its own new ids, or None to sit the turn
+out. All of them share the row index: a turn's input block is as wide as the longest input,
+its output block as long as the longest output. Rows a conversation does not use in a block
+(left padding, the slots after its stop id, a whole turn it sat out) are marked invalid
+after the turn, so each conversation's cache holds exactly its own tokens at its own
+positions, as a batch-1 session's does: greedy outputs equal batch-1 outputs (tested).
+With sampling, row b's draws depend on the batch (one key per step for all rows).
 
 The prefix. A latent session's first turn is one program: re-encode + map + merge the
 branches into the session's cache (rows [0, rows)), prefill the first input after them and
 sample the first token, exactly the single-turn cache path up to its first token. Each later
 turn prefills only its own new ids into the same cache buffer, which every program takes
 donated (updated in place): the merged prefix is built once and never recomputed, and it is
-not copied per turn.
+not copied per turn. A latent session has batch 1.
 
 Ends of outputs. Decoding stops at a stop id, which is not written: the next turn's ids start
 with the chat template's own end of turn (`ChatFormat.observations`). An output cut by the
 budget has its last token not yet written; it is written first in the next turn, or by
-`flush`. `session.written` records every written token (id, row, position, turn, input or
-output): the worker memory modes read it (`psynth_jax.agents.memory`).
+`flush`. `written` records every written token (id, row, position, turn, input or output):
+the worker memory modes read it (`psynth_jax.agents.memory`).
 
 TTFT. `Turn.first_token_s` runs from the call to the first new token on the host; the first
 turn's is the synthesizer's TTFT (latent: merge + prefill of its prompt + first sample; text
@@ -54,7 +67,7 @@ from psynth_jax.workers import Branches
 def _begin_text(params, tokens, positions, mask, rng, lora, spec, capacity):
   cache = KVCache.empty(params.config, tokens.shape[0], capacity)
   logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
-  return decode.start(logits, positions[:, -1] + 1, cache, rng, spec), logits[0]
+  return decode.start(logits, positions[:, -1] + 1, cache, rng, spec), logits
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "rows", "capacity"))
@@ -64,18 +77,37 @@ def _begin_latent(
   cache = merge(branches, params.config, mapper, rows, capacity, num_workers)
   positions = positions + synth_start_position(branches)
   logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
-  return decode.start(logits, positions[:, -1] + 1, cache, rng, spec), logits[0]
+  return decode.start(logits, positions[:, -1] + 1, cache, rng, spec), logits
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
 def _continue(params, cache, tokens, positions, mask, rng, lora, spec):
   logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
-  return decode.start(logits, positions[:, -1] + 1, cache, rng, spec), logits[0]
+  state = decode.start(logits, positions[:, -1] + 1, cache, rng, spec)
+  # A conversation sitting the turn out (no real input) is done from the start, so that it
+  # does not keep the decode loop running.
+  return state.replace(done=state.done | ~mask.any(axis=1)), logits
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def _write(params, cache, tokens, positions, mask, lora):
   return hidden_states(params, tokens, positions, cache, mask, lora)[1]
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _invalidate(cache: KVCache, first: jax.Array, end: jax.Array) -> KVCache:
+  """Marks rows [first_b, end) of each conversation b invalid (slots it did not use)."""
+  rows = jnp.arange(cache.valid.shape[1])[None, :]
+  unused = (rows >= first[:, None]) & (rows < end)
+  return cache.replace(valid=cache.valid & ~unused)
+
+
+@jax.jit
+def _take_rows(cache: KVCache, b: jax.Array, rows: jax.Array):
+  """Rows [S] of conversation b: (k, v: L x [S, G, H], positions [S])."""
+  k = tuple(x[b, rows] for x in cache.k)
+  v = tuple(x[b, rows] for x in cache.v)
+  return k, v, cache.positions[b, rows]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +128,7 @@ class Turn:
   output: list[int]  # ids generated (stop id excluded)
   stopped: bool  # ended on a stop id (else the budget ran out)
   first_token_s: float  # call -> first new token on the host
-  seconds: float  # the whole turn
+  seconds: float  # the whole turn (the batch's, in a batch)
   first_logits: jax.Array  # [V] float32, what the first new token was sampled from
 
 
@@ -109,18 +141,67 @@ class LatentPrefix:
   start: int  # max_i span_i: the position of the session's first token
 
 
+@dataclasses.dataclass
+class _Conversation:
+  position: int  # the next token's position
+  turns: list[Turn] = dataclasses.field(default_factory=list)
+  written: list[Written] = dataclasses.field(default_factory=list)
+  pending: list[int] = dataclasses.field(default_factory=list)  # output ids not written yet
+
+
+class SessionRow:
+  """One conversation of a session: what `run_react` drives (`turn`) and memory reads."""
+
+  def __init__(self, session: CacheSession, b: int):
+    self.session, self.b = session, b
+    self._c = session._rows[b]
+
+  @property
+  def lm(self):
+    return self.session.lm
+
+  @property
+  def turns(self) -> list[Turn]:
+    return self._c.turns
+
+  @property
+  def written(self) -> list[Written]:
+    return self._c.written
+
+  @property
+  def prefilled(self) -> int:
+    """Tokens this conversation prefilled, over all turns (merged branch rows are not)."""
+    return sum(len(t.fed) for t in self._c.turns)
+
+  def turn(self, new_ids: Sequence[int]) -> list[int]:
+    """This conversation alone takes a turn (the others sit it out)."""
+    feeds = [None] * self.session.batch
+    feeds[self.b] = new_ids
+    return self.session.step(feeds)[self.b]
+
+  def flush(self) -> None:
+    self.session.flush()
+
+  def take_rows(self, rows: jax.Array):
+    """Cache rows of this conversation: (k, v: L x [S, G, H], positions [S])."""
+    return _take_rows(self.session.cache, jnp.asarray(self.b, jnp.int32), rows)
+
+
 class CacheSession:
-  """A batch-1 conversation on its own cache (see the module docstring).
+  """Conversations on one cache (see the module docstring).
 
   Use `CacheSession.text` (a fresh cache) or `CacheSession.latent` (over merged branches).
+  With batch 1 the session is its one conversation: `turn`, `turns`, `written`,
+  `prefilled`, `take_rows` are `row(0)`'s.
 
   Args:
     lm: the `LanguageModel`.
     max_new_tokens: the decode budget of every turn.
     capacity: cache rows for the session's own tokens (padding included; the merged branch
       rows come on top), fixed for the session so that its programs compile once.
+    batch: conversations in the session (text sessions only).
     lora: an adapter for every turn (the synthesizer's), or None.
-    sampling, seed: how tokens are drawn (turn j uses `fold_in(key(seed), j)`).
+    sampling, seed: how tokens are drawn (the j-th step uses `fold_in(key(seed), j)`).
     prefix: the merged branches a latent session reads.
   """
 
@@ -130,6 +211,7 @@ class CacheSession:
     max_new_tokens: int,
     capacity: int,
     *,
+    batch: int = 1,
     lora=None,
     sampling: decode.Sampling = decode.GREEDY,
     seed: int = 0,
@@ -139,22 +221,23 @@ class CacheSession:
       raise TypeError(f"sampling must be a decode.Sampling, got {type(sampling).__name__}")
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch < 1 or (prefix is not None and batch != 1):
+      raise ValueError(f"batch must be >= 1 (1 for a latent session), got {batch}")
     check_lora(lora, lm.config)
-    self.lm, self.lora, self.prefix = lm, lora, prefix
+    self.lm, self.lora, self.prefix, self.batch = lm, lora, prefix, batch
     self.spec = decode.DecodeSpec(max_new_tokens, sampling, tuple(lm.stop_ids), lm.pad_id)
     self.prefix_rows = 0 if prefix is None else prefix.rows
     self.capacity = self.prefix_rows + capacity
     self.index = self.prefix_rows  # the next row to write
-    self.position = 0 if prefix is None else prefix.start  # the next token's position
-    self.turns: list[Turn] = []
-    self.written: list[Written] = []
-    self._pending: list[int] = []  # output ids not written yet (the last one, after a cut)
+    start = 0 if prefix is None else prefix.start
+    self._rows = [_Conversation(start) for _ in range(batch)]
+    self._steps = 0
     self._cache: KVCache | None = None
     self._key = jax.random.key(seed)
 
   @classmethod
   def text(cls, lm, max_new_tokens: int = 256, capacity: int = 2048, **kwargs) -> CacheSession:
-    """A session on a fresh cache: positions from 0 (a worker agent, the text baseline)."""
+    """A session on a fresh cache: positions from 0 (worker agents, the text baseline)."""
     return cls(lm, max_new_tokens, capacity, **kwargs)
 
   @classmethod
@@ -191,18 +274,43 @@ class CacheSession:
     """The cache as it stands (None before the first turn). A later turn donates it."""
     return self._cache
 
+  def row(self, b: int) -> SessionRow:
+    if not 0 <= b < self.batch:
+      raise IndexError(f"conversation {b} of a batch of {self.batch}")
+    return SessionRow(self, b)
+
+  def _only(self) -> SessionRow:
+    if self.batch != 1:
+      raise ValueError(f"the session holds {self.batch} conversations: use row(b)")
+    return self.row(0)
+
+  @property
+  def turns(self) -> list[Turn]:
+    return self._only().turns
+
+  @property
+  def written(self) -> list[Written]:
+    return self._only().written
+
   @property
   def prefilled(self) -> int:
-    """Tokens this session has prefilled, over all turns (merged branch rows are not)."""
-    return sum(len(t.fed) for t in self.turns)
+    return self._only().prefilled
 
-  def _batch(self, ids: Sequence[int], new_tokens: int):
-    """Checks `ids` (and room for `new_tokens` after them) and left-pads them to a bucket:
-    (tokens, positions from 0, mask, width)."""
-    if not ids:
-      raise ValueError("a turn needs at least one new token id")
-    self.lm.check_ids(np.asarray([ids]), self.lora)
-    width = decode.bucket(len(ids))
+  def take_rows(self, rows: jax.Array):
+    return self._only().take_rows(rows)
+
+  def turn(self, new_ids: Sequence[int]) -> list[int]:
+    """Prefills `new_ids` after everything so far, decodes one output and returns its ids."""
+    return self._only().turn(new_ids)
+
+  def _block(self, ids: Sequence[Sequence[int]], new_tokens: int):
+    """Checks each conversation's ids (and room for `new_tokens` after them) and left-pads
+    them to one bucket: (tokens, positions, mask, width). Empty ids: a row sitting out."""
+    lengths = [len(x) for x in ids]
+    used = [x for x in ids if x]
+    width = decode.bucket(max(lengths))
+    for x in used:
+      self.lm.check_ids(np.asarray([x]), self.lora)
     budget = width + new_tokens
     if self.index + budget > self.capacity:
       raise ValueError(
@@ -210,32 +318,46 @@ class CacheSession:
         f" {self.capacity - self.prefix_rows} rows used, this turn needs up to {budget} more"
       )
     limit = self.lm.config.max_position_embeddings
-    if self.position + len(ids) + new_tokens > limit:
-      raise ValueError(
-        f"position {self.position} + {len(ids)} new tokens + max_new_tokens {new_tokens}"
-        f" exceed the model's max_position_embeddings ({limit})"
-      )
-    batch = decode.pad_prompts([list(ids)], width, self.lm.pad_id)
-    return batch.tokens, batch.positions, batch.mask, width
+    for c, n in zip(self._rows, lengths, strict=True):
+      if n and c.position + n + new_tokens > limit:
+        raise ValueError(
+          f"position {c.position} + {n} new tokens + max_new_tokens {new_tokens}"
+          f" exceed the model's max_position_embeddings ({limit})"
+        )
+    tokens = np.full((self.batch, width), self.lm.pad_id, np.int32)
+    mask = np.zeros((self.batch, width), bool)
+    for b, x in enumerate(ids):
+      if x:
+        tokens[b, width - len(x) :] = x
+        mask[b, width - len(x) :] = True
+    start = np.array([c.position for c in self._rows], np.int32)[:, None]
+    positions = start + np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return tokens, positions, mask, width
 
-  def _record(self, ids, width: int, pending: int) -> None:
-    """Notes ids written at the end of a `width`-row input block. The first `pending` ones
-    are the last recorded turn's output; the rest the input of the turn under way."""
-    pad, last = width - len(ids), len(self.turns) - 1
+  def _record(self, c: _Conversation, ids, width: int, pending: int) -> None:
+    """Notes ids written at the end of the `width`-row input block at `self.index`. The
+    first `pending` are the last recorded turn's output; the rest the next turn's input."""
+    pad, last = width - len(ids), len(c.turns) - 1
     for j, token in enumerate(ids):
       out = j < pending
-      row, position = self.index + pad + j, self.position + j
-      self.written.append(Written(int(token), row, position, last if out else last + 1, out))
-    self.index += width
-    self.position += len(ids)
+      row, position = self.index + pad + j, c.position + j
+      c.written.append(Written(int(token), row, position, last if out else last + 1, out))
+    c.position += len(ids)
 
-  def turn(self, new_ids: Sequence[int]) -> list[int]:
-    """Prefills `new_ids` after everything so far, decodes one output and returns its ids."""
+  def step(self, feeds: Sequence[Sequence[int] | None]) -> list[list[int] | None]:
+    """One turn of every conversation given ids (None: it sits out); their outputs' ids."""
     start = time.perf_counter()
-    pending = len(self._pending)
-    ids = self._pending + [int(i) for i in new_ids]
-    tokens, positions, mask, width = self._batch(ids, self.spec.max_new_tokens)
-    rng = jax.random.fold_in(self._key, len(self.turns))
+    if len(feeds) != self.batch:
+      raise ValueError(f"{len(feeds)} feeds for a batch of {self.batch}")
+    if all(f is None for f in feeds):
+      raise ValueError("no conversation was given new ids")
+    if self._cache is None and any(f is None for f in feeds):
+      raise ValueError("every conversation takes the first turn")
+    if any(f is not None and len(f) == 0 for f in feeds):
+      raise ValueError("a turn needs at least one new token id")
+    ids = [[] if f is None else c.pending + [int(i) for i in f] for c, f in zip(self._rows, feeds)]
+    tokens, positions, mask, width = self._block(ids, self.spec.max_new_tokens)
+    rng = jax.random.fold_in(self._key, self._steps)
     params, spec = self.lm.params, self.spec
     t0 = time.perf_counter()  # from token ids, as `synthesize` times its first token
     if self._cache is None and self.prefix is not None:
@@ -244,7 +366,7 @@ class CacheSession:
         params,
         p.branches,
         tokens,
-        positions,
+        positions - p.start,  # `_begin_latent` adds the start itself
         mask,
         p.mapper,
         self.lora,
@@ -255,46 +377,57 @@ class CacheSession:
         self.capacity,
       )
     elif self._cache is None:
-      state, logits = _begin_text(
-        params, tokens, positions + self.position, mask, rng, self.lora, spec, self.capacity
-      )
+      state, logits = _begin_text(params, tokens, positions, mask, rng, self.lora, spec, self.capacity)
     else:
       cache, self._cache = self._cache, None  # donated
-      state, logits = _continue(
-        params, cache, tokens, positions + self.position, mask, rng, self.lora, spec
-      )
-    jax.device_get(state.tokens[0, 0])  # the first new token is on the host
+      state, logits = _continue(params, cache, tokens, positions, mask, rng, self.lora, spec)
+    jax.device_get(state.tokens[:, 0])  # the first new tokens are on the host
     first_token_s = time.perf_counter() - t0
     state = decode.jit_decode_loop(params, state, spec, self.lora)
+    self._steps += 1
     steps = int(state.step)
-    recorded = np.asarray(jax.device_get(state.tokens))
-    output = decode.trim(recorded, spec.stop_ids)[0]
-    written = steps - 1  # the last recorded token is never fed
-    self._record(ids, width, pending)
-    for j in range(written):
-      self.written.append(
-        Written(output[j], self.index + j, self.position + j, len(self.turns), True)
-      )
-    self.index += written
-    self.position += written
+    outputs = decode.trim(np.asarray(jax.device_get(state.tokens)), spec.stop_ids)
+    fed = steps - 1  # the last recorded token is never fed
+    block = self.index + width  # the output block's first row
+    first_unused = np.full(self.batch, block + fed, np.int32)
+    results: list[list[int] | None] = []
+    for b, (c, f) in enumerate(zip(self._rows, feeds, strict=True)):
+      if f is None:
+        first_unused[b] = self.index  # the whole turn: padding, then another row's outputs
+        results.append(None)
+        continue
+      self._record(c, ids[b], width, len(c.pending))
+      output = outputs[b]
+      written = min(len(output), fed)  # a stopped row fed its stop id and padding after it
+      for j in range(written):
+        c.written.append(Written(output[j], block + j, c.position + j, len(c.turns), True))
+      c.position += written
+      c.pending = output[written:]
+      first_unused[b] = block + written
+      seconds = time.perf_counter() - start
+      c.turns.append(Turn(ids[b], output, len(output) < steps, first_token_s, seconds, logits[b]))
+      results.append(output)
+    self.index = block + fed
     if int(state.cache.index) != self.index:  # the host's rows must match the cache's
       raise AssertionError(f"cache index {int(state.cache.index)} != host index {self.index}")
-    self._cache = state.cache
-    self._pending = output[written:]
-    stopped = len(output) < steps
-    self.turns.append(
-      Turn(ids, output, stopped, first_token_s, time.perf_counter() - start, logits)
-    )
-    return output
+    cache = state.cache
+    if (first_unused < self.index).any():
+      cache = _invalidate(cache, jnp.asarray(first_unused), jnp.asarray(self.index, jnp.int32))
+    self._cache = cache
+    return results
 
   def flush(self) -> None:
-    """Writes the pending output token, if any, so every output token has its cache row."""
-    if not self._pending:
+    """Writes the pending output tokens, if any, so every output token has its cache row."""
+    ids = [c.pending for c in self._rows]
+    if not any(ids):
       return
     if self._cache is None:
       raise AssertionError("pending tokens without a cache")
-    tokens, positions, mask, width = self._batch(self._pending, 0)
+    tokens, positions, mask, width = self._block(ids, 0)
     cache, self._cache = self._cache, None
-    self._cache = _write(self.lm.params, cache, tokens, positions + self.position, mask, self.lora)
-    pending, self._pending = self._pending, []
-    self._record(pending, width, len(pending))
+    self._cache = _write(self.lm.params, cache, tokens, positions, mask, self.lora)
+    for c in self._rows:
+      if c.pending:
+        pending, c.pending = c.pending, []
+        self._record(c, pending, width, len(pending))
+    self.index += width
