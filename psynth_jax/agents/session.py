@@ -45,7 +45,6 @@ baseline: prefill of the whole pasted prompt + first sample), from token ids on 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Sequence
 
@@ -54,60 +53,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from psynth_jax import decode
+from psynth_jax.agents import session_programs as programs
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.mapper import Mapper
-from psynth_jax.merge import merge, synth_start_position
 from psynth_jax.model.lora import check_lora
-from psynth_jax.model.transformer import hidden_states
 from psynth_jax.synthesis import branch_rows, check_adapters, check_branches, check_num_workers
 from psynth_jax.workers import Branches
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "capacity"))
-def _begin_text(params, tokens, positions, mask, rng, lora, spec, capacity):
-  cache = KVCache.empty(params.config, tokens.shape[0], capacity)
-  logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
-  return decode.start(logits, positions[:, -1] + 1, cache, rng, spec), logits
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "rows", "capacity"))
-def _begin_latent(
-  params, branches, tokens, positions, mask, mapper, lora, num_workers, rng, spec, rows, capacity
-):
-  cache = merge(branches, params.config, mapper, rows, capacity, num_workers)
-  positions = positions + synth_start_position(branches)
-  logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
-  return decode.start(logits, positions[:, -1] + 1, cache, rng, spec), logits
-
-
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
-def _continue(params, cache, tokens, positions, mask, rng, lora, spec):
-  logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
-  state = decode.start(logits, positions[:, -1] + 1, cache, rng, spec)
-  # A conversation sitting the turn out (no real input) is done from the start, so that it
-  # does not keep the decode loop running.
-  return state.replace(done=state.done | ~mask.any(axis=1)), logits
-
-
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def _write(params, cache, tokens, positions, mask, lora):
-  return hidden_states(params, tokens, positions, cache, mask, lora)[1]
-
-
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def _invalidate(cache: KVCache, first: jax.Array, end: jax.Array) -> KVCache:
-  """Marks rows [first_b, end) of each conversation b invalid (slots it did not use)."""
-  rows = jnp.arange(cache.valid.shape[1])[None, :]
-  unused = (rows >= first[:, None]) & (rows < end)
-  return cache.replace(valid=cache.valid & ~unused)
-
-
-@jax.jit
-def _take_rows(cache: KVCache, b: jax.Array, rows: jax.Array):
-  """Rows [S] of conversation b: (k, v: L x [S, G, H], positions [S])."""
-  k = tuple(x[b, rows] for x in cache.k)
-  v = tuple(x[b, rows] for x in cache.v)
-  return k, v, cache.positions[b, rows]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +80,8 @@ class Turn:
   stopped: bool  # ended on a stop id (else the budget ran out)
   first_token_s: float  # call -> first new token on the host
   seconds: float  # the whole turn (the batch's, in a batch)
-  first_logits: jax.Array  # [V] float32, what the first new token was sampled from
+  first_logits: jax.Array | None  # [V] float32, what the first new token was sampled from
+  # (None for a `replay`ed turn: nothing was sampled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +136,7 @@ class SessionRow:
 
   def take_rows(self, rows: jax.Array):
     """Cache rows of this conversation: (k, v: L x [S, G, H], positions [S])."""
-    return _take_rows(self.session.cache, jnp.asarray(self.b, jnp.int32), rows)
+    return programs.take_rows(self.session.cache, jnp.asarray(self.b, jnp.int32), rows)
 
 
 class CacheSession:
@@ -355,14 +307,17 @@ class CacheSession:
       raise ValueError("every conversation takes the first turn")
     if any(f is not None and len(f) == 0 for f in feeds):
       raise ValueError("a turn needs at least one new token id")
-    ids = [[] if f is None else c.pending + [int(i) for i in f] for c, f in zip(self._rows, feeds)]
+    ids = [
+      [] if f is None else c.pending + [int(i) for i in f]
+      for c, f in zip(self._rows, feeds, strict=True)
+    ]
     tokens, positions, mask, width = self._block(ids, self.spec.max_new_tokens)
     rng = jax.random.fold_in(self._key, self._steps)
     params, spec = self.lm.params, self.spec
     t0 = time.perf_counter()  # from token ids, as `synthesize` times its first token
     if self._cache is None and self.prefix is not None:
       p = self.prefix
-      state, logits = _begin_latent(
+      state, logits = programs.begin_latent(
         params,
         p.branches,
         tokens,
@@ -377,10 +332,14 @@ class CacheSession:
         self.capacity,
       )
     elif self._cache is None:
-      state, logits = _begin_text(params, tokens, positions, mask, rng, self.lora, spec, self.capacity)
+      state, logits = programs.begin_text(
+        params, tokens, positions, mask, rng, self.lora, spec, self.capacity
+      )
     else:
       cache, self._cache = self._cache, None  # donated
-      state, logits = _continue(params, cache, tokens, positions, mask, rng, self.lora, spec)
+      state, logits = programs.continue_(
+        params, cache, tokens, positions, mask, rng, self.lora, spec
+      )
     jax.device_get(state.tokens[:, 0])  # the first new tokens are on the host
     first_token_s = time.perf_counter() - t0
     state = decode.jit_decode_loop(params, state, spec, self.lora)
@@ -412,7 +371,9 @@ class CacheSession:
       raise AssertionError(f"cache index {int(state.cache.index)} != host index {self.index}")
     cache = state.cache
     if (first_unused < self.index).any():
-      cache = _invalidate(cache, jnp.asarray(first_unused), jnp.asarray(self.index, jnp.int32))
+      cache = programs.invalidate(
+        cache, jnp.asarray(first_unused), jnp.asarray(self.index, jnp.int32)
+      )
     self._cache = cache
     return results
 
@@ -425,9 +386,31 @@ class CacheSession:
       raise AssertionError("pending tokens without a cache")
     tokens, positions, mask, width = self._block(ids, 0)
     cache, self._cache = self._cache, None
-    self._cache = _write(self.lm.params, cache, tokens, positions, mask, self.lora)
+    self._cache = programs.write(self.lm.params, cache, tokens, positions, mask, self.lora)
     for c in self._rows:
       if c.pending:
         pending, c.pending = c.pending, []
         self._record(c, pending, width, len(pending))
     self.index += width
+
+  def replay(self, new_ids: Sequence[int], output: Sequence[int]) -> None:
+    """Writes a recorded turn of a batch-1 text session instead of decoding it: `new_ids`
+    its input (`written`'s input ids of that turn), `output` its output. `written` (ids,
+    positions, turns, flags), hence every memory mode, comes out as the live run's; the
+    cache rows within float rounding (one prefill, not a decode)."""
+    c = self._only()._c
+    if self.prefix is not None or c.pending:
+      raise ValueError("replay rebuilds a text session from its turns' records only")
+    if not new_ids:
+      raise ValueError("a turn needs at least one new token id")
+    ids = [int(i) for i in (*new_ids, *output)]
+    tokens, positions, mask, width = self._block([ids], 0)
+    cache = self._cache or KVCache.empty(self.lm.config, 1, self.capacity)
+    self._cache = None
+    self._cache = programs.write(self.lm.params, cache, tokens, positions, mask, self.lora)
+    first, turn = self.index + width - len(ids), len(c.turns)
+    for j, token in enumerate(ids):
+      c.written.append(Written(token, first + j, c.position + j, turn, j >= len(new_ids)))
+    c.position += len(ids)
+    self.index += width
+    c.turns.append(Turn(list(new_ids), list(output), True, 0.0, 0.0, None))

@@ -89,7 +89,7 @@ def by_problem(rows: Iterable[dict[str, Any]]) -> tuple[dict[str, dict], dict[st
   return workers, modes
 
 
-def _check_run(workdir: str, info: dict[str, Any]) -> None:
+def check_run(workdir: str, info: dict[str, Any]) -> None:
   """Writes run.json, or checks that the recorded run is this one."""
   path = os.path.join(workdir, RUN)
   if os.path.exists(path):
@@ -168,7 +168,7 @@ def evaluate(
     "settings": dataclasses.asdict(settings),
     "adapters": dict(adapters or {}),
   }
-  _check_run(workdir, info)
+  check_run(workdir, info)
   path = os.path.join(workdir, RECORDS)
   workers, done = by_problem(read_records(path))
   wanted = workflow.wanted_modes(modes, single_agent, text)

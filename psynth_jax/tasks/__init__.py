@@ -48,6 +48,7 @@ _BUILTIN = {
   "in_context": ("psynth_jax.tasks.in_context", "IN_CONTEXT"),
   "in_context_inverse": ("psynth_jax.tasks.in_context", "IN_CONTEXT_INVERSE"),
   "gaia_offline": ("psynth_jax.tasks.gaia_offline", "GAIA_OFFLINE"),  # generated, needs tools
+  "marble_db_offline": ("psynth_jax.tasks.db_offline", "MARBLE_DB_OFFLINE"),  # PostgreSQL
 }
 _REGISTERED: dict[str, Task] = {}
 
