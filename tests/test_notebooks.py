@@ -67,6 +67,7 @@ CI_PARAMETERS: dict[str, dict[str, object]] = {
     TINY_HIDDEN=64,
     TINY_VOCAB=128,
   ),
+  "05_agent_workflows": dict(WORKER_TOKENS=4, ANSWER_TOKENS=4, MAX_STEPS=1, CAPACITY=4096),
 }
 
 
