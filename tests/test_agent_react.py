@@ -212,3 +212,13 @@ def test_the_tiny_template_runs_the_same_loop(tokenizers):
   episode = run_react(model, chat, MESSAGES, TOOLBOX)
   assert episode.answer == "42" and episode.steps[0].observations[0].text == "42"
   assert "<|im_start|>user\n<tool_response>\n42\n</tool_response>" in model.fed[1]
+
+
+def test_an_untagged_call_object_is_one_call_and_other_json_is_an_answer():
+  bare = '{"name": "search", "arguments": {"query": "Vaxtrix Guild", "k": 1}}'
+  for text in (bare, f"  {bare}\n", f"```json\n{bare}\n```"):
+    parsed = parse_output(text)
+    assert parsed.calls == (ToolCall("search", {"query": "Vaxtrix Guild", "k": 1}),)
+  # Anything more than the object alone, or an object with other keys, is an answer.
+  for text in (f"I would call {bare}", '{"name": "Ada", "age": 36}', '{"answer": 4}', "[1, 2]"):
+    assert parse_output(text).is_final, text

@@ -11,7 +11,10 @@ one output may hold several calls, run in order:
   </tool_call>
 
 `"arguments"` is an object (a JSON string holding one is accepted, as some models write
-it; absent means no arguments). An output with neither tag is the agent's final answer.
+it; absent means no arguments). Small models often drop the tags: an output without them
+that is, whole (an optional ```json fence around it aside), one such object, holding
+"name" and at most "arguments", is read as one call (`_bare_call`). Any other output with
+neither tag is the agent's final answer.
 A block that is not such an object, a `<tool_call>` left open or a stray `</tool_call>`
 is a *malformed* call: parsing never raises, the agent is shown an error observation
 saying what was wrong and how a call is written.
@@ -106,8 +109,32 @@ def _read_call(body: str) -> ToolCall | Malformed:
   return ToolCall(name, args)  # other keys (an id, say) are ignored
 
 
+_FENCE = re.compile(r"\A```(?:json)?\s*(.*?)\s*```\Z", re.DOTALL)
+
+
+def _bare_call(text: str) -> ToolCall | None:
+  """An untagged output that is exactly one call object (see the module docstring)."""
+  body = text.strip()
+  if m := _FENCE.match(body):
+    body = m.group(1)
+  if not body.startswith("{"):
+    return None
+  try:
+    obj = json.loads(body)
+  except json.JSONDecodeError:
+    return None
+  if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    return None
+  if set(obj) - {"name", "arguments"}:
+    return None
+  call = _read_call(body)
+  return call if isinstance(call, ToolCall) else None
+
+
 def parse_output(text: str) -> ParsedOutput:
   """Reads the tool calls out of one output (never raises)."""
+  if OPEN not in text and CLOSE not in text and (bare := _bare_call(text)):
+    return ParsedOutput((bare,), "")
   calls: list[ToolCall | Malformed] = []
   outside, at = [], 0
   for m in _BLOCK.finditer(text):
