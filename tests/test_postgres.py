@@ -52,7 +52,9 @@ def _gone(pid: int, root: str) -> bool:
 
 
 def _port_free(port: int) -> bool:
+  """Nothing listens on `port` (SO_REUSEADDR: the closed connections' TIME_WAIT do not count)."""
   with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
       s.bind(("127.0.0.1", port))
     except OSError:
