@@ -51,6 +51,7 @@ def run_workers(
   max_steps: int = MAX_STEPS,
   max_new_tokens: int = 256,
   capacity: int = 4096,
+  on_step=None,
 ) -> list[WorkerRun]:
   """The worker agents of several episodes, together on one batched session.
 
@@ -63,6 +64,7 @@ def run_workers(
     max_steps, max_new_tokens: per worker turn (`run_react`, `CacheSession`).
     capacity: cache rows of every conversation; a turn takes as many rows as the batch's
       widest input plus its longest output, so allow for the longest conversation.
+    on_step: progress callback (`run_react_batch`).
   """
   if not episodes or not all(episodes):
     raise ValueError("run_workers needs at least one episode, each with at least one worker")
@@ -71,7 +73,7 @@ def run_workers(
   session = CacheSession.text(
     lm, max_new_tokens, capacity, batch=len(agents), sampling=sampling, seed=seed
   )
-  done = run_react_batch(session, agents, max_steps)
+  done = run_react_batch(session, agents, max_steps, on_step)
   seconds = time.perf_counter() - t0
   runs, b = [], 0
   for workers in episodes:

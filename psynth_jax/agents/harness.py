@@ -134,7 +134,10 @@ def evaluate_agents(
           for p in chunk
         }
         t0 = time.perf_counter()
-        fresh = _run_workers(lm, tok, [p for p in chunk if p.id not in workers], setups, settings)
+        log = _step_log(bar, "workers", t0) if progress else None
+        fresh = _run_workers(
+          lm, tok, [p for p in chunk if p.id not in workers], setups, settings, log
+        )
         for pid, (row, _) in fresh.items():
           harness.append_record(path, row)
           workers[pid] = row
@@ -147,7 +150,8 @@ def evaluate_agents(
             continue
           t0 = time.perf_counter()
           if mode == workflow.SINGLE_AGENT:
-            results = _single_agents(lm, tok, task, who, setups, settings)
+            log = _step_log(bar, "single agents", t0) if progress else None
+            results = _single_agents(lm, tok, task, who, setups, settings, log)
           else:
             results = []
             for p in who:
@@ -175,7 +179,14 @@ def _agent(tok, messages, toolbox) -> Agent:
   return Agent(ChatFormat(tok, toolbox.schemas()), messages, toolbox)
 
 
-def _run_workers(lm, tok, problems, setups, settings) -> dict[str, tuple[dict, WorkerRun]]:
+def _step_log(bar, what: str, t0: float):
+  def log(step: int, running: int) -> None:
+    bar.write(f"    {what} step {step}: {running} still running ({time.perf_counter() - t0:.0f} s)")
+
+  return log
+
+
+def _run_workers(lm, tok, problems, setups, settings, log) -> dict[str, tuple[dict, WorkerRun]]:
   if not problems:
     return {}
   episodes = [[_agent(tok, m, box) for m, box in setups[p.id].workers] for p in problems]
@@ -186,6 +197,7 @@ def _run_workers(lm, tok, problems, setups, settings) -> dict[str, tuple[dict, W
     max_steps=settings.max_steps,
     max_new_tokens=settings.worker_tokens,
     capacity=settings.capacity,
+    on_step=log,
   )
   out = {}
   for p, run in zip(problems, runs, strict=True):
@@ -225,14 +237,14 @@ def _mode_row(episode: Episode, session, budget: int, ttft_s, seconds) -> dict[s
   }
 
 
-def _single_agents(lm, tok, task, problems, setups, settings):
+def _single_agents(lm, tok, task, problems, setups, settings, log):
   agents = [
     _agent(tok, [{"role": "user", "content": task.single_agent_prompt(p)}], setups[p.id].toolbox)
     for p in problems
   ]
   t0 = time.perf_counter()
   session = CacheSession.text(lm, settings.answer_tokens, settings.capacity, batch=len(agents))
-  episodes = run_react_batch(session, agents, settings.max_steps)
+  episodes = run_react_batch(session, agents, settings.max_steps, log)
   seconds = time.perf_counter() - t0
   # Batched: no TTFT of its own (the synthesizers' is the measured one).
   return [

@@ -145,16 +145,24 @@ def run_react(
   return loop.episode
 
 
-def run_react_batch(session, agents: Sequence[Agent], max_steps: int = MAX_STEPS) -> list[Episode]:
+def run_react_batch(
+  session, agents: Sequence[Agent], max_steps: int = MAX_STEPS, on_step=None
+) -> list[Episode]:
   """Runs `len(agents)` agents in lockstep on a batched `CacheSession` (one row each): every
   step, the agents still running take one turn together; each agent's loop is `run_react`'s.
+  `on_step(step, running)`, if given, is called after each step with the count still running
+  (progress output for long runs).
   """
   if len(agents) != session.batch:
     raise ValueError(f"{len(agents)} agents for a session of batch {session.batch}")
   loops = [_Loop(a, max_steps) for a in agents]
+  step = 0
   while any(loop.episode is None for loop in loops):
     outs = session.step([loop.feed for loop in loops])
     for loop, out in zip(loops, outs, strict=True):
       if out is not None:
         loop.consume(out)
+    step += 1
+    if on_step is not None:
+      on_step(step, sum(loop.episode is None for loop in loops))
   return [loop.episode for loop in loops]
