@@ -196,11 +196,23 @@ def _load_config(spec: str, overrides):
   return config
 
 
+def _cache_modes(args, config, lm):
+  """The naive merge (unless turned off) and one mode per `--adapter NAME=FOLDER`."""
+  from psynth_jax.convert.release import load_adapter
+  from psynth_jax.eval import workflow
+  from psynth_jax.eval.demo import parse_adapters
+
+  adapters = parse_adapters(args.adapter)
+  modes = [workflow.CacheMode(workflow.NAIVE_MERGE)] if config.naive_merge else []
+  for name, folder in adapters.items():
+    mapper, lora = load_adapter(folder, lm)
+    modes.append(workflow.CacheMode(name, mapper=mapper, lora=lora))
+  return modes, adapters
+
+
 def _eval(args) -> None:
   from psynth_jax import tasks
-  from psynth_jax.convert.release import load_adapter
-  from psynth_jax.eval import harness, workflow
-  from psynth_jax.eval.demo import parse_adapters
+  from psynth_jax.eval import harness
 
   config = _load_config(args.config, args.set)
   if args.limit is not None:
@@ -223,11 +235,7 @@ def _eval(args) -> None:
     args.mesh = args.mesh or config.mesh or None
     args.dtype = args.dtype or config.dtype or None
     lm = _load(args)
-    adapters = parse_adapters(args.adapter)
-    modes = [workflow.CacheMode(workflow.NAIVE_MERGE)] if config.naive_merge else []
-    for name, folder in adapters.items():
-      mapper, lora = load_adapter(folder, lm)
-      modes.append(workflow.CacheMode(name, mapper=mapper, lora=lora))
+    modes, adapters = _cache_modes(args, config, lm)
     settings = harness.Settings(config.num_workers, config.worker_tokens, config.answer_tokens)
     rows = harness.evaluate(
       lm,
@@ -253,9 +261,7 @@ def _eval(args) -> None:
 def _agents(args) -> None:
   from psynth_jax import tasks
   from psynth_jax.agents import harness as agent_harness
-  from psynth_jax.convert.release import load_adapter
-  from psynth_jax.eval import harness, workflow
-  from psynth_jax.eval.demo import parse_adapters
+  from psynth_jax.eval import harness
 
   config = _load_config(args.config, args.set)
   if args.limit is not None:
@@ -270,11 +276,7 @@ def _agents(args) -> None:
       raise SystemExit("--model is needed to run (only --summary works from the records alone)")
     args.mesh, args.dtype = None, args.dtype or config.dtype or None
     lm = _load(args)
-    adapters = parse_adapters(args.adapter)
-    modes = [workflow.CacheMode(workflow.NAIVE_MERGE)] if config.naive_merge else []
-    for name, folder in adapters.items():
-      mapper, lora = load_adapter(folder, lm)
-      modes.append(workflow.CacheMode(name, mapper=mapper, lora=lora))
+    modes, adapters = _cache_modes(args, config, lm)
     settings = agent_harness.AgentSettings(
       config.num_workers,
       config.memory,
