@@ -14,16 +14,28 @@ A limit is the best of its repeats (what the machine can do); the benchmark
 times next to it stay medians. The weight-read floor assumes the weights
 stream from memory: a model small enough to stay in the last-level cache
 (the tiny test models) can run below it.
+
+`Limits` turns those two measurements into the floors of a benchmark's stages
+(a prefill, decode steps, a cache merge) for one model: each stage's floor is
+max(bytes it must move / bandwidth, its FLOPs / the matmul rate at its M), and
+stages run one after another add (`total`). The bytes are the weights it reads
+(`weight_read_bytes`, plus an adapter's) and the KV cache rows it must read
+and write; the FLOPs are `psynth_jax.eval.ttft.prefill_flops`'s count (matmuls
+and causal attention) per call. `attention_cost` is the same for one attention
+call alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import Params, flat_state
 
 
@@ -162,4 +174,172 @@ def floors(weight_bytes: int, bandwidth_gbps: float, flops: float, gflops: float
     "weight_floor_s": weight_s,
     "compute_floor_s": compute_s,
     "floor_s": max(weight_s, compute_s),
+  }
+
+
+def total(*stages: dict) -> dict:
+  """The floors of stages run one after another: every field summed (a floor of each, added)."""
+  keys = ("bytes", "flops", "memory_floor_s", "compute_floor_s", "floor_s")
+  return {k: sum(stage[k] for stage in stages) for k in keys}
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array leaf of a pytree (e.g. the `LoRAWeights` an adapted call reads)."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def kv_row_bytes(config: ModelConfig) -> int:
+  """Bytes of one token's keys and values over every layer (the cache is in the model's dtype)."""
+  c = config
+  return 2 * c.num_layers * c.num_kv_heads * c.head_dim * jnp.dtype(c.dtype).itemsize
+
+
+def decode_steps(token_lists: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+  """Decode steps a fused loop ran after the prefill, from its trimmed outputs.
+
+  The prefill samples the first token; each step samples one more for every
+  sequence, until all have stopped or `max_new_tokens` are out. A sequence that
+  stopped generated its stop id too (trimmed from its list, hence the + 1).
+  """
+  return max(min(max_new_tokens, len(t) + 1) for t in token_lists) - 1
+
+
+def _prefill_flops(config, queries, keys_before, lora_config) -> float:
+  from psynth_jax.eval.ttft import prefill_flops  # a lazy import: ttft imports this module
+
+  return prefill_flops(config, queries, keys_before, lora_config)
+
+
+@dataclasses.dataclass
+class Limits:
+  """One run's limits for one model: the measured bandwidth and matmul GFLOP/s per M.
+
+  The matmul rate is probed (`matmul_gflops` at [M, D] x [D, F], the model's
+  dtype) the first time a stage asks for its M; `rates` keeps every probe for
+  the JSON. Each stage method returns {"bytes", "flops", "memory_floor_s",
+  "compute_floor_s", "floor_s"} (seconds; floor = the larger of the two).
+
+  Attributes:
+    config: the model's config (shapes, dtype).
+    bandwidth_gbps: `memory_bandwidth()["bandwidth_gbps"]`, measured in this run.
+    weight_bytes: `weight_read_bytes` of the model's parameters.
+    rates: {M: GFLOP/s} of the probes run so far.
+  """
+
+  config: ModelConfig
+  bandwidth_gbps: float
+  weight_bytes: int
+  rates: dict[int, float] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def of(cls, params: Params, bandwidth_gbps: float) -> Limits:
+    return cls(params.config, bandwidth_gbps, weight_read_bytes(params))
+
+  def rate(self, m: int) -> float:
+    """Matmul GFLOP/s at M = m rows (probed once per m)."""
+    m = max(1, int(m))
+    if m not in self.rates:
+      c = self.config
+      self.rates[m] = matmul_gflops(m, c.hidden_size, c.intermediate_size, str(c.dtype))
+    return self.rates[m]
+
+  def stage(self, nbytes: float, flops: float, m: int) -> dict:
+    """Floors of a stage that moves `nbytes` and computes `flops` in matmuls of M = m rows."""
+    memory_s = nbytes / (self.bandwidth_gbps * 1e9)
+    compute_s = flops / (self.rate(m) * 1e9) if flops else 0.0
+    return {
+      "bytes": nbytes,
+      "flops": flops,
+      "memory_floor_s": memory_s,
+      "compute_floor_s": compute_s,
+      "floor_s": max(memory_s, compute_s),
+    }
+
+  def _adapter(self, lora) -> tuple[int, object]:
+    return (0, None) if lora is None else (tree_bytes(lora), lora.config)
+
+  def prefill(
+    self, prompt_lengths: Sequence[int], keys_before: int | Sequence[int] = 0, lora=None
+  ) -> dict:
+    """One prefill program over a batch: sequence b's prompt after keys_before[b] cached rows.
+
+    Reads every weight once (and `lora`, a `LoRAWeights`, if given), the cached
+    rows its queries attend to, and writes its own rows. Counts true lengths,
+    not the padded ones a program computes.
+    """
+    before = [keys_before] * len(prompt_lengths) if isinstance(keys_before, int) else keys_before
+    lora_bytes, lora_config = self._adapter(lora)
+    flops = sum(
+      _prefill_flops(self.config, n, k, lora_config)
+      for n, k in zip(prompt_lengths, before, strict=True)
+    )
+    rows = sum(before) + sum(prompt_lengths)
+    nbytes = self.weight_bytes + lora_bytes + rows * kv_row_bytes(self.config)
+    return self.stage(nbytes, flops, sum(prompt_lengths))
+
+  def decode(self, contexts: Sequence[float], steps: int, lora=None, unembed: bool = True) -> dict:
+    """`steps` decode steps of a batch (one step: one token per sequence, a full weight read).
+
+    Args:
+      contexts: per sequence, the keys before its first decoded token (prompt,
+        merged rows); step i's token attends to contexts[b] + i + 1 keys.
+      steps: decode steps (`decode_steps`); 0 gives a zero floor.
+      lora: the `LoRAWeights` every step also reads (None: none).
+      unembed: False for a step that only writes its cache rows (a worker's
+        final feed of its last token): no unembedding read or computed.
+    """
+    c = self.config
+    lora_bytes, lora_config = self._adapter(lora)
+    b = len(contexts)
+    mean = sum(contexts) / b + (steps - 1) / 2  # FLOPs and rows read are affine in the context
+    flops = b * steps * _prefill_flops(c, 1, mean, lora_config)
+    weights = self.weight_bytes
+    if not unembed:
+      flops -= b * steps * 2 * c.hidden_size * c.vocab_size
+      weights -= c.vocab_size * c.hidden_size * jnp.dtype(c.dtype).itemsize
+    rows = b * steps * (mean + 1)  # per step: context + i rows read, one written
+    nbytes = steps * (weights + lora_bytes) + rows * kv_row_bytes(c)
+    return self.stage(nbytes, flops, b)
+
+  def merge(self, branch_rows: int) -> dict:
+    """Re-encode + map + merge of `branch_rows` branch rows: each read once, written once."""
+    return self.stage(2 * branch_rows * kv_row_bytes(self.config), 0.0, 1)
+
+
+def attention_cost(
+  batch: int,
+  queries: int,
+  rows: int,
+  heads: int,
+  kv_heads: int,
+  head_dim: int,
+  offset: int | None = None,
+  itemsize: int = 4,
+) -> dict[str, float]:
+  """Work of one attention call q [B, T, N, H] over k, v [B, S, G, H] and a [B, T, S] bool mask.
+
+  Args:
+    offset: causal: query j sits at row offset + j and sees rows <= it
+      (None: every query sees every row).
+
+  Returns:
+    "flops": score (QK^T) and value (PV) matmuls over the visible entries only,
+    2 FLOPs per multiply-add each: what any implementation must compute;
+    "dense_flops": the same over every [T, S] entry (what dense attention does);
+    "io_bytes": q, k, v and the mask read, the output written (any implementation);
+    "score_bytes": the [B, N, T, S] float32 scores written once and read once
+    (dense attention's extra traffic; a blocked one keeps them in cache).
+  """
+  t, s = queries, rows
+  if offset is None:
+    visible = t * s
+  else:
+    visible = int(np.minimum(offset + np.arange(t) + 1, s).clip(0).sum())
+  per_entry = 4 * heads * head_dim  # QK^T and PV: 2 MACs per head-dim element
+  io = batch * (2 * t * heads * head_dim + 2 * s * kv_heads * head_dim) * itemsize + batch * t * s
+  return {
+    "flops": batch * per_entry * visible,
+    "dense_flops": batch * per_entry * t * s,
+    "io_bytes": io,
+    "score_bytes": 2 * batch * heads * t * s * 4,
   }

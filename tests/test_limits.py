@@ -1,0 +1,97 @@
+"""Floors of benchmark stages (`psynth_jax.eval.limits`), checked against hand counts.
+
+The tiny config: V = 64, D = 16, F = 32, one layer, N = G = 2 heads of H = 8, float32, untied.
+Per token and layer the matmuls are 2 * (D (N + 2G) H + N H D + 3 D F) = 5120 FLOPs, the
+unembedding 2 D V = 2048, and each attended key 4 N H = 64 (QK^T and PV).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from psynth_jax.eval import limits
+from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.lora import LoRAConfig, LoRAWeights
+from psynth_jax.model.transformer import init_params
+
+CONFIG = ModelConfig("llama", 64, 16, 32, 1, 2, 2, 8)
+WEIGHTS = 4 * (16 * 16 + 2 * 16 * 16 + 16 * 16 + 3 * 16 * 32 + 2 * 16) + 4 * 64 * 16 + 4 * 16
+KV_ROW = 2 * 1 * 2 * 8 * 4  # keys and values, one layer, G x H, float32
+
+
+def _limits() -> limits.Limits:
+  # 1 GB/s and 1 GFLOP/s: a floor in seconds is bytes or FLOPs / 1e9. Rates given, not probed.
+  return limits.Limits(CONFIG, 1.0, WEIGHTS, {1: 1.0, 2: 1.0, 3: 1.0})
+
+
+def test_weight_bytes_and_rows():
+  assert limits.weight_read_bytes(init_params(CONFIG)) == WEIGHTS
+  assert limits.kv_row_bytes(CONFIG) == KV_ROW
+
+
+def test_prefill_floor():
+  # 3 prompt tokens after 5 cached rows: 3 * 5 + (1 + 2 + 3) = 21 attended keys.
+  f = _limits().prefill([3], keys_before=5)
+  assert f["flops"] == 3 * 5120 + 2048 + 64 * 21
+  assert f["bytes"] == WEIGHTS + (5 + 3) * KV_ROW  # the cached rows read, its own written
+  assert f["memory_floor_s"] == pytest.approx(f["bytes"] / 1e9)
+  assert f["compute_floor_s"] == pytest.approx(f["flops"] / 1e9)
+  assert f["floor_s"] == max(f["memory_floor_s"], f["compute_floor_s"])
+
+
+def test_prefill_floor_with_lora():
+  lora = LoRAWeights.init(CONFIG, LoRAConfig(rank=2, targets=("q", "v")))
+  f = _limits().prefill([3], keys_before=5, lora=lora)
+  # Per token: 2 R (D_in + D_out) for q (16 -> 16) and v (16 -> 16).
+  assert f["flops"] == 3 * (5120 + 2 * 2 * 32 * 2) + 2048 + 64 * 21
+  assert f["bytes"] == WEIGHTS + 4 * 2 * (16 * 2 + 2 * 16) + 8 * KV_ROW
+  assert limits.tree_bytes(lora) == 4 * 2 * (16 * 2 + 2 * 16)
+
+
+def test_decode_floor():
+  # Two sequences with 4 and 6 keys before, 3 steps: they attend 5, 6, 7 and 7, 8, 9 keys.
+  lim = _limits()
+  f = lim.decode([4, 6], steps=3)
+  assert f["flops"] == 6 * (5120 + 2048) + 64 * (18 + 24)
+  # Each step reads every weight; each token reads its earlier rows and writes its own.
+  assert f["bytes"] == 3 * WEIGHTS + ((4 + 5 + 6) + (6 + 7 + 8) + 6) * KV_ROW
+  assert f["compute_floor_s"] == pytest.approx(f["flops"] / 1e9)  # at M = B = 2
+  feed = lim.decode([4, 6], steps=3, unembed=False)  # no unembedding read or computed
+  assert feed["flops"] == f["flops"] - 6 * 2048
+  assert feed["bytes"] == f["bytes"] - 3 * 4 * 64 * 16
+  assert lim.decode([4], steps=0)["floor_s"] == 0.0
+
+
+def test_merge_and_total():
+  lim = _limits()
+  merge = lim.merge(10)
+  assert merge["bytes"] == 2 * 10 * KV_ROW and merge["compute_floor_s"] == 0.0
+  prefill = lim.prefill([3], 10)
+  both = limits.total(merge, prefill)
+  assert both["floor_s"] == pytest.approx(merge["floor_s"] + prefill["floor_s"])
+  assert both["bytes"] == merge["bytes"] + prefill["bytes"]
+
+
+def test_decode_steps():
+  assert limits.decode_steps([[1, 2, 3, 4]], 4) == 3  # no stop: the prefill's token + 3
+  assert limits.decode_steps([[1, 2], [1, 2, 3]], 4) == 3  # the last stopped on token 4
+  assert limits.decode_steps([[], [7]], 4) == 1  # both stopped by their second token
+  assert limits.decode_steps([[]], 1) == 0
+
+
+def test_rate_is_probed_once_per_m():
+  lim = limits.Limits(CONFIG, 1.0, WEIGHTS)
+  rate = lim.rate(2)
+  assert rate > 0 and lim.rates == {2: rate} and lim.rate(2) == rate
+
+
+def test_attention_cost():
+  # B = 1, T = 2 queries at rows 1, 2 over S = 4 rows: 2 + 3 visible entries.
+  cost = limits.attention_cost(1, 2, 4, heads=2, kv_heads=1, head_dim=8, offset=1)
+  assert cost["flops"] == 4 * 2 * 8 * 5
+  assert cost["dense_flops"] == 4 * 2 * 8 * 8
+  assert cost["io_bytes"] == 4 * (2 * 2 * 2 * 8 + 2 * 4 * 1 * 8) + 2 * 4  # q, out, k, v; mask
+  assert cost["score_bytes"] == 2 * 2 * 2 * 4 * 4
+  full = limits.attention_cost(1, 2, 4, 2, 1, 8)
+  assert full["flops"] == full["dense_flops"]
+  assert limits.attention_cost(1, 2, 4, 2, 1, 8, offset=10)["flops"] == full["flops"]
