@@ -147,10 +147,12 @@ def synthesize(
   num_workers: int | None = None,
   rows: int | None = None,
   allow_foreign_branches: bool = False,
+  first_token_only: bool = False,
 ) -> SynthesisResult:
   """Parallel-Synthesis: the synthesizer reads the merged branch caches.
 
-  The arguments after `seed` are keyword-only: measurement (`fused`, `profile`),
+  The arguments after `seed` are keyword-only: measurement (`fused`, `profile`,
+  `first_token_only`),
   compiled-program reuse (`num_workers`, `rows`) and a safety override.
 
   Args:
@@ -168,6 +170,8 @@ def synthesize(
       a fixed value serves many examples with one compiled program.
     allow_foreign_branches: accept branches whose fingerprint is not this
       model's (made by other weights); otherwise that is a ValueError.
+    first_token_only: stop after the first token (TTFT measurements: the cache
+      keeps the capacity `max_new_tokens` asks for, so the prefill is the same).
   """
   check_branches(lm, branches, allow_foreign_branches)
   check_adapters(lm, mapper, lora)
@@ -199,7 +203,8 @@ def synthesize(
   )
   stages = _profile_cache_path(lm, branches, mapper, rows, capacity) if profile else {}
   program = _fused if fused else _jit_first_token
-  return _run(lm, functools.partial(program, *args), fused, spec, lora, len(synth_prompt), stages)
+  run = functools.partial(program, *args)
+  return _run(lm, run, fused, spec, lora, len(synth_prompt), stages, first_token_only)
 
 
 def synthesize_text(
@@ -210,12 +215,14 @@ def synthesize_text(
   seed: int = 0,
   *,
   fused: bool = False,
+  first_token_only: bool = False,
 ) -> SynthesisResult:
   """Text-concatenation baseline: the base model prefills the whole prompt.
 
   `prompt` is text or token ids. Text is tokenised before the clock starts and
   its time is reported as `stages["tokenize"]`, never inside `ttft_s`, so that
   both paths are timed from token ids (the cache path's prompt is ids too).
+  `fused` and `first_token_only` as in `synthesize`.
   """
   t0 = time.perf_counter()
   ids = lm.require_tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -231,7 +238,8 @@ def synthesize_text(
     capacity,
   )
   program = decode.generate_tokens if fused else decode.jit_begin
-  return _run(lm, functools.partial(program, *args), fused, spec, None, len(ids), stages)
+  run = functools.partial(program, *args)
+  return _run(lm, run, fused, spec, None, len(ids), stages, first_token_only)
 
 
 def synthesize_text_batch(
@@ -356,19 +364,24 @@ def synthesize_batch(
   ]
 
 
-def _run(lm, program, fused, spec, lora, n_prompt, stages) -> SynthesisResult:
-  """Times `program()`: the whole generation (fused) or the first token, then the decode loop."""
+def _run(lm, program, fused, spec, lora, n_prompt, stages, first_only=False) -> SynthesisResult:
+  """Times `program()`: the whole generation (fused) or the first token, then the decode
+  loop (unless `first_only`)."""
+  if fused and first_only:
+    raise ValueError("first_token_only times the first token: it cannot be fused")
   t0 = time.perf_counter()
   if fused:
     state = program()
     ttft = None
   else:
     state = program()
-    first = int(jax.device_get(state.tokens[0, 0]))  # first token on the host
+    jax.device_get(state.tokens[0, 0])  # the first token on the host ends the TTFT
     ttft = time.perf_counter() - t0
-    del first
-    state = decode.jit_decode_loop(lm.params, state, spec, lora)
+    if not first_only:
+      state = decode.jit_decode_loop(lm.params, state, spec, lora)
   tokens = decode.trim(jax.device_get(state.tokens), spec.stop_ids)[0]
+  if first_only:
+    tokens = tokens[:1]
   total = time.perf_counter() - t0
   text = lm.decode_text(tokens) if lm.tokenizer is not None else None
   return SynthesisResult(tokens, text, ttft, total, n_prompt, stages)

@@ -204,6 +204,21 @@ def test_one_branch_via_cache_equals_the_same_tokens_via_text(lm):
   assert via_text.text is None and via_text.ttft_s is not None
 
 
+def test_first_token_only_stops_after_the_first_token(lm, branches):
+  """The TTFT measurement's early stop: the same first token, nothing decoded after it."""
+  mapper, lora = random_mapper("head_affine", 3), random_lora(3)
+  full = synthesize(lm, branches, PROMPT, mapper=mapper, lora=lora, max_new_tokens=NEW)
+  first = synthesize(
+    lm, branches, PROMPT, mapper=mapper, lora=lora, max_new_tokens=NEW, first_token_only=True
+  )
+  assert first.tokens == full.tokens[:1] and first.ttft_s is not None
+  text = synthesize_text(lm, TEXTS[1] + PROMPT, NEW)
+  text_first = synthesize_text(lm, TEXTS[1] + PROMPT, NEW, first_token_only=True)
+  assert text_first.tokens == text.tokens[:1] and text_first.ttft_s is not None
+  with pytest.raises(ValueError, match="fused"):
+    synthesize_text(lm, PROMPT, NEW, fused=True, first_token_only=True)
+
+
 def _other_model_branches(config: ModelConfig, k=2, s=16) -> Branches:
   cache = KVCache.empty(config, k, s)
   cache = cache.replace(valid=jnp.zeros((k, s), bool).at[:, :3].set(True))

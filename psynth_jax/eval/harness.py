@@ -190,7 +190,9 @@ def evaluate(
       if isinstance(mode, workflow.CacheMode):
         for p in who:
           if p.id not in caches:
-            caches[p.id] = fresh[p.id][1] if p.id in fresh else _rebuild(lm, task, workers[p.id])
+            caches[p.id] = (
+              fresh[p.id][1] if p.id in fresh else recorded_branches(lm, task, workers[p.id])
+            )
       t0 = time.perf_counter()
       results = _answers(lm, task, mode, who, workers, caches, settings, batch_problems)
       if who and progress:
@@ -254,7 +256,7 @@ def _answers(lm, task, mode, problems, workers, caches, settings, batch_problems
   )
 
 
-def _rebuild(lm, task, row):
+def recorded_branches(lm, task, row):
   """The Branches of recorded workers (prefill of their prompts + outputs)."""
   tok = lm.require_tokenizer()
   return worker_branches(lm, [task.encode(tok, t) for t in row["prompts"]], row["output_ids"])

@@ -134,18 +134,27 @@ def prompt_ids(lm, task, mode, problem, outputs) -> tuple[list[int], float]:
   return ids, time.perf_counter() - t0
 
 
-def answer(lm, task, mode, problem, outputs, branches, max_new_tokens):
+def answer(lm, task, mode, problem, outputs, branches, max_new_tokens, first_token_only=False):
   """One mode's SynthesisResult for one problem; `stages["tokenize"]` is its prompt's.
 
   Both kinds of path get token ids, so neither timed call tokenises.
+  `first_token_only` stops after the TTFT (caches sized for `max_new_tokens`).
   """
   ids, tokenize_s = prompt_ids(lm, task, mode, problem, outputs)
   if mode in (SINGLE_AGENT, TEXT_SYNTHESIS):
-    result = synthesize_text(lm, ids, max_new_tokens)
+    result = synthesize_text(lm, ids, max_new_tokens, first_token_only=first_token_only)
   else:
     rows = merged_rows(int(branches.lengths.sum()))
     result = synthesize(
-      lm, branches, ids, mode.mapper, mode.lora, max_new_tokens, num_workers=len(outputs), rows=rows
+      lm,
+      branches,
+      ids,
+      mode.mapper,
+      mode.lora,
+      max_new_tokens,
+      num_workers=len(outputs),
+      rows=rows,
+      first_token_only=first_token_only,
     )
   result.stages["tokenize"] = tokenize_s
   return result
@@ -220,6 +229,32 @@ def accuracy(
   return base.accuracy(((r.family, r.scores[mode]) for r in records), families)
 
 
+def time_modes(
+  lm, task, problem, outputs, branches, modes, repeats: int = 3, max_new_tokens: int = 48
+) -> dict[str, dict[str, float]]:
+  """One problem's warm TTFT per mode, from its worker outputs and their `Branches`.
+
+  Per mode: one untimed call (compiles new shapes), then `repeats` timed ones,
+  each stopped after its first token (the cache still has the capacity of a
+  `max_new_tokens` answer, as in the accuracy run).
+
+  Returns:
+    mode name -> medians of {"ttft_s", "tokenize_s" (not inside ttft_s)} and
+    "prompt_tokens".
+  """
+  out = {}
+  for mode in modes:
+    args = (lm, task, mode, problem, outputs, branches, max_new_tokens, True)
+    answer(*args)
+    results = [answer(*args) for _ in range(repeats)]
+    out[mode_name(mode)] = {
+      "ttft_s": statistics.median(r.ttft_s for r in results),
+      "tokenize_s": statistics.median(r.stages["tokenize"] for r in results),
+      "prompt_tokens": results[0].prompt_tokens,
+    }
+  return out
+
+
 def measure_timings(
   lm,
   task: Task,
@@ -232,33 +267,28 @@ def measure_timings(
   answer_max_new_tokens: int = 48,
   default_workers: int = 3,
 ) -> dict[str, dict[str, float]]:
-  """Per mode: median warm TTFT, median prompt tokenisation and prompt tokens, workers excluded.
+  """Per mode: median over problems of `time_modes` (workers run first, not timed).
 
-  Per problem and mode: one untimed call (compiles new shapes), then `repeats`
-  timed ones; the example's value is their median, the mode's the median of those.
   The decode budget is the accuracy run's, so caches have the same capacity.
 
   Returns:
     mode -> {"ttft_s", "tokenize_s" (not inside ttft_s), "prompt_tokens"}.
   """
   wanted = wanted_modes(modes, single_agent, text)
-  keys = ("ttft_s", "tokenize_s", "prompt_tokens")
-  per_mode: dict[str, dict[str, list[float]]] = {
-    mode_name(m): {k: [] for k in keys} for m in wanted
-  }
+  per_problem = []
   for p in problems:
     k = num_workers(p, default_workers)
     texts, branches, _ = run_example_workers(lm, task, p, k, worker_max_new_tokens)
-    for mode in wanted:
-      args = (lm, task, mode, p, texts, branches, answer_max_new_tokens)
-      answer(*args)
-      results = [answer(*args) for _ in range(repeats)]
-      values = per_mode[mode_name(mode)]
-      values["ttft_s"].append(statistics.median(r.ttft_s for r in results))
-      values["tokenize_s"].append(statistics.median(r.stages["tokenize"] for r in results))
-      values["prompt_tokens"].append(results[0].prompt_tokens)
+    per_problem.append(
+      time_modes(lm, task, p, texts, branches, wanted, repeats, answer_max_new_tokens)
+    )
   return {
-    name: {k: statistics.median(v[k]) for k in keys} for name, v in per_mode.items() if v["ttft_s"]
+    mode_name(m): {
+      key: statistics.median(t[mode_name(m)][key] for t in per_problem)
+      for key in ("ttft_s", "tokenize_s", "prompt_tokens")
+    }
+    for m in wanted
+    if per_problem
   }
 
 
