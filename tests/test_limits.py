@@ -62,6 +62,20 @@ def test_decode_floor():
   assert lim.decode([4], steps=0)["floor_s"] == 0.0
 
 
+def test_generation_is_prefill_then_decode():
+  lim = _limits()
+  got = lim.generation([3, 2], steps=2, keys_before=[0, 1], feed_last=True)
+  # Decode contexts: each prompt after its cached rows; the feed follows the 2 steps.
+  parts = (lim.prefill([3, 2], [0, 1]), lim.decode([3, 3], 2), lim.decode([5, 5], 1, unembed=False))
+  assert got == limits.total(*parts)
+  assert got["flops"] == (
+    (5 * 5120 + 2 * 2048 + 64 * (6 + 5))  # prefill: 1+2+3 and 2+3 attended keys
+    + (4 * (5120 + 2048) + 64 * 2 * (4 + 5))  # 2 steps: 4 then 5 keys each
+    + 2 * 5120
+    + 64 * 2 * 6  # the feed: 6 keys, no unembedding
+  )
+
+
 def test_merge_and_total():
   lim = _limits()
   merge = lim.merge(10)

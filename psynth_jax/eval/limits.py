@@ -301,6 +301,26 @@ class Limits:
     nbytes = steps * (weights + lora_bytes) + rows * kv_row_bytes(c)
     return self.stage(nbytes, flops, b)
 
+  def generation(
+    self,
+    prompt_lengths: Sequence[int],
+    steps: int,
+    keys_before: int | Sequence[int] = 0,
+    lora=None,
+    feed_last: bool = False,
+  ) -> dict:
+    """A prefill of the prompts, then `steps` decode steps of the batch (`total` of both).
+
+    `feed_last`: the worker programs feed the last sampled token once more, to
+    write its cache row (`psynth_jax.workers`): one more step, without unembedding.
+    """
+    before = [keys_before] * len(prompt_lengths) if isinstance(keys_before, int) else keys_before
+    contexts = [k + n for k, n in zip(before, prompt_lengths, strict=True)]
+    stages = [self.prefill(prompt_lengths, before, lora), self.decode(contexts, steps, lora)]
+    if feed_last:
+      stages.append(self.decode([c + steps for c in contexts], 1, lora, unembed=False))
+    return total(*stages)
+
   def merge(self, branch_rows: int) -> dict:
     """Re-encode + map + merge of `branch_rows` branch rows: each read once, written once."""
     return self.stage(2 * branch_rows * kv_row_bytes(self.config), 0.0, 1)
