@@ -8,9 +8,21 @@ problem: per-problem path = N runs of `run_workers` + `synthesize_text` +
 `synthesize`; batched path = one `run_workers_batch` + one `synthesize_text_batch` +
 one `synthesize_batch` (what `psynth eval` does with `batch_problems = N`). Both
 decode the same tokens (checked equal). Warm (one untimed run per shape first), median
-of repeats; problems/s and generated tokens/s, with the load recorded. Refuses to run
-on a loaded machine (1-minute load > 1.0 at the start) unless --force, which marks the
-JSON "forced": true. Writes JSON.
+of repeats; problems/s and generated tokens/s, with the load recorded.
+
+Limits measured in the same run sit next to each time (`psynth_jax.eval.limits`): a
+path's floor adds its programs' floors, each max(bytes / memory bandwidth, FLOPs /
+matmul GFLOP/s probed at that program's M). A generation program is a prefill
+(M = its prompt tokens) and the decode steps its loop ran (M = its batch; each step
+a full weight read plus the cache rows), read from the tokens it produced; the cache
+synthesis's prefill also reads the merged branch rows (the merge itself is left out,
+since a prefill could re-encode the rows as it reads them). The per-problem
+path runs 3 N such programs at batch K, 1, 1; the batched path 3 at batch N K, N, N:
+"floor_speedup" is the speedup the limits allow. Refuses to run on a loaded machine
+(1-minute load > 1.0 at the start) unless --force, which marks the JSON "forced":
+true. Writes JSON.
+
+  python experiments/bench_eval.py --models tiny --problems 1,2 --force   # a smoke run
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from psynth_jax.eval import bench_meta
+from psynth_jax.eval import bench_meta, limits
 from psynth_jax.synthesis import (
   synthesize,
   synthesize_batch,
@@ -33,6 +45,7 @@ from psynth_jax.synthesis import (
 from psynth_jax.workers import run_workers, run_workers_batch
 
 K = 3
+SYNTH_PROMPT = 16  # the cache synthesizer's prompt: the answer's first 16 tokens
 
 
 def per_problem(lm, problems, answers, new):
@@ -40,7 +53,7 @@ def per_problem(lm, problems, answers, new):
   for prompts, answer in zip(problems, answers, strict=True):
     out = run_workers(lm, prompts, new)
     text = synthesize_text(lm, answer, new)
-    cache = synthesize(lm, out.branches, answer[:16], max_new_tokens=new)
+    cache = synthesize(lm, out.branches, answer[:SYNTH_PROMPT], max_new_tokens=new)
     tokens += [out.tokens, [text.tokens], [cache.tokens]]
   return tokens
 
@@ -50,11 +63,53 @@ def batched(lm, problems, answers, new):
   outs = run_workers_batch(lm, problems, new)
   texts = synthesize_text_batch(lm, answers, new)
   caches = synthesize_batch(
-    lm, [o.branches for o in outs], [a[:16] for a in answers], None, None, new
+    lm, [o.branches for o in outs], [a[:SYNTH_PROMPT] for a in answers], None, None, new
   )
   for out, text, cache in zip(outs, texts, caches, strict=True):
     tokens += [out.tokens, [text.tokens], [cache.tokens]]
   return tokens
+
+
+def path_floor(lim: limits.Limits, problems, answers, tokens, new: int, batched: bool) -> dict:
+  """Floor of one path from its inputs and outputs (`per_problem` / `batched`'s tokens)."""
+  workers, texts, caches = tokens[0::3], [g[0] for g in tokens[1::3]], [g[0] for g in tokens[2::3]]
+  branch_rows = [sum(len(t) for t in w) for w in workers]  # each branch keeps its output rows
+  synth = [min(SYNTH_PROMPT, len(a)) for a in answers]
+
+  def programs(problems, workers, answers, texts, synth, caches, branch_rows):
+    flat = [t for w in workers for t in w]
+    return [
+      lim.generation(
+        [len(p) for ps in problems for p in ps], limits.decode_steps(flat, new), feed_last=True
+      ),
+      lim.generation([len(a) for a in answers], limits.decode_steps(texts, new)),
+      lim.generation(synth, limits.decode_steps(caches, new), branch_rows),
+    ]
+
+  columns = (problems, workers, answers, texts, synth, caches, branch_rows)
+  if batched:
+    return limits.total(*programs(*columns))
+  one = [programs(*[[c[i]] for c in columns]) for i in range(len(problems))]
+  return limits.total(*[f for fs in one for f in fs])
+
+
+def print_table(rows: list[dict], meta: dict) -> None:
+  print(
+    f"\nload average {meta['load_1m_start']:.2f} at the start, {meta['load_after'][0]:.2f} after;"
+    " floors measured in this run"
+  )
+  print(
+    "| model | N | per-problem s | floor s | / floor | batched s | floor s | / floor"
+    " | speedup | floor speedup | same tokens |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(
+      f"| {r['model']} | {r['problems']} | {r['per_problem_s']:.3f} |"
+      f" {r['per_problem_floor_s']:.4f} | {r['per_problem_vs_floor']:.2f}x |"
+      f" {r['batched_s']:.3f} | {r['batched_floor_s']:.4f} | {r['batched_vs_floor']:.2f}x |"
+      f" {r['speedup']:.2f}x | {r['floor_speedup']:.2f}x | {r['same_tokens']} |"
+    )
 
 
 def timed(fn, args, repeats):
@@ -79,9 +134,13 @@ def main():
   args = parser.parse_args()
   run = bench_meta.start(force=args.force)  # before loading anything: that raises the load
   bench_meta.print_warning(run.meta)
-  rows = []
+  bandwidth = limits.memory_bandwidth()
+  print(f"memory bandwidth {bandwidth['bandwidth_gbps']:.1f} GB/s", flush=True)
+  rows, rates = [], {}
   for name in args.models.split(","):
     lm = bench_meta.bench_model(name)
+    lim = limits.Limits.of(lm.params, bandwidth["bandwidth_gbps"])
+    rates[name] = lim.rates
     rng = np.random.default_rng(0)
     high = min(lm.config.vocab_size, 20000)
     for n in map(int, args.problems.split(",")):
@@ -105,16 +164,28 @@ def main():
         "per_problem_tokens_per_s": generated / single_s,
         "same_tokens": single == batch,
       }
+      for path, out, measured in (("per_problem", single, single_s), ("batched", batch, batch_s)):
+        f = path_floor(lim, problems, answers, out, args.new_tokens, path == "batched")
+        row[f"{path}_floor_s"] = f["floor_s"]
+        row[f"{path}_memory_floor_s"] = f["memory_floor_s"]
+        row[f"{path}_compute_floor_s"] = f["compute_floor_s"]
+        row[f"{path}_vs_floor"] = measured / f["floor_s"]
+      row["floor_speedup"] = row["per_problem_floor_s"] / row["batched_floor_s"]
       rows.append(row)
       print(
-        f"{name} N={n:3d}: per-problem {single_s:7.2f}s, batched {batch_s:7.2f}s"
-        f" ({row['speedup']:.2f}x; {row['batched_problems_per_s']:.2f} problems/s,"
+        f"{name} N={n:3d}: per-problem {single_s:7.2f}s (floor {row['per_problem_floor_s']:.3f}),"
+        f" batched {batch_s:7.2f}s (floor {row['batched_floor_s']:.3f})"
+        f" ({row['speedup']:.2f}x, floors {row['floor_speedup']:.2f}x;"
+        f" {row['batched_problems_per_s']:.2f} problems/s,"
         f" {row['batched_tokens_per_s']:.0f} tokens/s) same tokens: {row['same_tokens']}",
         flush=True,
       )
   meta = bench_meta.finish(run)
   bench_meta.print_warning(meta)
+  print_table(rows, meta)
+  bench_meta.print_warning(meta)
   meta.update(vars(args))
+  meta["limits"] = {**bandwidth, "matmul_gflops": rates}
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   print(f"wrote {args.out}")
