@@ -2,19 +2,21 @@
 
 Cache path (`synthesize`): re-encode + map + merge the branch caches, prefill
 the synthesizer prompt at positions max_i len_i + j (max_i span_i for
-multi-turn branches, `psynth_jax.merge`) with the synthesizer's
-LoRA, sample, then decode. Text path (`synthesize_text`): the base model
-prefills the whole concatenated prompt and decodes with the same decoder and
-the same sampling.
+multi-turn branches, `psynth_jax.merge`) with the synthesizer's LoRA, sample,
+then decode. The merge is a `psynth_jax.operators.MergeOperator` (`merge=`);
+`mapper=m` is shorthand for the paper's, `Reencode(m)`. Text path
+(`synthesize_text`): the base model prefills the whole concatenated prompt and
+decodes with the same decoder and the same sampling.
 
 TTFT (time to first token of the synthesizer) is measured from "branch caches
 ready" to "first token on the host", from token ids on both paths (the text
 path's tokenisation is timed apart, in `stages["tokenize"]`); worker time is
-excluded. Cache path: re-encode + map + merge + prefill of the synthesizer prompt + first sample;
-text path: prefill of the whole concatenated prompt + first sample. By default each path runs as two compiled programs: everything up
-to the first token (one jit: merge + prefill + first sample), then the
-`lax.while_loop` decode, so the first token reaches the host before decoding
-finishes. `fused=True` compiles the whole path as one program (no TTFT).
+excluded. Cache path: merge + prefill of the synthesizer prompt + first
+sample; text path: prefill of the whole concatenated prompt + first sample. By
+default each path runs as two compiled programs: everything up to the first
+token (one jit), then the `lax.while_loop` decode, so the first token reaches
+the host before decoding finishes. `fused=True` compiles the whole path as one
+program (no TTFT).
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from psynth_jax import decode
-from psynth_jax.mapper import Mapper, check_mapper
-from psynth_jax.merge import merge, synth_start_position
+from psynth_jax.mapper import Mapper
 from psynth_jax.model.lora import check_lora
 from psynth_jax.model.remat import remat_layer
 from psynth_jax.model.transformer import Params, hidden_states, unembed
+from psynth_jax.operators import MergeOperator, resolve
 from psynth_jax.workers import Branches
 
 
@@ -47,9 +49,9 @@ class SynthesisResult:
   stages: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def check_adapters(lm, mapper: Mapper | None, lora) -> None:
-  """Clear errors for a mapper or LoRA made for another model (checked by their shapes)."""
-  check_mapper(mapper, lm.config.num_layers)
+def check_adapters(lm, mapper: Mapper | MergeOperator | None, lora) -> None:
+  """Clear errors for a mapper (or merge operator) or LoRA made for another model."""
+  resolve(mapper).check(lm.config)
   check_lora(lora, lm.config)
 
 
@@ -71,7 +73,7 @@ def _first_token(
   tokens,
   positions,
   mask,
-  mapper,
+  op,
   lora,
   rng,
   spec,
@@ -79,8 +81,8 @@ def _first_token(
   capacity,
   num_workers=None,
 ):
-  cache = merge(branches, params.config, mapper, rows, capacity, num_workers)
-  positions = positions + synth_start_position(branches)
+  cache = op.merge(params, branches, rows=rows, capacity=capacity, num_workers=num_workers)
+  positions = positions + op.start(branches)
   logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
   return decode.start(logits, positions[:, -1] + 1, cache, rng, spec)
 
@@ -90,15 +92,17 @@ _jit_first_token = jax.jit(_first_token, static_argnames=("spec", "rows", "capac
 
 @functools.partial(jax.jit, static_argnames=("spec", "rows", "capacity"))
 def _fused(
-  params, branches, tokens, positions, mask, mapper, lora, rng, spec, rows, capacity, num_workers
+  params, branches, tokens, positions, mask, op, lora, rng, spec, rows, capacity, num_workers
 ):
   state = _first_token(
-    params, branches, tokens, positions, mask, mapper, lora, rng, spec, rows, capacity, num_workers
+    params, branches, tokens, positions, mask, op, lora, rng, spec, rows, capacity, num_workers
   )
   return decode.decode_loop(params, state, spec, lora)
 
 
-_jit_merge = jax.jit(merge, static_argnames=("config", "rows", "capacity"))
+@functools.partial(jax.jit, static_argnames=("rows", "capacity"))
+def _jit_merge(params, branches, op, rows, capacity):
+  return op.merge(params, branches, rows=rows, capacity=capacity)
 
 
 def check_branches(lm, branches: Branches, allow_foreign_branches: bool = False) -> None:
@@ -148,6 +152,7 @@ def synthesize(
   rows: int | None = None,
   allow_foreign_branches: bool = False,
   first_token_only: bool = False,
+  merge: MergeOperator | None = None,
 ) -> SynthesisResult:
   """Parallel-Synthesis: the synthesizer reads the merged branch caches.
 
@@ -159,7 +164,8 @@ def synthesize(
     lm: the `LanguageModel` (base weights; workers made `branches` with it).
     branches: the K worker branches (`run_workers` or `encode_branches`).
     synth_prompt: the synthesizer's own prompt ids (restating the question).
-    mapper: cache mapper (None: identity, the naive merge).
+    mapper: cache mapper (None: identity, the naive merge); shorthand for
+      `merge=operators.Reencode(mapper)`.
     lora: the synthesizer's `LoRAWeights` (None: base model).
     fused: one compiled program for the whole path (then `ttft_s` is None).
     profile: also time the merge and the prefill as separate programs.
@@ -172,16 +178,18 @@ def synthesize(
       model's (made by other weights); otherwise that is a ValueError.
     first_token_only: stop after the first token (TTFT measurements: the cache
       keeps the capacity `max_new_tokens` asks for, so the prefill is the same).
+    merge: the `MergeOperator` (`psynth_jax.operators`) instead of `mapper`.
   """
+  op = resolve(mapper, merge)
   check_branches(lm, branches, allow_foreign_branches)
-  check_adapters(lm, mapper, lora)
+  check_adapters(lm, op, lora)
   check_num_workers(branches, num_workers)
   spec, batch, _ = lm.prepare([synth_prompt], max_new_tokens, sampling, lora=lora)
   used = int(np.asarray(branches.lengths).sum())
   rows = branch_rows(branches) if rows is None else rows
   if rows < used:
     raise ValueError(f"rows={rows} cannot hold the {used} branch tokens")
-  start = int(np.asarray(branches.span).max())
+  start = int(np.asarray(op.start(branches)))
   if start + batch.lengths[0] + max_new_tokens > lm.config.max_position_embeddings:
     raise ValueError(
       "longest branch + synthesizer prompt + max_new_tokens exceed max_position_embeddings"
@@ -193,7 +201,7 @@ def synthesize(
     jnp.asarray(batch.tokens),
     jnp.asarray(batch.positions),
     jnp.asarray(batch.mask),
-    mapper,
+    op,
     lora,
     jax.random.key(seed),
     spec,
@@ -201,7 +209,7 @@ def synthesize(
     capacity,
     None if num_workers is None else jnp.asarray(num_workers, jnp.int32),
   )
-  stages = _profile_cache_path(lm, branches, mapper, rows, capacity) if profile else {}
+  stages = _profile_cache_path(lm, branches, op, rows, capacity) if profile else {}
   program = _fused if fused else _jit_first_token
   run = functools.partial(program, *args)
   return _run(lm, run, fused, spec, lora, len(synth_prompt), stages, first_token_only)
@@ -280,15 +288,15 @@ def _padded(branches: Branches, k: int, s: int) -> Branches:
 
 @functools.partial(jax.jit, static_argnames=("spec", "rows", "capacity"))
 def _batch_program(
-  params, branches, tokens, positions, mask, mapper, lora, rng, spec, rows, capacity, num_workers
+  params, branches, tokens, positions, mask, op, lora, rng, spec, rows, capacity, num_workers
 ):
   def one(b, k):
-    cache = merge(b, params.config, mapper, rows, capacity, k)
-    return jax.tree.map(lambda x: x[0] if x.ndim else x, cache)
+    cache = op.merge(params, b, rows=rows, capacity=capacity, num_workers=k)
+    return jax.tree.map(lambda x: x[0] if x.ndim else x, cache), op.start(b)
 
-  cache = jax.vmap(one)(branches, num_workers)
+  cache, starts = jax.vmap(one)(branches, num_workers)
   cache = cache.replace(index=jnp.asarray(rows, jnp.int32))
-  positions = positions + branches.span.max(axis=1)[:, None]
+  positions = positions + starts[:, None]
   logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
   state = decode.start(logits, positions[:, -1] + 1, cache, rng, spec)
   return decode.decode_loop(params, state, spec, lora)
@@ -306,6 +314,7 @@ def synthesize_batch(
   *,
   num_workers: Sequence[int] | None = None,
   allow_foreign_branches: bool = False,
+  merge: MergeOperator | None = None,
 ) -> list[SynthesisResult]:
   """`synthesize` for N problems in one compiled program (a benchmark's cache modes).
 
@@ -316,14 +325,16 @@ def synthesize_batch(
 
   Args:
     num_workers: K per problem as the mapper sees it (default: each one's branch count).
+    merge: the `MergeOperator` instead of `mapper` (as in `synthesize`).
   """
+  op = resolve(mapper, merge)
   if len(branches_list) != len(synth_prompts) or not branches_list:
     raise ValueError(
       f"need one prompt per problem, got {len(branches_list)} and {len(synth_prompts)}"
     )
   for b in branches_list:
     check_branches(lm, b, allow_foreign_branches)
-  check_adapters(lm, mapper, lora)
+  check_adapters(lm, op, lora)
   ks = [b.num_branches for b in branches_list] if num_workers is None else list(num_workers)
   for b, k in zip(branches_list, ks, strict=True):
     check_num_workers(b, k)
@@ -335,7 +346,7 @@ def synthesize_batch(
   spec, batch, _ = lm.prepare([list(p) for p in synth_prompts], max_new_tokens, sampling, lora=lora)
   lengths = np.asarray(stacked.lengths)
   rows = decode.bucket(int(lengths.sum(axis=1).max()))
-  longest = int(np.asarray(stacked.span).max())
+  longest = max(int(np.asarray(op.start(b))) for b in branches_list)
   if longest + batch.tokens.shape[1] + max_new_tokens > lm.config.max_position_embeddings:
     raise ValueError(
       "longest branch + synthesizer prompt + max_new_tokens exceed max_position_embeddings"
@@ -348,7 +359,7 @@ def synthesize_batch(
     jnp.asarray(batch.tokens),
     jnp.asarray(batch.positions),
     jnp.asarray(batch.mask),
-    mapper,
+    op,
     lora,
     jax.random.key(seed),
     spec,
@@ -387,9 +398,9 @@ def _run(lm, program, fused, spec, lora, n_prompt, stages, first_only=False) -> 
   return SynthesisResult(tokens, text, ttft, total, n_prompt, stages)
 
 
-def _profile_cache_path(lm, branches, mapper, rows, capacity) -> dict[str, float]:
+def _profile_cache_path(lm, branches, op, rows, capacity) -> dict[str, float]:
   t0 = time.perf_counter()
-  jax.block_until_ready(_jit_merge(branches, lm.config, mapper, rows, capacity))
+  jax.block_until_ready(_jit_merge(lm.params, branches, op, rows, capacity))
   return {"reencode_map_merge": time.perf_counter() - t0}
 
 
@@ -402,7 +413,7 @@ def latent_hidden(
   branches: Branches,  # leading batch axis B over examples: [B, K, ...]
   tokens: jax.Array,  # [B, T] right-padded synthesizer tokens
   mask: jax.Array,  # [B, T]
-  mapper: Mapper | None,
+  mapper: Mapper | MergeOperator | None,  # a mapper: the paper's operator, Reencode(mapper)
   lora,
   rows: int,
   num_workers: jax.Array | None = None,  # [B], K per example (default: K)
@@ -411,12 +422,13 @@ def latent_hidden(
 ) -> jax.Array:
   """Final hidden states [B, T, D] of the synthesizer over merged branch caches."""
   b, t = tokens.shape
+  op = resolve(mapper)
   if num_workers is None:
     num_workers = jnp.full((b,), branches.lengths.shape[1])
 
   def one(br, nw):
-    cache = merge(br, params.config, mapper, rows, rows + t, nw)
-    return jax.tree.map(lambda x: x[0] if x.ndim else x, cache), synth_start_position(br)
+    cache = op.merge(params, br, rows=rows, capacity=rows + t, num_workers=nw)
+    return jax.tree.map(lambda x: x[0] if x.ndim else x, cache), op.start(br)
 
   # The merge keeps only its (bfloat16) inputs for the backward when remat is on, not its
   # float32 working copies of every branch row.
@@ -428,9 +440,9 @@ def latent_hidden(
 
 
 @functools.partial(jax.jit, static_argnames=("rows",))
-def _synthesis_logits(params, branches, tokens, mapper, lora, rows):
+def _synthesis_logits(params, branches, tokens, op, lora, rows):
   batched = jax.tree.map(lambda x: x[None], branches)
-  x = latent_hidden(params, batched, tokens, jnp.ones(tokens.shape, bool), mapper, lora, rows)
+  x = latent_hidden(params, batched, tokens, jnp.ones(tokens.shape, bool), op, lora, rows)
   return unembed(params, x, lora)[0]
 
 
@@ -441,12 +453,15 @@ def synthesis_logits(
   mapper=None,
   lora=None,
   allow_foreign_branches: bool = False,
+  merge: MergeOperator | None = None,
 ):
-  """Logits [T, V] over the synthesizer prompt tokens, reading the merged branch caches."""
+  """Logits [T, V] over the synthesizer prompt tokens, reading the merged branch caches
+  (`merge`: a `MergeOperator` instead of `mapper`, as in `synthesize`)."""
+  op = resolve(mapper, merge)
   check_branches(lm, branches, allow_foreign_branches)
-  check_adapters(lm, mapper, lora)
+  check_adapters(lm, op, lora)
   if len(synth_prompt) == 0:
     raise ValueError("the synthesizer prompt is empty")
   tokens = jnp.asarray([list(synth_prompt)], jnp.int32)
   lm.check_ids(tokens, lora)
-  return _synthesis_logits(lm.params, branches, tokens, mapper, lora, branch_rows(branches))
+  return _synthesis_logits(lm.params, branches, tokens, op, lora, branch_rows(branches))

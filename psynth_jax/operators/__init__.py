@@ -1,0 +1,9 @@
+"""Merge operators (`base.py` has the interface); importing this package registers each."""
+
+from psynth_jax.operators import reencode, sequential
+from psynth_jax.operators.base import MergeOperator, create, names, register
+from psynth_jax.operators.reencode import Reencode, resolve
+from psynth_jax.operators.sequential import Sequential
+
+__all__ = ["MergeOperator", "Reencode", "Sequential", "create", "names", "register", "resolve"]
+del reencode, sequential
