@@ -4,7 +4,8 @@
    (`cache.positions`); rotating them by -offsets[i] moves every row of branch i
    by the same amount, so that every branch starts at the same branching point.
    RoPE rotations compose, so this equals recomputing the keys at the new
-   positions (up to float rounding). Values are untouched.
+   positions (up to float rounding). Values are untouched. Each layer rotates
+   with its own RoPE table (Gemma 3's local and global bases differ).
    * single-turn branches (`Branches.spans` None): rows sit at offsets[i] + t,
      so they land at t in [0, len_i);
    * multi-turn branches (`spans` set, `psynth_jax.agents.memory`): each row
@@ -36,15 +37,18 @@ from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.rope import apply_rope, inv_frequencies
 
 
-def reencode(k: jax.Array, offsets: jax.Array, config: ModelConfig) -> jax.Array:
-  """Rotates keys [K, S, G, H] by -offsets [K] (every row of branch i alike)."""
+def reencode(
+  k: jax.Array, offsets: jax.Array, config: ModelConfig, layer: int | None = None
+) -> jax.Array:
+  """Rotates keys [K, S, G, H] by -offsets [K] (every row of branch i alike), with
+  `layer`'s own RoPE table (Gemma 3: local and global layers differ; None: the global)."""
   shift = jnp.broadcast_to(-offsets[:, None], k.shape[:2])
-  return apply_rope(k, shift, inv_frequencies(config))
+  return apply_rope(k, shift, inv_frequencies(config, layer))
 
 
 def mapped_branch_kv(branches, config: ModelConfig, mapper: Mapper | None, num_workers=None):
   """Re-encoded and mapped branch keys/values: two tuples of L x [K, S, G, H]."""
-  k = tuple(reencode(kl, branches.offsets, config) for kl in branches.cache.k)
+  k = tuple(reencode(kl, branches.offsets, config, i) for i, kl in enumerate(branches.cache.k))
   v = branches.cache.v
   if mapper is not None and not mapper.is_identity:
     check_mapper(mapper, config.num_layers)

@@ -1,7 +1,8 @@
 """Helpers for tests and benchmarks (like gemma's `gm.testing`): tiny random models.
 
 * `tiny_config`: the tests' small Llama (2 layers, GQA 4/2, head 8, vocab 64),
-  with any field replaced;
+  with any field replaced; `GEMMA3_TINY` / `tiny_gemma3_config`: a small Gemma 3
+  (4 layers, local and global, window 5, two RoPE bases) as an HF config dict and ours;
 * `random_params`: our weights for any `ModelConfig`, drawn with numpy (cheap
   to build; compiling jax's initialisers costs more than a tiny test), with
   norm scales and biases away from their 1 / 0 init so that they matter.
@@ -46,6 +47,38 @@ def tiny_config(**overrides) -> ModelConfig:
   return TINY.replace(**overrides)
 
 
+# The tests' Gemma 3 in the v5 schema (as Gemma3TextConfig(...).to_dict() writes it):
+# local and global layers, a window shorter than the test sequences, two RoPE bases with
+# the global one linearly scaled, and an attention scalar that is not head_dim.
+GEMMA3_TINY = {
+  "model_type": "gemma3_text",
+  "vocab_size": 96,
+  "hidden_size": 64,
+  "intermediate_size": 112,
+  "num_hidden_layers": 4,
+  "num_attention_heads": 4,
+  "num_key_value_heads": 2,
+  "head_dim": 16,
+  "max_position_embeddings": 256,
+  "sliding_window": 5,
+  "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+  "query_pre_attn_scalar": 24,
+  "rope_parameters": {
+    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+  },
+  "final_logit_softcapping": None,
+  "attn_logit_softcapping": None,
+  "initializer_range": 0.05,
+  "eos_token_id": None,  # transformers' generate runs its full length
+}
+
+
+def tiny_gemma3_config(**overrides) -> ModelConfig:
+  """`GEMMA3_TINY` as our config, with `overrides` (ModelConfig fields)."""
+  return ModelConfig.from_hf(GEMMA3_TINY).replace(**overrides)
+
+
 BPE_CORPUS = [
   "def add(a, b):\n    return a + b\n",
   "The quick brown fox jumps over the lazy dog. Don't panic!",
@@ -82,14 +115,16 @@ _FAN_IN_FIRST = ("q", "k", "v", "gate", "up", "lm_head")
 
 
 def random_params(config: ModelConfig, seed: int = 0) -> Params:
-  """Random weights: fan-in scaled projections, norm scales ~1 +- 0.3, biases ~0 +- 0.3."""
+  """Random weights: fan-in scaled projections, norm scales ~1 +- 0.3 (Gemma's (1 + w)
+  norms: w ~0 +- 0.3), biases ~0 +- 0.3."""
   rng = np.random.default_rng(seed)
   arrays = {}
+  norm_center = 0.0 if config.norm_plus_one else 1.0
   for path, var in nnx.to_flat_state(abstract_params(config).state):
     name = ".".join(str(p) for p in path)
     shape = var.shape
     if name.endswith("scale"):
-      a = 1.0 + 0.3 * rng.standard_normal(shape)
+      a = norm_center + 0.3 * rng.standard_normal(shape)
     elif name.endswith("bias"):
       a = 0.3 * rng.standard_normal(shape)
     elif name == "embed.embedding":

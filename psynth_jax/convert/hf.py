@@ -122,6 +122,17 @@ QK_NORM: NameTable = {
 }
 
 
+# Gemma 2/3: four norms per layer. HF's post_attention_layernorm is the attention
+# *output* norm here (in Llama it is the pre-MLP norm): the table says which is which.
+GEMMA_LAYER: NameTable = {
+  "attn_norm.scale": ("input_layernorm.weight", keep_vector),
+  "post_attn_norm.scale": ("post_attention_layernorm.weight", keep_vector),
+  "mlp_norm.scale": ("pre_feedforward_layernorm.weight", keep_vector),
+  "post_mlp_norm.scale": ("post_feedforward_layernorm.weight", keep_vector),
+  **{k: v for k, v in LLAMA_LAYER.items() if not k.endswith("norm.scale")},
+}
+
+
 def _no_attention_bias(c: ModelConfig) -> None:
   # In Llama/Mistral/Qwen3, attention_bias=True also biases o_proj, which we lack.
   if c.qkv_bias:
@@ -147,12 +158,71 @@ def qwen3_table(c: ModelConfig) -> NameTable:
   return _full_table(c, {**LLAMA_LAYER, **QK_NORM})
 
 
+def gemma2_table(c: ModelConfig) -> NameTable:
+  """Gemma 2: pre- and post-norms around attention and MLP."""
+  return _full_table(c, GEMMA_LAYER)
+
+
+def gemma3_table(c: ModelConfig) -> NameTable:
+  """Gemma 3: Gemma 2's names plus per-head q/k RMSNorm."""
+  return _full_table(c, {**GEMMA_LAYER, **QK_NORM})
+
+
 FAMILY_TABLES: dict[str, Callable[[ModelConfig], NameTable]] = {
   "llama": llama_table,
   "mistral": llama_table,
   "qwen2": qwen2_table,
   "qwen3": qwen3_table,
+  "gemma2": gemma2_table,
+  "gemma3_text": gemma3_table,
 }
+
+# A multimodal `gemma3` checkpoint (Gemma3ForConditionalGeneration) nests the text model:
+# saved files name it language_model.model.* (transformers' v4 layout, which v5 still
+# writes), a v5 model in memory model.language_model.*. Only the text part is read; the
+# vision tower and projector are left out by name.
+TEXT_MODEL_PREFIXES = ("language_model.model.", "model.language_model.")
+TEXT_HEADS = ("language_model.lm_head.weight", "lm_head.weight")
+VISION_PREFIXES = (
+  "vision_tower.",
+  "multi_modal_projector.",
+  "model.vision_tower.",
+  "model.multi_modal_projector.",
+)
+
+
+class TextModelState(Mapping):
+  """A multimodal checkpoint's text-model tensors under their text-only HF names."""
+
+  def __init__(self, state: Mapping[str, np.ndarray], prefix: str):
+    self.state = state
+    self.names = {}  # text-only name -> name in `state`
+    for name in state:
+      if name.startswith(prefix):
+        self.names["model." + name[len(prefix) :]] = name
+      elif name in TEXT_HEADS:
+        self.names["lm_head.weight"] = name
+      elif not name.startswith(VISION_PREFIXES):
+        self.names[name] = name  # neither text nor vision: reported as left over
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self.state[self.names[name]]
+
+  def __iter__(self):
+    return iter(self.names)
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+
+def text_model_state(config: ModelConfig, state: Mapping[str, np.ndarray]) -> Mapping:
+  """`state` itself, or for a multimodal Gemma 3 checkpoint its text model's tensors."""
+  if config.model_type != "gemma3_text":
+    return state
+  for prefix in TEXT_MODEL_PREFIXES:
+    if any(name.startswith(prefix) for name in state):
+      return TextModelState(state, prefix)
+  return state
 
 
 def _full_table(c: ModelConfig, layer: NameTable) -> NameTable:
@@ -201,6 +271,7 @@ def hf_state_to_flat(
     ValueError: an HF tensor has the wrong shape (names it), when it is read.
   """
   table = name_table(config)
+  state = text_model_state(config, state)
   missing = sorted(theirs for theirs, _ in table.values() if theirs not in state)
   used = {theirs for theirs, _ in table.values()}
   leftover = sorted(k for k in state if k not in used and not _ignorable(k, config))

@@ -1,4 +1,5 @@
-"""Grouped-query attention with RoPE, optional qkv bias, q/k RMSNorm and LoRA.
+"""Grouped-query attention with RoPE, optional qkv bias, q/k RMSNorm, Gemma's scale and
+score soft-cap, and LoRA.
 
 Queries attend over the layer's cache rows: row s is visible to a query
 written at row r iff `valid[s]` and s <= r (see `psynth_jax.kv_cache`).
@@ -52,8 +53,9 @@ class Attention(nnx.Module):
       self.k_bias = nnx.Param(jnp.zeros((g, h), dtype), axes=("kv_heads", "head_dim"))
       self.v_bias = nnx.Param(jnp.zeros((g, h), dtype), axes=("kv_heads", "head_dim"))
     if config.qk_norm:
-      self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype, "head_dim")
-      self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype, "head_dim")
+      plus_one = config.norm_plus_one
+      self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype, "head_dim", plus_one)
+      self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype, "head_dim", plus_one)
 
   def _project(self, x, name: str, lora: LoRALayer | None) -> jax.Array:
     w = getattr(self, name)[...]  # [D, heads, H]
@@ -95,7 +97,10 @@ class Attention(nnx.Module):
 
     b, t, n, h = q.shape
     g = cfg.num_kv_heads
-    out = attention(q.reshape(b, t, g, n // g, h), k, v, key_mask, impl).reshape(b, t, n, h)
+    # None keeps the default H**-0.5 (the same program as before Gemma's scalar existed).
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.attention_scale()
+    q = q.reshape(b, t, g, n // g, h)
+    out = attention(q, k, v, key_mask, impl, scale, cfg.attn_softcap).reshape(b, t, n, h)
 
     y = jnp.einsum("BTNH,NHD->BTD", out, self.o[...])
     if lora is not None and (delta := lora.delta("o", out.reshape(b, t, n * h))) is not None:

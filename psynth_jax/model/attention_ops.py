@@ -1,8 +1,10 @@
 """Grouped-query softmax attention, one entry point and its implementations.
 
-`attention(q, k, v, key_mask, impl)` takes q [B, T, G, Q, H] (Q query heads per kv head),
-k, v [B, S, G, H] and key_mask [B, T, S] (True: the query may see the key) and returns
-[B, T, G, Q, H]. The implementations compute the same function:
+`attention(q, k, v, key_mask, impl, scale, softcap)` takes q [B, T, G, Q, H] (Q query
+heads per kv head), k, v [B, S, G, H] and key_mask [B, T, S] (True: the query may see the
+key) and returns [B, T, G, Q, H]. Scores are q.k * scale (default H**-0.5), then, with a
+`softcap` (Gemma 2), softcap * tanh(scores / softcap). The implementations compute the
+same function:
 
 * "dense": one [Q*T, S] float32 score matrix per (batch, kv head). Fastest for short
   rows and for decode (T = 1); its memory grows with T x S.
@@ -11,8 +13,9 @@ k, v [B, S, G, H] and key_mask [B, T, S] (True: the query may see the key) and r
   cache's unwritten capacity), and the backward pass recomputes each block's scores
   instead of keeping them.
 * "cudnn": `jax.nn.dot_product_attention` with cuDNN's fused kernel (GPU, bf16/fp16).
-* "auto": cuDNN on a GPU where it applies, else dense up to `DENSE_MAX_SCORES` scores
-  per (batch, kv head) and blocked beyond.
+* "auto": cuDNN on a GPU where it applies (no soft-cap: `jax.nn.dot_product_attention`
+  has none), else dense up to `DENSE_MAX_SCORES` scores per (batch, kv head) and
+  blocked beyond.
 
 A query that sees no key at all (a padding token) gets the mean of the values in
 "dense" and an undefined but finite output elsewhere: nothing reads it.
@@ -48,41 +51,52 @@ def check_impl(impl: str) -> str:
   return impl
 
 
-def attention(q, k, v, key_mask, impl: str = "auto") -> jax.Array:
+def attention(q, k, v, key_mask, impl: str = "auto", scale=None, softcap=None) -> jax.Array:
   """Softmax attention of q [B, T, G, Q, H] over k, v [B, S, G, H] -> [B, T, G, Q, H]."""
-  impl = resolve(check_impl(impl), q.shape, k.shape[1], q.dtype)
+  impl = resolve(check_impl(impl), q.shape, k.shape[1], q.dtype, softcap)
   if impl == "dense":
-    return dense_attention(q, k, v, key_mask)
+    return dense_attention(q, k, v, key_mask, scale, softcap)
   if impl == "blocked":
-    return blocked_attention(q, k, v, key_mask)
-  return cudnn_attention(q, k, v, key_mask)
+    return blocked_attention(q, k, v, key_mask, scale=scale, softcap=softcap)
+  if softcap is not None:
+    raise ValueError("attention impl 'cudnn' has no soft-capping; use 'blocked' or 'dense'")
+  return cudnn_attention(q, k, v, key_mask, scale)
 
 
-def resolve(impl: str, q_shape, rows: int, dtype) -> str:
+def resolve(impl: str, q_shape, rows: int, dtype, softcap=None) -> str:
   """The implementation "auto" stands for for q of `q_shape` over `rows` keys here."""
   if impl != "auto":
     return impl
-  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+  gpu_dtype = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  if jax.default_backend() == "gpu" and gpu_dtype and softcap is None:
     return "cudnn"
   _, t, _, qh, _ = q_shape
   return "blocked" if qh * t * rows > DENSE_MAX_SCORES else "dense"
 
 
-def dense_attention(q, k, v, key_mask) -> jax.Array:
+def _scores(logits, h: int, scale, softcap):
+  """Raw float32 q.k products -> scaled (and soft-capped) scores."""
+  logits = logits * (h**-0.5 if scale is None else scale)
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
+  return logits
+
+
+def dense_attention(q, k, v, key_mask, scale=None, softcap=None) -> jax.Array:
   """The reference: the Q query heads that share a kv head are folded with T into one
   matmul dimension M = Q*T, one [M, H] x [H, S] product per (batch, kv head); on CPU
   2-4x faster than a 5-D einsum, and k/v are never copied per query head."""
   b, t, g, qh, h = q.shape
   q = q.transpose(0, 2, 3, 1, 4).reshape(b, g, qh * t, h)  # [B, G, M, H]
   logits = jnp.einsum("BGMH,BSGH->BGMS", q, k, preferred_element_type=jnp.float32)
-  logits = logits.reshape(b, g, qh, t, -1) * (h**-0.5)
+  logits = _scores(logits.reshape(b, g, qh, t, -1), h, scale, softcap)
   logits = jnp.where(key_mask[:, None, None], logits, _MASKED)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, g, qh * t, -1)
   out = jnp.einsum("BGMS,BSGH->BGMH", probs, v)
   return out.reshape(b, g, qh, t, h).transpose(0, 3, 1, 2, 4)
 
 
-def blocked_attention(q, k, v, key_mask, block: int = BLOCK) -> jax.Array:
+def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap=None):
   """Online softmax over key blocks (flash attention's recurrence, in plain XLA).
 
   Per block: scores of all queries against its keys, a running row maximum m, a
@@ -109,19 +123,19 @@ def blocked_attention(q, k, v, key_mask, block: int = BLOCK) -> jax.Array:
   def update(carry, kc, vc, mc):
     m, l, acc = carry  # [B, G, Q, T], [B, G, Q, T], [B, G, Q, T, H] float32
     logits = jnp.einsum("BGMH,BCGH->BGMC", qf, kc, preferred_element_type=jnp.float32)
-    logits = logits.reshape(b, g, qh, t, c) * (h**-0.5)
+    logits = _scores(logits.reshape(b, g, qh, t, c), h, scale, softcap)
     logits = jnp.where(mc[:, None, None], logits, _MASKED)
     m_new = jnp.maximum(m, logits.max(-1))
     p = jnp.exp(logits - m_new[..., None])
-    scale = jnp.exp(m - m_new)
+    rescale = jnp.exp(m - m_new)
     pv = jnp.einsum(
       "BGMC,BCGH->BGMH",
       p.astype(v.dtype).reshape(b, g, qh * t, c),
       vc,
       preferred_element_type=jnp.float32,
     )
-    acc = acc * scale[..., None] + pv.reshape(b, g, qh, t, h)
-    return m_new, l * scale + p.sum(-1), acc
+    acc = acc * rescale[..., None] + pv.reshape(b, g, qh, t, h)
+    return m_new, l * rescale + p.sum(-1), acc
 
   @jax.checkpoint
   def step(carry, blk):
@@ -139,7 +153,7 @@ def blocked_attention(q, k, v, key_mask, block: int = BLOCK) -> jax.Array:
   return out.astype(v.dtype).transpose(0, 3, 1, 2, 4)
 
 
-def cudnn_attention(q, k, v, key_mask) -> jax.Array:
+def cudnn_attention(q, k, v, key_mask, scale=None) -> jax.Array:
   """cuDNN's fused attention through `jax.nn.dot_product_attention` (GPU only)."""
   if jax.default_backend() != "gpu":
     raise ValueError(
@@ -152,6 +166,7 @@ def cudnn_attention(q, k, v, key_mask) -> jax.Array:
     k,
     v,
     mask=key_mask[:, None],
+    scale=scale,
     implementation="cudnn",
   )
   return out.reshape(b, t, g, qh, h)

@@ -1,10 +1,12 @@
-"""Small building blocks: RMSNorm, token embedding, SwiGLU MLP.
+"""Small building blocks: RMSNorm, token embedding, gated MLP (SwiGLU or GeGLU).
 
 Every parameter carries logical axis names in its `axes` metadata; the rules
 that map them onto a device mesh live in `psynth_jax.sharding`.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +24,23 @@ def param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) * scale, computed in float32 (as Llama/Qwen do)."""
+  """x / rms(x) * scale, computed in float32 (as Llama/Qwen do).
 
-  def __init__(self, dim: int, eps: float, dtype, axis_name: str = "embed"):
-    self.scale = nnx.Param(jnp.ones((dim,), dtype), axes=(axis_name,))
+  `plus_one` (Gemma): the stored weight w is an offset, the scale is (1 + w), and the
+  product is taken in float32 before the cast (HF's Gemma order; Llama casts first).
+  """
+
+  def __init__(self, dim: int, eps: float, dtype, axis_name: str = "embed", plus_one=False):
+    init = jnp.zeros if plus_one else jnp.ones  # the identity either way
+    self.scale = nnx.Param(init((dim,), dtype), axes=(axis_name,))
     self.eps = eps
+    self.plus_one = plus_one
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:
+      return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
     # HF casts back to the input dtype before the weight multiply.
     return x32.astype(x.dtype) * self.scale[...]
 
@@ -41,24 +51,31 @@ class Embed(nnx.Module):
     self.embedding = param(
       rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype, 0.02
     )
+    # Gemma: sqrt(D) rounded to the parameter dtype first (HF: sqrt(640) is 25.25 in bf16).
+    self.multiplier = math.sqrt(config.hidden_size) if config.embed_scale else None
 
   def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-    return jnp.take(self.embedding[...], tokens, axis=0)
+    x = jnp.take(self.embedding[...], tokens, axis=0)
+    if self.multiplier is not None:
+      x = x * jnp.asarray(self.multiplier, x.dtype)
+    return x
 
   def attend(self, x: jax.Array) -> jax.Array:  # tied head: [B, T, D] -> [B, T, V]
     return jnp.einsum("BTD,VD->BTV", x, self.embedding[...])
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """SwiGLU: down(silu(gate(x)) * up(x)); GeGLU (Gemma): gelu, tanh approximation."""
 
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     d, f, dtype = config.hidden_size, config.intermediate_size, jnp.dtype(config.dtype)
     self.gate = param(rngs, (d, f), ("embed", "mlp"), dtype)
     self.up = param(rngs, (d, f), ("embed", "mlp"), dtype)
     self.down = param(rngs, (f, d), ("mlp", "embed"), dtype)
+    self.gelu = config.mlp_activation == "gelu_tanh"
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
     gate = jnp.einsum("BTD,DF->BTF", x, self.gate[...])
     up = jnp.einsum("BTD,DF->BTF", x, self.up[...])
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down[...])
+    act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+    return jnp.einsum("BTF,FD->BTD", act * up, self.down[...])

@@ -4,6 +4,10 @@ A head vector x of size H is split into halves (x1, x2); frequency j rotates the
 pair (x1[j], x2[j]) by angle position * inv_freq[j]. Rotations compose, so
 `apply_rope(apply_rope(x, p), q) == apply_rope(x, p + q)` for any real p, q:
 the cache mapper re-encodes keys by rotating with a negative offset.
+
+A model may use more than one table (Gemma 3: local layers one base, global layers
+another): `layer_inv_frequencies` gives each layer its own, and both the forward
+and the re-encoding (`psynth_jax.merge`) rotate a layer's keys with that table.
 """
 
 from __future__ import annotations
@@ -16,9 +20,15 @@ import numpy as np
 from psynth_jax.model.config import ModelConfig
 
 
-def inv_frequencies(config: ModelConfig) -> np.ndarray:
-  """Per-pair inverse frequencies [H/2] (float64 numpy, folded into the jit)."""
+def inv_frequencies(config: ModelConfig, layer: int | None = None) -> np.ndarray:
+  """Per-pair inverse frequencies [H/2] (float64 numpy, folded into the jit).
+
+  `layer`: that layer's table (a sliding layer of a two-base model has the local base,
+  unscaled); None: the global table, which every layer of a one-base model uses.
+  """
   dim = config.head_dim
+  if layer is not None and config.rope_local_theta is not None and config.is_sliding(layer):
+    return 1.0 / (config.rope_local_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
   inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
   scaling = config.rope_scaling
   if scaling is None:
@@ -38,6 +48,11 @@ def inv_frequencies(config: ModelConfig) -> np.ndarray:
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(is_medium, smoothed, scaled)
   raise ValueError(f"unknown RoPE scaling {scaling.kind!r}")
+
+
+def layer_inv_frequencies(config: ModelConfig) -> tuple[np.ndarray, ...]:
+  """Every layer's table, `inv_frequencies(config, l)` for l in [0, L)."""
+  return tuple(inv_frequencies(config, layer) for layer in range(config.num_layers))
 
 
 def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:

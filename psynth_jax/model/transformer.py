@@ -26,23 +26,36 @@ from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.layers import MLP, Embed, RMSNorm, param
 from psynth_jax.model.lora import mask_vocab
 from psynth_jax.model.remat import remat_layer
-from psynth_jax.model.rope import inv_frequencies
+from psynth_jax.model.rope import layer_inv_frequencies
 
 
 class Block(nnx.Module):
+  """Pre-norm attention and MLP sublayers; with `post_norms` (Gemma) each sublayer's
+  output is normed again before the residual add."""
+
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.dtype)
-    self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+    d, eps, plus_one = config.hidden_size, config.rms_norm_eps, config.norm_plus_one
+    self.attn_norm = RMSNorm(d, eps, dtype, plus_one=plus_one)
     self.attn = Attention(config, rngs)
-    self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+    self.mlp_norm = RMSNorm(d, eps, dtype, plus_one=plus_one)
     self.mlp = MLP(config, rngs)
+    if config.post_norms:
+      self.post_attn_norm = RMSNorm(d, eps, dtype, plus_one=plus_one)
+      self.post_mlp_norm = RMSNorm(d, eps, dtype, plus_one=plus_one)
+    self.post_norms = config.post_norms
 
   def __call__(self, x, positions, inv_freq, cache_kv, index, key_mask, lora, impl="auto"):
     h, new_kv = self.attn(
       self.attn_norm(x), positions, inv_freq, cache_kv, index, key_mask, lora, impl
     )
+    if self.post_norms:
+      h = self.post_attn_norm(h)
     x = x + h
-    return x + self.mlp(self.mlp_norm(x)), new_kv
+    h = self.mlp(self.mlp_norm(x))
+    if self.post_norms:
+      h = self.post_mlp_norm(h)
+    return x + h, new_kv
 
 
 class Transformer(nnx.Module):
@@ -50,7 +63,12 @@ class Transformer(nnx.Module):
     self.config = config
     self.embed = Embed(config, rngs)
     self.layers = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
-    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, jnp.dtype(config.dtype))
+    self.final_norm = RMSNorm(
+      config.hidden_size,
+      config.rms_norm_eps,
+      jnp.dtype(config.dtype),
+      plus_one=config.norm_plus_one,
+    )
     if not config.tie_word_embeddings:
       self.lm_head = param(
         rngs,
@@ -64,7 +82,10 @@ class Transformer(nnx.Module):
       logits = self.embed.attend(x)
     else:
       logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...])
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if (cap := self.config.final_softcap) is not None:  # Gemma 2
+      logits = cap * jnp.tanh(logits / cap)
+    return logits
 
 
 @struct.dataclass
@@ -101,8 +122,9 @@ class Params:
 
 
 def config_digest(config: ModelConfig) -> str:
-  """8 hex digits of every config field (RoPE theta and scaling included)."""
-  text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  """8 hex digits of every config field (RoPE theta and scaling included; Gemma-era fields
+  only where they differ from their defaults, `ModelConfig.digest_dict`)."""
+  text = json.dumps(config.digest_dict(), sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
@@ -195,7 +217,7 @@ def hidden_states(
   b, t = tokens.shape
   if mask is None:
     mask = jnp.ones((b, t), bool)
-  inv_freq = inv_frequencies(config)
+  inv_freqs = layer_inv_frequencies(config)
 
   if cache is None:
     index = None
@@ -212,10 +234,14 @@ def hidden_states(
     key_rows = jnp.arange(cache.capacity)  # [S]
     key_mask = valid[:, None, :] & (key_rows[None, :] <= query_rows[:, None])[None]
     key_positions = positions_all
-  if config.sliding_window is not None:
-    # Mistral-style window over positions: a query sees keys less than `window` back.
+  # A window is over positions, not rows: a query sees keys less than `window` positions
+  # back, so over a merged cache it follows the re-encoded branch positions. One mask per
+  # distinct window (Gemma: local layers windowed, global layers not).
+  windows = {config.window(i) for i in range(config.num_layers)} - {None}
+  key_masks = {None: key_mask}
+  if windows:
     distance = positions[:, :, None] - key_positions[:, None, :]  # [B, T, S]
-    key_mask = key_mask & (distance < config.sliding_window)
+    key_masks.update({w: key_mask & (distance < w) for w in windows})
 
   impl = check_impl(params.attention)
   lora_layers = None if lora is None else lora.layers(lora_rng)
@@ -227,8 +253,9 @@ def hidden_states(
       cache_kv = tuple(params.constrain(c[i], sharding.CACHE_AXES) for c in (cache.k, cache.v))
     layer_lora = None if lora_layers is None else lora_layers[i]
 
-    def layer(x, cache_kv, block=block, layer_lora=layer_lora):
-      return block(x, positions, inv_freq, cache_kv, index, key_mask, layer_lora, impl)
+    def layer(x, cache_kv, block=block, layer_lora=layer_lora, i=i):
+      key_mask = key_masks[config.window(i)]
+      return block(x, positions, inv_freqs[i], cache_kv, index, key_mask, layer_lora, impl)
 
     x, kv = remat_layer(layer, remat)(x, cache_kv)
     x = params.constrain(x, sharding.ACTIVATION_AXES)
