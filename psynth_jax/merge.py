@@ -81,21 +81,14 @@ def merge(
     (single-turn), or each row's stored position - offsets[i] (multi-turn).
   """
   k, v = mapped_branch_kv(branches, config, mapper, num_workers)
-  lengths = branches.lengths
-  starts = jnp.cumsum(lengths) - lengths  # [K]
-  total = lengths.sum()
-  r = jnp.arange(rows)
-  branch = jnp.clip(jnp.searchsorted(jnp.cumsum(lengths), r, side="right"), 0, lengths.shape[0] - 1)
-  local = jnp.clip(r - starts[branch], 0, branches.capacity - 1)  # [rows]
-  valid = r < total
+  branch, local, valid = packed_rows(branches.lengths, rows, branches.capacity)
   if branches.spans is None:
     position = local
   else:
     position = branches.cache.positions[branch, local] - branches.offsets[branch]
 
   def gather(x):  # [K, S, G, H] -> [1, capacity, G, H]
-    packed = x[branch, local]
-    return jnp.pad(packed, ((0, capacity - rows), (0, 0), (0, 0)))[None]
+    return jnp.pad(x[branch, local], ((0, capacity - rows), (0, 0), (0, 0)))[None]
 
   return KVCache(
     k=tuple(gather(kl) for kl in k),
@@ -104,6 +97,26 @@ def merge(
     valid=jnp.pad(valid, (0, capacity - rows))[None],
     index=jnp.asarray(rows, jnp.int32),
   )
+
+
+def packed_rows(lengths: jax.Array, rows: int, capacity: int):
+  """Where merged row r comes from: (branch [rows], row within it [rows], valid [rows]).
+
+  The valid rows of all branches are packed in branch order; rows past sum_i len_i
+  are invalid (their indices point at a real row, to stay in bounds).
+  """
+  starts = jnp.cumsum(lengths) - lengths  # [K]
+  total = lengths.sum()
+  r = jnp.arange(rows)
+  branch = jnp.clip(jnp.searchsorted(jnp.cumsum(lengths), r, side="right"), 0, lengths.shape[0] - 1)
+  local = jnp.clip(r - starts[branch], 0, capacity - 1)
+  return branch, local, r < total
+
+
+def packed(x: jax.Array, lengths: jax.Array, rows: int) -> jax.Array:
+  """Per-branch rows x [K, S, ...] (e.g. `Branches.tokens`) -> merged [1, rows, ...]."""
+  branch, local, _ = packed_rows(lengths, rows, x.shape[1])
+  return x[branch, local][None]
 
 
 def synth_start_position(branches) -> jax.Array:

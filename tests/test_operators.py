@@ -5,6 +5,9 @@
 * `sequential`: branch i's merged keys equal a fresh prefill of its tokens at
   positions sum_{j<i} len_j + t; the synthesizer starts at sum_i len_i; one branch
   is the shared-start path; a batch equals each problem alone.
+* `recompute`: fraction 0 is the paper's path; 1 is a forward of the concatenated
+  branch tokens at the PS positions; in between, the chosen rows are the top layer-1
+  deviations and equal a token-by-token recompute over the cache path.
 * Bad input: unknown names, both `mapper=` and `merge=`, a mapper of another depth.
 """
 
@@ -13,11 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from psynth_jax import merge as merge_lib
 from psynth_jax import operators
+from psynth_jax.eval.ttft import prefill_flops
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.language_model import LanguageModel
 from psynth_jax.mapper import Mapper
-from psynth_jax.model.transformer import hidden_states
+from psynth_jax.model.transformer import forward, hidden_states
+from psynth_jax.operators.recompute import recompute_slots
 from psynth_jax.operators.reencode import ROPE_FLOPS
 from psynth_jax.synthesis import synthesis_logits, synthesize, synthesize_batch
 from psynth_jax.testing import random_params, tiny_config
@@ -140,3 +146,100 @@ def test_bad_operators_are_refused(lm, branches):
     synthesize(lm, branches, PROMPT, max_new_tokens=NEW, merge=deep)
   with pytest.raises(ValueError, match="already registered"):
     operators.register("reencode")(type("Again", (), {}))
+
+
+# ---------------------------------------------------------------- selective recompute
+ROWS = 32  # the bucket of the 20 branch tokens
+PS_POSITIONS = np.concatenate([np.arange(len(t)) for t in TEXTS])
+CONCAT = sum(TEXTS, [])
+
+
+def paper_cache(lm, branches, capacity):
+  return operators.create("reencode", CONFIG).merge(
+    lm.params, branches, rows=ROWS, capacity=capacity
+  )
+
+
+def fresh_cache(lm, tokens, positions):
+  """Keys/values of a causal forward over `tokens` at `positions` (one sequence)."""
+  n = len(tokens)
+  _, cache = hidden_states(
+    lm.params, jnp.asarray([tokens]), jnp.asarray([positions]), KVCache.empty(CONFIG, 1, n)
+  )
+  return cache
+
+
+def test_recompute_nothing_is_the_paper_path(lm, branches):
+  op = operators.create("recompute", CONFIG, fraction=0.0)
+  got = op.merge(lm.params, branches, rows=ROWS, capacity=40)
+  for a, b in zip(
+    jax.tree.leaves(got), jax.tree.leaves(paper_cache(lm, branches, 40)), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert op.flops(CONFIG, branches) == operators.create("reencode", CONFIG).flops(CONFIG, branches)
+
+
+def test_recompute_everything_is_the_concatenated_forward(lm, branches):
+  op = operators.create("recompute", CONFIG, fraction=1.0)
+  got = op.merge(lm.params, branches, rows=ROWS, capacity=40)
+  want = fresh_cache(lm, CONCAT, PS_POSITIONS)
+  n = len(CONCAT)
+  for layer in range(CONFIG.num_layers):
+    np.testing.assert_allclose(got.k[layer][0, :n], want.k[layer][0], atol=ATOL)
+    np.testing.assert_allclose(got.v[layer][0, :n], want.v[layer][0], atol=ATOL)
+  np.testing.assert_array_equal(np.asarray(got.positions[0, :n]), PS_POSITIONS)
+  # The synthesizer over it == one forward of [branch tokens, prompt] at the PS positions.
+  start = max(map(len, TEXTS))
+  positions = np.concatenate([PS_POSITIONS, start + np.arange(len(PROMPT))])
+  full = forward(lm.params, jnp.asarray([CONCAT + PROMPT]), jnp.asarray([positions]))[0][0]
+  np.testing.assert_allclose(logits(lm, branches, merge=op), full[n:], atol=1e-4)
+  # Order-dependent, as documented: another branch order is another context.
+  assert not np.allclose(
+    logits(lm, branches, merge=op), logits(lm, branches.take([2, 0, 1]), merge=op)
+  )
+
+
+def test_recompute_a_fraction_equals_token_by_token_recompute(lm, branches):
+  """Each chosen row, in merged order, recomputed over the rows before it (reused or
+  already recomputed) by the plain cache path; the other rows are reused untouched."""
+  op = operators.create("recompute", CONFIG, fraction=0.3)
+  slots = recompute_slots(0.3, ROWS)
+  work = paper_cache(lm, branches, ROWS + slots)
+  tokens = merge_lib.packed(branches.tokens, branches.lengths, ROWS)[0]
+  chosen, use = op.selected(lm.params, work, tokens, ROWS)
+  chosen = [int(c) for c, u in zip(np.asarray(chosen), np.asarray(use), strict=True) if u]
+  assert len(chosen) == int(np.ceil(0.3 * len(CONCAT))) and chosen == sorted(chosen)
+  # The selection: the largest layer-1 key + value deviation of a causal forward.
+  fresh = fresh_cache(lm, CONCAT, PS_POSITIONS)
+  paper = paper_cache(lm, branches, ROWS)
+  n = len(CONCAT)
+  dev = sum(
+    ((np.asarray(f[1][0]) - np.asarray(p[1][0, :n])) ** 2).sum(axis=(1, 2))
+    for f, p in ((fresh.k, paper.k), (fresh.v, paper.v))
+  )
+  assert set(chosen) == set(np.argsort(-dev)[: len(chosen)].tolist())
+  ref = paper
+  for r in chosen:
+    ctx = ref.replace(valid=ref.valid & (jnp.arange(ROWS) < r)[None], index=jnp.asarray(r))
+    token, position = jnp.asarray([[CONCAT[r]]]), jnp.asarray([[PS_POSITIONS[r]]])
+    _, new = hidden_states(lm.params, token, position, ctx)
+    ref = ref.replace(
+      k=tuple(a.at[0, r].set(b[0, r]) for a, b in zip(ref.k, new.k, strict=True)),
+      v=tuple(a.at[0, r].set(b[0, r]) for a, b in zip(ref.v, new.v, strict=True)),
+    )
+  got = op.merge(lm.params, branches, rows=ROWS, capacity=ROWS)
+  for layer in range(CONFIG.num_layers):
+    np.testing.assert_allclose(got.k[layer][0], ref.k[layer][0], atol=ATOL)
+    np.testing.assert_allclose(got.v[layer][0], ref.v[layer][0], atol=ATOL)
+  np.testing.assert_array_equal(np.asarray(got.valid), np.asarray(paper.valid))
+  # FLOPs: more tokens, more work; everything = the rotation + one forward of every token.
+  cost = {
+    f: operators.create("recompute", CONFIG, fraction=f).flops(CONFIG, branches)
+    for f in (0.15, 0.3, 1.0)
+  }
+  assert cost[0.15] < cost[0.3] == op.flops(CONFIG, branches)
+  head = 2 * CONFIG.hidden_size * CONFIG.vocab_size
+  rotate = operators.create("reencode", CONFIG).flops(CONFIG, branches)
+  assert cost[1.0] == rotate + prefill_flops(CONFIG, len(CONCAT), 0) - head
+  with pytest.raises(ValueError, match="fraction"):
+    operators.create("recompute", CONFIG, fraction=1.5)

@@ -203,6 +203,9 @@ def hidden_states(
   lora=None,
   lora_rng: jax.Array | None = None,
   remat: str = "none",
+  *,
+  row_order: jax.Array | None = None,  # [B, S] int, with a cache: causal order of its rows
+  num_layers: int | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
   """Runs the decoder stack; returns final-normed hidden states [B, T, D] and the cache.
 
@@ -211,6 +214,12 @@ def hidden_states(
   each other only. `lora` is a `psynth_jax.model.lora.LoRAWeights` (or None);
   `lora_rng` turns on its dropout. `remat` names what each layer keeps for a
   backward pass (`psynth_jax.model.remat.POLICIES`; it changes no value).
+
+  Two options for cache operators (`psynth_jax.operators.recompute`):
+  `row_order` replaces the row index as the causal order (a row sees valid rows
+  whose order is <= its own), so tokens written after the cache's rows can sit
+  between them; `num_layers` runs only the first layers (their cache only, hidden
+  states not final-normed).
   """
   model = params.module()
   config = params.config
@@ -230,9 +239,13 @@ def hidden_states(
       cache.positions, positions.astype(jnp.int32), (0, index)
     )
     valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
-    query_rows = index + jnp.arange(t)  # [T]
-    key_rows = jnp.arange(cache.capacity)  # [S]
-    key_mask = valid[:, None, :] & (key_rows[None, :] <= query_rows[:, None])[None]
+    if row_order is None:
+      query_rows = index + jnp.arange(t)  # [T]
+      key_rows = jnp.arange(cache.capacity)  # [S]
+      key_mask = valid[:, None, :] & (key_rows[None, :] <= query_rows[:, None])[None]
+    else:
+      query_order = jax.lax.dynamic_slice_in_dim(row_order, index, t, axis=1)  # [B, T]
+      key_mask = valid[:, None, :] & (row_order[:, None, :] <= query_order[:, :, None])
     key_positions = positions_all
   # A window is over positions, not rows: a query sees keys less than `window` positions
   # back, so over a merged cache it follows the re-encoded branch positions. One mask per
@@ -248,6 +261,8 @@ def hidden_states(
   x = params.constrain(model.embed(tokens), sharding.ACTIVATION_AXES)
   new_k, new_v = [], []
   for i, block in enumerate(model.layers):
+    if num_layers is not None and i == num_layers:
+      break
     cache_kv = None
     if cache is not None:
       cache_kv = tuple(params.constrain(c[i], sharding.CACHE_AXES) for c in (cache.k, cache.v))
@@ -262,7 +277,8 @@ def hidden_states(
     if kv is not None:
       new_k.append(params.constrain(kv[0], sharding.CACHE_AXES))
       new_v.append(params.constrain(kv[1], sharding.CACHE_AXES))
-  x = model.final_norm(x)
+  if num_layers is None:
+    x = model.final_norm(x)
 
   if cache is not None:
     cache = KVCache(

@@ -1,9 +1,19 @@
 """Merge operators (`base.py` has the interface); importing this package registers each."""
 
-from psynth_jax.operators import reencode, sequential
+from psynth_jax.operators import recompute, reencode, sequential
 from psynth_jax.operators.base import MergeOperator, create, names, register
+from psynth_jax.operators.recompute import Recompute
 from psynth_jax.operators.reencode import Reencode, resolve
 from psynth_jax.operators.sequential import Sequential
 
-__all__ = ["MergeOperator", "Reencode", "Sequential", "create", "names", "register", "resolve"]
-del reencode, sequential
+__all__ = [
+  "MergeOperator",
+  "Recompute",
+  "Reencode",
+  "Sequential",
+  "create",
+  "names",
+  "register",
+  "resolve",
+]
+del recompute, reencode, sequential
