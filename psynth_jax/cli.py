@@ -197,7 +197,8 @@ def _load_config(spec: str, overrides):
 
 
 def _cache_modes(args, config, lm):
-  """The naive merge (unless turned off) and one mode per `--adapter NAME=FOLDER`."""
+  """The naive merge (unless turned off), one mode per `--adapter NAME=FOLDER` and one
+  per `--operator SPEC` (recorded in run.json as "operator:SPEC")."""
   from psynth_jax.convert.release import load_adapter
   from psynth_jax.eval import workflow
   from psynth_jax.eval.demo import parse_adapters
@@ -207,6 +208,15 @@ def _cache_modes(args, config, lm):
   for name, folder in adapters.items():
     mapper, lora = load_adapter(folder, lm)
     modes.append(workflow.CacheMode(name, mapper=mapper, lora=lora))
+  for spec in getattr(args, "operator", None) or ():
+    try:
+      mode = workflow.operator_mode(spec, lm.config)
+    except ValueError as e:
+      raise SystemExit(f"--operator {spec}: {e}") from None
+    if mode.name in adapters or mode.name in [m.name for m in modes]:
+      raise SystemExit(f"--operator {spec}: mode {mode.name!r} is already given")
+    modes.append(mode)
+    adapters[mode.name] = f"operator:{spec}"
   return modes, adapters
 
 
@@ -373,6 +383,13 @@ def main(argv=None) -> None:
     action="append",
     metavar="NAME=FOLDER",
     help="also run mode NAME with this adapter (trainer export, PEFT or release folder); repeatable",
+  )
+  p.add_argument(
+    "--operator",
+    action="append",
+    metavar="NAME[:KEY=VALUE,...]",
+    help="also run a training-free merge operator (psynth_jax.operators), e.g. sequential or"
+    " recompute:fraction=0.15; repeatable",
   )
   p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
   p.add_argument("--rescore", action="store_true", help="recompute scores from the records")

@@ -123,6 +123,27 @@ def test_a_mesh_in_the_config_shards_the_run_and_changes_no_record(setup, tmp_pa
   ]
 
 
+def test_merge_operators_run_as_modes_on_the_recorded_workers(setup, tmp_path):
+  """`--operator`: a training-free operator answers from the same worker outputs; recompute
+  of nothing is the naive merge, and a spec is bound to its mode name in run.json."""
+  root, data, _ = setup
+  model = ["--model", str(root / "model"), "--limit", "2"]
+  ops = ["--operator", "recompute:fraction=0", "--operator", "sequential"]
+  summary, rows = _eval(root, data, tmp_path, *model, *ops)
+  assert list(summary["modes"])[-2:] == ["recompute/0", "sequential"]
+  modes = {(r["id"], r["mode"]): r["prediction"] for r in rows if r["kind"] == "mode"}
+  for pid in ("p1", "p2"):
+    assert modes[(pid, "recompute/0")] == modes[(pid, "naive_merge")]
+  run = json.loads((tmp_path / harness.RUN).read_text())
+  assert run["adapters"]["sequential"] == "operator:sequential"
+  with pytest.raises(SystemExit, match="KEY=VALUE"):
+    _eval(root, data, tmp_path, *model, "--operator", "recompute:0.3")
+  with pytest.raises(SystemExit, match="unknown merge operator"):
+    _eval(root, data, tmp_path, *model, "--operator", "blend")
+  with pytest.raises(SystemExit, match="fracton"):
+    _eval(root, data, tmp_path, *model, "--operator", "recompute:fracton=0.3")
+
+
 def test_bad_config_overrides_and_adapters_are_refused(setup, tmp_path):
   root, data, _ = setup
   with pytest.raises(SystemExit, match="KEY=VALUE"):

@@ -103,6 +103,11 @@ def evaluate_agents(
   Args: as `psynth_jax.eval.harness.evaluate`; `batch_episodes` episodes' workers (and
   single agents) share one batched session (database episodes: one at a time).
   """
+  if any(isinstance(m, workflow.CacheMode) and m.operator is not None for m in modes):
+    raise NotImplementedError(
+      "agent sessions merge with the paper's operator (a mapper); other merge operators"
+      " (psynth_jax.operators) are not wired into CacheSession"
+    )
   from tqdm.auto import tqdm
 
   info = {

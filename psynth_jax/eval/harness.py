@@ -249,10 +249,11 @@ def _answers(lm, task, mode, problems, workers, caches, settings, batch_problems
     lm,
     [caches[p.id] for p in problems],
     ids,
-    mode.mapper,
+    None,
     mode.lora,
     settings.answer_tokens,
     num_workers=[len(o) for o in outputs],
+    merge=mode.merge,
   )
 
 

@@ -32,8 +32,10 @@ import statistics
 import time
 from collections.abc import Sequence
 
+from psynth_jax import operators
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.lora import LoRAWeights
+from psynth_jax.operators import MergeOperator, resolve
 from psynth_jax.synthesis import synthesize, synthesize_text
 from psynth_jax.tasks import Problem, Task, base
 from psynth_jax.workers import Branches, run_workers
@@ -45,11 +47,47 @@ NAIVE_MERGE = "naive_merge"
 
 @dataclasses.dataclass(frozen=True)
 class CacheMode:
-  """A synthesis mode that reads branch caches: a mapper (None: identity) and a LoRA."""
+  """A synthesis mode that reads branch caches: a mapper (None: identity) or another
+  merge operator (`psynth_jax.operators`), and a LoRA."""
 
   name: str
   mapper: Mapper | None = None
   lora: LoRAWeights | None = None
+  operator: MergeOperator | None = None
+
+  def __post_init__(self):
+    resolve(self.mapper, self.operator)  # refuses both at once
+
+  @property
+  def merge(self) -> MergeOperator:
+    """The mode's merge operator (the paper's `Reencode(mapper)` unless `operator`)."""
+    return resolve(self.mapper, self.operator)
+
+
+def operator_mode(spec: str, config) -> CacheMode:
+  """A training-free operator mode from "NAME" or "NAME:KEY=VALUE,..." (`psynth eval
+  --operator`), e.g. "sequential" or "recompute:fraction=0.15"; named by the operator."""
+  name, _, opts = spec.partition(":")
+  options = {}
+  for item in filter(None, opts.split(",")):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"operator option {item!r} in {spec!r} is not KEY=VALUE")
+    options[key.strip()] = _number(value.strip())
+  try:
+    op = operators.create(name.strip(), config, **options)
+  except TypeError as e:  # an option the operator does not take
+    raise ValueError(f"operator {spec!r}: {e}") from None
+  return CacheMode(op.name, operator=op)
+
+
+def _number(text: str):
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
 
 
 def cache_modes(
@@ -149,12 +187,13 @@ def answer(lm, task, mode, problem, outputs, branches, max_new_tokens, first_tok
       lm,
       branches,
       ids,
-      mode.mapper,
+      None,
       mode.lora,
       max_new_tokens,
       num_workers=len(outputs),
       rows=rows,
       first_token_only=first_token_only,
+      merge=mode.merge,
     )
   result.stages["tokenize"] = tokenize_s
   return result
@@ -353,7 +392,9 @@ def ttft_by_length(
       return synthesize_text(lm, text_ids, max_new_tokens).ttft_s
 
     def cache_path(branches=branches):
-      return synthesize(lm, branches, synth_ids, mode.mapper, mode.lora, max_new_tokens).ttft_s
+      return synthesize(
+        lm, branches, synth_ids, lora=mode.lora, max_new_tokens=max_new_tokens, merge=mode.merge
+      ).ttft_s
 
     text_path(), cache_path()  # compile
     text_s = statistics.median(text_path() for _ in range(repeats))
