@@ -5,7 +5,8 @@
   layer, local and global, each with its own RoPE table (the global table would be
   wrong on the local layers); single-table families re-encode exactly as before (bit
   for bit) and keep their config digests.
-* One branch prefilled at shifted positions, via cache, equals the same tokens via text;
+* One branch prefilled at shifted positions, via cache, equals the same tokens via text
+  (Gemma 3, and Gemma 2 with its soft-caps);
   over a merged cache the local layers' window follows the re-encoded positions (a
   hand-built cache through the plain forward), and branch order does not matter.
 """
@@ -133,10 +134,19 @@ PROMPT = [30, 31, 2, 17, 44, 6]
 TEXTS = [[4, 8, 15, 16, 23], [42, 1, 2, 3, 5, 8, 13, 21, 34, 55, 7, 7], [9, 60, 11]]
 
 
-def test_one_shifted_branch_via_cache_equals_the_same_tokens_via_text(lm):
+# Gemma 2 on the same shapes: one RoPE table, soft-capped scores and logits, no q/k norm.
+GEMMA2 = CONFIG.replace(
+  model_type="gemma2", qk_norm=False, rope_local_theta=None, attn_softcap=1.5, final_softcap=2.0
+)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_one_shifted_branch_via_cache_equals_the_same_tokens_via_text(lm, family):
   """A branch prefilled alone at positions 300..311 (window 5), re-encoded to 0..11 and
   read by the synthesizer == its tokens followed by the prompt, as text from position 0
   (attention sees relative positions only, so the shift is all re-encoding must undo)."""
+  if family == "gemma2":
+    lm = LanguageModel(random_params(GEMMA2, seed=4), stop_ids=(), pad_id=0)
   text = TEXTS[1]
   n = len(text)
   positions = 300 + np.arange(n, dtype=np.int32)[None]
