@@ -10,6 +10,9 @@ H head dim.
   for rows not yet written).
 * `index`: scalar int32, the next row to write; shared by the batch (prompts
   of different lengths are left-padded so that they all end on the same row).
+* `bias`: None, or `[B, S]` float32 added to every query's attention score of
+  each row (a merge operator's reweighting of branch rows, `operators/ape.py`;
+  rows written later get 0).
 
 Attention over a cache uses the *row order* for causality (a query written at
 row r sees valid rows <= r) and `positions` only for RoPE. That is what lets
@@ -36,6 +39,7 @@ class KVCache:
   positions: jax.Array  # [B, S] int32
   valid: jax.Array  # [B, S] bool
   index: jax.Array  # [] int32, next row to write
+  bias: jax.Array | None = None  # [B, S] float32 score bias per row, or None (0)
 
   @classmethod
   def empty(cls, config: ModelConfig, batch: int, capacity: int) -> KVCache:

@@ -65,6 +65,25 @@ def test_blocked_equals_dense(kind, t, g, qh, s, dtype):
   np.testing.assert_allclose(got[seen], want[seen], atol=tol, rtol=0)
 
 
+def test_a_score_bias_is_added_to_every_query_of_its_key():
+  """bias [B, S]: blocked == dense == a plain float64 softmax with the bias added."""
+  rng = np.random.default_rng(5)
+  q, k, v = _qkv(rng, 2, 9, 2, 2, 16, 150, jnp.float32)
+  mask = jnp.asarray(_mask(rng, "merged", 2, 9, 150))
+  bias = jnp.asarray(rng.normal(size=(2, 150)), jnp.float32)
+  dense = np.asarray(dense_attention(q, k, v, mask, bias=bias))
+  blocked = np.asarray(blocked_attention(q, k, v, mask, block=64, bias=bias))
+  q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+  scores = np.einsum("btgqh,bsgh->btgqs", q64, k64) / 4.0 + np.asarray(bias)[:, None, None, None]
+  scores = np.where(np.asarray(mask)[:, :, None, None], scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  want = np.einsum("btgqs,bsgh->btgqh", probs / probs.sum(-1, keepdims=True), v64)
+  np.testing.assert_allclose(dense, want, atol=1e-5)
+  np.testing.assert_allclose(blocked, want, atol=1e-5)
+  with pytest.raises(ValueError, match="score bias"):
+    attention(q, k, v, mask, "cudnn", bias=bias)
+
+
 @pytest.mark.parametrize("kind", ["merged", "window"])
 def test_blocked_gradients_equal_dense(kind):
   rng = np.random.default_rng(3)

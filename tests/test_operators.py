@@ -8,6 +8,8 @@
 * `recompute`: fraction 0 is the paper's path; 1 is a forward of the concatenated
   branch tokens at the PS positions; in between, the chosen rows are the top layer-1
   deviations and equal a token-by-token recompute over the cache path.
+* `ape`: 1 / 1 is the paper's path; scale 2 weighs each branch row as two copies of
+  it (through the decode); temperature T is the branch keys divided by T.
 * Bad input: unknown names, both `mapper=` and `merge=`, a mapper of another depth.
 """
 
@@ -74,9 +76,12 @@ def test_reencode_is_the_mapper_shorthand(lm, branches):
   np.testing.assert_allclose(logits(lm, branches, merge=fresh), logits(lm, branches), atol=ATOL)
 
 
-@pytest.mark.parametrize("name", [n for n in operators.names()])
+NON_IDENTITY = {"ape": dict(temperature=0.7, scale=1.5)}  # settings that change the cache
+
+
+@pytest.mark.parametrize("name", operators.names())
 def test_order_free_operators_ignore_branch_order(lm, branches, name):
-  op = operators.create(name, CONFIG)
+  op = operators.create(name, CONFIG, **NON_IDENTITY.get(name, {}))
   if not op.order_free:
     pytest.skip(f"{name} is documented as order-dependent")
   op = op.replace(mapper=random_mapper(seed=1)) if hasattr(op, "mapper") else op
@@ -243,3 +248,32 @@ def test_recompute_a_fraction_equals_token_by_token_recompute(lm, branches):
   assert cost[1.0] == rotate + prefill_flops(CONFIG, len(CONCAT), 0) - head
   with pytest.raises(ValueError, match="fraction"):
     operators.create("recompute", CONFIG, fraction=1.5)
+
+
+# ---------------------------------------------------------------- APE
+def test_ape_at_one_is_the_paper_path(lm, branches):
+  op = operators.create("ape", CONFIG)
+  np.testing.assert_array_equal(logits(lm, branches, merge=op), logits(lm, branches))
+
+
+def test_ape_scale_weighs_a_row_like_copies_of_it(lm, branches):
+  """Scale 2 doubles every branch row's softmax weight: the same as each branch twice."""
+  op = operators.create("ape", CONFIG, scale=2.0)
+  twice = branches.take([0, 1, 2, 0, 1, 2])
+  np.testing.assert_allclose(logits(lm, branches, merge=op), logits(lm, twice), atol=ATOL)
+  # The bias stays with the branch rows through the whole decode.
+  a = synthesize(lm, branches, PROMPT, max_new_tokens=NEW, merge=op)
+  assert a.tokens == synthesize(lm, twice, PROMPT, max_new_tokens=NEW).tokens
+
+
+def test_ape_temperature_divides_the_branch_scores(lm, branches):
+  """Temperature T == the branch keys divided by T at the source (RoPE is linear)."""
+  op = operators.create("ape", CONFIG, temperature=0.5)
+  cooler = branches.replace(
+    cache=branches.cache.replace(k=tuple(k / 0.5 for k in branches.cache.k))
+  )
+  np.testing.assert_allclose(logits(lm, branches, merge=op), logits(lm, cooler), atol=1e-4)
+  assert op.name == "ape/t0.5_s1" and op.flops(CONFIG, branches) > 0
+  for bad in (dict(temperature=0.0), dict(scale=-1.0), dict(scale=float("nan"))):
+    with pytest.raises(ValueError, match="positive"):
+      operators.create("ape", CONFIG, **bad)

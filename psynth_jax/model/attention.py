@@ -76,6 +76,7 @@ class Attention(nnx.Module):
     key_mask: jax.Array,  # [B, T, S] bool
     lora: LoRALayer | None = None,
     impl: str = "auto",  # psynth_jax.model.attention_ops.IMPLEMENTATIONS
+    key_bias: jax.Array | None = None,  # [B, S] float32 score bias per key row
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     cfg = self.config
     q = self._project(x, "q", lora)  # [B, T, N, H]
@@ -100,7 +101,8 @@ class Attention(nnx.Module):
     # None keeps the default H**-0.5 (the same program as before Gemma's scalar existed).
     scale = None if cfg.query_pre_attn_scalar is None else cfg.attention_scale()
     q = q.reshape(b, t, g, n // g, h)
-    out = attention(q, k, v, key_mask, impl, scale, cfg.attn_softcap).reshape(b, t, n, h)
+    out = attention(q, k, v, key_mask, impl, scale, cfg.attn_softcap, key_bias)
+    out = out.reshape(b, t, n, h)
 
     y = jnp.einsum("BTNH,NHD->BTD", out, self.o[...])
     if lora is not None and (delta := lora.delta("o", out.reshape(b, t, n * h))) is not None:

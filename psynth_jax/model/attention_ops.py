@@ -1,10 +1,10 @@
 """Grouped-query softmax attention, one entry point and its implementations.
 
-`attention(q, k, v, key_mask, impl, scale, softcap)` takes q [B, T, G, Q, H] (Q query
-heads per kv head), k, v [B, S, G, H] and key_mask [B, T, S] (True: the query may see the
-key) and returns [B, T, G, Q, H]. Scores are q.k * scale (default H**-0.5), then, with a
-`softcap` (Gemma 2), softcap * tanh(scores / softcap). The implementations compute the
-same function:
+`attention(q, k, v, key_mask, impl, scale, softcap, bias)` takes q [B, T, G, Q, H] (Q
+query heads per kv head), k, v [B, S, G, H] and key_mask [B, T, S] (True: the query may see
+the key) and returns [B, T, G, Q, H]. Scores are q.k * scale (default H**-0.5), then, with a
+`softcap` (Gemma 2), softcap * tanh(scores / softcap), then + bias [B, S] (a per-key score
+bias, None: 0). The implementations compute the same function:
 
 * "dense": one [Q*T, S] float32 score matrix per (batch, kv head). Fastest for short
   rows and for decode (T = 1); its memory grows with T x S.
@@ -51,24 +51,28 @@ def check_impl(impl: str) -> str:
   return impl
 
 
-def attention(q, k, v, key_mask, impl: str = "auto", scale=None, softcap=None) -> jax.Array:
+def attention(
+  q, k, v, key_mask, impl: str = "auto", scale=None, softcap=None, bias=None
+) -> jax.Array:
   """Softmax attention of q [B, T, G, Q, H] over k, v [B, S, G, H] -> [B, T, G, Q, H]."""
-  impl = resolve(check_impl(impl), q.shape, k.shape[1], q.dtype, softcap)
+  impl = resolve(check_impl(impl), q.shape, k.shape[1], q.dtype, softcap, bias)
   if impl == "dense":
-    return dense_attention(q, k, v, key_mask, scale, softcap)
+    return dense_attention(q, k, v, key_mask, scale, softcap, bias)
   if impl == "blocked":
-    return blocked_attention(q, k, v, key_mask, scale=scale, softcap=softcap)
-  if softcap is not None:
-    raise ValueError("attention impl 'cudnn' has no soft-capping; use 'blocked' or 'dense'")
+    return blocked_attention(q, k, v, key_mask, scale=scale, softcap=softcap, bias=bias)
+  if softcap is not None or bias is not None:
+    raise ValueError(
+      "attention impl 'cudnn' has no soft-capping or score bias here; use 'blocked' or 'dense'"
+    )
   return cudnn_attention(q, k, v, key_mask, scale)
 
 
-def resolve(impl: str, q_shape, rows: int, dtype, softcap=None) -> str:
+def resolve(impl: str, q_shape, rows: int, dtype, softcap=None, bias=None) -> str:
   """The implementation "auto" stands for for q of `q_shape` over `rows` keys here."""
   if impl != "auto":
     return impl
   gpu_dtype = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  if jax.default_backend() == "gpu" and gpu_dtype and softcap is None:
+  if jax.default_backend() == "gpu" and gpu_dtype and softcap is None and bias is None:
     return "cudnn"
   _, t, _, qh, _ = q_shape
   return "blocked" if qh * t * rows > DENSE_MAX_SCORES else "dense"
@@ -82,21 +86,26 @@ def _scores(logits, h: int, scale, softcap):
   return logits
 
 
-def dense_attention(q, k, v, key_mask, scale=None, softcap=None) -> jax.Array:
+def _biased(logits, bias):
+  """Scores [B, G, Q, T, S] + a per-key bias [B, S] (None: unchanged)."""
+  return logits if bias is None else logits + bias[:, None, None, None, :]
+
+
+def dense_attention(q, k, v, key_mask, scale=None, softcap=None, bias=None) -> jax.Array:
   """The reference: the Q query heads that share a kv head are folded with T into one
   matmul dimension M = Q*T, one [M, H] x [H, S] product per (batch, kv head); on CPU
   2-4x faster than a 5-D einsum, and k/v are never copied per query head."""
   b, t, g, qh, h = q.shape
   q = q.transpose(0, 2, 3, 1, 4).reshape(b, g, qh * t, h)  # [B, G, M, H]
   logits = jnp.einsum("BGMH,BSGH->BGMS", q, k, preferred_element_type=jnp.float32)
-  logits = _scores(logits.reshape(b, g, qh, t, -1), h, scale, softcap)
+  logits = _biased(_scores(logits.reshape(b, g, qh, t, -1), h, scale, softcap), bias)
   logits = jnp.where(key_mask[:, None, None], logits, _MASKED)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, g, qh * t, -1)
   out = jnp.einsum("BGMS,BSGH->BGMH", probs, v)
   return out.reshape(b, g, qh, t, h).transpose(0, 3, 1, 2, 4)
 
 
-def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap=None):
+def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap=None, bias=None):
   """Online softmax over key blocks (flash attention's recurrence, in plain XLA).
 
   Per block: scores of all queries against its keys, a running row maximum m, a
@@ -113,17 +122,19 @@ def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap
     k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
     key_mask = jnp.pad(key_mask, ((0, 0), (0, 0), (0, pad)))
+    bias = None if bias is None else jnp.pad(bias, ((0, 0), (0, pad)))
   qf = q.transpose(0, 2, 3, 1, 4).reshape(b, g, qh * t, h)
   blocks = (
     k.reshape(b, nb, c, g, h).swapaxes(0, 1),  # [nb, B, C, G, H]
     v.reshape(b, nb, c, g, h).swapaxes(0, 1),
     key_mask.reshape(b, t, nb, c).transpose(2, 0, 1, 3),  # [nb, B, T, C]
+    None if bias is None else bias.reshape(b, nb, c).swapaxes(0, 1),  # [nb, B, C]
   )
 
-  def update(carry, kc, vc, mc):
+  def update(carry, kc, vc, mc, bc):
     m, l, acc = carry  # [B, G, Q, T], [B, G, Q, T], [B, G, Q, T, H] float32
     logits = jnp.einsum("BGMH,BCGH->BGMC", qf, kc, preferred_element_type=jnp.float32)
-    logits = _scores(logits.reshape(b, g, qh, t, c), h, scale, softcap)
+    logits = _biased(_scores(logits.reshape(b, g, qh, t, c), h, scale, softcap), bc)
     logits = jnp.where(mc[:, None, None], logits, _MASKED)
     m_new = jnp.maximum(m, logits.max(-1))
     p = jnp.exp(logits - m_new[..., None])
@@ -139,8 +150,8 @@ def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap
 
   @jax.checkpoint
   def step(carry, blk):
-    kc, vc, mc = blk
-    carry = jax.lax.cond(mc.any(), lambda cr: update(cr, kc, vc, mc), lambda cr: cr, carry)
+    kc, vc, mc, bc = blk
+    carry = jax.lax.cond(mc.any(), lambda cr: update(cr, kc, vc, mc, bc), lambda cr: cr, carry)
     return carry, None
 
   init = (

@@ -45,9 +45,11 @@ class Block(nnx.Module):
       self.post_mlp_norm = RMSNorm(d, eps, dtype, plus_one=plus_one)
     self.post_norms = config.post_norms
 
-  def __call__(self, x, positions, inv_freq, cache_kv, index, key_mask, lora, impl="auto"):
+  def __call__(
+    self, x, positions, inv_freq, cache_kv, index, key_mask, lora, impl="auto", key_bias=None
+  ):
     h, new_kv = self.attn(
-      self.attn_norm(x), positions, inv_freq, cache_kv, index, key_mask, lora, impl
+      self.attn_norm(x), positions, inv_freq, cache_kv, index, key_mask, lora, impl, key_bias
     )
     if self.post_norms:
       h = self.post_attn_norm(h)
@@ -228,6 +230,7 @@ def hidden_states(
     mask = jnp.ones((b, t), bool)
   inv_freqs = layer_inv_frequencies(config)
 
+  key_bias = None
   if cache is None:
     index = None
     rows = jnp.arange(t)
@@ -239,6 +242,10 @@ def hidden_states(
       cache.positions, positions.astype(jnp.int32), (0, index)
     )
     valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
+    if cache.bias is not None:  # the rows written now carry no bias
+      key_bias = jax.lax.dynamic_update_slice(
+        cache.bias, jnp.zeros((b, t), jnp.float32), (0, index)
+      )
     if row_order is None:
       query_rows = index + jnp.arange(t)  # [T]
       key_rows = jnp.arange(cache.capacity)  # [S]
@@ -270,7 +277,9 @@ def hidden_states(
 
     def layer(x, cache_kv, block=block, layer_lora=layer_lora, i=i):
       key_mask = key_masks[config.window(i)]
-      return block(x, positions, inv_freqs[i], cache_kv, index, key_mask, layer_lora, impl)
+      return block(
+        x, positions, inv_freqs[i], cache_kv, index, key_mask, layer_lora, impl, key_bias
+      )
 
     x, kv = remat_layer(layer, remat)(x, cache_kv)
     x = params.constrain(x, sharding.ACTIVATION_AXES)
@@ -282,7 +291,12 @@ def hidden_states(
 
   if cache is not None:
     cache = KVCache(
-      k=tuple(new_k), v=tuple(new_v), positions=positions_all, valid=valid, index=index + t
+      k=tuple(new_k),
+      v=tuple(new_v),
+      positions=positions_all,
+      valid=valid,
+      index=index + t,
+      bias=key_bias,
     )
   return x, cache
 

@@ -1,12 +1,14 @@
 """Merge operators (`base.py` has the interface); importing this package registers each."""
 
-from psynth_jax.operators import recompute, reencode, sequential
+from psynth_jax.operators import ape, recompute, reencode, sequential
+from psynth_jax.operators.ape import APE
 from psynth_jax.operators.base import MergeOperator, create, names, register
 from psynth_jax.operators.recompute import Recompute
 from psynth_jax.operators.reencode import Reencode, resolve
 from psynth_jax.operators.sequential import Sequential
 
 __all__ = [
+  "APE",
   "MergeOperator",
   "Recompute",
   "Reencode",
@@ -16,4 +18,4 @@ __all__ = [
   "register",
   "resolve",
 ]
-del recompute, reencode, sequential
+del ape, recompute, reencode, sequential
