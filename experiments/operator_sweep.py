@@ -1,0 +1,164 @@
+"""Merge operators side by side on the synthetic suite: accuracy against counted FLOPs.
+
+  python experiments/operator_sweep.py --examples 300 --families tools \
+    --out results/operator_sweep/tools_300_seed2.json
+
+Fresh test examples (`--seed`, not the suite's evaluation seed 0), the shipped
+base model runs the workers once (greedy), then every mode answers from the same
+worker outputs (`workflow.run_workflow`): single agent, text synthesis, the naive
+merge, the shipped trained Parallel-Synthesis adapters, and the training-free
+operators (`psynth_jax.operators`): sequential positions, APE settings, selective
+recompute at several fractions, each alone and under the trained adapter (its
+mapper on the reused rows, its LoRA on the synthesizer). Per mode: accuracy per
+family with a 95 % interval, the paired difference to text synthesis (exact
+McNemar), and the counted FLOPs to the first token (the operator's merge + the
+synthesizer's prefill; text synthesis: its whole prefill), averaged over examples
+from the gold branches' shapes. TTFT is left out: it is a timing and belongs to an
+idle machine (`experiments/ttft_eval.py`, `bench_cache_path.py`). Writes JSON and
+a PNG (accuracy vs FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from psynth_jax import tasks
+from psynth_jax.eval import stats, workflow
+from psynth_jax.eval.shipped import load_synthetic_base, load_synthetic_modes
+from psynth_jax.eval.ttft import prefill_flops
+from psynth_jax.tasks import synthetic
+from psynth_jax.workers import encode_branches
+
+TRAINED = "parallel_synthesis/head_affine"  # the shipped adapter the combinations use
+OPERATORS = (
+  "sequential",
+  "ape:temperature=0.8",
+  "ape:scale=2",
+  "recompute:fraction=0.05",
+  "recompute:fraction=0.15",
+  "recompute:fraction=0.3",
+  "recompute:fraction=1",
+)
+UNDER_TRAINED = ("recompute:fraction=0.15", "recompute:fraction=0.3", "ape:temperature=0.8")
+
+
+def modes_to_run(lm) -> list[workflow.CacheMode]:
+  shipped = {m.name: m for m in load_synthetic_modes(lm.config)}
+  modes = [shipped[workflow.NAIVE_MERGE], shipped["parallel_synthesis/affine"], shipped[TRAINED]]
+  modes += [workflow.operator_mode(spec, lm.config) for spec in OPERATORS]
+  ps = shipped[TRAINED]
+  for spec in UNDER_TRAINED:
+    op = workflow.operator_mode(spec, lm.config).operator.replace(mapper=ps.mapper)
+    modes.append(workflow.CacheMode(f"{TRAINED}+{op.name}", lora=ps.lora, operator=op))
+  return modes
+
+
+def counted_flops(lm, task, problems, modes) -> dict[str, float]:
+  """Mean FLOPs to the first token per mode, from each problem's gold branch shapes."""
+  tok = lm.require_tokenizer()
+  c = lm.config
+  per_mode = {workflow.SINGLE_AGENT: [], workflow.TEXT_SYNTHESIS: []}
+  per_mode.update({m.name: [] for m in modes})
+  for p in problems:
+    outputs = list(p.meta["branches"])
+    ids = [tok.encode(synthetic.branch_as_output(b)) for b in outputs]
+    branches = encode_branches(lm, ids)
+    total = sum(map(len, ids))
+    for name in (workflow.SINGLE_AGENT, workflow.TEXT_SYNTHESIS):
+      prompt = workflow.prompt_ids(lm, task, name, p, outputs)[0]
+      per_mode[name].append(prefill_flops(c, len(prompt), 0))
+    synth = len(workflow.prompt_ids(lm, task, modes[0], p, outputs)[0])
+    for m in modes:
+      per_mode[m.name].append(m.merge.flops(c, branches) + prefill_flops(c, synth, total))
+  return {name: statistics.mean(v) for name, v in per_mode.items()}
+
+
+def summarize(records, names, families) -> dict:
+  text = [r.scores[workflow.TEXT_SYNTHESIS] for r in records]
+  out = {}
+  for name in names:
+    scores = [r.scores[name] for r in records]
+    n, hits = len(scores), sum(scores)
+    row = {
+      "accuracy": hits / n,
+      "interval": stats.wilson_interval(hits, n),
+      "families": workflow.accuracy(records, name, families),
+    }
+    if name != workflow.TEXT_SYNTHESIS:
+      row["vs_text"] = stats.mcnemar_exact(scores, text)
+    out[name] = row
+  return out
+
+
+def plot(summary: dict, flops: dict, path: Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for name, row in summary.items():
+    lo, hi = row["interval"]
+    acc = 100 * row["accuracy"]
+    yerr = [[acc - 100 * lo], [100 * hi - acc]]
+    ax.errorbar(flops[name], acc, yerr=yerr, fmt="o", capsize=3)
+    ax.annotate(name, (flops[name], acc), fontsize=7, xytext=(4, 2), textcoords="offset points")
+  ax.set_xscale("log")
+  ax.set_xlabel("FLOPs to the first token (counted, mean per example)")
+  ax.set_ylabel("accuracy, % (95 % interval)")
+  ax.set_title("merge operators on the synthetic suite (same worker outputs)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--examples", type=int, default=300)
+  parser.add_argument("--families", default="", help="comma-separated; default every family")
+  parser.add_argument("--seed", type=int, default=2, help="suite seed of the test examples")
+  parser.add_argument("--out", default="outputs/operator_sweep.json")
+  args = parser.parse_args()
+  t0 = time.perf_counter()
+  lm = load_synthetic_base()
+  task = tasks.get("synthetic")
+  families = [f for f in args.families.split(",") if f] or list(synthetic.FAMILIES)
+  examples = synthetic.generate("test", args.examples, args.seed, families=families)
+  problems = [ex.problem() for ex in examples]
+  modes = modes_to_run(lm)
+  records = workflow.run_workflow(lm, task, problems, modes)
+  names = workflow.mode_names(modes)
+  summary = summarize(records, names, families)
+  flops = counted_flops(lm, task, problems, modes)
+  print(f"\n{args.examples} test examples (seed {args.seed}), families {', '.join(families)}")
+  head = f"{'mode':<56}{'accuracy':>9}{'95% interval':>16}{'vs text p':>11}{'GFLOP':>9}"
+  print(head + "\n" + "-" * len(head))
+  for name in names:
+    row = summary[name]
+    lo, hi = row["interval"]
+    p = f"{row['vs_text']['p_value']:>11.3f}" if "vs_text" in row else f"{'-':>11}"
+    print(
+      f"{name:<56}{100 * row['accuracy']:>8.1f}% [{100 * lo:5.1f}, {100 * hi:5.1f}]{p}"
+      f"{flops[name] / 1e9:>9.3f}"
+    )
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  result = {
+    "examples": args.examples,
+    "seed": args.seed,
+    "families": families,
+    "summary": summary,
+    "flops": flops,
+    "seconds": time.perf_counter() - t0,
+  }
+  out.write_text(json.dumps(result, indent=1))
+  plot(summary, flops, out.with_suffix(".png"))
+  print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+  main()
