@@ -42,16 +42,22 @@ OPERATORS = (
   "recompute:fraction=0.15",
   "recompute:fraction=0.3",
   "recompute:fraction=1",
+  "reprefill",
 )
-UNDER_TRAINED = ("recompute:fraction=0.15", "recompute:fraction=0.3", "ape:temperature=0.8")
+UNDER_TRAINED = (
+  "recompute:fraction=0.15",
+  "recompute:fraction=0.3",
+  "ape:temperature=0.8",
+  "reprefill",
+)
 
 
-def modes_to_run(lm) -> list[workflow.CacheMode]:
+def modes_to_run(lm, specs=OPERATORS, under_trained=UNDER_TRAINED) -> list[workflow.CacheMode]:
   shipped = {m.name: m for m in load_synthetic_modes(lm.config)}
   modes = [shipped[workflow.NAIVE_MERGE], shipped["parallel_synthesis/affine"], shipped[TRAINED]]
-  modes += [workflow.operator_mode(spec, lm.config) for spec in OPERATORS]
+  modes += [workflow.operator_mode(spec, lm.config) for spec in specs]
   ps = shipped[TRAINED]
-  for spec in UNDER_TRAINED:
+  for spec in under_trained:
     op = workflow.operator_mode(spec, lm.config).operator.replace(mapper=ps.mapper)
     modes.append(workflow.CacheMode(f"{TRAINED}+{op.name}", lora=ps.lora, operator=op))
   return modes
@@ -121,6 +127,10 @@ def main():
   parser.add_argument("--examples", type=int, default=300)
   parser.add_argument("--families", default="", help="comma-separated; default every family")
   parser.add_argument("--seed", type=int, default=2, help="suite seed of the test examples")
+  parser.add_argument("--operators", default=";".join(OPERATORS), help="';'-separated specs")
+  parser.add_argument(
+    "--under-trained", default=";".join(UNDER_TRAINED), help="';'-separated specs, with PS"
+  )
   parser.add_argument("--out", default="outputs/operator_sweep.json")
   args = parser.parse_args()
   t0 = time.perf_counter()
@@ -129,7 +139,8 @@ def main():
   families = [f for f in args.families.split(",") if f] or list(synthetic.FAMILIES)
   examples = synthetic.generate("test", args.examples, args.seed, families=families)
   problems = [ex.problem() for ex in examples]
-  modes = modes_to_run(lm)
+  split = lambda text: [x for x in text.split(";") if x]  # noqa: E731
+  modes = modes_to_run(lm, split(args.operators), split(args.under_trained))
   records = workflow.run_workflow(lm, task, problems, modes)
   names = workflow.mode_names(modes)
   summary = summarize(records, names, families)

@@ -10,6 +10,7 @@
   deviations and equal a token-by-token recompute over the cache path.
 * `ape`: 1 / 1 is the paper's path; scale 2 weighs each branch row as two copies of
   it (through the decode); temperature T is the branch keys divided by T.
+* `reprefill`: worker-encoded branches re-prefilled == their outputs encoded alone.
 * Bad input: unknown names, both `mapper=` and `merge=`, a mapper of another depth.
 """
 
@@ -29,7 +30,7 @@ from psynth_jax.operators.recompute import recompute_slots
 from psynth_jax.operators.reencode import ROPE_FLOPS
 from psynth_jax.synthesis import synthesis_logits, synthesize, synthesize_batch
 from psynth_jax.testing import random_params, tiny_config
-from psynth_jax.workers import encode_branches
+from psynth_jax.workers import encode_branches, worker_branches
 
 CONFIG = tiny_config()
 TEXTS = [[4, 8, 15, 16, 23], [42, 1, 2, 3, 5, 8, 13, 21, 34, 55, 7, 7], [9, 60, 11]]
@@ -277,3 +278,20 @@ def test_ape_temperature_divides_the_branch_scores(lm, branches):
   for bad in (dict(temperature=0.0), dict(scale=-1.0), dict(scale=float("nan"))):
     with pytest.raises(ValueError, match="positive"):
       operators.create("ape", CONFIG, **bad)
+
+
+# ---------------------------------------------------------------- re-prefill
+def test_reprefill_drops_the_worker_prompt(lm):
+  """Worker rows (after a prompt) re-prefilled == the outputs encoded alone; branches
+  encoded alone are unchanged by it."""
+  prompts = [[50, 51, 52, 53], [54, 55], [56, 57, 58, 59, 60, 61]]
+  worker = worker_branches(lm, prompts, TEXTS)
+  alone = encode_branches(lm, TEXTS)
+  op = operators.create("reprefill", CONFIG)
+  want = logits(lm, alone)
+  np.testing.assert_allclose(logits(lm, worker, merge=op), want, atol=ATOL)
+  np.testing.assert_allclose(logits(lm, alone, merge=op), want, atol=ATOL)
+  assert not np.allclose(logits(lm, worker), want, atol=1e-3)  # the prompt did matter
+  assert op.flops(CONFIG, alone) > operators.create("reencode", CONFIG).flops(CONFIG, alone)
+  with pytest.raises(NotImplementedError, match="multi-turn"):
+    logits(lm, alone.with_spans(), merge=op)

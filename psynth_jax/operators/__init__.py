@@ -1,10 +1,11 @@
 """Merge operators (`base.py` has the interface); importing this package registers each."""
 
-from psynth_jax.operators import ape, recompute, reencode, sequential
+from psynth_jax.operators import ape, recompute, reencode, reprefill, sequential
 from psynth_jax.operators.ape import APE
 from psynth_jax.operators.base import MergeOperator, create, names, register
 from psynth_jax.operators.recompute import Recompute
 from psynth_jax.operators.reencode import Reencode, resolve
+from psynth_jax.operators.reprefill import Reprefill
 from psynth_jax.operators.sequential import Sequential
 
 __all__ = [
@@ -12,10 +13,11 @@ __all__ = [
   "MergeOperator",
   "Recompute",
   "Reencode",
+  "Reprefill",
   "Sequential",
   "create",
   "names",
   "register",
   "resolve",
 ]
-del ape, recompute, reencode, sequential
+del ape, recompute, reencode, reprefill, sequential
