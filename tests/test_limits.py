@@ -109,3 +109,26 @@ def test_attention_cost():
   full = limits.attention_cost(1, 2, 4, 2, 1, 8)
   assert full["flops"] == full["dense_flops"]
   assert limits.attention_cost(1, 2, 4, 2, 1, 8, offset=10)["flops"] == full["flops"]
+
+
+def test_rate_uses_the_given_probe():
+  calls = []
+  lim = limits.Limits(CONFIG, 1.0, WEIGHTS, probe=lambda *shape: calls.append(shape) or 7.0)
+  assert lim.rate(3) == 7.0 and lim.rate(3) == 7.0
+  assert calls == [(3, 16, 32, "float32")]  # [M, D] x [D, F] in the model's dtype, once
+
+
+def test_of_torch_counts_the_peers_own_bytes():
+  pytest.importorskip("transformers")
+  from psynth_jax.testing import tiny_llama_hf
+
+  hf = tiny_llama_hf()  # V = 512, D = 128, F = 384, 4 layers, 4 heads / 2 kv heads of 32, untied
+  d, kv, f = 128, 2 * 32, 384
+  layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d  # q, o; k, v; gate, up, down; two norms
+  config = ModelConfig("llama", 512, d, f, 4, 4, 2, 32, dtype="bfloat16")
+  lim = limits.Limits.of_torch(hf, config, 1.0)
+  # The gathered embedding is not read whole; the untied unembedding and the final norm are.
+  assert lim.weight_bytes == 4 * (4 * layer + d + 512 * d)
+  assert lim.config.dtype == "float32"  # the peer's own dtype, not the config's
+  assert lim.probe is limits.torch_matmul_gflops
+  assert limits.kv_row_bytes(lim.config) == 2 * 4 * kv * 4

@@ -22,14 +22,15 @@ stages run one after another add (`total`). The bytes are the weights it reads
 (`weight_read_bytes`, plus an adapter's) and the KV cache rows it must read
 and write; the FLOPs are `psynth_jax.eval.ttft.prefill_flops`'s count (matmuls
 and causal attention) per call. `attention_cost` is the same for one attention
-call alone.
+call alone. `Limits.of_torch` gives a transformers peer the same formula with
+its own bytes, dtype and matmul probe (oneDNN's rate, not XLA's).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -224,23 +225,42 @@ class Limits:
     bandwidth_gbps: `memory_bandwidth()["bandwidth_gbps"]`, measured in this run.
     weight_bytes: `weight_read_bytes` of the model's parameters.
     rates: {M: GFLOP/s} of the probes run so far.
+    probe: the matmul probe, `probe(m, k, n, dtype)` -> GFLOP/s (`matmul_gflops`;
+      `torch_matmul_gflops` for a transformers peer).
   """
 
   config: ModelConfig
   bandwidth_gbps: float
   weight_bytes: int
   rates: dict[int, float] = dataclasses.field(default_factory=dict)
+  probe: Callable[[int, int, int, str], float] = matmul_gflops
 
   @classmethod
   def of(cls, params: Params, bandwidth_gbps: float) -> Limits:
     return cls(params.config, bandwidth_gbps, weight_read_bytes(params))
+
+  @classmethod
+  def of_torch(cls, model, config: ModelConfig, bandwidth_gbps: float) -> Limits:
+    """The limits of a transformers peer of `config`'s model: the same formula, its own numbers.
+
+    Its bytes (`torch_weight_read_bytes`: call before adding adapters), its
+    parameters' dtype (the KV rows and the probe's dtype) and oneDNN's matmul
+    rate (`torch_matmul_gflops`), with `config`'s shapes.
+    """
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return cls(
+      dataclasses.replace(config, dtype=dtype),
+      bandwidth_gbps,
+      torch_weight_read_bytes(model),
+      probe=torch_matmul_gflops,
+    )
 
   def rate(self, m: int) -> float:
     """Matmul GFLOP/s at M = m rows (probed once per m)."""
     m = max(1, int(m))
     if m not in self.rates:
       c = self.config
-      self.rates[m] = matmul_gflops(m, c.hidden_size, c.intermediate_size, str(c.dtype))
+      self.rates[m] = self.probe(m, c.hidden_size, c.intermediate_size, str(c.dtype))
     return self.rates[m]
 
   def stage(self, nbytes: float, flops: float, m: int) -> dict:
