@@ -24,10 +24,18 @@ TTFT runs from "branch caches ready" to "first token on the host". Token ids
 are given directly to both paths (no tokenizer time on either side). The
 FLOP-limit ratio counts matmul and causal attention FLOPs of both prefills; the
 executed-FLOP ratio counts what our programs compute (`psynth_jax.eval.ttft`).
-Memory bandwidth and matmul GFLOP/s are measured in the same run; each row
-carries both paths' floors. Refuses to run on a loaded machine (1-minute load
-> 1.0 at the start) unless --force, which marks the JSON "forced": true.
-Writes JSON and a PNG plot.
+
+Limits measured in the same run sit next to each time (`psynth_jax.eval.limits`):
+each path's floor is its prefill's, max((weight bytes [+ the LoRA's] + the KV
+rows it reads and writes) / memory bandwidth, prefill FLOPs (matmuls, causal
+attention, LoRA) / matmul GFLOP/s probed at that prefill's M), the same formula
+as every other benchmark's (`limits.Limits`). The transformers peer's floor is
+the cache path's computation with the peer's own numbers (`Limits.of_torch`:
+its weight bytes, its dtype, oneDNN's matmul rate; PEFT's A and B have our
+adapter's shapes). The merge (ours) and the cache concatenation (the peer's)
+are not in the floor; `cache_merge_floor_s` is the merge's own. Refuses to run
+on a loaded machine (1-minute load > 1.0 at the start) unless --force, which
+marks the JSON "forced": true. Writes JSON and a PNG plot.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from pathlib import Path
 
 from psynth_jax import LoRAConfig, LoRAWeights, Mapper, ModelConfig
 from psynth_jax.eval import bench_meta, limits
-from psynth_jax.eval.ttft import format_table, plot_sweep, prefill_flops, ttft_sweep
+from psynth_jax.eval.ttft import format_table, plot_sweep, ttft_sweep
 
 
 def peer_targets(config: LoRAConfig) -> list[str]:
@@ -163,11 +171,15 @@ def main():
     flush=True,
   )
   rows = []
+  rates = {}  # {model: {path: {M: GFLOP/s}}} of the matmul probes, for the JSON
   for name in args.models.split(","):
     lm, hf = load_case(name)
-    peer = None
+    lim = limits.Limits.of(lm.params, bandwidth["bandwidth_gbps"])
+    lora = LoRAWeights.init(lm.config, lora_config)
+    peer = peer_lim = None
     if not args.no_peer and hf is not None:
-      peer_bytes = limits.torch_weight_read_bytes(hf)  # before the adapter adds its weights
+      # Before the adapter adds its weights; the LoRA's bytes are counted per call.
+      peer_lim = limits.Limits.of_torch(hf, lm.config, bandwidth["bandwidth_gbps"])
       peer = functools.partial(hf_cache_ttft, hf, peft_model=add_peer_lora(hf, lora_config))
     case_rows = ttft_sweep(
       lm,
@@ -179,31 +191,39 @@ def main():
       name=name,
       progress=True,
       peer=peer,
-      lora=LoRAWeights.init(lm.config, lora_config),
-      bandwidth_gbps=bandwidth["bandwidth_gbps"],
+      lora=lora,
+      lim=lim,
     )
-    if peer is not None:
-      c = lm.config
-      gflops = limits.torch_matmul_gflops(args.prompt_tokens, c.hidden_size, c.intermediate_size)
+    rates[name] = {"psynth_jax": lim.rates}
+    if peer_lim is not None:
       for r in case_rows:
-        flops = prefill_flops(c, args.prompt_tokens, r["K"] * r["L"], lora_config)
-        r["peer_matmul_gflops"] = gflops
-        r["peer_cache_floor_s"] = limits.floors(
-          peer_bytes, bandwidth["bandwidth_gbps"], flops, gflops
-        )["floor_s"]
+        f = peer_lim.prefill([args.prompt_tokens], r["K"] * r["L"], lora)
+        r["peer_matmul_gflops"] = peer_lim.rate(args.prompt_tokens)
+        r["peer_weight_read_bytes"] = peer_lim.weight_bytes
+        r["peer_cache_bytes"] = f["bytes"]
+        r["peer_cache_memory_floor_s"] = f["memory_floor_s"]
+        r["peer_cache_compute_floor_s"] = f["compute_floor_s"]
+        r["peer_cache_floor_s"] = f["floor_s"]
+        r["peer_cache_vs_floor"] = r["peer_cache_ttft_s"] / f["floor_s"]
+      rates[name]["transformers"] = peer_lim.rates
     rows += case_rows
 
   meta = bench_meta.finish(run)
   print()
   bench_meta.print_warning(meta)
+  print(
+    f"load average {meta['load_1m_start']:.2f} at the start, {meta['load_after'][0]:.2f} after;"
+    " floors measured in this run"
+  )
   print(format_table(rows))
   print("\ntransformers cache-path peer (same caches, same prompt, same LoRA), warm median ms:")
   for r in rows:
     if r["peer_cache_ttft_s"] is not None:
       print(
         f"  {r['model']} K={r['K']} L={r['L']}: peer {r['peer_cache_ttft_s'] * 1e3:.1f}"
-        f" (floor {r['peer_cache_floor_s'] * 1e3:.2f}) vs psynth_jax"
-        f" {r['cache_ttft_s'] * 1e3:.1f} (floor {r['cache_floor_s'] * 1e3:.2f})"
+        f" (floor {r['peer_cache_floor_s'] * 1e3:.2f}, {r['peer_cache_vs_floor']:.2f}x)"
+        f" vs psynth_jax {r['cache_ttft_s'] * 1e3:.1f}"
+        f" (floor {r['cache_floor_s'] * 1e3:.2f}, {r['cache_vs_floor']:.2f}x)"
       )
   bench_meta.print_warning(meta)
   out = Path(args.out)
@@ -218,7 +238,7 @@ def main():
     peer_lora=None
     if args.no_peer
     else {**lora_meta, "impl": "peft", "targets": peer_targets(lora_config)},
-    limits=bandwidth,
+    limits={**bandwidth, "matmul_gflops": rates},
   )
   (out / "ttft.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   plot_sweep(rows, out / "ttft.png")

@@ -132,3 +132,24 @@ def test_of_torch_counts_the_peers_own_bytes():
   assert lim.config.dtype == "float32"  # the peer's own dtype, not the config's
   assert lim.probe is limits.torch_matmul_gflops
   assert limits.kv_row_bytes(lim.config) == 2 * 4 * kv * 4
+
+
+def test_ttft_path_floors():
+  from psynth_jax.eval.ttft import path_floors
+
+  # K = 2 branches of L = 3 rows, P = 2 prompt tokens: the text path prefills 8 tokens alone,
+  # the cache path 2 after the 6 merged rows. Rates at both Ms given (1 GFLOP/s).
+  lim = limits.Limits(CONFIG, 1.0, WEIGHTS, {8: 1.0, 2: 1.0})
+  row = path_floors(lim, 2, 3, 2, None, text_ttft_s=1e-3, cache_ttft_s=2e-4)
+  text, cache = lim.prefill([8]), lim.prefill([2], 6)
+  assert row["text_flops"] == 8 * 5120 + 2048 + 64 * 36  # 1 + ... + 8 attended keys
+  assert row["cache_flops"] == 2 * 5120 + 2048 + 64 * (2 * 6 + 3)
+  assert row["text_bytes"] == WEIGHTS + 8 * KV_ROW and row["cache_bytes"] == text["bytes"]
+  for path, f, ttft_s in (("text", text, 1e-3), ("cache", cache, 2e-4)):
+    assert row[f"{path}_floor_s"] == f["floor_s"]
+    assert row[f"{path}_memory_floor_s"] == f["memory_floor_s"]
+    assert row[f"{path}_compute_floor_s"] == f["compute_floor_s"]
+    assert row[f"{path}_vs_floor"] == pytest.approx(ttft_s / f["floor_s"])
+  assert row["weight_floor_s"] == pytest.approx(WEIGHTS / 1e9)
+  assert row["cache_merge_floor_s"] == pytest.approx(2 * 6 * KV_ROW / 1e9)
+  assert row["floor_ratio"] == pytest.approx(text["floor_s"] / cache["floor_s"])

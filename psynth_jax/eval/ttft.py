@@ -30,6 +30,11 @@ Two FLOP ratios sit next to the measured one:
   path's P prompt rows see nearly every key anyway (1.01x-1.19x). A measured
   ratio above the FLOP limit therefore reflects a handicapped text baseline
   (ours), not a cache path faster than its FLOPs allow.
+
+Given the run's limits (`limits.Limits`, measured in the same run), each row
+also carries each path's floor, stated as in every benchmark: its prefill's
+max((weights + LoRA + KV rows read and written) / bandwidth, FLOPs / the matmul
+rate probed at that prefill's M), and TTFT / floor (`path_floors`).
 """
 
 from __future__ import annotations
@@ -140,6 +145,35 @@ def warm_median(fn: Callable[[], float], repeats: int) -> float:
   return statistics.median(fn() for _ in range(repeats))
 
 
+def path_floors(
+  lim: limits.Limits,
+  num_branches: int,
+  length: int,
+  prompt_tokens: int,
+  lora: LoRAWeights | None,
+  text_ttft_s: float,
+  cache_ttft_s: float,
+) -> dict:
+  """Each path's floor (`Limits.prefill`) next to its TTFT, for one (K, L) row of the sweep."""
+  branch_rows = num_branches * length
+  paths = {  # name: (TTFT, floor, the matmuls' M)
+    "text": (text_ttft_s, lim.prefill([branch_rows + prompt_tokens]), branch_rows + prompt_tokens),
+    "cache": (cache_ttft_s, lim.prefill([prompt_tokens], branch_rows, lora), prompt_tokens),
+  }
+  row = {"weight_floor_s": lim.weight_bytes / (lim.bandwidth_gbps * 1e9)}
+  for path, (ttft_s, f, m) in paths.items():
+    row[f"{path}_bytes"] = f["bytes"]
+    row[f"{path}_flops"] = f["flops"]
+    row[f"{path}_matmul_gflops"] = lim.rate(m)
+    row[f"{path}_memory_floor_s"] = f["memory_floor_s"]
+    row[f"{path}_compute_floor_s"] = f["compute_floor_s"]
+    row[f"{path}_floor_s"] = f["floor_s"]
+    row[f"{path}_vs_floor"] = ttft_s / f["floor_s"]
+  row["cache_merge_floor_s"] = lim.merge(branch_rows)["floor_s"]
+  row["floor_ratio"] = row["text_floor_s"] / row["cache_floor_s"]
+  return row
+
+
 def ttft_sweep(
   lm,
   ks: Sequence[int] = (2, 3, 8),
@@ -153,6 +187,7 @@ def ttft_sweep(
   peer: Callable[[list[list[int]], list[int]], Callable[[], float]] | None = None,
   lora: LoRAWeights | None = None,
   bandwidth_gbps: float | None = None,
+  lim: limits.Limits | None = None,
 ) -> list[dict]:
   """Warm median TTFT of text vs cache synthesis for every (K, L).
 
@@ -172,26 +207,33 @@ def ttft_sweep(
     lora: the cache path's synthesizer LoRA (the paper's PS prefill is the
       adapted one; None: the base model). The text path never has one.
     bandwidth_gbps: the machine's measured memory bandwidth
-      (`limits.memory_bandwidth`); when given, every row also gets each path's
-      floor (weight read vs compute at a matmul rate probed at that path's M).
+      (`limits.memory_bandwidth`): shorthand for `lim=limits.Limits.of(lm.params,
+      bandwidth_gbps)`.
+    lim: the run's `limits.Limits` for `lm` (its matmul rates are probed at each
+      path's M as the sweep needs them, and kept in `lim.rates`); when given (or
+      `bandwidth_gbps`), every row also gets each path's floor: its prefill's
+      (`Limits.prefill`: the text path's K*L + P tokens; the cache path's P
+      prompt tokens after the K*L merged rows, with `lora`). The cache path's
+      merge has a floor of its own ("cache_merge_floor_s", `Limits.merge`), not
+      added to "cache_floor_s": a program that fused it into the prefill would
+      pay only the prefill's (as in `experiments/bench_cache_path.py`).
 
   Returns:
     One row per (K, L): {"model", "K", "L", "text_ttft_s", "cache_ttft_s",
     "peer_cache_ttft_s", "ratio" (text / cache), "flop_limit_ratio",
     "ratio_vs_limit", "executed_flop_ratio", "text_attention_excess"}, and with
-    `bandwidth_gbps` also "weight_floor_s", "{text,cache}_matmul_gflops",
-    "{text,cache}_compute_floor_s" and "{text,cache}_floor_s".
+    floors also "weight_floor_s" (the base weights read once / bandwidth), per
+    path ("text", "cache") "{path}_bytes", "{path}_flops", "{path}_matmul_gflops",
+    "{path}_memory_floor_s", "{path}_compute_floor_s", "{path}_floor_s" and
+    "{path}_vs_floor" (TTFT / floor), and "cache_merge_floor_s" and
+    "floor_ratio" (text floor / cache floor: the speedup the floors allow).
   """
   rng = np.random.default_rng(seed)
   low = min(100, lm.config.vocab_size // 4)
   prompt = rng.integers(low, lm.config.vocab_size, prompt_tokens).tolist()
   lora_config = None if lora is None else lora.config
-  rate = functools.cache(
-    lambda m: limits.matmul_gflops(
-      m, lm.config.hidden_size, lm.config.intermediate_size, lm.config.dtype
-    )
-  )
-  weight_bytes = limits.weight_read_bytes(lm.params) if bandwidth_gbps else 0
+  if lim is None and bandwidth_gbps:
+    lim = limits.Limits.of(lm.params, bandwidth_gbps)
   rows = []
   for k in ks:
     for length in lengths:
@@ -219,24 +261,14 @@ def ttft_sweep(
         executed_flop_ratio=executed_flop_ratio(lm.config, k, length, prompt_tokens, lora_config),
         text_attention_excess=text_attention_excess(len(text_ids)),
       )
-      if bandwidth_gbps:
-        for path, queries, before, cfg in (
-          ("text", len(text_ids), 0, None),
-          ("cache", prompt_tokens, k * length, lora_config),
-        ):
-          gflops = rate(queries)
-          f = limits.floors(
-            weight_bytes, bandwidth_gbps, prefill_flops(lm.config, queries, before, cfg), gflops
-          )
-          row["weight_floor_s"] = f["weight_floor_s"]  # each prefill reads every weight once
-          row[f"{path}_matmul_gflops"] = gflops
-          row[f"{path}_compute_floor_s"] = f["compute_floor_s"]
-          row[f"{path}_floor_s"] = f["floor_s"]
+      if lim is not None:
+        row.update(path_floors(lim, k, length, prompt_tokens, lora, text, cache))
       rows.append(row)
       if progress:
         floor = (
-          f"  floors text {row['text_floor_s'] * 1e3:.1f} / cache {row['cache_floor_s'] * 1e3:.1f} ms"
-          if bandwidth_gbps
+          f"  floors text {row['text_floor_s'] * 1e3:.2f} ms ({row['text_vs_floor']:.2f}x)"
+          f" / cache {row['cache_floor_s'] * 1e3:.2f} ms ({row['cache_vs_floor']:.2f}x)"
+          if lim is not None
           else ""
         )
         print(
@@ -255,8 +287,8 @@ def format_table(rows: Sequence[dict]) -> str:
   head = "| model | K | L | text TTFT ms | cache TTFT ms | ratio | FLOP-limit | ratio/limit | executed-FLOP ratio |"
   rule = "|---|---|---|---|---|---|---|---|---|"
   if floors:
-    head += " text floor ms | cache floor ms |"
-    rule += "---|---|"
+    head += " text floor ms (memory, compute) | text / floor | cache floor ms (memory, compute) | cache / floor | floor ratio |"
+    rule += "---|---|---|---|---|"
   lines = [head, rule]
   for r in rows:
     line = (
@@ -265,12 +297,18 @@ def format_table(rows: Sequence[dict]) -> str:
       f" {r['ratio_vs_limit']:.2f} | {r['executed_flop_ratio']:.2f}x |"
     )
     if floors:
-      line += f" {r['text_floor_s'] * 1e3:.2f} | {r['cache_floor_s'] * 1e3:.2f} |"
+      for path in ("text", "cache"):
+        line += (
+          f" {r[f'{path}_floor_s'] * 1e3:.2f} ({r[f'{path}_memory_floor_s'] * 1e3:.2f},"
+          f" {r[f'{path}_compute_floor_s'] * 1e3:.2f}) | {r[f'{path}_vs_floor']:.2f}x |"
+        )
+      line += f" {r['floor_ratio']:.2f}x |"
     lines.append(line)
   lines.append(
     "\nFLOP-limit counts causal attention; the text path's prefill scores the full [T, S]"
     " matrix over padded rows (executed-FLOP ratio), so ratio/limit > 1 reflects that"
-    " handicapped baseline. Floors: max(weight bytes / bandwidth, FLOPs / matmul rate)."
+    " handicapped baseline. Floors (each path's prefill, `limits.Limits`): max((weights + LoRA"
+    " + KV rows read and written) / bandwidth, FLOPs / matmul rate at the path's M)."
   )
   return "\n".join(lines)
 
