@@ -9,13 +9,17 @@ the time to the first generated token; decode tokens/s is measured as
 (N - 1) / (t(N) - t(1)) from two runs with N and 1 new tokens, with stop
 tokens disabled. Warm (compiled) runs, median of repeats.
 
-Limits measured in the same run sit next to each row: the weight-read floor of
-one decode step (weight bytes, an untied unembedding counted, / memory
-bandwidth) and the compute floor (the step's FLOPs / matmul GFLOP/s probed at
-M = B, K x N = hidden x intermediate, in the row's dtype and library); the
-prefill's floor likewise at M = B * prompt tokens. Refuses to run on a loaded
-machine (1-minute load > 1.0 at the start) unless --force, which marks the
-JSON "forced": true. Writes JSON.
+Limits measured in the same run sit next to each time (`psynth_jax.eval.limits`,
+the formula every benchmark states its floors with): a decode step's floor is
+max((weight bytes, an untied unembedding counted, + the KV rows its B tokens
+read and write) / memory bandwidth, its FLOPs (matmuls, causal attention over
+each token's context) / matmul GFLOP/s probed at M = B), averaged over the N - 1
+timed steps (`Limits.decode`); the prefill's likewise at M = B * prompt tokens
+(`Limits.prefill`). Each row uses its own library's numbers: its weight bytes,
+its dtype (KV rows, probe) and its matmul probe (XLA's; oneDNN's for
+transformers, `Limits.of_torch`). "decode_weight_floor_ms" stays the weights
+alone / bandwidth. Refuses to run on a loaded machine (1-minute load > 1.0 at
+the start) unless --force, which marks the JSON "forced": true. Writes JSON.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import torch
 
 from psynth_jax import load_pretrained
 from psynth_jax.eval import bench_meta, limits
-from psynth_jax.eval.ttft import prefill_flops
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -101,28 +104,33 @@ def qwen_models():
   return load_pretrained(folder), load_pretrained(folder, dtype="bfloat16"), hf
 
 
-def row_limits(config, weight_bytes, bandwidth_gbps, matmul, b, p, new_tokens) -> dict:
-  """Floors of one decode step and of the prefill for B prompts of P tokens.
+def row_limits(lim: limits.Limits, b: int, p: int, new_tokens: int, times: dict) -> dict:
+  """Floors of the prefill of B prompts of P tokens and of the N - 1 decode steps after it.
 
-  `matmul(m, k, n)` is the row's library's GFLOP/s probe in the row's dtype.
+  `lim` holds the row's library's numbers (`Limits.of` / `Limits.of_torch`);
+  `times` is `_bench`'s result, for the measured / floor ratios.
   """
-  d, f = config.hidden_size, config.intermediate_size
-  decode_rate, prefill_rate = matmul(b, d, f), matmul(b * p, d, f)
-  # A decode step: B tokens, each over about the mean context of the run.
-  step = limits.floors(
-    weight_bytes, bandwidth_gbps, b * prefill_flops(config, 1, p + new_tokens // 2), decode_rate
-  )
-  prefill = limits.floors(
-    weight_bytes, bandwidth_gbps, b * prefill_flops(config, p, 0), prefill_rate
-  )
+  steps = new_tokens - 1  # the prefill samples the first token
+  prefill = lim.prefill([p] * b)
+  decode = lim.decode([p] * b, steps)
+  per_step = {k: v / steps for k, v in decode.items()}  # the mean step the timing measures
   return {
-    "weight_read_bytes": weight_bytes,
-    "matmul_gflops_decode": decode_rate,
-    "matmul_gflops_prefill": prefill_rate,
-    "decode_weight_floor_ms": step["weight_floor_s"] * 1e3,
-    "decode_compute_floor_ms": step["compute_floor_s"] * 1e3,
-    "decode_floor_ms_per_step": step["floor_s"] * 1e3,
+    "weight_read_bytes": lim.weight_bytes,
+    "matmul_gflops_decode": lim.rate(b),
+    "matmul_gflops_prefill": lim.rate(b * p),
+    "decode_bytes_per_step": per_step["bytes"],
+    "decode_flops_per_step": per_step["flops"],
+    "decode_weight_floor_ms": lim.weight_bytes / (lim.bandwidth_gbps * 1e9) * 1e3,
+    "decode_memory_floor_ms": per_step["memory_floor_s"] * 1e3,
+    "decode_compute_floor_ms": per_step["compute_floor_s"] * 1e3,
+    "decode_floor_ms_per_step": per_step["floor_s"] * 1e3,
+    "decode_vs_floor": times["decode_ms_per_step"] / (per_step["floor_s"] * 1e3),
+    "prefill_bytes": prefill["bytes"],
+    "prefill_flops": prefill["flops"],
+    "prefill_memory_floor_s": prefill["memory_floor_s"],
+    "prefill_compute_floor_s": prefill["compute_floor_s"],
     "prefill_floor_s": prefill["floor_s"],
+    "prefill_vs_floor": times["prefill_s"] / prefill["floor_s"],
   }
 
 
@@ -144,47 +152,49 @@ def main():
   print(f"memory bandwidth {bw:.1f} GB/s", flush=True)
 
   rows = []
+  rates = {}  # {model: {impl: {M: GFLOP/s}}} of the matmul probes, for the JSON
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.models.split(","):
       lm32, lm16, hf = tiny_models(Path(tmp)) if name == "tiny" else qwen_models()
+      impls = {  # each with its own library's limits: bytes, dtype, matmul probe
+        "transformers fp32": (hf_generate(hf), limits.Limits.of_torch(hf, lm32.config, bw)),
+        "psynth_jax fp32": (psynth_generate(lm32), limits.Limits.of(lm32.params, bw)),
+        "psynth_jax bf16": (psynth_generate(lm16), limits.Limits.of(lm16.params, bw)),
+      }
       rng = np.random.default_rng(0)
       for b in map(int, args.batches.split(",")):
         prompts = rng.integers(100, 500, (b, args.prompt_tokens)).tolist()
         ours = psynth_generate(lm32)(prompts, args.new_tokens)
         theirs = hf_generate(hf)(prompts, args.new_tokens)
         same = ours == theirs
-        for impl, gen, weight_bytes, matmul in (
-          ("transformers fp32", hf_generate(hf), limits.torch_weight_read_bytes(hf),
-           limits.torch_matmul_gflops),
-          ("psynth_jax fp32", psynth_generate(lm32), limits.weight_read_bytes(lm32.params),
-           limits.matmul_gflops),
-          ("psynth_jax bf16", psynth_generate(lm16), limits.weight_read_bytes(lm16.params),
-           lambda m, k, n: limits.matmul_gflops(m, k, n, "bfloat16")),
-        ):  # fmt: skip
+        for impl, (gen, lim) in impls.items():
           r = _bench(gen, prompts, args.new_tokens, args.repeats)
           r.update(model=name, batch=b, impl=impl, greedy_equal_fp32=same)
-          cfg = lm32.config
-          r.update(
-            row_limits(cfg, weight_bytes, bw, matmul, b, args.prompt_tokens, args.new_tokens)
-          )
+          r.update(row_limits(lim, b, args.prompt_tokens, args.new_tokens, r))
           rows.append(r)
           print(
-            f"{name:5s} B={b} {impl:18s} prefill {r['prefill_tokens_per_s']:8.1f} tok/s"
-            f" (floor {r['prefill_floor_s'] * 1e3:.2f} ms)  decode {r['decode_tokens_per_s']:7.1f}"
-            f" tok/s ({r['decode_ms_per_step']:.1f} ms/step, floor"
-            f" {r['decode_floor_ms_per_step']:.2f})",
+            f"{name:5s} B={b} {impl:18s} prefill {r['prefill_s'] * 1e3:8.2f} ms"
+            f" ({r['prefill_tokens_per_s']:.1f} tok/s; floor {r['prefill_floor_s'] * 1e3:.2f} ms,"
+            f" {r['prefill_vs_floor']:.2f}x)  decode {r['decode_ms_per_step']:.2f} ms/step"
+            f" ({r['decode_tokens_per_s']:.1f} tok/s; floor {r['decode_floor_ms_per_step']:.2f},"
+            f" {r['decode_vs_floor']:.2f}x)",
             flush=True,
           )
-      del lm32, lm16, hf
+      rates[name] = {impl: lim.rates for impl, (_, lim) in impls.items()}
+      del lm32, lm16, hf, impls
 
   meta = bench_meta.finish(run)
   print()
   bench_meta.print_warning(meta)
   print(
-    "| model | B | impl | prefill tok/s | prefill ms (floor) | decode tok/s | ms/step"
-    " | floor ms/step (weights, compute) | decode vs transformers |"
+    f"load average {meta['load_1m_start']:.2f} at the start, {meta['load_after'][0]:.2f} after;"
+    " floors measured in this run"
   )
-  print("|---|---|---|---|---|---|---|---|---|")
+  print(
+    "| model | B | impl | prefill tok/s | prefill ms (floor) | prefill / floor | decode tok/s"
+    " | ms/step | floor ms/step (memory, compute) | ms/step / floor | decode vs transformers |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     base = next(
       x
@@ -197,12 +207,17 @@ def main():
     print(
       f"| {r['model']} | {r['batch']} | {r['impl']} | {r['prefill_tokens_per_s']:.1f} |"
       f" {r['prefill_s'] * 1e3:.1f} ({r['prefill_floor_s'] * 1e3:.2f}) |"
-      f" {r['decode_tokens_per_s']:.1f} | {r['decode_ms_per_step']:.2f} |"
-      f" {r['decode_floor_ms_per_step']:.2f} ({r['decode_weight_floor_ms']:.2f},"
-      f" {r['decode_compute_floor_ms']:.2f}) | {r['decode_speedup_vs_transformers']:.2f}x |"
+      f" {r['prefill_vs_floor']:.2f}x | {r['decode_tokens_per_s']:.1f} |"
+      f" {r['decode_ms_per_step']:.2f} | {r['decode_floor_ms_per_step']:.2f}"
+      f" ({r['decode_memory_floor_ms']:.2f}, {r['decode_compute_floor_ms']:.2f}) |"
+      f" {r['decode_vs_floor']:.2f}x | {r['decode_speedup_vs_transformers']:.2f}x |"
     )
   bench_meta.print_warning(meta)
-  meta.update(new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, limits=bandwidth)
+  meta.update(
+    new_tokens=args.new_tokens,
+    prompt_tokens=args.prompt_tokens,
+    limits={**bandwidth, "matmul_gflops": rates},
+  )
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   print(f"wrote {args.out}")
