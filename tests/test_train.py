@@ -268,6 +268,44 @@ def test_a_rematerialised_step_computes_the_same_update(base, batch):
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
 
+def test_a_step_under_a_merge_operator(base, batch, tmp_path):
+  """train.merge: the mapper and LoRA train inside another operator; at the operator's
+  identity setting the update is the paper's, and the export loads back as the operator."""
+  from psynth_jax import operators
+  from psynth_jax.train import checkpoints
+
+  opt_config = step_lib.OptimizerConfig(learning_rate=1e-2)
+  optimizer = step_lib.make_optimizer(opt_config, "both")
+  device_batch = jax.tree.map(jnp.asarray, batch)
+  results = {}
+  for merge in ("", "ape", "recompute:fraction=0.5"):
+    config = step_lib.StepConfig(branch_rows=SPEC.branch_rows, merge=merge)
+    step_fn = step_lib.make_train_step(config, opt_config, compiler_options=FAST)
+    start = step_lib.init_state(*_trainables(perturb=0.05), optimizer)
+    before = _copy(start.params)  # the step donates its input state
+    state, metrics = step_fn(start, base, device_batch)
+    results[merge] = float(metrics["loss"]), _copy(state.params)
+    for part in ("mapper", "lora"):
+      pairs = zip(
+        jax.tree.leaves(before[part]), jax.tree.leaves(results[merge][1][part]), strict=True
+      )
+      assert any(not np.array_equal(x, y) for x, y in pairs), (merge, part)
+  assert results["ape"][0] == results[""][0]
+  for got, want in zip(
+    jax.tree.leaves(results["ape"][1]), jax.tree.leaves(results[""][1]), strict=True
+  ):
+    np.testing.assert_array_equal(got, want)
+  loss = results["recompute:fraction=0.5"][0]
+  assert np.isfinite(loss) and loss != results[""][0]
+  folder = checkpoints.export(
+    results[""][1], str(tmp_path / "export"), merge="recompute:fraction=0.5"
+  )
+  op, lora = checkpoints.load_export(folder, CONFIG)
+  assert isinstance(op, operators.Recompute) and op.fraction == 0.5 and op.mapper.kind == "affine"
+  with pytest.raises(ValueError, match="unknown merge operator"):
+    step_lib.StepConfig(branch_rows=SPEC.branch_rows, merge="blend")
+
+
 def test_a_batch_of_skipped_examples_changes_nothing(base, batch):
   optimizer, step_fn = _step_fn("both", 1e-2)
   state = step_lib.init_state(*_trainables(), optimizer)

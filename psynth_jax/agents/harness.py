@@ -42,6 +42,7 @@ from psynth_jax.agents.react import MAX_STEPS, Agent, Episode, run_react_batch
 from psynth_jax.agents.session import CacheSession
 from psynth_jax.agents.tool_calls import ChatFormat
 from psynth_jax.eval import harness, workflow
+from psynth_jax.operators import Reencode
 from psynth_jax.tasks import Problem, Task
 
 
@@ -103,7 +104,7 @@ def evaluate_agents(
   Args: as `psynth_jax.eval.harness.evaluate`; `batch_episodes` episodes' workers (and
   single agents) share one batched session (database episodes: one at a time).
   """
-  if any(isinstance(m, workflow.CacheMode) and m.operator is not None for m in modes):
+  if any(isinstance(m, workflow.CacheMode) and type(m.merge) is not Reencode for m in modes):
     raise NotImplementedError(
       "agent sessions merge with the paper's operator (a mapper); other merge operators"
       " (psynth_jax.operators) are not wired into CacheSession"

@@ -69,6 +69,9 @@ def default_config() -> ConfigDict:
         # What each synthesizer layer keeps for the backward pass (psynth_jax.model.remat):
         # none | full | dots | dots_no_batch. Memory against recomputation; no value changes.
         remat="none",
+        # A merge operator the mapper and LoRA train under (psynth_jax.operators spec, e.g.
+        # "recompute:fraction=0.15"); recorded in the export, which then loads as it.
+        merge="",
       ),
       optimizer=dataclasses.asdict(OptimizerConfig()),
       # shape over (data, fsdp, tensor); rules: logical axis -> "data,fsdp" | "fsdp" | "".

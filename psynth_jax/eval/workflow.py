@@ -67,27 +67,8 @@ class CacheMode:
 def operator_mode(spec: str, config) -> CacheMode:
   """A training-free operator mode from "NAME" or "NAME:KEY=VALUE,..." (`psynth eval
   --operator`), e.g. "sequential" or "recompute:fraction=0.15"; named by the operator."""
-  name, _, opts = spec.partition(":")
-  options = {}
-  for item in filter(None, opts.split(",")):
-    key, eq, value = item.partition("=")
-    if not eq:
-      raise ValueError(f"operator option {item!r} in {spec!r} is not KEY=VALUE")
-    options[key.strip()] = _number(value.strip())
-  try:
-    op = operators.create(name.strip(), config, **options)
-  except TypeError as e:  # an option the operator does not take
-    raise ValueError(f"operator {spec!r}: {e}") from None
+  op = operators.from_spec(spec, config)
   return CacheMode(op.name, operator=op)
-
-
-def _number(text: str):
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return text
 
 
 def cache_modes(

@@ -2,9 +2,9 @@
 
 from psynth_jax.operators import ape, recompute, reencode, reprefill, sequential
 from psynth_jax.operators.ape import APE
-from psynth_jax.operators.base import MergeOperator, create, names, register
+from psynth_jax.operators.base import MergeOperator, create, from_spec, names, parse_spec, register
 from psynth_jax.operators.recompute import Recompute
-from psynth_jax.operators.reencode import Reencode, resolve
+from psynth_jax.operators.reencode import Reencode, resolve, wrapping
 from psynth_jax.operators.reprefill import Reprefill
 from psynth_jax.operators.sequential import Sequential
 
@@ -16,8 +16,11 @@ __all__ = [
   "Reprefill",
   "Sequential",
   "create",
+  "from_spec",
   "names",
+  "parse_spec",
   "register",
   "resolve",
+  "wrapping",
 ]
 del ape, recompute, reencode, reprefill, sequential

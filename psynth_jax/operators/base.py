@@ -53,6 +53,36 @@ def names() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
+def parse_spec(spec: str) -> tuple[str, dict]:
+  """ "NAME" or "NAME:KEY=VALUE,..." -> (name, options); numbers become int / float."""
+  name, _, opts = spec.partition(":")
+  options = {}
+  for item in filter(None, opts.split(",")):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"operator option {item!r} in {spec!r} is not KEY=VALUE")
+    options[key.strip()] = _number(value.strip())
+  return name.strip(), options
+
+
+def from_spec(spec: str, config: ModelConfig) -> MergeOperator:
+  """The operator a spec names (`parse_spec`), made for a model of `config`."""
+  name, options = parse_spec(spec)
+  try:
+    return create(name, config, **options)
+  except TypeError as e:  # an option the operator does not take
+    raise ValueError(f"operator {spec!r}: {e}") from None
+
+
+def _number(text: str):
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
 def create(name: str, config: ModelConfig, **options) -> MergeOperator:
   """A fresh operator of kind `name` for a model of `config` (at its identity setting
   where it has trainable parts); `options` are the kind's own (see its `create`)."""

@@ -68,6 +68,19 @@ class Reencode(MergeOperator):
     check_mapper(self.mapper, config.num_layers)
 
 
+def wrapping(spec: str, config: ModelConfig, mapper):
+  """`mapper` inside the operator `spec` names (the trainer's and an export's way to train
+  and run a mapper under another operator); "" gives the mapper itself."""
+  if not spec:
+    return mapper
+  from psynth_jax.operators.base import from_spec
+
+  op = from_spec(spec, config)
+  if not isinstance(op, Reencode):
+    raise ValueError(f"operator {spec!r} takes no mapper")
+  return op.replace(mapper=mapper)
+
+
 def resolve(mapper=None, merge: MergeOperator | None = None) -> MergeOperator:
   """The operator a call asks for: `merge`, else the paper's with `mapper` (the shorthand:
   `mapper=m` is `merge=Reencode(m)`, `mapper=None` the naive merge)."""

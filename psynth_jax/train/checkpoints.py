@@ -276,8 +276,9 @@ class Checkpointer:
     self._manager.close()
 
 
-def export(params: dict[str, Any], folder: str, base_model: str = "") -> str:
-  """Writes the LoRA as a PEFT adapter and the mapper with the reference's names (see top)."""
+def export(params: dict[str, Any], folder: str, base_model: str = "", merge: str = "") -> str:
+  """Writes the LoRA as a PEFT adapter and the mapper with the reference's names (see top);
+  `merge`: the operator spec the adapter was trained under, recorded with the mapper."""
   lora, mapper = params["lora"], params["mapper"]
   lora_dir, mapper_dir = os.path.join(folder, "lora"), os.path.join(folder, "mapper")
   os.makedirs(mapper_dir, exist_ok=True)
@@ -303,12 +304,19 @@ def export(params: dict[str, Any], folder: str, base_model: str = "") -> str:
       "num_layers": mapper.num_layers,
       "hidden_dim": mapper.hidden_dim,
     }
+    if merge:
+      meta["merge"] = merge
     json.dump(meta, f, indent=2)
   return folder
 
 
 def load_export(folder: str | os.PathLike, model_config) -> tuple[Any, Any]:
   """Reads an `export` folder back: (Mapper, LoRAWeights) for `model_config`'s base model.
+
+  An adapter trained under a merge operator (`train.merge`, recorded as "merge" in
+  mapper_config.json) comes back as that operator around its mapper (a
+  `psynth_jax.operators.MergeOperator`, which `synthesize(mapper=...)`, `CacheMode` and
+  the trainer accept in a mapper's place), so it runs as it was trained.
 
   Mappers of older exports (3 features in every mode, `hidden_dim` unrecorded)
   load too, with the same coefficients.
@@ -341,5 +349,7 @@ def load_export(folder: str | os.PathLike, model_config) -> tuple[Any, Any]:
       safetensors.numpy.load_file(path), num_layers, features, path, kind, hidden
     )
   from psynth_jax.convert.peft import load_peft_lora
+  from psynth_jax.operators import wrapping
 
-  return mapper, load_peft_lora(os.path.join(folder, "lora"), model_config)
+  lora = load_peft_lora(os.path.join(folder, "lora"), model_config)
+  return wrapping(meta.get("merge", ""), model_config, mapper), lora

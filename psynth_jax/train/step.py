@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from psynth_jax import sharding
+from psynth_jax import operators, sharding
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.mapper import Mapper, check_mapper
 from psynth_jax.model.lora import LoRAWeights, check_lora
@@ -82,11 +82,18 @@ class StepConfig:
   seed: int = 0  # LoRA dropout keys are fold_in(key(seed), step): resuming replays them
   worker_prompt_tokens: int = 0  # BatchSpec.worker_prompt_tokens
   remat: str = "none"  # the synthesizer's per-layer policy (psynth_jax.model.remat)
+  # A merge operator spec the mapper trains inside (psynth_jax.operators.from_spec, e.g.
+  # "recompute:fraction=0.15"); "": the paper's re-encode + mapper.
+  merge: str = ""
 
   def __post_init__(self):
     check_policy(self.remat)
     if self.trainable not in TRAINABLE:
       raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+    if self.merge:
+      name = operators.parse_spec(self.merge)[0]
+      if name not in operators.names():
+        raise ValueError(f"unknown merge operator {name!r}; expected one of {operators.names()}")
     if self.loss_normalize not in losses.NORMALIZE:
       raise ValueError(
         f"loss_normalize must be one of {losses.NORMALIZE}, got {self.loss_normalize!r}"
@@ -254,7 +261,7 @@ def loss_fn(params, base: Params, batch: Batch, rng: jax.Array, config: StepConf
     branches,
     batch.tokens,
     batch.mask,
-    params["mapper"],
+    operators.wrapping(config.merge, base.config, params["mapper"]),
     lora,
     config.branch_rows,
     batch.num_workers,

@@ -85,6 +85,7 @@ def step_config(config: ConfigDict) -> step_lib.StepConfig:
     seed=config.seed,
     worker_prompt_tokens=config.batch.worker_prompt_tokens,
     remat=t.remat,
+    merge=t.merge,
   )
 
 
@@ -362,5 +363,7 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
   export_dir = None
   if stop_after is None and config.export.enabled and jax.process_index() == 0:
     folder = os.path.join(workdir, "export")
-    export_dir = checkpoints.export(fetch(state.params), folder, config.model.path)
+    export_dir = checkpoints.export(
+      fetch(state.params), folder, config.model.path, merge=config.train.merge
+    )
   return TrainResult(state, step, history, dict(skip_reasons), export_dir)
