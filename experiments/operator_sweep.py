@@ -31,6 +31,7 @@ from psynth_jax.eval import stats, workflow
 from psynth_jax.eval.shipped import load_synthetic_base, load_synthetic_modes
 from psynth_jax.eval.ttft import prefill_flops
 from psynth_jax.tasks import synthetic
+from psynth_jax.train.checkpoints import load_export
 from psynth_jax.workers import encode_branches
 
 TRAINED = "parallel_synthesis/head_affine"  # the shipped adapter the combinations use
@@ -52,7 +53,11 @@ UNDER_TRAINED = (
 )
 
 
-def modes_to_run(lm, specs=OPERATORS, under_trained=UNDER_TRAINED) -> list[workflow.CacheMode]:
+def modes_to_run(
+  lm, specs=OPERATORS, under_trained=UNDER_TRAINED, adapters=None
+) -> list[workflow.CacheMode]:
+  """The shipped modes, the operators alone and under the trained adapter, and each
+  `adapters` export (name -> folder; one trained under an operator loads as it)."""
   shipped = {m.name: m for m in load_synthetic_modes(lm.config)}
   modes = [shipped[workflow.NAIVE_MERGE], shipped["parallel_synthesis/affine"], shipped[TRAINED]]
   modes += [workflow.operator_mode(spec, lm.config) for spec in specs]
@@ -60,6 +65,9 @@ def modes_to_run(lm, specs=OPERATORS, under_trained=UNDER_TRAINED) -> list[workf
   for spec in under_trained:
     op = workflow.operator_mode(spec, lm.config).operator.replace(mapper=ps.mapper)
     modes.append(workflow.CacheMode(f"{TRAINED}+{op.name}", lora=ps.lora, operator=op))
+  for name, folder in (adapters or {}).items():
+    mapper, lora = load_export(folder, lm.config)
+    modes.append(workflow.CacheMode(name, mapper=mapper, lora=lora))
   return modes
 
 
@@ -131,6 +139,9 @@ def main():
   parser.add_argument(
     "--under-trained", default=";".join(UNDER_TRAINED), help="';'-separated specs, with PS"
   )
+  parser.add_argument(
+    "--adapter", action="append", default=[], metavar="NAME=EXPORT", help="a trained export"
+  )
   parser.add_argument("--out", default="outputs/operator_sweep.json")
   args = parser.parse_args()
   t0 = time.perf_counter()
@@ -140,7 +151,8 @@ def main():
   examples = synthetic.generate("test", args.examples, args.seed, families=families)
   problems = [ex.problem() for ex in examples]
   split = lambda text: [x for x in text.split(";") if x]  # noqa: E731
-  modes = modes_to_run(lm, split(args.operators), split(args.under_trained))
+  adapters = dict(a.split("=", 1) for a in args.adapter)
+  modes = modes_to_run(lm, split(args.operators), split(args.under_trained), adapters)
   records = workflow.run_workflow(lm, task, problems, modes)
   names = workflow.mode_names(modes)
   summary = summarize(records, names, families)
