@@ -13,10 +13,12 @@ stopped after its first token, with the cache capacity of the run's answer
 budget). Single agent and text synthesis prefill their whole prompt; the naive
 merge re-encodes and merges the branch caches and prefills its own prompt.
 
-Next to each time: its floor in this run, the larger of the weight read (the
-model's bytes at the measured bandwidth) and the prefill's causal FLOPs at the
-matmul rate measured at the nearest of a few prefill sizes, at the model's own
-MLP shapes. Refuses a loaded machine (1-minute load > 1.0) unless --force
+Next to each time: its floor in this run (`limits.Limits.prefill`, as every
+benchmark states it), the larger of the bytes the prefill must move (weights, the
+cached rows it reads, the rows it writes) at the measured bandwidth and its causal
+FLOPs at the matmul rate measured at its own M, at the model's own MLP shapes. The
+naive merge's re-encoding is left out of its floor (a prefill could rotate rows as it
+reads them), so it is a lower bound. Refuses a loaded machine (1-minute load > 1.0) unless --force
 (marked). Writes JSON (per-problem rows, per-dataset medians, meta).
 """
 
@@ -29,10 +31,8 @@ import statistics
 from pathlib import Path
 
 from psynth_jax.eval import bench_meta, harness, limits, workflow
-from psynth_jax.eval.ttft import prefill_flops
 
 MODES = (workflow.SINGLE_AGENT, workflow.TEXT_SYNTHESIS, workflow.CacheMode(workflow.NAIVE_MERGE))
-PROBE_ROWS = (64, 256, 1024)  # matmul probes: the nearest one prices each prefill
 
 
 def recorded_problems(task, workdir: str, n: int):
@@ -49,13 +49,7 @@ def recorded_problems(task, workdir: str, n: int):
   return [(by_id[i], workers[i]) for i in ids]
 
 
-def floor_s(config, weight_bytes, bandwidth, rates, queries, keys_before) -> float:
-  rows = min(rates, key=lambda m: abs(m - queries))
-  flops = prefill_flops(config, queries, keys_before)
-  return limits.floors(weight_bytes, bandwidth, flops, rates[rows])["floor_s"]
-
-
-def time_dataset(lm, workdir, n, repeats, bandwidth, rates, weight_bytes) -> list[dict]:
+def time_dataset(lm, workdir, n, repeats, lim: limits.Limits) -> list[dict]:
   from psynth_jax import tasks
 
   info = json.loads(Path(workdir, harness.RUN).read_text())
@@ -70,7 +64,7 @@ def time_dataset(lm, workdir, n, repeats, bandwidth, rates, weight_bytes) -> lis
     times = workflow.time_modes(lm, task, problem, row["outputs"], branches, MODES, repeats, budget)
     for name, t in times.items():
       before = branch_tokens if name == workflow.NAIVE_MERGE else 0
-      t["floor_s"] = floor_s(lm.config, weight_bytes, bandwidth, rates, t["prompt_tokens"], before)
+      t["floor_s"] = lim.prefill([t["prompt_tokens"]], before)["floor_s"]
     out.append(
       {"task": task.name, "id": problem.id, "branch_tokens": branch_tokens, "modes": times}
     )
@@ -132,24 +126,22 @@ def main():
   from psynth_jax import load_pretrained
 
   lm = load_pretrained(os.path.expanduser(args.model))
-  c = lm.config
   bandwidth = limits.memory_bandwidth()["bandwidth_gbps"]
-  rates = {m: limits.matmul_gflops(m, c.hidden_size, c.intermediate_size) for m in PROBE_ROWS}
-  weight_bytes = limits.weight_read_bytes(lm.params)
-  print(
-    f"bandwidth {bandwidth:.1f} GB/s, matmul GFLOP/s "
-    + ", ".join(f"M={m}: {g:.0f}" for m, g in rates.items()),
-    flush=True,
-  )
+  lim = limits.Limits.of(lm.params, bandwidth)
+  print(f"bandwidth {bandwidth:.1f} GB/s", flush=True)
   rows = []
   for workdir in args.workdirs.split(","):
-    rows += time_dataset(lm, workdir, args.problems, args.repeats, bandwidth, rates, weight_bytes)
+    rows += time_dataset(lm, workdir, args.problems, args.repeats, lim)
   meta = bench_meta.finish(run)
   summ = summary(rows)
   print()
   bench_meta.print_warning(meta)
   print(format_table(summ))
-  limits_info = {"bandwidth_gbps": bandwidth, "matmul_gflops": rates, "weight_bytes": weight_bytes}
+  limits_info = {
+    "bandwidth_gbps": bandwidth,
+    "matmul_gflops": lim.rates,
+    "weight_bytes": lim.weight_bytes,
+  }
   result = {"meta": meta, "limits": limits_info, "summary": summ, "rows": rows}
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(result, indent=1))
