@@ -167,17 +167,6 @@ def program_cost(fn, *args) -> dict[str, float]:
   }
 
 
-def floors(weight_bytes: int, bandwidth_gbps: float, flops: float, gflops: float) -> dict:
-  """Weight-read and compute floors (seconds) of one step, and the binding one."""
-  weight_s = weight_bytes / (bandwidth_gbps * 1e9)
-  compute_s = flops / (gflops * 1e9)
-  return {
-    "weight_floor_s": weight_s,
-    "compute_floor_s": compute_s,
-    "floor_s": max(weight_s, compute_s),
-  }
-
-
 def total(*stages: dict) -> dict:
   """The floors of stages run one after another: every field summed (a floor of each, added)."""
   keys = ("bytes", "flops", "memory_floor_s", "compute_floor_s", "floor_s")
