@@ -10,6 +10,12 @@ three mesh axes:
   all-gathers a layer's weights where they are used).
 * `tensor`: model parallelism inside a layer (heads, MLP, vocabulary).
 
+Mixture-of-experts weights are stacked [E, ...] under the logical axis `expert`.
+By default it is not split (each expert is sharded like a dense MLP, over `embed`
+and `mlp`); `EXPERT_PARALLEL_RULES` puts it on `tensor` instead, so each device
+holds whole experts (E / tensor of them) and the MLP width stays whole. Any
+mesh axis may be named for it (e.g. `fsdp`, then `embed` is left unsplit there).
+
 Rules are `(logical_name, mesh_axes)` pairs, `mesh_axes` being None, one axis
 or a tuple of axes. A mesh axis is used at most once per array, and a
 dimension its mesh axes do not divide evenly stays replicated (tiny test
@@ -59,6 +65,12 @@ DEFAULT_RULES: Rules = (
   ("kv_heads", "tensor"),
   ("head_dim", None),
   ("layers", None),
+  ("expert", None),
+)
+# Experts over the tensor axis: the first dimension of the stacked expert weights takes
+# `tensor`, so their `mlp` dimension (which would want it too) stays whole.
+EXPERT_PARALLEL_RULES: Rules = tuple(
+  (name, "tensor" if name == "expert" else axes) for name, axes in DEFAULT_RULES
 )
 
 

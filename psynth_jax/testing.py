@@ -3,6 +3,7 @@
 * `tiny_config`: the tests' small Llama (2 layers, GQA 4/2, head 8, vocab 64),
   with any field replaced; `GEMMA3_TINY` / `tiny_gemma3_config`: a small Gemma 3
   (4 layers, local and global, window 5, two RoPE bases) as an HF config dict and ours;
+  `MIXTRAL_TINY` / `QWEN3_MOE_TINY`: small mixtures of experts (transformers kwargs);
 * `random_params`: our weights for any `ModelConfig`, drawn with numpy (cheap
   to build; compiling jax's initialisers costs more than a tiny test), with
   norm scales and biases away from their 1 / 0 init so that they matter.
@@ -79,6 +80,52 @@ def tiny_gemma3_config(**overrides) -> ModelConfig:
   return ModelConfig.from_hf(GEMMA3_TINY).replace(**overrides)
 
 
+# Mixture of experts, as transformers config kwargs. A wider init than transformers'
+# 0.02 gives the router clear margins between the k-th and (k+1)-th expert, so that
+# float32 rounding (~1e-6) between two implementations never flips a routing choice.
+MIXTRAL_TINY = {
+  "vocab_size": 96,
+  "hidden_size": 32,
+  "intermediate_size": 40,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 4,
+  "num_key_value_heads": 2,
+  "head_dim": 8,
+  "num_local_experts": 8,
+  "num_experts_per_tok": 2,
+  "max_position_embeddings": 256,
+  "initializer_range": 0.1,
+  "eos_token_id": None,
+}
+# 4 layers: 0 dense (mlp_only_layers), 2 dense (decoder_sparse_step 2: layers 1, 3, ...
+# only), 1 and 3 sparse; 12 experts of width 24, top-3 without renormalisation, dense
+# MLP width 56.
+QWEN3_MOE_TINY = {
+  "vocab_size": 96,
+  "hidden_size": 32,
+  "intermediate_size": 56,
+  "moe_intermediate_size": 24,
+  "num_hidden_layers": 4,
+  "num_attention_heads": 4,
+  "num_key_value_heads": 2,
+  "head_dim": 8,
+  "num_experts": 12,
+  "num_experts_per_tok": 3,
+  "norm_topk_prob": False,
+  "decoder_sparse_step": 2,
+  "mlp_only_layers": [0],
+  "max_position_embeddings": 256,
+  "initializer_range": 0.1,
+  "eos_token_id": None,
+}
+
+
+def tiny_moe_config(family: str = "qwen3_moe", **hf_changes) -> ModelConfig:
+  """Our config of `MIXTRAL_TINY` or `QWEN3_MOE_TINY` with transformers kwargs changed."""
+  base = MIXTRAL_TINY if family == "mixtral" else QWEN3_MOE_TINY
+  return ModelConfig.from_hf({"model_type": family, **base, **hf_changes})
+
+
 BPE_CORPUS = [
   "def add(a, b):\n    return a + b\n",
   "The quick brown fox jumps over the lazy dog. Don't panic!",
@@ -111,7 +158,7 @@ You are a helpful assistant.<|im_end|>
 
 
 # Projections stored [D_in, D_out] whose fan-in is their first axis.
-_FAN_IN_FIRST = ("q", "k", "v", "gate", "up", "lm_head")
+_FAN_IN_FIRST = ("q", "k", "v", "gate", "up", "lm_head", "router")
 
 
 def random_params(config: ModelConfig, seed: int = 0) -> Params:
@@ -131,6 +178,8 @@ def random_params(config: ModelConfig, seed: int = 0) -> Params:
       a = rng.standard_normal(shape)
     else:
       fan_in = shape[0] if name.endswith(_FAN_IN_FIRST) else None
+      if ".experts." in name:  # stacked [E, in, out]
+        fan_in = shape[1]
       a = rng.standard_normal(shape) / np.sqrt(fan_in or np.prod(shape[:-1]))
     arrays[name] = a.astype(np.float32)
   return params_from_flat(config, arrays)

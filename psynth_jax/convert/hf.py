@@ -3,7 +3,9 @@
 Each supported family has one explicit name table, {our name: (HF name, quirk)},
 where the quirk is a small named function that turns the HF tensor into our
 layout and checks its HF shape first (a transposed weight can have the right
-number of elements, so reshaping alone would not catch it). Torch `Linear`
+number of elements, so reshaping alone would not catch it). Stacked tensors (the
+experts of a mixture-of-experts layer, [E, ...]) name a tuple of HF tensors, one
+per expert, and their quirk stacks the list. Torch `Linear`
 weights are [out, in]; ours are [in, ...out] with heads split out, e.g.
 q_proj.weight [N*H, D] -> attn.q [D, N, H]. RoPE uses the HF "rotate half"
 layout on both sides, so q/k need no permutation. Every HF tensor must be
@@ -13,6 +15,7 @@ consumed; `params_from_flat` then checks every name and shape once more.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -22,8 +25,8 @@ from psynth_jax.model.checkpoint import LazyArrays, read_json, read_safetensors
 from psynth_jax.model.config import SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedModelError
 from psynth_jax.model.transformer import Params, params_from_flat
 
-Quirk = Callable[[np.ndarray, ModelConfig], np.ndarray]
-NameTable = dict[str, tuple[str, Quirk]]
+Quirk = Callable[[np.ndarray, ModelConfig], np.ndarray]  # or a list of arrays, for a tuple
+NameTable = dict[str, tuple[str | tuple[str, ...], Quirk]]
 
 # HF tensors that carry no weights of their own (recomputed from the config).
 HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -96,6 +99,26 @@ def down_proj_to_fd(w: np.ndarray, c: ModelConfig) -> np.ndarray:
   return w.T
 
 
+def router_to_de(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """Router gate.weight [E, D] -> [D, E]."""
+  _expect(w, (c.num_experts, c.hidden_size))
+  return w.T
+
+
+def stack_up_projs(ws: list[np.ndarray], c: ModelConfig) -> np.ndarray:
+  """E expert gate/up weights [F_E, D] (w1 / w3) -> [E, D, F_E]."""
+  for w in ws:
+    _expect(w, (c.moe_intermediate_size, c.hidden_size))
+  return np.stack([w.T for w in ws])
+
+
+def stack_down_projs(ws: list[np.ndarray], c: ModelConfig) -> np.ndarray:
+  """E expert down weights [D, F_E] (w2) -> [E, F_E, D]."""
+  for w in ws:
+    _expect(w, (c.hidden_size, c.moe_intermediate_size))
+  return np.stack([w.T for w in ws])
+
+
 # --- name tables ---------------------------------------------------------------
 
 LLAMA_LAYER: NameTable = {
@@ -133,6 +156,32 @@ GEMMA_LAYER: NameTable = {
 }
 
 
+# Mixture-of-experts layers, as checkpoint files name them (transformers v5 fuses the
+# experts in memory, `UnfusedExperts`, and writes these names back when it saves):
+# (module, per-expert gate, up and down names).
+MOE_NAMES = {
+  "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+  "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+}
+ATTENTION_AND_NORMS = {k: v for k, v in LLAMA_LAYER.items() if not k.startswith("mlp.")}
+
+
+def moe_layer(c: ModelConfig) -> NameTable:
+  """An expert layer's router and stacked experts, under `c`'s family's names."""
+  block, gate, up, down = MOE_NAMES[c.model_type]
+  experts = range(c.num_experts)
+
+  def each(proj: str) -> tuple[str, ...]:
+    return tuple(f"{block}.experts.{e}.{proj}.weight" for e in experts)
+
+  return {
+    "mlp.router": (f"{block}.gate.weight", router_to_de),
+    "mlp.experts.gate": (each(gate), stack_up_projs),
+    "mlp.experts.up": (each(up), stack_up_projs),
+    "mlp.experts.down": (each(down), stack_down_projs),
+  }
+
+
 def _no_attention_bias(c: ModelConfig) -> None:
   # In Llama/Mistral/Qwen3, attention_bias=True also biases o_proj, which we lack.
   if c.qkv_bias:
@@ -168,6 +217,20 @@ def gemma3_table(c: ModelConfig) -> NameTable:
   return _full_table(c, {**GEMMA_LAYER, **QK_NORM})
 
 
+def mixtral_table(c: ModelConfig) -> NameTable:
+  """Mistral's attention; every layer's MLP is a mixture of experts."""
+  _no_attention_bias(c)
+  return _full_table(c, LLAMA_LAYER, {**ATTENTION_AND_NORMS, **moe_layer(c)})
+
+
+def qwen3_moe_table(c: ModelConfig) -> NameTable:
+  """Qwen3's attention; expert layers (`c.moe_layers`) and dense ones (Llama's MLP names)."""
+  _no_attention_bias(c)
+  return _full_table(
+    c, {**LLAMA_LAYER, **QK_NORM}, {**ATTENTION_AND_NORMS, **QK_NORM, **moe_layer(c)}
+  )
+
+
 FAMILY_TABLES: dict[str, Callable[[ModelConfig], NameTable]] = {
   "llama": llama_table,
   "mistral": llama_table,
@@ -175,6 +238,8 @@ FAMILY_TABLES: dict[str, Callable[[ModelConfig], NameTable]] = {
   "qwen3": qwen3_table,
   "gemma2": gemma2_table,
   "gemma3_text": gemma3_table,
+  "mixtral": mixtral_table,
+  "qwen3_moe": qwen3_moe_table,
 }
 
 # A multimodal `gemma3` checkpoint (Gemma3ForConditionalGeneration) nests the text model:
@@ -225,7 +290,60 @@ def text_model_state(config: ModelConfig, state: Mapping[str, np.ndarray]) -> Ma
   return state
 
 
-def _full_table(c: ModelConfig, layer: NameTable) -> NameTable:
+class UnfusedExperts(Mapping):
+  """A transformers v5 in-memory state dict (experts fused: `mlp.experts.gate_up_proj`
+  [E, 2 F_E, D] with gate first, `mlp.experts.down_proj` [E, D, F_E]; Mixtral's module
+  renamed `mlp`) under the per-expert names of its checkpoint files."""
+
+  FUSED = re.compile(
+    r"(model\.layers\.\d+)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.weight)"
+  )
+
+  def __init__(self, state: Mapping[str, np.ndarray], config: ModelConfig):
+    self.state = state
+    block, gate, up, down = MOE_NAMES[config.model_type]
+    f = config.moe_intermediate_size
+    self.views = {}  # file name -> (name in `state`, index into it or None)
+    for name in state:
+      m = self.FUSED.fullmatch(name)
+      if m is None:
+        self.views[name] = (name, None)
+        continue
+      layer, what = m.groups()
+      prefix = f"{layer}.{block}"
+      if what == "gate.weight":
+        self.views[f"{prefix}.gate.weight"] = (name, None)
+      for e in range(config.num_experts if what != "gate.weight" else 0):
+        if what == "experts.gate_up_proj":
+          self.views[f"{prefix}.experts.{e}.{gate}.weight"] = (name, (e, slice(0, f)))
+          self.views[f"{prefix}.experts.{e}.{up}.weight"] = (name, (e, slice(f, 2 * f)))
+        else:
+          self.views[f"{prefix}.experts.{e}.{down}.weight"] = (name, (e,))
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    source, index = self.views[name]
+    x = self.state[source]
+    return x if index is None else np.asarray(x)[index]
+
+  def __iter__(self):
+    return iter(self.views)
+
+  def __len__(self) -> int:
+    return len(self.views)
+
+
+def expert_state(config: ModelConfig, state: Mapping[str, np.ndarray]) -> Mapping:
+  """`state` itself, or a fused-expert (transformers v5 in-memory) state per expert."""
+  if config.model_type in MOE_NAMES and any(
+    name.endswith("mlp.experts.gate_up_proj") for name in state
+  ):
+    return UnfusedExperts(state, config)
+  return state
+
+
+def _full_table(
+  c: ModelConfig, layer: NameTable, expert_layer: NameTable | None = None
+) -> NameTable:
   table: NameTable = {
     "embed.embedding": ("model.embed_tokens.weight", keep_embedding),
     "final_norm.scale": ("model.norm.weight", keep_vector),
@@ -233,9 +351,18 @@ def _full_table(c: ModelConfig, layer: NameTable) -> NameTable:
   if not c.tie_word_embeddings:
     table["lm_head"] = ("lm_head.weight", lm_head_to_dv)
   for i in range(c.num_layers):
-    for ours, (theirs, quirk) in layer.items():
-      table[f"layers.{i}.{ours}"] = (f"model.layers.{i}.{theirs}", quirk)
+    entries = expert_layer if c.is_moe(i) else layer
+    for ours, (theirs, quirk) in entries.items():
+      if isinstance(theirs, tuple):
+        table[f"layers.{i}.{ours}"] = (tuple(f"model.layers.{i}.{t}" for t in theirs), quirk)
+      else:
+        table[f"layers.{i}.{ours}"] = (f"model.layers.{i}.{theirs}", quirk)
   return table
+
+
+def hf_names(entry: str | tuple[str, ...]) -> tuple[str, ...]:
+  """The HF tensor names of one table entry (one, or one per expert)."""
+  return entry if isinstance(entry, tuple) else (entry,)
 
 
 def name_table(config: ModelConfig) -> NameTable:
@@ -271,18 +398,20 @@ def hf_state_to_flat(
     ValueError: an HF tensor has the wrong shape (names it), when it is read.
   """
   table = name_table(config)
-  state = text_model_state(config, state)
-  missing = sorted(theirs for theirs, _ in table.values() if theirs not in state)
-  used = {theirs for theirs, _ in table.values()}
+  state = expert_state(config, text_model_state(config, state))
+  used = {name for theirs, _ in table.values() for name in hf_names(theirs)}
+  missing = sorted(name for name in used if name not in state)
   leftover = sorted(k for k in state if k not in used and not _ignorable(k, config))
   if missing or leftover:
     raise KeyError(
       f"{source} does not match a {config.model_type} model with {config.num_layers}"
-      f" layers: missing HF tensors {missing}, unused HF tensors {leftover}"
+      f" layers: missing HF tensors {_some(missing)}, unused HF tensors {_some(leftover)}"
     )
 
-  def convert(ours: str, theirs: str, quirk: Quirk) -> np.ndarray:
+  def convert(ours: str, theirs, quirk: Quirk) -> np.ndarray:
     try:
+      if isinstance(theirs, tuple):  # stacked: one tensor per expert
+        return quirk([np.asarray(state[t]) for t in theirs], config)
       return quirk(np.asarray(state[theirs]), config)
     except ValueError as e:
       raise ValueError(f"{source}: HF tensor {theirs!r} (-> {ours!r}) {e}") from None
@@ -290,6 +419,13 @@ def hf_state_to_flat(
   return LazyArrays(
     {ours: functools.partial(convert, ours, *entry) for ours, entry in table.items()}
   )
+
+
+def _some(names: list[str], most: int = 24) -> str:
+  """The names, or the first `most` and a count (a 128-expert model misses thousands)."""
+  if len(names) <= most:
+    return str(names)
+  return f"{names[:most]} and {len(names) - most} more"
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:

@@ -2,7 +2,8 @@
 
 Supported `model_type`s: llama (incl. Llama-3 RoPE scaling), mistral, qwen2
 (qkv bias), qwen3 (q/k RMSNorm), gemma2 and gemma3_text (`psynth_jax.model.gemma`
-reads their configs; a multimodal `gemma3` checkpoint loads as its text part).
+reads their configs; a multimodal `gemma3` checkpoint loads as its text part),
+mixtral and qwen3_moe (mixture-of-experts MLPs, `psynth_jax.model.moe`).
 `ModelConfig.from_hf` reads a Hugging Face `config.json` dict in either the
 transformers v4 schema (`rope_theta`, `rope_scaling`, `torch_dtype`) or the v5
 schema (`rope_parameters`, `dtype`).
@@ -11,6 +12,11 @@ Layers may differ (Gemma): `layer_types[l]` is "full_attention" or
 "sliding_attention"; a sliding layer sees keys less than `sliding_window`
 positions back and, with `rope_local_theta` set, has its own RoPE base.
 `layer_types` None means every layer alike (Mistral: the window, if any, on all).
+
+Mixture of experts: the layers in `moe_layers` replace the MLP by `num_experts`
+experts of width `moe_intermediate_size`, `num_experts_per_tok` of them per token;
+the other layers keep the dense MLP of width `intermediate_size` (Qwen3-MoE's
+`mlp_only_layers` and `decoder_sparse_step`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,25 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = (
+  "llama",
+  "mistral",
+  "qwen2",
+  "qwen3",
+  "gemma2",
+  "gemma3_text",
+  "mixtral",
+  "qwen3_moe",
+)
+# Mixture-of-experts families we know and do not implement, with what they add.
+REFUSED_MOE_TYPES = {
+  "qwen2_moe": "shared experts (shared_expert, shared_expert_gate)",
+  "deepseek_v2": "MLA attention and shared experts",
+  "deepseek_v3": "MLA attention, shared experts and grouped (node-limited) routing",
+  "olmoe": "q/k norms over all heads (not per head)",
+  "jamba": "Mamba layers",
+  "dbrx": "fused Wqkv and clipped qkv",
+}
 GEMMA_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text")  # read by `psynth_jax.model.gemma`
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
@@ -78,6 +102,12 @@ class ModelConfig:
   query_pre_attn_scalar: float | None = None  # attention scale is this**-0.5 (None: H)
   attn_softcap: float | None = None  # attention scores -> cap * tanh(scores / cap)
   final_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+  # --- mixture of experts (Mixtral, Qwen3-MoE), likewise out of the digest at defaults.
+  num_experts: int = 0  # E
+  num_experts_per_tok: int = 0  # top-k experts per token
+  moe_intermediate_size: int = 0  # F of each expert
+  norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum 1
+  moe_layers: tuple[int, ...] = ()  # layers whose MLP is the experts; the rest are dense
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -103,6 +133,15 @@ class ModelConfig:
         )
       if "sliding_attention" in self.layer_types and self.sliding_window is None:
         raise ValueError("sliding_attention layers need a sliding_window")
+    if self.moe_layers:
+      if not 0 < self.num_experts_per_tok <= self.num_experts:
+        raise ValueError(
+          f"top-{self.num_experts_per_tok} of {self.num_experts} experts: need 0 < k <= E"
+        )
+      if self.moe_intermediate_size <= 0:
+        raise ValueError("expert layers need a moe_intermediate_size")
+      if any(not 0 <= i < self.num_layers for i in self.moe_layers):
+        raise ValueError(f"moe_layers {self.moe_layers} outside 0..{self.num_layers - 1}")
 
   def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)
@@ -112,6 +151,10 @@ class ModelConfig:
     if self.layer_types is None:
       return False
     return self.layer_types[layer] == "sliding_attention"
+
+  def is_moe(self, layer: int) -> bool:
+    """Whether `layer`'s MLP is a mixture of experts."""
+    return layer in self.moe_layers
 
   def window(self, layer: int) -> int | None:
     """How many positions back `layer`'s queries see (None: all)."""
@@ -138,6 +181,11 @@ class ModelConfig:
       from psynth_jax.model.gemma import gemma_from_hf
 
       return cls(**gemma_from_hf(hf, dtype, source))
+    if model_type in REFUSED_MOE_TYPES:
+      raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported: psynth_jax does not implement its"
+        f" {REFUSED_MOE_TYPES[model_type]}"
+      )
     if model_type not in SUPPORTED_MODEL_TYPES:
       archs = hf.get("architectures")
       raise UnsupportedModelError(
@@ -154,13 +202,13 @@ class ModelConfig:
     missing = [k for k in REQUIRED_HF_KEYS if hf.get(k) is None]
     if missing:
       raise KeyError(f"{source} ({model_type}) is missing required key(s) {missing}")
-    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window"):
       raise UnsupportedModelError(
         f"{model_type} with use_sliding_window=True (sliding-window attention on layers from"
         f" max_window_layers={hf.get('max_window_layers')} on) is not supported"
       )
     layer_types = set(hf.get("layer_types") or ())
-    if model_type != "mistral" and layer_types - {"full_attention"}:
+    if model_type not in ("mistral", "mixtral") and layer_types - {"full_attention"}:
       raise UnsupportedModelError(
         f"{model_type} with layer_types {sorted(layer_types)} is not supported"
         " (only full_attention layers)"
@@ -170,7 +218,7 @@ class ModelConfig:
     rope_theta, rope_scaling = _rope_from_hf(hf)
     qkv_bias = model_type == "qwen2"  # Qwen2 always has q/k/v biases; its config does not say so.
     sliding_window = hf.get("sliding_window")
-    if model_type in ("llama", "qwen2", "qwen3"):
+    if model_type in ("llama", "qwen2", "qwen3", "qwen3_moe"):
       sliding_window = None  # off unless use_sliding_window (refused above)
     return cls(
       model_type=model_type,
@@ -186,10 +234,11 @@ class ModelConfig:
       rope_scaling=rope_scaling,
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       qkv_bias=qkv_bias,
-      qk_norm=model_type == "qwen3",
+      qk_norm=model_type in ("qwen3", "qwen3_moe"),
       max_position_embeddings=hf.get("max_position_embeddings", 32768),
       sliding_window=sliding_window,
       dtype=hf_dtype(hf, dtype),
+      **moe_from_hf(hf),
     )
 
   def to_dict(self) -> dict[str, Any]:
@@ -211,6 +260,8 @@ class ModelConfig:
       d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     if d.get("layer_types") is not None:
       d["layer_types"] = tuple(d["layer_types"])  # JSON gives a list; the config is hashed
+    if "moe_layers" in d:
+      d["moe_layers"] = tuple(d["moe_layers"])
     return cls(**d)
 
 
@@ -225,7 +276,70 @@ LATER_FIELDS = (
   "query_pre_attn_scalar",
   "attn_softcap",
   "final_softcap",
+  "num_experts",
+  "num_experts_per_tok",
+  "moe_intermediate_size",
+  "norm_topk_prob",
+  "moe_layers",
 )
+
+# transformers' defaults where a config.json leaves a key out (MixtralConfig, Qwen3MoeConfig).
+# The expert count is `num_local_experts` in Mixtral's files and in what transformers v5
+# writes for Qwen3-MoE too (an attribute alias), `num_experts` in Qwen3-MoE's v4 files.
+_MOE_DEFAULTS = {
+  "mixtral": dict(num_experts=8, num_experts_per_tok=2),
+  "qwen3_moe": dict(
+    num_experts=128,
+    num_experts_per_tok=8,
+    moe_intermediate_size=768,
+    norm_topk_prob=False,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+  ),
+}
+
+
+def moe_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+  """The mixture-of-experts fields of a mixtral / qwen3_moe config ({} for dense families).
+
+  Mixtral: every layer sparse, experts as wide as `intermediate_size`, top-k always
+  renormalised. Qwen3-MoE: layer l is sparse unless l is in `mlp_only_layers` or
+  (l + 1) is not a multiple of `decoder_sparse_step` (transformers' rule).
+  Router losses (`output_router_logits`, `router_aux_loss_coef`) only matter for
+  training the router, which psynth_jax never does: they are read and ignored.
+  """
+  model_type = hf["model_type"]
+  if model_type not in _MOE_DEFAULTS:
+    return {}
+  d = {**_MOE_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
+  if "num_local_experts" in d:
+    d["num_experts"] = d["num_local_experts"]
+  for key in ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts"):
+    if d.get(key):
+      raise UnsupportedModelError(f"{model_type} with shared experts ({key}={d[key]})")
+  if d.get("router_jitter_noise"):
+    raise UnsupportedModelError(
+      f"{model_type} with router_jitter_noise={d['router_jitter_noise']} (transformers"
+      " multiplies the router input by uniform noise in training mode) is not implemented"
+    )
+  layers = hf["num_hidden_layers"]
+  if model_type == "mixtral":
+    return dict(
+      num_experts=d["num_experts"],
+      num_experts_per_tok=d["num_experts_per_tok"],
+      moe_intermediate_size=hf["intermediate_size"],
+      norm_topk_prob=True,
+      moe_layers=tuple(range(layers)),
+    )
+  experts, step, dense = d["num_experts"], d["decoder_sparse_step"], set(d["mlp_only_layers"])
+  sparse = tuple(i for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0)
+  return dict(
+    num_experts=experts,
+    num_experts_per_tok=d["num_experts_per_tok"],
+    moe_intermediate_size=d["moe_intermediate_size"],
+    norm_topk_prob=bool(d["norm_topk_prob"]),
+    moe_layers=sparse,
+  )
 
 
 def hf_dtype(hf: dict[str, Any], dtype: str | None) -> str:

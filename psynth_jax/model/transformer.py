@@ -25,28 +25,41 @@ from psynth_jax.model.attention_ops import check_impl
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.layers import MLP, Embed, RMSNorm, param
 from psynth_jax.model.lora import mask_vocab
+from psynth_jax.model.moe import MoE, check_dispatch
 from psynth_jax.model.remat import remat_layer
 from psynth_jax.model.rope import layer_inv_frequencies
 
 
 class Block(nnx.Module):
   """Pre-norm attention and MLP sublayers; with `post_norms` (Gemma) each sublayer's
-  output is normed again before the residual add."""
+  output is normed again before the residual add. Layer `layer`'s MLP is a mixture of
+  experts where `config.is_moe(layer)` (`psynth_jax.model.moe`)."""
 
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
     dtype = jnp.dtype(config.dtype)
     d, eps, plus_one = config.hidden_size, config.rms_norm_eps, config.norm_plus_one
     self.attn_norm = RMSNorm(d, eps, dtype, plus_one=plus_one)
     self.attn = Attention(config, rngs)
     self.mlp_norm = RMSNorm(d, eps, dtype, plus_one=plus_one)
-    self.mlp = MLP(config, rngs)
+    self.mlp = MoE(config, rngs) if config.is_moe(layer) else MLP(config, rngs)
+    self.moe = config.is_moe(layer)
     if config.post_norms:
       self.post_attn_norm = RMSNorm(d, eps, dtype, plus_one=plus_one)
       self.post_mlp_norm = RMSNorm(d, eps, dtype, plus_one=plus_one)
     self.post_norms = config.post_norms
 
   def __call__(
-    self, x, positions, inv_freq, cache_kv, index, key_mask, lora, impl="auto", key_bias=None
+    self,
+    x,
+    positions,
+    inv_freq,
+    cache_kv,
+    index,
+    key_mask,
+    lora,
+    impl="auto",
+    key_bias=None,
+    moe_dispatch="sorted",
   ):
     h, new_kv = self.attn(
       self.attn_norm(x), positions, inv_freq, cache_kv, index, key_mask, lora, impl, key_bias
@@ -54,7 +67,8 @@ class Block(nnx.Module):
     if self.post_norms:
       h = self.post_attn_norm(h)
     x = x + h
-    h = self.mlp(self.mlp_norm(x))
+    h = self.mlp_norm(x)
+    h = self.mlp(h, moe_dispatch) if self.moe else self.mlp(h)
     if self.post_norms:
       h = self.post_mlp_norm(h)
     return x + h, new_kv
@@ -64,7 +78,7 @@ class Transformer(nnx.Module):
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     self.config = config
     self.embed = Embed(config, rngs)
-    self.layers = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+    self.layers = nnx.List([Block(config, rngs, i) for i in range(config.num_layers)])
     self.final_norm = RMSNorm(
       config.hidden_size,
       config.rms_norm_eps,
@@ -111,6 +125,9 @@ class Params:
   # How attention is computed (`psynth_jax.model.attention_ops`): the same function,
   # a runtime choice and not part of the model, so it is not in the fingerprint.
   attention: str = struct.field(pytree_node=False, default="auto")
+  # How expert layers dispatch tokens (`psynth_jax.model.moe.DISPATCHES`): likewise the
+  # same function computed another way, so not in the fingerprint.
+  moe_dispatch: str = struct.field(pytree_node=False, default="sorted")
 
   def module(self) -> Transformer:
     return nnx.merge(graphdef(self.config), self.state)
@@ -264,6 +281,7 @@ def hidden_states(
     key_masks.update({w: key_mask & (distance < w) for w in windows})
 
   impl = check_impl(params.attention)
+  moe_dispatch = check_dispatch(params.moe_dispatch)
   lora_layers = None if lora is None else lora.layers(lora_rng)
   x = params.constrain(model.embed(tokens), sharding.ACTIVATION_AXES)
   new_k, new_v = [], []
@@ -278,7 +296,16 @@ def hidden_states(
     def layer(x, cache_kv, block=block, layer_lora=layer_lora, i=i):
       key_mask = key_masks[config.window(i)]
       return block(
-        x, positions, inv_freqs[i], cache_kv, index, key_mask, layer_lora, impl, key_bias
+        x,
+        positions,
+        inv_freqs[i],
+        cache_kv,
+        index,
+        key_mask,
+        layer_lora,
+        impl,
+        key_bias,
+        moe_dispatch,
       )
 
     x, kv = remat_layer(layer, remat)(x, cache_kv)
