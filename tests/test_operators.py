@@ -4,7 +4,8 @@
 * Order-free operators give the same logits for permuted branches.
 * `sequential`: branch i's merged keys equal a fresh prefill of its tokens at
   positions sum_{j<i} len_j + t; the synthesizer starts at sum_i len_i; one branch
-  is the shared-start path; a batch equals each problem alone.
+  is the shared-start path.
+* Every operator: a batch of problems equals each problem alone.
 * `recompute`: fraction 0 is the paper's path; 1 is a forward of the concatenated
   branch tokens at the PS positions; in between, the chosen rows are the top layer-1
   deviations and equal a token-by-token recompute over the cache path.
@@ -120,8 +121,13 @@ def test_one_branch_sequential_is_the_shared_start(lm):
   np.testing.assert_allclose(logits(lm, one, merge=seq), logits(lm, one, mapper=mapper), atol=ATOL)
 
 
-def test_sequential_batch_equals_each_problem_alone(lm, branches):
-  op = operators.create("sequential", CONFIG)
+@pytest.mark.parametrize(
+  "spec",
+  ["sequential", "ape:scale=2", "recompute:fraction=0.3", "recompute:fraction=1", "reprefill"],
+)
+def test_a_batch_equals_each_problem_alone(lm, branches, spec):
+  """`synthesize_batch` (what `psynth eval --operator` runs) vmaps the operator's merge."""
+  op = operators.from_spec(spec, CONFIG)
   problems = [(branches, PROMPT), (encode_branches(lm, [[3, 1, 4, 1, 5], [5, 3]]), [11, 12])]
   got = synthesize_batch(
     lm, [b for b, _ in problems], [p for _, p in problems], max_new_tokens=NEW, merge=op
