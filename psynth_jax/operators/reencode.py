@@ -84,12 +84,12 @@ def wrapping(spec: str, config: ModelConfig, mapper):
 def resolve(mapper=None, merge: MergeOperator | None = None) -> MergeOperator:
   """The operator a call asks for: `merge`, else the paper's with `mapper` (the shorthand:
   `mapper=m` is `merge=Reencode(m)`, `mapper=None` the naive merge)."""
-  if isinstance(mapper, MergeOperator):
-    mapper, merge = None, mapper if merge is None else _both()
+  if mapper is not None and merge is not None:
+    _both()
+  if isinstance(mapper, MergeOperator):  # an operator in a mapper's place (a loaded export)
+    return mapper
   if merge is None:
     return Reencode(mapper)
-  if mapper is not None:
-    _both()
   if not isinstance(merge, MergeOperator):
     raise TypeError(f"merge= takes a MergeOperator (psynth_jax.operators), got {type(merge)}")
   return merge
