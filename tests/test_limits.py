@@ -153,3 +153,32 @@ def test_ttft_path_floors():
   assert row["weight_floor_s"] == pytest.approx(WEIGHTS / 1e9)
   assert row["cache_merge_floor_s"] == pytest.approx(2 * 6 * KV_ROW / 1e9)
   assert row["floor_ratio"] == pytest.approx(text["floor_s"] / cache["floor_s"])
+
+
+# CONFIG with layer 0's MLP as E = 4 experts of F_E = 8, top-2, in a second layer's model:
+# layer 1 stays dense. Per token an expert layer computes its router 2 D E = 128 and two
+# experts 2 * 2 * 3 D F_E = 1536 (not all four), the dense layer its MLP 2 * 3 D F = 3072.
+MOE = CONFIG.replace(
+  num_layers=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, moe_layers=(0,)
+)
+
+
+def test_moe_counts_the_routed_experts_only():
+  from psynth_jax.eval.ttft import prefill_flops
+
+  attention = 2 * (16 * 16 + 2 * 16 * 16 + 16 * 16)
+  per_token = attention + 128 + 1536 + attention + 3072
+  assert prefill_flops(MOE, 1, 0) == per_token + 2048 + 2 * 64  # 1 key, 2 layers
+  params = init_params(MOE)
+  experts = 4 * 4 * 3 * 16 * 8  # E x (gate, up, down) of D x F_E, float32
+  assert limits.expert_bytes(params) == experts
+  lim = limits.Limits.of(params, 1.0)
+  assert lim.weight_bytes == limits.weight_read_bytes(params)
+  # One token reads 2 of 4 experts in expectation; a long prefill all of them.
+  assert lim.weights_read(1) == pytest.approx(lim.weight_bytes - experts / 2)
+  assert lim.weights_read(3) == pytest.approx(lim.weight_bytes - experts / 8)
+  assert lim.weights_read(10_000) == pytest.approx(lim.weight_bytes)
+  lim.rates.update({1: 1.0, 2: 1.0})
+  step = lim.decode([0, 0], steps=1)
+  assert step["bytes"] == pytest.approx(lim.weights_read(2) + 2 * limits.kv_row_bytes(MOE))
+  assert limits.experts_read(CONFIG, 1) == 1.0  # dense: every weight

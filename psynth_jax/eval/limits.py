@@ -142,6 +142,25 @@ def weight_read_bytes(params: Params) -> int:
   return total
 
 
+def expert_bytes(params: Params) -> int:
+  """Bytes of the mixture-of-experts layers' expert weights (0 for a dense model)."""
+  return sum(
+    int(a.size) * a.dtype.itemsize for name, a in flat_state(params).items() if ".experts." in name
+  )
+
+
+def experts_read(config: ModelConfig, tokens: int) -> float:
+  """The fraction of each expert layer's experts a program over `tokens` tokens reads.
+
+  Routing is data-dependent, so this is its expectation under uniform top-k routing,
+  1 - (1 - k/E)^T: k/E for one token, all of them for a long prefill. 1 for dense models.
+  """
+  if not config.moe_layers:
+    return 1.0
+  k, e = config.num_experts_per_tok, config.num_experts
+  return 1.0 - (1.0 - k / e) ** max(1, tokens)
+
+
 def torch_weight_read_bytes(model) -> int:
   """`weight_read_bytes` of a transformers causal LM (call before adding adapters)."""
   total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -213,6 +232,8 @@ class Limits:
     config: the model's config (shapes, dtype).
     bandwidth_gbps: `memory_bandwidth()["bandwidth_gbps"]`, measured in this run.
     weight_bytes: `weight_read_bytes` of the model's parameters.
+    expert_bytes: the part of `weight_bytes` in expert weights (`expert_bytes`): a
+      program over T tokens reads `experts_read(config, T)` of it.
     rates: {M: GFLOP/s} of the probes run so far.
     probe: the matmul probe, `probe(m, k, n, dtype)` -> GFLOP/s (`matmul_gflops`;
       `torch_matmul_gflops` for a transformers peer).
@@ -223,10 +244,13 @@ class Limits:
   weight_bytes: int
   rates: dict[int, float] = dataclasses.field(default_factory=dict)
   probe: Callable[[int, int, int, str], float] = matmul_gflops
+  expert_bytes: int = 0
 
   @classmethod
   def of(cls, params: Params, bandwidth_gbps: float) -> Limits:
-    return cls(params.config, bandwidth_gbps, weight_read_bytes(params))
+    return cls(
+      params.config, bandwidth_gbps, weight_read_bytes(params), expert_bytes=expert_bytes(params)
+    )
 
   @classmethod
   def of_torch(cls, model, config: ModelConfig, bandwidth_gbps: float) -> Limits:
@@ -242,7 +266,15 @@ class Limits:
       bandwidth_gbps,
       torch_weight_read_bytes(model),
       probe=torch_matmul_gflops,
+      expert_bytes=sum(
+        p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n
+      ),
     )
+
+  def weights_read(self, tokens: int) -> float:
+    """Weight bytes one program over `tokens` tokens reads (dense: all of them)."""
+    unread = self.expert_bytes * (1.0 - experts_read(self.config, tokens))
+    return self.weight_bytes - unread
 
   def rate(self, m: int) -> float:
     """Matmul GFLOP/s at M = m rows (probed once per m)."""
@@ -283,8 +315,9 @@ class Limits:
       for n, k in zip(prompt_lengths, before, strict=True)
     )
     rows = sum(before) + sum(prompt_lengths)
-    nbytes = self.weight_bytes + lora_bytes + rows * kv_row_bytes(self.config)
-    return self.stage(nbytes, flops, sum(prompt_lengths))
+    tokens = sum(prompt_lengths)
+    nbytes = self.weights_read(tokens) + lora_bytes + rows * kv_row_bytes(self.config)
+    return self.stage(nbytes, flops, tokens)
 
   def decode(self, contexts: Sequence[float], steps: int, lora=None, unembed: bool = True) -> dict:
     """`steps` decode steps of a batch (one step: one token per sequence, a full weight read).
@@ -302,7 +335,7 @@ class Limits:
     b = len(contexts)
     mean = sum(contexts) / b + (steps - 1) / 2  # FLOPs and rows read are affine in the context
     flops = b * steps * _prefill_flops(c, 1, mean, lora_config)
-    weights = self.weight_bytes
+    weights = self.weights_read(b)
     if not unembed:
       flops -= b * steps * 2 * c.hidden_size * c.vocab_size
       weights -= c.vocab_size * c.hidden_size * jnp.dtype(c.dtype).itemsize

@@ -56,21 +56,27 @@ from psynth_jax.workers import encode_branches
 
 
 def _token_flops(config: ModelConfig, lora: LoRAConfig | None = None) -> float:
-  """Matmul FLOPs of one token through one layer (+ its LoRA adapters)."""
+  """Matmul FLOPs of one token through every layer (+ its LoRA adapters).
+
+  A dense layer's MLP is 3 D F; an expert layer's is its router (D E) and the k experts
+  the token is routed to (3 D F_E each): the FLOPs a dropless dispatch needs, not the
+  dense reference's E.
+  """
   c = config
   d, h = c.hidden_size, c.head_dim
-  flops = 2 * (
-    d * (c.num_heads + 2 * c.num_kv_heads) * h + c.num_heads * h * d + 3 * d * c.intermediate_size
-  )
+  attention = d * (c.num_heads + 2 * c.num_kv_heads) * h + c.num_heads * h * d
+  dense = 3 * d * c.intermediate_size
+  experts = d * c.num_experts + 3 * d * c.moe_intermediate_size * c.num_experts_per_tok
+  macs = sum(attention + (experts if c.is_moe(i) else dense) for i in range(c.num_layers))
   for target in lora.targets if lora is not None else ():
     d_in, d_out = target_dims(c, target)
-    flops += 2 * lora.rank * (d_in + d_out)
-  return flops
+    macs += c.num_layers * lora.rank * (d_in + d_out)
+  return 2 * macs
 
 
 def _flops(config: ModelConfig, queries, score_entries, lora) -> float:
   c = config
-  matmul = queries * _token_flops(c, lora) * c.num_layers + 2 * c.hidden_size * c.vocab_size
+  matmul = queries * _token_flops(c, lora) + 2 * c.hidden_size * c.vocab_size
   attention = 4 * c.num_heads * c.head_dim * score_entries * c.num_layers  # QK^T and PV
   return matmul + attention
 
