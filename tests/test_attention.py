@@ -157,3 +157,50 @@ def test_the_model_gives_the_same_tokens_with_either_implementation():
   assert blocked.generate(prompts, 12) == dense.generate(prompts, 12)
   with pytest.raises(ValueError, match="one of"):
     lm.with_attention("fast")
+
+
+@pytest.mark.parametrize("impl", ["dense", "blocked"])
+@pytest.mark.parametrize("filled", [0, 1, 130, 255, 256, 257, 700, 1000])
+def test_over_a_cache_only_the_visible_prefix_is_read(impl, filled):
+  """Queries over a 1,000-row cache whose last visible key is row `filled` - 1: attention
+  equals the implementation over all rows, and keys past the prefix it picks are not read
+  (NaN there changes nothing)."""
+  rng = np.random.default_rng(filled)
+  s, t = 1000, 3
+  q, k, v = _qkv(rng, 2, t, 2, 2, 8, s, jnp.float32)
+  mask = np.broadcast_to(np.arange(s) < filled, (2, t, s)).copy()
+  mask[0, 1, : filled // 2] = False  # rows differ per query and example
+  mask[1, :, 3:9] = False
+  bias = jnp.asarray(rng.normal(size=(2, s)), jnp.float32)
+  mask = jnp.asarray(mask)
+  fn = dense_attention if impl == "dense" else blocked_attention
+  want = np.asarray(fn(q, k, v, mask, bias=bias))
+  got = np.asarray(jax.jit(attention, static_argnums=4)(q, k, v, mask, impl, None, None, bias))
+  seen = np.asarray(mask.any(-1))
+  np.testing.assert_allclose(got[seen], want[seen], atol=2e-6, rtol=0)
+  sizes = attention_ops.prefix_sizes(t, s)
+  read = next((n for n in sizes if n >= filled), s)
+  poisoned = attention(q, k.at[:, read:].set(jnp.nan), v.at[:, read:].set(jnp.nan), mask, impl)
+  assert read == s or np.isfinite(np.asarray(poisoned)).all()
+
+
+def test_prefix_sizes():
+  assert attention_ops.prefix_sizes(1, 1024) == tuple(range(128, 1025, 128))
+  assert attention_ops.prefix_sizes(1, 5000)[-1] == 5000
+  assert len(attention_ops.prefix_sizes(1, 5000)) <= attention_ops.PREFIXES
+  assert attention_ops.prefix_sizes(1, 100) == (100,)  # short: read whole
+  assert attention_ops.prefix_sizes(64, 64) == (64,)  # no cache (training): one program
+
+
+def test_prefix_gradients_equal_the_full_read():
+  rng = np.random.default_rng(9)
+  q, k, v = _qkv(rng, 1, 2, 1, 2, 8, 600, jnp.float32)
+  mask = jnp.asarray(np.broadcast_to(np.arange(600) < 300, (1, 2, 600)))
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v, mask) ** 2)
+
+  want = jax.grad(loss(dense_attention), argnums=(0, 1, 2))(q, k, v)
+  got = jax.grad(loss(lambda *a: attention(*a, "dense")), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)

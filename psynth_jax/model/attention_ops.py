@@ -17,6 +17,13 @@ bias, None: 0). The implementations compute the same function:
   has none), else dense up to `DENSE_MAX_SCORES` scores per (batch, kv head) and
   blocked beyond.
 
+Over a cache (more keys than queries) only the keys some query may see are read:
+the cache's capacity is split into at most `PREFIXES` static prefixes, the shortest
+that holds the last visible key is chosen at run time (`lax.switch`), and the
+implementation runs on that prefix alone. A decode step over a 1,024-row cache holding
+200 rows reads 256 of them, not 1,024; the result is the same function (the keys left
+out are masked for every query).
+
 A query that sees no key at all (a padding token) gets the mean of the values in
 "dense" and an undefined but finite output elsewhere: nothing reads it.
 
@@ -37,6 +44,8 @@ BLOCK = 512  # key rows per block of "blocked"
 # experiments/bench_attention.py.
 DENSE_MAX_SCORES = 1 << 18
 _MASKED = -1e30  # finite, so a fully masked (padding) query stays NaN-free
+PREFIXES = 8  # static key prefixes over a cache (one program branch each)
+PREFIX_STEP = 128  # their lengths are multiples of this; shorter caches are read whole
 
 
 def check_impl(impl: str) -> str:
@@ -55,7 +64,37 @@ def attention(
   q, k, v, key_mask, impl: str = "auto", scale=None, softcap=None, bias=None
 ) -> jax.Array:
   """Softmax attention of q [B, T, G, Q, H] over k, v [B, S, G, H] -> [B, T, G, Q, H]."""
-  impl = resolve(check_impl(impl), q.shape, k.shape[1], q.dtype, softcap, bias)
+  impl = check_impl(impl)
+  sizes = prefix_sizes(q.shape[1], k.shape[1])
+  if len(sizes) == 1 or resolve(impl, q.shape, k.shape[1], q.dtype, softcap, bias) == "cudnn":
+    return _attention(q, k, v, key_mask, impl, scale, softcap, bias)
+  # The last key any query sees, + 1; 0 if none does.
+  seen = key_mask.any(axis=(0, 1))  # [S]
+  rows = jnp.where(seen.any(), seen.shape[0] - jnp.argmax(seen[::-1]), 0)
+  branch = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), rows), len(sizes) - 1)
+
+  def on_prefix(n):
+    def run(q, k, v, key_mask, bias):
+      bias = None if bias is None else bias[:, :n]
+      return _attention(q, k[:, :n], v[:, :n], key_mask[..., :n], impl, scale, softcap, bias)
+
+    return run
+
+  return jax.lax.switch(branch, [on_prefix(n) for n in sizes], q, k, v, key_mask, bias)
+
+
+def prefix_sizes(queries: int, keys: int) -> tuple[int, ...]:
+  """The key prefixes `attention` may read: (keys,) unless the keys are a cache longer
+  than `PREFIX_STEP` (more keys than queries), else up to `PREFIXES` lengths ending at it."""
+  if keys <= queries or keys <= PREFIX_STEP:
+    return (keys,)
+  step = -(-keys // PREFIXES)
+  step = -(-step // PREFIX_STEP) * PREFIX_STEP
+  return (*range(step, keys, step), keys)
+
+
+def _attention(q, k, v, key_mask, impl, scale, softcap, bias) -> jax.Array:
+  impl = resolve(impl, q.shape, k.shape[1], q.dtype, softcap, bias)
   if impl == "dense":
     return dense_attention(q, k, v, key_mask, scale, softcap, bias)
   if impl == "blocked":
