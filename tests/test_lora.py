@@ -205,9 +205,12 @@ def _edit_tensors(folder, fn):
 @pytest.mark.parametrize(
   "changes, message",
   [
-    (dict(target_modules=["q_proj", "gate_proj"]), "mlp.gate_proj"),
+    (dict(target_modules=["q_proj", "embed_tokens"]), r"model\.embed_tokens"),
     (dict(target_modules="all-linear"), "all-linear"),
-    (dict(target_modules=["up_proj", "down_proj"]), "attention projections"),
+    (
+      dict(target_modules=r".*\.mlp\.(gate|up)_proj", exclude_modules=r"model\.layers\.1\..*"),
+      r"gate_proj in layers \[0\] only",
+    ),
     (dict(target_modules=["lm_head"]), "lm_head"),
     (dict(target_modules=r"model\.layers\.0\.self_attn\.q_proj"), r"layers \[0\] only"),
     (dict(target_modules=None), "target_modules"),

@@ -13,7 +13,7 @@ from psynth_jax import tasks
 from psynth_jax.language_model import LanguageModel
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.lora import LoRAConfig, LoRAWeights
+from psynth_jax.model.lora import TARGETS, LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import abstract_params, forward, params_from_flat
 from psynth_jax.synthesis import synthesis_logits
 from psynth_jax.tasks import synthetic
@@ -248,6 +248,25 @@ def test_only_the_chosen_part_trains_and_loss_falls(trainable, base, batch):
   assert history[-1] < history[0]
   if trainable == "both":  # overfitting one batch of 4 examples
     assert history[-1] < 0.7 * history[0], history
+
+
+def test_lora_on_the_mlp_projections_trains(base, batch):
+  """gate / up / down next to q/k/v/o: every B leaves zero and the loss falls."""
+  optimizer, step_fn = _step_fn("lora_only", 1e-2)
+  lora = LoRAWeights.init(CONFIG, LoRAConfig(rank=4, targets=TARGETS))
+  state = step_lib.init_state(Mapper.create("affine", CONFIG.num_layers), lora, optimizer)
+  device_batch = jax.tree.map(jnp.asarray, batch)
+  history = []
+  for _ in range(3):
+    state, metrics = step_fn(state, base, device_batch)
+    history.append(float(metrics["loss"]))
+  after = state.params["lora"]
+  assert after.config.targets == TARGETS
+  for t in TARGETS:
+    a, b = (np.asarray(x) for x in after.arrays(t))
+    assert np.abs(b).max() > 0, t
+    assert not np.array_equal(a, np.asarray(lora.arrays(t)[0])), t  # B != 0 after step 1
+  assert history[-1] < history[0], history
 
 
 def test_a_rematerialised_step_computes_the_same_update(base, batch):

@@ -55,6 +55,7 @@ def default_config() -> ConfigDict:
         bucketed=False,
       ),
       mapper=dict(kind="affine", features="both"),
+      # targets: the paper's q/k/v/o; gate/up/down add the dense MLP (psynth_jax.model.lora).
       lora=dict(rank=16, alpha=32.0, dropout=0.0, targets=("q", "k", "v", "o")),
       train=dict(
         trainable="both",  # both | mapper_only | lora_only

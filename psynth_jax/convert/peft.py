@@ -7,14 +7,17 @@ per adapted projection, e.g. for layer N's query projection
   base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight  [R, D_in]
   base_model.model.model.layers.N.self_attn.q_proj.lora_B.weight  [D_out, R]
 
+and `...layers.N.mlp.{gate,up,down}_proj.lora_{A,B}.weight` for the MLP's.
 Ours are A [L, D_in, R] and B [L, R, D_out] (see `psynth_jax.model.lora`), so
 each tensor is transposed. PEFT computes `(alpha / R) * B(A(dropout(x)))`
 (`alpha / sqrt(R)` with `use_rslora`), which is exactly our LoRA. Only plain
-LoRA on the attention projections q/k/v/o of every layer maps onto ours; any
-other option (DoRA, biases, MLP or head targets, per-layer ranks, ...) is
-refused with an error that names it. The layer count, D_in, D_out and rank
-come from the tensors, so a folder loads on its own; a model config, or the
-model itself, only adds checks.
+LoRA on the attention projections q/k/v/o and the dense MLP's gate/up/down, in
+every layer, maps onto ours; any other option (DoRA, biases, lm_head or
+embedding targets, per-layer ranks, `target_modules="all-linear"`, ...) is
+refused with an error that names it, and so are MLP targets on a model with
+mixture-of-experts layers (`psynth_jax.model.lora.check_targets`). The layer
+count, D_in, D_out and rank come from the tensors, so a folder loads on its
+own; a model config, or the model itself, only adds checks.
 
 Embedding copies. PEFT's `save_embedding_layers=True` (the release: its
 vocabulary was resized to V' = 151,669 of Qwen3's 151,936) and
@@ -57,7 +60,15 @@ from psynth_jax.convert.adapter_files import (
 )
 from psynth_jax.convert.peft_embeddings import apply_adapter_embeddings, check_copies, copy_shapes
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.lora import TARGETS, LoRAConfig, LoRAWeights, check_lora, target_dims
+from psynth_jax.model.lora import (
+  MLP_TARGETS,
+  TARGETS,
+  LoRAConfig,
+  LoRAWeights,
+  check_lora,
+  check_targets,
+  target_dims,
+)
 
 __all__ = [
   "CONFIG_FILE",
@@ -72,8 +83,10 @@ __all__ = [
 ]
 
 _LORA_TENSOR = re.compile(
-  re.escape(PREFIX) + r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.lora_([AB])\.weight"
+  re.escape(PREFIX)
+  + r"model\.layers\.(\d+)\.(?:self_attn\.[qkvo]|mlp\.(?:gate|up|down))_proj\.lora_[AB]\.weight"
 )
+_PROJECTIONS = "/".join(f"{t}_proj" for t in TARGETS)
 _log = logging.getLogger(__name__)
 _unchecked_logged: set[str] = set()  # folders whose unchecked copies were reported
 
@@ -84,7 +97,8 @@ class UnsupportedAdapterError(ValueError):
 
 def _module_name(layer: int, target: str) -> str:
   """Name of a target projection inside the HF *ForCausalLM model."""
-  return f"model.layers.{layer}.self_attn.{target}_proj"
+  block = "mlp" if target in MLP_TARGETS else "self_attn"
+  return f"model.layers.{layer}.{block}.{target}_proj"
 
 
 def _tensor_name(layer: int, target: str, which: str) -> str:
@@ -96,7 +110,6 @@ def _candidate_modules(num_layers: int) -> list[str]:
   names = ["lm_head", "model.embed_tokens"]
   for i in range(num_layers):
     names += [_module_name(i, t) for t in TARGETS]
-    names += [f"model.layers.{i}.mlp.{p}_proj" for p in ("gate", "up", "down")]
   return names
 
 
@@ -108,7 +121,7 @@ def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
 
 
 def _targets_from_config(cfg: dict, num_layers: int) -> tuple[str, ...]:
-  """The q/k/v/o targets that `target_modules` (less `exclude_modules`) selects in every layer."""
+  """The `TARGETS` that `target_modules` (less `exclude_modules`) selects in every layer."""
   target_modules = cfg.get("target_modules")
   exclude = cfg.get("exclude_modules")
   if not target_modules:
@@ -117,24 +130,27 @@ def _targets_from_config(cfg: dict, num_layers: int) -> tuple[str, ...]:
       " supported); name the projections, e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj']"
     )
   if target_modules == "all-linear" or target_modules == ["all-linear"]:
+    # Its meaning is "whatever Linear layers the model has": PEFT saves the resolved list.
     raise UnsupportedAdapterError(
-      "target_modules='all-linear' adapts the MLPs too; psynth_jax's LoRA covers q/k/v/o only"
+      "target_modules='all-linear' names no projections; name them, e.g."
+      f" {[f'{t}_proj' for t in TARGETS]}"
     )
   hit = [
     n
     for n in _candidate_modules(num_layers)
     if _matches(n, target_modules) and not (exclude and _matches(n, exclude))
   ]
-  others = [n for n in hit if not any(n.endswith(f".self_attn.{t}_proj") for t in TARGETS)]
+  ours = {_module_name(i, t): t for i in range(num_layers) for t in TARGETS}
+  others = [n for n in hit if n not in ours]
   if others:
     raise UnsupportedAdapterError(
       f"target_modules={target_modules!r} adapts {others[:4]}{'...' if len(others) > 4 else ''};"
-      " psynth_jax's LoRA covers only the attention projections q_proj/k_proj/v_proj/o_proj"
+      f" psynth_jax's LoRA covers only the projections {_PROJECTIONS}"
     )
-  targets = tuple(t for t in TARGETS if any(n.endswith(f".self_attn.{t}_proj") for n in hit))
+  targets = tuple(t for t in TARGETS if any(ours[n] == t for n in hit))
   if not targets:
     raise UnsupportedAdapterError(
-      f"target_modules={target_modules!r} selects none of q_proj/k_proj/v_proj/o_proj"
+      f"target_modules={target_modules!r} selects none of {_PROJECTIONS}"
     )
   for t in targets:
     layers = [i for i in range(num_layers) if _module_name(i, t) in hit]
@@ -255,13 +271,21 @@ def _target_shapes(f, folder: Path, config: LoRAConfig, n: int, model_config) ->
     dims[t] = (d_in, d_out)
   if len(_model_dims(dims)) > 1:
     raise ValueError(f"{folder}: the adapter's projections disagree on D: (D_in, D_out) {dims}")
+  mlp_dims = {
+    d_in if t == "down" else d_out for t, (d_in, d_out) in dims.items() if t in MLP_TARGETS
+  }
+  if len(mlp_dims) > 1:
+    raise ValueError(f"{folder}: the adapter's MLP projections disagree on F: (D_in, D_out) {dims}")
   return dims
 
 
+_WRITES_D = ("o", "down")  # the projections whose output is the residual stream
+
+
 def _model_dims(dims: dict[str, tuple[int, int]]) -> set[int]:
-  """The model dims D that {target: (D_in, D_out)} implies (q/k/v read D, o writes it)."""
-  return {d_in for t, (d_in, _) in dims.items() if t != "o"} | {
-    d_out for t, (_, d_out) in dims.items() if t == "o"
+  """The model dims D that {target: (D_in, D_out)} implies (o, down write D; the rest read it)."""
+  return {d_in for t, (d_in, _) in dims.items() if t not in _WRITES_D} | {
+    d_out for t, (_, d_out) in dims.items() if t in _WRITES_D
   }
 
 
@@ -313,6 +337,8 @@ def load_peft_lora(
     n = model_config.num_layers if model_config else _num_layers(lora_names, folder)
     vocab = next(iter(copies.values()))[0] if copies else None
     config = lora_config_from_peft(cfg, n, vocab)
+    if model_config is not None:  # before the tensor names, which would blame the experts' keys
+      check_targets(config.targets, model_config)
     want = {_tensor_name(i, t, w) for i in range(n) for t in config.targets for w in "AB"}
     missing, unexpected = sorted(want - lora_names), sorted(lora_names - want)
     if missing or unexpected:

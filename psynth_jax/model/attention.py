@@ -7,8 +7,6 @@ written at row r iff `valid[s]` and s <= r (see `psynth_jax.kv_cache`).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,26 +15,8 @@ from flax import nnx
 from psynth_jax.model.attention_ops import attention
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.layers import RMSNorm, param
+from psynth_jax.model.lora import LoRALayer
 from psynth_jax.model.rope import apply_rope
-
-
-class LoRALayer(NamedTuple):
-  """One layer's adapters: target -> (A [D_in, R], B [R, D_out]); see `model/lora.py`."""
-
-  weights: dict[str, tuple[jax.Array, jax.Array]]
-  scale: float
-  dropout: float = 0.0
-  rng: jax.Array | None = None  # dropout is applied only when a key is given
-
-  def delta(self, target: str, x: jax.Array) -> jax.Array | None:
-    if target not in self.weights:
-      return None
-    a, b = self.weights[target]
-    if self.dropout > 0.0 and self.rng is not None:
-      key = jax.random.fold_in(self.rng, "qkvo".index(target))
-      keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
-      x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
-    return (x @ a.astype(x.dtype)) @ b.astype(x.dtype) * jnp.asarray(self.scale, x.dtype)
 
 
 class Attention(nnx.Module):

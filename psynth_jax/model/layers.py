@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.lora import LoRALayer
 
 
 def param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None) -> nnx.Param:
@@ -65,7 +66,11 @@ class Embed(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x)); GeGLU (Gemma): gelu, tanh approximation."""
+  """SwiGLU: down(silu(gate(x)) * up(x)); GeGLU (Gemma): gelu, tanh approximation.
+
+  With a `LoRALayer` holding gate / up / down targets, each of those projections
+  adds its delta on its own input (x for gate and up, act(gate) * up for down).
+  """
 
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     d, f, dtype = config.hidden_size, config.intermediate_size, jnp.dtype(config.dtype)
@@ -74,8 +79,14 @@ class MLP(nnx.Module):
     self.down = param(rngs, (f, d), ("mlp", "embed"), dtype)
     self.gelu = config.mlp_activation == "gelu_tanh"
 
-  def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
-    gate = jnp.einsum("BTD,DF->BTF", x, self.gate[...])
-    up = jnp.einsum("BTD,DF->BTF", x, self.up[...])
+  def __call__(self, x: jax.Array, lora: LoRALayer | None = None) -> jax.Array:  # [B, T, D]
+    gate = self._project(x, "BTD,DF->BTF", "gate", lora)  # [B, T, F]
+    up = self._project(x, "BTD,DF->BTF", "up", lora)
     act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
-    return jnp.einsum("BTF,FD->BTD", act * up, self.down[...])
+    return self._project(act * up, "BTF,FD->BTD", "down", lora)
+
+  def _project(self, x, spec: str, name: str, lora: LoRALayer | None) -> jax.Array:
+    y = jnp.einsum(spec, x, getattr(self, name)[...])
+    if lora is not None and (delta := lora.delta(name, x)) is not None:
+      y = y + delta
+    return y

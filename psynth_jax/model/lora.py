@@ -1,12 +1,21 @@
-"""LoRA adapters for the synthesizer's attention projections.
+"""LoRA adapters for the synthesizer's projections.
 
-For a target projection W (q, k, v or o) of layer l the adapted output is
+For a target projection W of layer l the adapted output is
 `x W + (alpha / rank) * dropout(x) A_l B_l`, with A [D_in, R] initialised like
 PEFT (Kaiming-uniform) and B [R, D_out] initialised to zero, so a fresh adapter
 leaves the model unchanged. Adapters are `nnx.LoRAParam`s: "what trains" is
 the filter `nnx.LoRAParam`. Layouts match PEFT after a transpose (PEFT stores
 `lora_A.weight` [R, D_in] and `lora_B.weight` [D_out, R]); q/k/v outputs are
 flattened heads-major ([N, H] -> N*H), exactly like the torch projections.
+
+Targets (`TARGETS`): the attention projections q, k, v [D, N*H or G*H] and
+o [N*H, D], and the dense gated MLP's gate, up [D, F] and down [F, D]. The
+default is the paper's: the attention four (`ATTENTION_TARGETS`). MLP targets
+need every layer's MLP to be dense: a mixture-of-experts layer has no single
+gate/up/down (per-expert LoRA is not implemented), so `check_lora` refuses
+them there. Like PEFT, dropout (training only) acts on each adapted
+projection's own input, with its own mask: x for q/k/v/gate/up, the attention
+output for o, act(gate) * up for down.
 
 `LoRAWeights` knows no model: its layer count, D_in, D_out and rank are the
 shapes of its arrays, so an adapter read from a file needs nothing else.
@@ -25,16 +34,39 @@ import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from psynth_jax.model.attention import LoRALayer
 from psynth_jax.model.config import ModelConfig
 
-TARGETS = ("q", "k", "v", "o")
+ATTENTION_TARGETS = ("q", "k", "v", "o")
+MLP_TARGETS = ("gate", "up", "down")
+# The order is part of every dropout mask (`LoRALayer.delta` folds in the index): append only.
+TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+
+
+class LoRALayer(NamedTuple):
+  """One layer's adapters: target -> (A [D_in, R], B [R, D_out])."""
+
+  weights: dict[str, tuple[jax.Array, jax.Array]]
+  scale: float
+  dropout: float = 0.0
+  rng: jax.Array | None = None  # dropout is applied only when a key is given
+
+  def delta(self, target: str, x: jax.Array) -> jax.Array | None:
+    """`scale * dropout(x) A B` for `target` ([..., D_in] -> [..., D_out]), None if not adapted."""
+    if target not in self.weights:
+      return None
+    a, b = self.weights[target]
+    if self.dropout > 0.0 and self.rng is not None:
+      key = jax.random.fold_in(self.rng, TARGETS.index(target))
+      keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+    return (x @ a.astype(x.dtype)) @ b.astype(x.dtype) * jnp.asarray(self.scale, x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +82,16 @@ class LoRAConfig:
   rank: int = 16
   alpha: float = 32.0
   dropout: float = 0.0
-  targets: tuple[str, ...] = TARGETS
+  targets: tuple[str, ...] = ATTENTION_TARGETS
   use_rslora: bool = False  # PEFT option: scale alpha / sqrt(rank)
   vocab_size: int | None = None
 
   def __post_init__(self):
     unknown = set(self.targets) - set(TARGETS)
-    if unknown or not self.targets:
-      raise ValueError(f"LoRA targets must be a non-empty subset of {TARGETS}, got {self.targets}")
+    if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+      raise ValueError(
+        f"LoRA targets must be distinct names from {TARGETS} (at least one), got {self.targets!r}"
+      )
     if self.rank < 1:
       raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
     if self.vocab_size is not None and self.vocab_size < 1:
@@ -69,9 +103,24 @@ class LoRAConfig:
 
 
 def target_dims(config: ModelConfig, target: str) -> tuple[int, int]:
-  """(D_in, D_out) of a target projection."""
+  """(D_in, D_out) of a target projection (an MLP target's of a dense MLP layer)."""
   d, n, g, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-  return {"q": (d, n * h), "k": (d, g * h), "v": (d, g * h), "o": (n * h, d)}[target]
+  f = config.intermediate_size
+  dims = {"q": (d, n * h), "k": (d, g * h), "v": (d, g * h), "o": (n * h, d)}
+  dims.update(gate=(d, f), up=(d, f), down=(f, d))
+  return dims[target]
+
+
+def check_targets(targets: Sequence[str], config: ModelConfig) -> None:
+  """Raises ValueError if MLP `targets` are asked of a model with mixture-of-experts layers."""
+  mlp = [t for t in targets if t in MLP_TARGETS]
+  moe = [i for i in range(config.num_layers) if config.is_moe(i)]
+  if mlp and moe:
+    raise ValueError(
+      f"LoRA targets {mlp} adapt the dense MLP, but layers {moe} of this model are"
+      " mixture-of-experts layers, which have no single gate/up/down projection (per-expert"
+      f" LoRA is not implemented); use attention targets only, e.g. {ATTENTION_TARGETS}"
+    )
 
 
 class LoRA(nnx.Module):
@@ -109,6 +158,7 @@ class LoRAWeights:
   @classmethod
   def init(cls, model_config: ModelConfig, config: LoRAConfig = LoRAConfig(), seed: int = 0):
     """A fresh adapter (B = 0) for `model_config`'s projections (training starts here)."""
+    check_targets(config.targets, model_config)
     dims = {t: target_dims(model_config, t) for t in config.targets}
     module = LoRA(model_config.num_layers, dims, config, nnx.Rngs(seed))
     return cls(config, nnx.state(module))
@@ -193,12 +243,14 @@ def check_lora(lora: LoRAWeights | None, config: ModelConfig) -> None:
 
   Checks the arrays themselves (layer count, D_in, D_out and rank per target):
   an adapter imported from a file may have been built for another model. An
-  adapter's `vocab_size` must not exceed the model's vocabulary.
+  adapter's `vocab_size` must not exceed the model's vocabulary, and MLP targets
+  need a model without mixture-of-experts layers (`check_targets`).
   """
   if lora is None:
     return
   if not isinstance(lora, LoRAWeights):
     raise TypeError(f"lora must be a LoRAWeights or None, got {type(lora).__name__}")
+  check_targets(lora.config.targets, config)
   problems = []
   for t in lora.config.targets:
     a, b = lora.arrays(t)

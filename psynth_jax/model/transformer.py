@@ -68,7 +68,7 @@ class Block(nnx.Module):
       h = self.post_attn_norm(h)
     x = x + h
     h = self.mlp_norm(x)
-    h = self.mlp(h, moe_dispatch) if self.moe else self.mlp(h)
+    h = self.mlp(h, moe_dispatch) if self.moe else self.mlp(h, lora)
     if self.post_norms:
       h = self.post_mlp_norm(h)
     return x + h, new_kv

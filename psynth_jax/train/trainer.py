@@ -41,7 +41,7 @@ from tensorboardX import SummaryWriter
 from psynth_jax import sharding, tasks
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.lora import LoRAConfig, LoRAWeights
+from psynth_jax.model.lora import LoRAConfig, LoRAWeights, check_targets
 from psynth_jax.model.transformer import init_params, with_fingerprint
 from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
 from psynth_jax.train import batching, checkpoints, data
@@ -91,6 +91,20 @@ def step_config(config: ConfigDict) -> step_lib.StepConfig:
 
 def optimizer_config(config: ConfigDict) -> step_lib.OptimizerConfig:
   return step_lib.OptimizerConfig(**config.optimizer.to_dict())
+
+
+def lora_config(config: ConfigDict) -> LoRAConfig:
+  """`config.lora` as a `LoRAConfig` (which refuses unknown targets).
+
+  `lora.targets` names projections of `psynth_jax.model.lora.TARGETS`: the default
+  q/k/v/o, and gate/up/down (dense MLPs only) on request, e.g.
+  `--config.lora.targets="('q','k','v','o','gate','up','down')"`, or the flag once
+  per target; an element "q,k" is split at its commas.
+  """
+  items = config.lora.targets
+  items = (items,) if isinstance(items, str) else items
+  targets = tuple(t.strip() for item in items for t in str(item).split(","))
+  return LoRAConfig(**{**config.lora.to_dict(), "targets": targets})
 
 
 def common_shape(shape: batching.BatchShape) -> batching.BatchShape:
@@ -257,6 +271,8 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
   if spec.branch_tokens + spec.synth_tokens > base.config.max_position_embeddings:
     raise ValueError("batch.branch_tokens + batch.synth_tokens exceed max_position_embeddings")
   batcher = batching.Batcher(tokenizer, spec, pad_id, eos_id if config.data.append_eos else None)
+  lora_cfg = lora_config(config)
+  check_targets(lora_cfg.targets, base.config)  # MLP targets need dense MLPs: fail before data
 
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
   global_batch = config.batch.per_device_batch_size * data_ways or config.batch.batch_size
@@ -273,10 +289,9 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
   )
   num_steps = config.train.num_steps or config.train.num_epochs * iterator.steps_per_epoch
 
-  lora_config = LoRAConfig(**{**config.lora.to_dict(), "targets": tuple(config.lora.targets)})
   init_args = (
     base.config,
-    lora_config,
+    lora_cfg,
     config.mapper.kind,
     config.mapper.features,
     optimizer_config(config),
