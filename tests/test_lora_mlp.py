@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from flax import nnx
 from ml_collections import config_flags
+from test_lora import random_lora
 
 from psynth_jax import configs
 from psynth_jax.configs import synthetic as synthetic_config
@@ -98,16 +98,6 @@ def torch_logits(model, tokens) -> np.ndarray:
 
 def ours(lm, tokens, lora=None) -> np.ndarray:
   return np.asarray(lm.logits(tokens, lora=lora))
-
-
-def random_lora(lm, config: LoRAConfig, seed=0) -> LoRAWeights:
-  rng = np.random.default_rng(seed)
-  lora = LoRAWeights.init(lm.config, config, seed=seed)
-  flat = [
-    (path, var.replace(rng.normal(0, 0.3, var.shape).astype(np.float32)))
-    for path, var in nnx.to_flat_state(lora.state)
-  ]
-  return lora.replace(state=nnx.from_flat_state(flat))
 
 
 def only(lora: LoRAWeights, targets) -> LoRAWeights:
