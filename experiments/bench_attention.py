@@ -7,7 +7,9 @@ Shapes of Qwen2.5-Coder-0.5B (14 query / 2 kv heads, head dim 64), float32: the 
 synthesizer's prefill of K = 3 worker outputs (T queries over T + answer-budget rows,
 causal), the cache synthesizer's prompt over a merged cache, and one decode step. Per
 case: median wall time of both implementations, their largest difference on queries
-that see a key, and the float32 score bytes dense attention holds per call.
+that see a key, and the float32 score bytes dense attention holds per call. Decode
+cases (one query) also time dense attention as batched matmuls, the form its decode
+path replaces from `attention_ops.DECODE_REDUCE_MIN_BATCH` rows on.
 
 Limits measured in the same run sit next to each time (`limits.attention_cost`): the
 floor of the computation is max(bytes any implementation moves (q, k, v and the mask
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psynth_jax.eval import bench_meta, limits
+from psynth_jax.model import attention_ops
 from psynth_jax.model.attention_ops import blocked_attention, dense_attention
 
 G, Q, H = 2, 7, 64
@@ -42,6 +45,8 @@ CASES = {  # name: (batch, queries T, cache rows S, causal offset: first query's
   "text prefill, 3 x 4096 (paper budget)": (1, 12488, 16584, 0),
   "cache synth prompt over 3 x 512": (1, 200, 2248, 1536),
   "decode step, 2248 rows": (16, 1, 2248, 2000),
+  "decode step, batch 3, 1024 rows": (3, 1, 1024, 1000),
+  "decode step, batch 48, 1024 rows": (48, 1, 1024, 1000),  # the eval's worker batch
 }
 
 
@@ -78,9 +83,9 @@ def print_table(rows: list[dict], meta: dict) -> None:
   )
   print(
     "| case | dense ms | blocked ms | floor ms (memory, compute) | dense / floor"
-    " | blocked / floor | dense's own floor ms | dense / own floor |"
+    " | blocked / floor | dense's own floor ms | dense / own floor | dense as matmuls ms |"
   )
-  print("|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|")
   nan = float("nan")
   for r in rows:
     print(
@@ -88,8 +93,18 @@ def print_table(rows: list[dict], meta: dict) -> None:
       f" {r['floor_s'] * 1e3:.3f} ({r['memory_floor_s'] * 1e3:.3f},"
       f" {r['compute_floor_s'] * 1e3:.3f}) | {r.get('dense_vs_floor', nan):.2f}x |"
       f" {r['blocked_vs_floor']:.2f}x | {r['dense_floor_s'] * 1e3:.3f} |"
-      f" {r.get('dense_vs_own_floor', nan):.2f}x |"
+      f" {r.get('dense_vs_own_floor', nan):.2f}x | {r.get('dense_matmul_s', nan) * 1e3:.2f} |"
     )
+
+
+def dense_matmul(q, k, v, mask):
+  """dense_attention with its one-query (decode) form switched off: batched matmuls."""
+  saved = attention_ops.DECODE_REDUCE_MIN_BATCH
+  attention_ops.DECODE_REDUCE_MIN_BATCH = 1 << 30
+  try:
+    return dense_attention(q, k, v, mask)
+  finally:
+    attention_ops.DECODE_REDUCE_MIN_BATCH = saved
 
 
 def timed(fn, args, repeats):
@@ -140,6 +155,8 @@ def main():
       row["dense_s"] = timed(dense, (q, k, v, mask), args.repeats)
       diff = jnp.abs(dense(q, k, v, mask) - blocked(q, k, v, mask))
       row["max_abs_diff"] = float(jnp.max(diff))
+    if t == 1:  # dense's decode form against the batched matmul it replaces at B >= 8
+      row["dense_matmul_s"] = timed(jax.jit(dense_matmul), (q, k, v, mask), args.repeats)
     row.update(case_limits(b, t, s, offset, bandwidth["bandwidth_gbps"], rate))
     row["blocked_vs_floor"] = row["blocked_s"] / row["floor_s"]
     if "dense_s" in row:

@@ -204,3 +204,29 @@ def test_prefix_gradients_equal_the_full_read():
   got = jax.grad(loss(lambda *a: attention(*a, "dense")), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(got, want, strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_decode_form_equals_float64_and_the_matmul_form(dtype, monkeypatch):
+  """One query per row at a batch that takes dense's decode form: a float64 softmax with
+  soft-cap and bias, the batched-matmul form and blocked all agree."""
+  b = attention_ops.DECODE_REDUCE_MIN_BATCH + 1
+  rng = np.random.default_rng(11)
+  q, k, v = _qkv(rng, b, 1, 2, 3, 16, 200, dtype)
+  mask = jnp.asarray(_mask(rng, "merged", b, 1, 200))
+  bias = jnp.asarray(rng.normal(size=(b, 200)), jnp.float32)
+  got = np.asarray(dense_attention(q, k, v, mask, softcap=3.0, bias=bias), np.float32)
+  q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v))
+  scores = 3.0 * np.tanh(np.einsum("btgqh,bsgh->btgqs", q64, k64) / 4.0 / 3.0)
+  scores = np.where(
+    np.asarray(mask)[:, :, None, None], scores + np.asarray(bias)[:, None, None, None], -np.inf
+  )
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  want = np.einsum("btgqs,bsgh->btgqh", probs / probs.sum(-1, keepdims=True), v64)
+  tol = 2e-6 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(got, want, atol=tol, rtol=0)
+  blocked = blocked_attention(q, k, v, mask, block=64, softcap=3.0, bias=bias)
+  np.testing.assert_allclose(np.asarray(blocked, np.float32), want, atol=max(tol, 1e-5), rtol=0)
+  monkeypatch.setattr(attention_ops, "DECODE_REDUCE_MIN_BATCH", 1 << 30)
+  matmul = np.asarray(dense_attention(q, k, v, mask, softcap=3.0, bias=bias), np.float32)
+  np.testing.assert_allclose(matmul, want, atol=max(tol, 1e-5), rtol=0)

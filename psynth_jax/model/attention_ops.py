@@ -46,6 +46,12 @@ DENSE_MAX_SCORES = 1 << 18
 _MASKED = -1e30  # finite, so a fully masked (padding) query stays NaN-free
 PREFIXES = 8  # static key prefixes over a cache (one program branch each)
 PREFIX_STEP = 128  # their lengths are multiples of this; shorter caches are read whole
+# Batch from which "dense" computes a one-query step (decode) as broadcast products summed
+# over H and S instead of a batched matmul: XLA:CPU's dot at M = Q (7 for Qwen 0.5B) copies
+# k and v into its own layout every step. Idle, one layer of Qwen 0.5B's shapes over 1,024
+# keys: 7.7 vs 30.6 ms at B = 48, 3.3 vs 3.7 at B = 16; at B <= 3 the dot is as fast or
+# faster (experiments/bench_attention.py, its decode cases).
+DECODE_REDUCE_MIN_BATCH = 8
 
 
 def check_impl(impl: str) -> str:
@@ -135,6 +141,8 @@ def dense_attention(q, k, v, key_mask, scale=None, softcap=None, bias=None) -> j
   matmul dimension M = Q*T, one [M, H] x [H, S] product per (batch, kv head); on CPU
   2-4x faster than a 5-D einsum, and k/v are never copied per query head."""
   b, t, g, qh, h = q.shape
+  if t == 1 and b >= DECODE_REDUCE_MIN_BATCH:
+    return _decode_attention(q, k, v, key_mask, scale, softcap, bias)
   q = q.transpose(0, 2, 3, 1, 4).reshape(b, g, qh * t, h)  # [B, G, M, H]
   logits = jnp.einsum("BGMH,BSGH->BGMS", q, k, preferred_element_type=jnp.float32)
   logits = _biased(_scores(logits.reshape(b, g, qh, t, -1), h, scale, softcap), bias)
@@ -142,6 +150,21 @@ def dense_attention(q, k, v, key_mask, scale=None, softcap=None, bias=None) -> j
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, g, qh * t, -1)
   out = jnp.einsum("BGMS,BSGH->BGMH", probs, v)
   return out.reshape(b, g, qh, t, h).transpose(0, 3, 1, 2, 4)
+
+
+def _decode_attention(q, k, v, key_mask, scale, softcap, bias) -> jax.Array:
+  """`dense_attention` for one query per row (T = 1), with k and v read in their own
+  [B, S, G, H] layout: scores and outputs as broadcast products reduced over H and S."""
+  h = q.shape[-1]
+  q1 = q[:, 0].astype(jnp.float32)  # [B, G, Q, H]
+  logits = jnp.sum(q1[:, None] * k[:, :, :, None, :].astype(jnp.float32), -1)  # [B, S, G, Q]
+  logits = _scores(logits, h, scale, softcap)
+  if bias is not None:
+    logits = logits + bias[:, :, None, None]
+  logits = jnp.where(key_mask[:, 0, :, None, None], logits, _MASKED)
+  probs = jax.nn.softmax(logits, axis=1)
+  out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
+  return out.astype(v.dtype)[:, None]  # [B, 1, G, Q, H]
 
 
 def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap=None, bias=None):
