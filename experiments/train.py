@@ -11,6 +11,7 @@ Any config field can be overridden (`--config.train.trainable=lora_only`).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from psynth_jax import compile_cache
 from psynth_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,6 +26,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO; the bar says enough
+  compile_cache.enable()  # a resumed run (or another arm's) loads the programs it met
   result = trainer.train(_CONFIG.value, _WORKDIR.value)
   last = result.history[-1] if result.history else {}
   print(

@@ -4,6 +4,7 @@ trains and resumes."""
 
 import dataclasses
 import functools
+import json
 import math
 
 import jax
@@ -16,7 +17,7 @@ from psynth_jax.mapper import Mapper
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.tasks import synthetic
 from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
-from psynth_jax.train import batching, data, heldout, trainer
+from psynth_jax.train import batching, data, heldout, shape_plan, trainer
 from psynth_jax.train import step as step_lib
 
 TOK = SuiteTokenizer()
@@ -166,6 +167,43 @@ def test_the_shapes_are_a_bounded_set_and_each_the_smallest_that_fits():
     assert getattr(union, name) == max(getattr(s, name) for s in shapes)
 
 
+def test_a_shape_plan_holds_every_batch_in_at_most_max_shapes():
+  rng = np.random.default_rng(2)
+  sizes = [(1, 2, 4, 8), (32, 64, 128), (0,), (32, 128, 512), (64, 128, 256), (32, 64), (0,)]
+  met = [batching.BatchShape(*(int(rng.choice(v)) for v in sizes)) for _ in range(200)]
+  for limit in (1, 3, 8, 500):
+    planned = shape_plan.plan(met, limit, d_model=64)
+    assert len(planned) == min(limit, len(set(met)))
+    for shape in met:
+      got = shape_plan.cover(shape, planned, 64)
+      assert shape_plan.holds(got, shape)
+      # the cheapest planned shape that holds it
+      assert all(
+        shape_plan.cost(got, 64) <= shape_plan.cost(p, 64)
+        for p in planned
+        if shape_plan.holds(p, shape)
+      )
+    added = shape_plan.overhead(met, planned, 64)
+    assert (added == 0) == (limit >= len(set(met))) and added >= 0
+  assert shape_plan.plan(met, 1, 64) == [functools.reduce(batching.BatchShape.union, met)]
+  # fewer shapes never cost less padding
+  costs = [shape_plan.overhead(met, shape_plan.plan(met, n, 64), 64) for n in (2, 4, 8, 16)]
+  assert costs == sorted(costs, reverse=True)
+  with pytest.raises(ValueError, match="fits none"):
+    shape_plan.cover(batching.BatchShape(16, 32, 0, 32, 64, 32, 0), planned, 64)
+
+
+def test_global_batches_are_what_the_iterator_yields():
+  source = list(range(23))
+  for drop in (True, False):
+    it = data.BatchIterator(
+      source, seed=3, batch_size=4, process_index=0, process_count=1, drop_remainder=drop
+    )
+    planned = [list(b) for e in range(2) for b in it.global_batches(e)]
+    assert [next(it) for _ in planned] == planned
+    assert len(planned) == 2 * it.steps_per_epoch
+
+
 # ---------------------------------------------------------------- the loss
 @functools.partial(jax.jit, static_argnums=3, compiler_options=FAST)
 def _loss_and_grads(params, base, batch, config):
@@ -269,6 +307,15 @@ def test_a_bucketed_trainer_run_trains_and_resumes(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(run))
   for got, want in zip(resumed.history, run.history[2:], strict=True):
     assert got["loss"] == want["loss"]
+  # At most two planned shapes: the same losses again, from fewer step programs.
+  config = _config()
+  config.batch.max_shapes = 2
+  two = trainer.train(config, str(tmp_path / "two"))
+  assert two.history[-1]["batch_shapes"] <= 2 < run.history[-1]["batch_shapes"]
+  record = json.loads((tmp_path / "two" / "batch_shapes.json").read_text())
+  assert len(record["planned"]) == 2 and record["shapes_met"] == run.history[-1]["batch_shapes"]
+  for got, want in zip(two.history, run.history, strict=True):
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
 
 
 def test_the_stage_configs_bucket_and_the_others_do_not():

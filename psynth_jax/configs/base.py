@@ -53,6 +53,9 @@ def default_config() -> ConfigDict:
         # bucket (powers of two up to the budgets above, which stay the guards); one
         # step program per shape met. False: every batch at the budget shapes.
         bucketed=False,
+        # > 0 (bucketed): at most this many shapes, planned before the run from its
+        # batches (psynth_jax/train/shape_plan.py); 0: every bucket shape met.
+        max_shapes=0,
       ),
       mapper=dict(kind="affine", features="both"),
       # targets: the paper's q/k/v/o; gate/up/down add the dense MLP (psynth_jax.model.lora).

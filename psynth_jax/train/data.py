@@ -415,6 +415,13 @@ class BatchIterator:
       self._perm_epoch = epoch
     return self._perm
 
+  def global_batches(self, epoch: int) -> list[np.ndarray]:
+    """The source indices of every global batch of `epoch`, in the order `next` yields them."""
+    perm = self._permutation(epoch)
+    n, b = len(perm), self.batch_size
+    ends = range(b, n + 1, b) if self.drop_remainder else range(b, n + b, b)
+    return [perm[end - b : min(end, n)] for end in ends]
+
   def __iter__(self) -> BatchIterator:
     return self
 

@@ -14,7 +14,8 @@ lists every field; `psynth_jax/configs/*.py` start from it), and:
    `workdir/metrics.jsonl` and TensorBoard events to `workdir/tensorboard`
    (loss, CE, KL, skipped examples, tokens/s of real tokens, learning rate, ...;
    the rates of the first row, and with `batch.bucketed` of any row whose
-   steps met a new batch shape, include compilation);
+   steps met a new batch shape, include compilation, counted apart as `compile_s`;
+   `batch.max_shapes` bounds the shapes, `shape_plan`);
 6. saves checkpoints every `checkpoint.every` steps and at the end, then
    exports the LoRA (a PEFT adapter) and the mapper (the reference's state
    dict names) to `workdir/export/` (`checkpoints.export`).
@@ -38,13 +39,13 @@ import tqdm
 from ml_collections import ConfigDict
 from tensorboardX import SummaryWriter
 
-from psynth_jax import sharding, tasks
+from psynth_jax import compile_cache, sharding, tasks
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights, check_targets
 from psynth_jax.model.transformer import init_params, with_fingerprint
 from psynth_jax.tasks.synthetic_tokenizer import SuiteTokenizer
-from psynth_jax.train import batching, checkpoints, data
+from psynth_jax.train import batching, checkpoints, data, shape_plan
 from psynth_jax.train import step as step_lib
 
 
@@ -246,6 +247,40 @@ class MetricsLog:
       self.writer.close()
 
 
+def plan_shapes(config, workdir, batcher, iterator, num_steps, d_model):
+  """`batch.max_shapes` > 0 (bucketed): the run's planned batch shapes (`shape_plan`),
+  from every global batch of its epochs; recorded in workdir/batch_shapes.json. [] = off."""
+  limit = config.batch.max_shapes
+  if not limit or not config.batch.bucketed:
+    if limit:
+      raise ValueError("batch.max_shapes bounds bucketed shapes: set batch.bucketed too")
+    return []
+  steps = iterator.steps_per_epoch
+  batches = [
+    idx for epoch in range(-(-num_steps // steps)) for idx in iterator.global_batches(epoch)
+  ][:num_steps]
+  needed = sorted({int(i) for idx in batches for i in idx})
+  examples = iterator.source.__getitems__(needed)
+  encoded = dict(zip(needed, batcher.encode_all(examples)[0], strict=True))
+  met = [batcher.shape([encoded[int(i)] for i in idx]) for idx in batches]
+  planned = shape_plan.plan(met, limit, d_model)
+  added = shape_plan.overhead(met, planned, d_model)
+  record = {
+    "max_shapes": limit,
+    "shapes_met": len(set(met)),
+    "planned": [dataclasses.asdict(s) for s in planned],
+    "added_cost": added,
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "batch_shapes.json"), "w") as f:
+      json.dump(record, f, indent=1)
+    tqdm.tqdm.write(
+      f"batch shapes: {len(set(met))} met by {len(met)} steps -> {len(planned)} planned"
+      f" ({added:+.1%} padding cost)"
+    )
+  return planned
+
+
 # ---------------------------------------------------------------- the loop
 def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> TrainResult:
   """Trains (or resumes training) the mapper and LoRA; see the module docstring.
@@ -316,6 +351,7 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
       tqdm.tqdm.write(f"resumed from step {start} of {ckpt.directory}")
   else:
     start = 0
+  planned = plan_shapes(config, workdir, batcher, iterator, num_steps, base.config.hidden_size)
   log = MetricsLog(workdir, start)
   history, pending = [], []
   # One jitted step per merged-cache size (a static argument); jax compiles one program
@@ -325,13 +361,16 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
   bar = tqdm.tqdm(
     total=num_steps, initial=start, disable=jax.process_index() != 0, desc="train", unit="step"
   )
-  t_last, step = time.perf_counter(), start
+  compile_cache.listen()
+  t_last, compiled_last, step = time.perf_counter(), compile_cache.counts(), start
   for step in range(start + 1, num_steps + 1):
     encoded, reasons = batcher.encode_all(next(iterator))
     skip_reasons.update(reasons)
     shape = batcher.shape(encoded)
     if spec.bucketed:
       shape = common_shape(shape)
+    if planned:
+      shape = shape_plan.cover(shape, planned, base.config.hidden_size)
     batch = sharding.host_local_to_global(batcher.pack(encoded, local_batch, shape), mesh, rules)
     if shape not in shapes:
       shapes.add(shape)
@@ -361,6 +400,11 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
         row[f"{k}_per_s"] = float(sum(r[k] for r in rows)) / dt
       row.update(step=step, skipped_total=int(fetch(state.skipped)), seconds=dt)
       row["batch_shapes"] = len(shapes)  # distinct shapes (step programs) of this run so far
+      # XLA compilation (or loads from the persistent cache) inside `seconds`
+      compiled = compile_cache.counts()
+      row["compile_s"] = compiled["compile_s"] - compiled_last["compile_s"]
+      row["programs_compiled"] = compiled["compiled"] - compiled_last["compiled"]
+      compiled_last = compiled
       row["skip_reasons"] = dict(skip_reasons)
       log.write(row)
       history.append(row)
