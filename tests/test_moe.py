@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from psynth_jax import sharding
-from psynth_jax.convert.hf import expert_state, hf_state_to_flat, load_hf_folder
+from psynth_jax.convert.hf import hf_state_to_flat, load_hf_folder
+from psynth_jax.convert.hf_views import expert_state
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.language_model import LanguageModel, load_pretrained
 from psynth_jax.model.checkpoint import load_converted, save_converted
