@@ -36,12 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from psynth_jax.eval import bench_meta, limits
-from psynth_jax.synthesis import (
-  synthesize,
-  synthesize_batch,
-  synthesize_text,
-  synthesize_text_batch,
-)
+from psynth_jax.synthesis import synthesize, synthesize_text
+from psynth_jax.synthesis_batch import synthesize_batch, synthesize_text_batch
 from psynth_jax.workers import run_workers, run_workers_batch
 
 K = 3

@@ -26,7 +26,8 @@ from psynth_jax.mapper import Mapper, apply, check_mapper
 from psynth_jax.merge import mapped_branch_kv, merge, reencode, synth_start_position
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import forward
-from psynth_jax.synthesis import synthesis_logits, synthesize, synthesize_batch
+from psynth_jax.synthesis import synthesis_logits, synthesize
+from psynth_jax.synthesis_batch import synthesize_batch
 from psynth_jax.testing import random_params, tiny_config
 from psynth_jax.workers import encode_branches, run_workers
 

@@ -29,7 +29,8 @@ from psynth_jax.mapper import Mapper
 from psynth_jax.model.transformer import forward, hidden_states
 from psynth_jax.operators.recompute import recompute_slots
 from psynth_jax.operators.reencode import ROPE_FLOPS
-from psynth_jax.synthesis import synthesis_logits, synthesize, synthesize_batch
+from psynth_jax.synthesis import synthesis_logits, synthesize
+from psynth_jax.synthesis_batch import synthesize_batch
 from psynth_jax.testing import random_params, tiny_config
 from psynth_jax.workers import encode_branches, worker_branches
 

@@ -40,7 +40,8 @@ from psynth_jax.language_model import LanguageModel
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import unembed
-from psynth_jax.synthesis import synthesis_logits, synthesize, synthesize_batch
+from psynth_jax.synthesis import synthesis_logits, synthesize
+from psynth_jax.synthesis_batch import synthesize_batch
 from psynth_jax.testing import hf_model, random_params, tiny_config
 from psynth_jax.train import batching, losses
 from psynth_jax.train import step as step_lib

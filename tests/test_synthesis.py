@@ -19,7 +19,8 @@ from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import forward
-from psynth_jax.synthesis import synthesis_logits, synthesize, synthesize_batch, synthesize_text
+from psynth_jax.synthesis import synthesis_logits, synthesize, synthesize_text
+from psynth_jax.synthesis_batch import synthesize_batch
 from psynth_jax.testing import random_params, tiny_config
 from psynth_jax.workers import Branches, encode_branches
 

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from psynth_jax.eval import stats, workflow
-from psynth_jax.synthesis import synthesize_batch, synthesize_text_batch
+from psynth_jax.synthesis_batch import synthesize_batch, synthesize_text_batch
 from psynth_jax.tasks import Problem, Task
 from psynth_jax.workers import run_workers_batch, worker_branches
 
