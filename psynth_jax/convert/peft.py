@@ -14,7 +14,7 @@ each tensor is transposed. PEFT computes `(alpha / R) * B(A(dropout(x)))`
 LoRA on the attention projections q/k/v/o and the dense MLP's gate/up/down, in
 every layer, maps onto ours; any other option (DoRA, biases, lm_head or
 embedding targets, per-layer ranks, `target_modules="all-linear"`, ...) is
-refused with an error that names it, and so are MLP targets on a model with
+refused with an error that names it (`peft_config`), and so are MLP targets on a model with
 mixture-of-experts layers (`psynth_jax.model.lora.check_targets`). The layer
 count, D_in, D_out and rank come from the tensors, so a folder loads on its
 own; a model config, or the model itself, only adds checks.
@@ -45,7 +45,6 @@ import json
 import logging
 import re
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,11 +57,16 @@ from psynth_jax.convert.adapter_files import (
   WEIGHTS_FILE,
   open_adapter,
 )
+from psynth_jax.convert.peft_config import (
+  UnsupportedAdapterError,
+  lora_config_from_peft,
+  read_config,
+  tensor_name,
+)
 from psynth_jax.convert.peft_embeddings import apply_adapter_embeddings, check_copies, copy_shapes
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import (
   MLP_TARGETS,
-  TARGETS,
   LoRAConfig,
   LoRAWeights,
   check_lora,
@@ -86,157 +90,8 @@ _LORA_TENSOR = re.compile(
   re.escape(PREFIX)
   + r"model\.layers\.(\d+)\.(?:self_attn\.[qkvo]|mlp\.(?:gate|up|down))_proj\.lora_[AB]\.weight"
 )
-_PROJECTIONS = "/".join(f"{t}_proj" for t in TARGETS)
 _log = logging.getLogger(__name__)
 _unchecked_logged: set[str] = set()  # folders whose unchecked copies were reported
-
-
-class UnsupportedAdapterError(ValueError):
-  """The adapter uses a PEFT option that psynth_jax's LoRA cannot represent."""
-
-
-def _module_name(layer: int, target: str) -> str:
-  """Name of a target projection inside the HF *ForCausalLM model."""
-  block = "mlp" if target in MLP_TARGETS else "self_attn"
-  return f"model.layers.{layer}.{block}.{target}_proj"
-
-
-def _tensor_name(layer: int, target: str, which: str) -> str:
-  return f"{PREFIX}{_module_name(layer, target)}.lora_{which}.weight"
-
-
-def _candidate_modules(num_layers: int) -> list[str]:
-  """Every Linear-like module of a supported HF decoder (what target_modules may hit)."""
-  names = ["lm_head", "model.embed_tokens"]
-  for i in range(num_layers):
-    names += [_module_name(i, t) for t in TARGETS]
-  return names
-
-
-def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
-  """PEFT's rule: a string is a regex matched in full; a list matches exact names or suffixes."""
-  if isinstance(target_modules, str):
-    return re.fullmatch(target_modules, name) is not None
-  return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def _targets_from_config(cfg: dict, num_layers: int) -> tuple[str, ...]:
-  """The `TARGETS` that `target_modules` (less `exclude_modules`) selects in every layer."""
-  target_modules = cfg.get("target_modules")
-  exclude = cfg.get("exclude_modules")
-  if not target_modules:
-    raise UnsupportedAdapterError(
-      "adapter_config.json has no target_modules (PEFT's per-architecture default is not"
-      " supported); name the projections, e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj']"
-    )
-  if target_modules == "all-linear" or target_modules == ["all-linear"]:
-    # Its meaning is "whatever Linear layers the model has": PEFT saves the resolved list.
-    raise UnsupportedAdapterError(
-      "target_modules='all-linear' names no projections; name them, e.g."
-      f" {[f'{t}_proj' for t in TARGETS]}"
-    )
-  hit = [
-    n
-    for n in _candidate_modules(num_layers)
-    if _matches(n, target_modules) and not (exclude and _matches(n, exclude))
-  ]
-  ours = {_module_name(i, t): t for i in range(num_layers) for t in TARGETS}
-  others = [n for n in hit if n not in ours]
-  if others:
-    raise UnsupportedAdapterError(
-      f"target_modules={target_modules!r} adapts {others[:4]}{'...' if len(others) > 4 else ''};"
-      f" psynth_jax's LoRA covers only the projections {_PROJECTIONS}"
-    )
-  targets = tuple(t for t in TARGETS if any(ours[n] == t for n in hit))
-  if not targets:
-    raise UnsupportedAdapterError(
-      f"target_modules={target_modules!r} selects none of {_PROJECTIONS}"
-    )
-  for t in targets:
-    layers = [i for i in range(num_layers) if _module_name(i, t) in hit]
-    if len(layers) != num_layers:
-      raise UnsupportedAdapterError(
-        f"target_modules={target_modules!r} adapts {t}_proj in layers {layers} only;"
-        f" psynth_jax's LoRA adapts every one of the {num_layers} layers"
-      )
-  return targets
-
-
-# Options whose value must be "off" (None, False, empty): PEFT key -> what it would need.
-_MUST_BE_OFF = {
-  "use_dora": "DoRA (magnitude vectors)",
-  "lora_bias": "LoRA biases",
-  "fan_in_fan_out": "Conv1D-style transposed weights",
-  "rank_pattern": "per-module ranks",
-  "alpha_pattern": "per-module alphas",
-  "target_parameters": "adapted nn.Parameters",
-  "trainable_token_indices": "trainable token embeddings",
-  "use_qalora": "QALoRA",
-  "use_bdlora": "block-diagonal LoRA",
-  "layer_replication": "replicated layers",
-  "alora_invocation_tokens": "activated LoRA (aLoRA)",
-}
-
-
-def _check_modules_to_save(cfg: dict) -> None:
-  """Full module copies: embed_tokens / lm_head are embedding copies; anything else is refused."""
-  modules = cfg.get("modules_to_save") or []
-  modules = [modules] if isinstance(modules, str) else list(modules)
-  others = [m for m in modules if m.split(".")[-1] not in EMBEDDING_KEYS]
-  if others:
-    raise UnsupportedAdapterError(
-      f"adapter_config.json sets modules_to_save={modules!r}: psynth_jax cannot use full"
-      f" trained copies of {others} (only embed_tokens / lm_head, read as embedding copies)"
-    )
-
-
-def lora_config_from_peft(cfg: dict, num_layers: int, vocab_size: int | None = None) -> LoRAConfig:
-  """A `LoRAConfig` from a parsed `adapter_config.json` (refuses unsupported options).
-
-  `vocab_size`: rows of the adapter's embedding copies (V'), if it has any.
-  """
-  peft_type = cfg.get("peft_type", "LORA")
-  if str(peft_type).upper() != "LORA":
-    raise UnsupportedAdapterError(f"peft_type {peft_type!r} is not supported (only LORA)")
-  for key, meaning in _MUST_BE_OFF.items():
-    if cfg.get(key):
-      raise UnsupportedAdapterError(
-        f"adapter_config.json sets {key}={cfg[key]!r} ({meaning}), which psynth_jax's LoRA"
-        " does not support"
-      )
-  _check_modules_to_save(cfg)
-  layers = cfg.get("layers_to_transform")
-  if layers is not None:
-    layers = {layers} if isinstance(layers, int) else set(layers)
-    if layers != set(range(num_layers)):
-      raise UnsupportedAdapterError(
-        f"layers_to_transform={sorted(layers)} adapts a subset of the {num_layers} layers;"
-        " psynth_jax's LoRA adapts every layer"
-      )
-  bias = cfg.get("bias", "none")
-  if bias != "none":
-    raise UnsupportedAdapterError(f"bias={bias!r} is not supported (only 'none')")
-  for key in ("r", "lora_alpha"):
-    if key not in cfg:
-      raise KeyError(f"adapter_config.json has no {key!r}")
-  return LoRAConfig(
-    rank=int(cfg["r"]),
-    alpha=float(cfg["lora_alpha"]),
-    dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
-    targets=_targets_from_config(cfg, num_layers),
-    use_rslora=bool(cfg.get("use_rslora", False)),
-    vocab_size=vocab_size,
-  )
-
-
-def _read_config(folder: Path) -> dict:
-  config_path = folder / CONFIG_FILE
-  try:
-    return json.loads(config_path.read_text())
-  except FileNotFoundError:
-    raise FileNotFoundError(f"missing {config_path}") from None
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_path} is not valid JSON: {e}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -246,7 +101,7 @@ def _read_config(folder: Path) -> dict:
 def _num_layers(names: set[str], folder: Path) -> int:
   layers = [int(m.group(1)) for n in names if (m := _LORA_TENSOR.fullmatch(n))]
   if not layers:
-    raise KeyError(f"{folder}: no LoRA tensors (like {_tensor_name(0, 'q', 'A')!r})")
+    raise KeyError(f"{folder}: no LoRA tensors (like {tensor_name(0, 'q', 'A')!r})")
   return max(layers) + 1
 
 
@@ -257,11 +112,11 @@ def _target_shapes(f, folder: Path, config: LoRAConfig, n: int, model_config) ->
     if model_config is not None:
       d_in, d_out = target_dims(model_config, t)
     else:
-      d_in = f.shape(_tensor_name(0, t, "A"))[-1]
-      d_out = f.shape(_tensor_name(0, t, "B"))[0]
+      d_in = f.shape(tensor_name(0, t, "A"))[-1]
+      d_out = f.shape(tensor_name(0, t, "B"))[0]
     for i in range(n):
       for which, shape in (("A", (config.rank, d_in)), ("B", (d_out, config.rank))):
-        name = _tensor_name(i, t, which)
+        name = tensor_name(i, t, which)
         if f.shape(name) != shape:
           where = f"model D={model_config.hidden_size}" if model_config else "layer 0's shapes"
           raise ValueError(
@@ -329,7 +184,7 @@ def load_peft_lora(
     if model_config is not None and model_config != lm.config:
       raise ValueError("model_config and lm.config differ; pass one of them")
     model_config = lm.config
-  cfg = _read_config(folder)
+  cfg = read_config(folder)
   with open_adapter(folder) as f:
     names = set(f.keys())
     copies = copy_shapes(f, folder, model_config)
@@ -339,7 +194,7 @@ def load_peft_lora(
     config = lora_config_from_peft(cfg, n, vocab)
     if model_config is not None:  # before the tensor names, which would blame the experts' keys
       check_targets(config.targets, model_config)
-    want = {_tensor_name(i, t, w) for i in range(n) for t in config.targets for w in "AB"}
+    want = {tensor_name(i, t, w) for i in range(n) for t in config.targets for w in "AB"}
     missing, unexpected = sorted(want - lora_names), sorted(lora_names - want)
     if missing or unexpected:
       raise KeyError(
@@ -354,8 +209,8 @@ def load_peft_lora(
       a = np.empty((n, d_in, config.rank), np.float32)
       b = np.empty((n, config.rank, d_out), np.float32)
       for i in range(n):
-        a[i] = f.read(_tensor_name(i, t, "A")).astype(np.float32).T
-        b[i] = f.read(_tensor_name(i, t, "B")).astype(np.float32).T
+        a[i] = f.read(tensor_name(i, t, "A")).astype(np.float32).T
+        b[i] = f.read(tensor_name(i, t, "B")).astype(np.float32).T
       arrays[f"a_{t}"], arrays[f"b_{t}"] = a, b
     lora = LoRAWeights.from_arrays(config, arrays)
     if model_config is not None:
@@ -427,8 +282,8 @@ def export_peft_lora(
   for t in config.targets:
     a, b = (np.asarray(x, np.float32) for x in lora.arrays(t))  # [L, D_in, R], [L, R, D_out]
     for i in range(lora.num_layers):
-      tensors[_tensor_name(i, t, "A")] = np.ascontiguousarray(a[i].T)  # [R, D_in]
-      tensors[_tensor_name(i, t, "B")] = np.ascontiguousarray(b[i].T)  # [D_out, R]
+      tensors[tensor_name(i, t, "A")] = np.ascontiguousarray(a[i].T)  # [R, D_in]
+      tensors[tensor_name(i, t, "B")] = np.ascontiguousarray(b[i].T)  # [D_out, R]
   save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
   (folder / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")
   return folder
