@@ -20,8 +20,9 @@ from psynth_jax.kv_cache import KVCache
 from psynth_jax.language_model import LanguageModel
 from psynth_jax.merge import mapped_branch_kv, reencode
 from psynth_jax.model.config import RopeScaling
+from psynth_jax.model.fingerprint import config_digest
 from psynth_jax.model.rope import apply_rope, inv_frequencies, layer_inv_frequencies
-from psynth_jax.model.transformer import config_digest, forward
+from psynth_jax.model.transformer import forward
 from psynth_jax.synthesis import synthesis_logits, synthesize, synthesize_text
 from psynth_jax.testing import GEMMA3_TINY, random_params, tiny_config, tiny_gemma3_config
 from psynth_jax.workers import Branches, encode_branches

@@ -25,8 +25,9 @@ from psynth_jax.kv_cache import KVCache
 from psynth_jax.language_model import LanguageModel, load_pretrained
 from psynth_jax.model.checkpoint import load_converted, save_converted
 from psynth_jax.model.config import ModelConfig, UnsupportedModelError
+from psynth_jax.model.fingerprint import config_digest
 from psynth_jax.model.moe import dense_dispatch, route, sorted_dispatch
-from psynth_jax.model.transformer import config_digest, flat_state, forward, params_from_flat
+from psynth_jax.model.transformer import flat_state, forward, params_from_flat
 from psynth_jax.synthesis import synthesis_logits, synthesize, synthesize_text
 from psynth_jax.testing import (
   MIXTRAL_TINY,

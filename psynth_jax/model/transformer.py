@@ -9,8 +9,6 @@ module's `nnx.State`, and `forward` merges them inside whatever jit calls it.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 from collections.abc import Mapping
 
 import jax
@@ -23,6 +21,7 @@ from psynth_jax.kv_cache import KVCache
 from psynth_jax.model.attention import Attention
 from psynth_jax.model.attention_ops import check_impl
 from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.fingerprint import digest, fingerprint, fingerprint_sample
 from psynth_jax.model.layers import MLP, Embed, RMSNorm, param
 from psynth_jax.model.lora import mask_vocab
 from psynth_jax.model.moe import MoE, check_dispatch
@@ -138,50 +137,6 @@ class Params:
   def constrain(self, x: jax.Array, axes) -> jax.Array:
     """`x` laid out on this model's mesh by its logical axes (unchanged without a mesh)."""
     return sharding.constrain(x, axes, self.mesh, self.rules)
-
-
-def config_digest(config: ModelConfig) -> str:
-  """8 hex digits of every config field (RoPE theta and scaling included; Gemma-era fields
-  only where they differ from their defaults, `ModelConfig.digest_dict`)."""
-  text = json.dumps(config.digest_dict(), sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-# Elements hashed per weight tensor: a strided sample, so that a fingerprint
-# costs a few MB of reads even for a 14B model, yet differs for any other
-# weights (fine-tuned, another seed, another checkpoint).
-_SAMPLE = 4096
-
-
-def fingerprint(config: ModelConfig, arrays) -> str:
-  """Returns "<config digest>:<digest of a strided sample of every weight tensor>".
-
-  Args:
-    config: the model config.
-    arrays: {name: array} of concrete weights (numpy or jax, any sharding).
-  """
-  return _digest(config, {name: fingerprint_sample(x) for name, x in arrays.items()})
-
-
-def fingerprint_sample(x) -> np.ndarray:
-  """The strided sample of one tensor that `fingerprint` hashes (host numpy)."""
-  flat = x.reshape(-1)
-  sample = flat[:: max(1, flat.shape[0] // _SAMPLE)]
-  if isinstance(sample, jax.Array) and not sample.is_fully_addressable:  # multi-host
-    from jax.experimental import multihost_utils
-
-    sample = multihost_utils.process_allgather(sample, tiled=True)
-  return np.asarray(jax.device_get(sample))
-
-
-def _digest(config: ModelConfig, samples: dict[str, np.ndarray]) -> str:
-  h = hashlib.sha256()
-  for name in sorted(samples):
-    sample = samples[name]
-    h.update(name.encode())
-    h.update(str(sample.dtype).encode())
-    h.update(np.ascontiguousarray(sample).view(np.uint8).tobytes())
-  return f"{config_digest(config)}:{h.hexdigest()[:12]}"
 
 
 def with_fingerprint(params: Params) -> Params:
@@ -406,7 +361,7 @@ def params_from_flat(
     # Sampled on the host now: slicing sharded arrays later would compile a gather each.
     samples[name] = fingerprint_sample(np.asarray(arr)).astype(dtype)
     del arr
-  return Params(config, nnx.from_flat_state(flat), _digest(config, samples), mesh, rules)
+  return Params(config, nnx.from_flat_state(flat), digest(config, samples), mesh, rules)
 
 
 def _key(part: str):
