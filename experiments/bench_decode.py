@@ -2,9 +2,16 @@
 
   python experiments/bench_decode.py                 # tiny + Qwen2.5-Coder-0.5B
   python experiments/bench_decode.py --models tiny   # no real weights needed
+  python experiments/bench_decode.py --models qwen-shape --batches 1,3,16   # a GPU box
+
+`qwen-shape` is Qwen2.5-0.5B's architecture with random weights that transformers
+initialises (seed 0) and both implementations load from the same folder: the case for a
+machine without the real weights (an accelerator with no network). On a GPU both run
+there (transformers on "cuda", jax on its default backend).
 
 Both implementations get the same weights, the same prompts (32 tokens) and
-greedy decoding; their token outputs are checked equal (fp32). Prefill time is
+greedy decoding; their token outputs are checked equal (fp32). Each runs in fp32 and
+bf16 (transformers bf16 is what a user of an AMX CPU would pick). Prefill time is
 the time to the first generated token; decode tokens/s is measured as
 (N - 1) / (t(N) - t(1)) from two runs with N and 1 new tokens, with stop
 tokens disabled. Warm (compiled) runs, median of repeats.
@@ -25,6 +32,7 @@ the start) unless --force, which marks the JSON "forced": true. Writes JSON.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -62,6 +70,9 @@ def _bench(generate, prompts, new_tokens: int, repeats: int) -> dict:
   }
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def psynth_generate(lm):
   def run(prompts, n):
     return lm.generate(prompts, n, stop_ids=())
@@ -71,7 +82,7 @@ def psynth_generate(lm):
 
 def hf_generate(model):
   def run(prompts, n):
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     with torch.inference_mode():
       out = model.generate(
         ids,
@@ -102,6 +113,41 @@ def qwen_models():
   folder = fetch_qwen_coder()
   hf = qwen_coder_transformers()
   return load_pretrained(folder), load_pretrained(folder, dtype="bfloat16"), hf
+
+
+def qwen_shape_models(tmp: Path):
+  """Qwen2.5-0.5B's architecture, random weights (transformers' init, seed 0), both loaded
+  from one saved folder: no download needed."""
+  from transformers import Qwen2Config, Qwen2ForCausalLM
+
+  config = Qwen2Config(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+  )
+  torch.manual_seed(0)
+  hf = Qwen2ForCausalLM(config).eval()
+  hf.save_pretrained(tmp / "qwen-shape")
+  folder = tmp / "qwen-shape"
+  return load_pretrained(folder), load_pretrained(folder, dtype="bfloat16"), hf
+
+
+def models(name: str, tmp: Path):
+  """(psynth_jax fp32, psynth_jax bf16, transformers fp32) with the same weights."""
+  if name == "tiny":
+    return tiny_models(tmp)
+  if name == "qwen-shape":
+    return qwen_shape_models(tmp)
+  if name == "qwen":
+    return qwen_models()
+  raise SystemExit(f"unknown model {name!r}; expected tiny, qwen or qwen-shape")
 
 
 def row_limits(lim: limits.Limits, b: int, p: int, new_tokens: int, times: dict) -> dict:
@@ -155,9 +201,12 @@ def main():
   rates = {}  # {model: {impl: {M: GFLOP/s}}} of the matmul probes, for the JSON
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.models.split(","):
-      lm32, lm16, hf = tiny_models(Path(tmp)) if name == "tiny" else qwen_models()
+      lm32, lm16, hf = models(name, Path(tmp))
+      hf = hf.to(DEVICE)
+      hf16 = copy.deepcopy(hf).to(torch.bfloat16)
       impls = {  # each with its own library's limits: bytes, dtype, matmul probe
         "transformers fp32": (hf_generate(hf), limits.Limits.of_torch(hf, lm32.config, bw)),
+        "transformers bf16": (hf_generate(hf16), limits.Limits.of_torch(hf16, lm32.config, bw)),
         "psynth_jax fp32": (psynth_generate(lm32), limits.Limits.of(lm32.params, bw)),
         "psynth_jax bf16": (psynth_generate(lm16), limits.Limits.of(lm16.params, bw)),
       }
@@ -181,7 +230,7 @@ def main():
             flush=True,
           )
       rates[name] = {impl: lim.rates for impl, (_, lim) in impls.items()}
-      del lm32, lm16, hf, impls
+      del lm32, lm16, hf, hf16, impls
 
   meta = bench_meta.finish(run)
   print()
@@ -192,16 +241,14 @@ def main():
   )
   print(
     "| model | B | impl | prefill tok/s | prefill ms (floor) | prefill / floor | decode tok/s"
-    " | ms/step | floor ms/step (memory, compute) | ms/step / floor | decode vs transformers |"
+    " | ms/step | floor ms/step (memory, compute) | ms/step / floor | decode vs transformers fp32 |"
   )
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     base = next(
       x
       for x in rows
-      if x["model"] == r["model"]
-      and x["batch"] == r["batch"]
-      and x["impl"].startswith("transformers")
+      if x["model"] == r["model"] and x["batch"] == r["batch"] and x["impl"] == "transformers fp32"
     )
     r["decode_speedup_vs_transformers"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
     print(

@@ -29,6 +29,7 @@ its own bytes, dtype and matmul probe (oneDNN's rate, not XLA's).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -106,21 +107,26 @@ def matmul_gflops(m: int, k: int, n: int, dtype: str = "float32", repeats: int =
   return 4 * r * m * k * n / best / 1e9
 
 
-def torch_matmul_gflops(m: int, k: int, n: int, dtype: str = "float32", repeats: int = 5) -> float:
-  """The same probe in eager PyTorch (its CPU matmul goes through oneDNN, not XLA)."""
+def torch_matmul_gflops(
+  m: int, k: int, n: int, dtype: str = "float32", repeats: int = 5, device: str = "cpu"
+) -> float:
+  """The same probe in eager PyTorch on `device` (on a CPU its matmul goes through oneDNN,
+  not XLA; on a GPU through cuBLAS, synchronised before the clock stops)."""
   import torch
 
   r = _rounds(m, k, n)
   gen = torch.Generator().manual_seed(0)
   dt = getattr(torch, dtype)
-  x = torch.randn(m, k, generator=gen).to(dt)
-  up = (torch.randn(k, n, generator=gen) * k**-0.5).to(dt)
-  down = (torch.randn(n, k, generator=gen) * n**-0.5).to(dt)
+  x = torch.randn(m, k, generator=gen).to(device, dt)
+  up = (torch.randn(k, n, generator=gen) * k**-0.5).to(device, dt)
+  down = (torch.randn(n, k, generator=gen) * n**-0.5).to(device, dt)
 
   def chain():
     y = x
     for _ in range(r):
       y = (y @ up) @ down
+    if device != "cpu":
+      torch.cuda.synchronize(device)
     return y
 
   with torch.inference_mode():
@@ -260,12 +266,13 @@ class Limits:
     parameters' dtype (the KV rows and the probe's dtype) and oneDNN's matmul
     rate (`torch_matmul_gflops`), with `config`'s shapes.
     """
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    weight = next(model.parameters())
+    dtype = str(weight.dtype).removeprefix("torch.")
     return cls(
       dataclasses.replace(config, dtype=dtype),
       bandwidth_gbps,
       torch_weight_read_bytes(model),
-      probe=torch_matmul_gflops,
+      probe=functools.partial(torch_matmul_gflops, device=str(weight.device)),
       expert_bytes=sum(
         p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n
       ),
