@@ -130,7 +130,8 @@ def test_of_torch_counts_the_peers_own_bytes():
   # The gathered embedding is not read whole; the untied unembedding and the final norm are.
   assert lim.weight_bytes == 4 * (4 * layer + d + 512 * d)
   assert lim.config.dtype == "float32"  # the peer's own dtype, not the config's
-  assert lim.probe is limits.torch_matmul_gflops
+  # torch's own probe, on the device the peer's weights are on
+  assert lim.probe.func is limits.torch_matmul_gflops and lim.probe.keywords == {"device": "cpu"}
   assert limits.kv_row_bytes(lim.config) == 2 * 4 * kv * 4
 
 
