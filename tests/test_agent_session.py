@@ -170,7 +170,9 @@ def test_an_episode_runs_workers_and_both_synthesizers(tmp_path):
   toolbox = Toolbox([Tool("add", "Add two integers.", {"a": int, "b": int}, lambda a, b: a + b)])
   chat = ChatFormat(tok, toolbox.schemas())
   question = "What is 2 + 3?"
-  workers = [Agent(chat, [{"role": "user", "content": f"{question} ({i})"}], toolbox) for i in range(2)]
+  workers = [
+    Agent(chat, [{"role": "user", "content": f"{question} ({i})"}], toolbox) for i in range(2)
+  ]
   budget = dict(max_new_tokens=6, capacity=1536)  # the tool prompt is ~570 tiny-BPE ids
   run = agent_episode.run_workers(chat_lm, [workers, workers[:1]], "turns", **budget)
   assert [r.branches.num_branches for r in run] == [2, 1] and len(run[0].texts) == 2
