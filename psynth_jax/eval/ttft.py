@@ -18,18 +18,18 @@ Two FLOP ratios sit next to the measured one:
   matmuls and *causal* attention (query j scores keys_before + j + 1 keys).
   It is what an ideal implementation of each path would do.
 * `executed_flop_ratio`: the same for the work this library's programs do.
-  A prefill scores every query against every key row of its cache (the full
-  [T, S] matrix of `model/attention.py`, masked, not skipped), and
-  `LanguageModel.prepare` pads the T prompt tokens to `decode.bucket(T)`
-  query rows and sizes the cache S = bucket(bucket(T) + max_new_tokens). So
-  the text path's attention computes bucket(T) * S score entries where the
-  causal count is T(T+1)/2: 2x for the square instead of the triangle, times
-  the padding. With max_new_tokens = 1 (this sweep) that is 2.15x at K=8,
-  L=1024, P=80 and up to 3.2x on the default sweep (K=2, L=512: T=1104 ->
-  1280 x 1536 entries; `text_attention_excess` in each row), while the cache
-  path's P prompt rows see nearly every key anyway (1.01x-1.19x). A measured
-  ratio above the FLOP limit therefore reflects a handicapped text baseline
-  (ours), not a cache path faster than its FLOPs allow.
+  `LanguageModel.prepare` pads the T prompt tokens to `decode.bucket(T)` query
+  rows and sizes the cache S = bucket(bucket(T) + max_new_tokens); attention
+  (`model/attention_ops.py`, as "auto" resolves here) then reads the shortest
+  key prefix that holds every visible row, and over it either scores every
+  query against every key ("dense") or, above `DENSE_MAX_SCORES`, every query
+  against each 512-row key block some query sees ("blocked": whole blocks, so
+  the square and not the causal triangle, but no unwritten capacity). So a text
+  prefill of T tokens computes about bucket(T)^2 score entries where the causal
+  count is T(T+1)/2 (`text_attention_excess` in each row); the cache path's P
+  prompt rows see nearly every key anyway. A measured ratio above the FLOP limit
+  reflects that excess of the text baseline, not a cache path faster than its
+  FLOPs allow.
 
 Given the run's limits (`limits.Limits`, measured in the same run), each row
 also carries each path's floor, stated as in every benchmark: its prefill's
@@ -93,25 +93,44 @@ def prefill_flops(
   return _flops(config, queries, keys, lora)
 
 
+def executed_scores(config: ModelConfig, query_rows: int, key_rows: int, visible: int) -> int:
+  """Score entries (per query head and layer) our attention computes for `query_rows`
+  queries over `key_rows` cache rows of which the first `visible` are seen by some query:
+  the key prefix `attention_ops.attention` reads, then dense over it, or blocked over
+  its blocks that hold a visible row (the implementation "auto" picks here)."""
+  from psynth_jax.model import attention_ops
+
+  sizes = attention_ops.prefix_sizes(query_rows, key_rows)
+  n = next((size for size in sizes if size >= visible), sizes[-1])
+  g = config.num_kv_heads
+  shape = (1, query_rows, g, config.num_heads // g, config.head_dim)
+  if attention_ops.resolve("auto", shape, n, config.dtype) == "blocked":
+    block = min(attention_ops.BLOCK, n)
+    return query_rows * block * -(-visible // block)
+  return query_rows * n
+
+
 def executed_prefill_flops(
-  config: ModelConfig, query_rows: int, key_rows: int, lora: LoRAConfig | None = None
+  config: ModelConfig, rows: tuple[int, int, int], lora: LoRAConfig | None = None
 ) -> float:
-  """FLOPs our prefill program does: `query_rows` (padded) rows, each scored against `key_rows`."""
-  return _flops(config, query_rows, query_rows * key_rows, lora)
+  """FLOPs our prefill program does for (query rows, key rows, visible rows)."""
+  query_rows, key_rows, visible = rows
+  return _flops(config, query_rows, executed_scores(config, query_rows, key_rows, visible), lora)
 
 
-def text_prefill_rows(prompt_tokens: int, max_new_tokens: int = 1) -> tuple[int, int]:
-  """(query rows, key rows) of the text path's prefill (`LanguageModel.prepare`)."""
+def text_prefill_rows(prompt_tokens: int, max_new_tokens: int = 1) -> tuple[int, int, int]:
+  """(query rows, key rows, visible rows) of the text path's prefill (`LanguageModel.prepare`)."""
   rows = decode.bucket(prompt_tokens)
-  return rows, decode.bucket(rows + max_new_tokens)
+  return rows, decode.bucket(rows + max_new_tokens), rows
 
 
 def cache_prefill_rows(
   branch_tokens: int, prompt_tokens: int, max_new_tokens: int = 1
-) -> tuple[int, int]:
-  """(query rows, key rows) of the cache path's prefill (`synthesis.synthesize`)."""
-  rows = decode.bucket(prompt_tokens)
-  return rows, decode.bucket(branch_tokens) + decode.bucket(rows + max_new_tokens)
+) -> tuple[int, int, int]:
+  """(query rows, key rows, visible rows) of the cache path's prefill (`synthesis.synthesize`):
+  the merged branch rows, then the prompt's."""
+  rows, merged = decode.bucket(prompt_tokens), decode.bucket(branch_tokens)
+  return rows, merged + decode.bucket(rows + max_new_tokens), merged + rows
 
 
 def flop_limit_ratio(
@@ -133,16 +152,18 @@ def executed_flop_ratio(
   prompt_tokens: int,
   lora: LoRAConfig | None = None,
 ) -> float:
-  """The same ratio for the work our programs do (padded rows, full score matrices)."""
-  text = executed_prefill_flops(config, *text_prefill_rows(num_branches * length + prompt_tokens))
+  """The same ratio for the work our programs do (`executed_scores`)."""
+  text = executed_prefill_flops(config, text_prefill_rows(num_branches * length + prompt_tokens))
   cache = cache_prefill_rows(num_branches * length, prompt_tokens)
-  return text / executed_prefill_flops(config, *cache, lora)
+  return text / executed_prefill_flops(config, cache, lora)
 
 
-def text_attention_excess(prompt_tokens: int, max_new_tokens: int = 1) -> float:
+def text_attention_excess(
+  config: ModelConfig, prompt_tokens: int, max_new_tokens: int = 1
+) -> float:
   """Score entries the text path's prefill computes / the causal ones `prefill_flops` counts."""
-  rows, keys = text_prefill_rows(prompt_tokens, max_new_tokens)
-  return rows * keys / (prompt_tokens * (prompt_tokens + 1) / 2)
+  scores = executed_scores(config, *text_prefill_rows(prompt_tokens, max_new_tokens))
+  return scores / (prompt_tokens * (prompt_tokens + 1) / 2)
 
 
 def warm_median(fn: Callable[[], float], repeats: int) -> float:
@@ -265,7 +286,7 @@ def ttft_sweep(
         flop_limit_ratio=limit,
         ratio_vs_limit=text / cache / limit,
         executed_flop_ratio=executed_flop_ratio(lm.config, k, length, prompt_tokens, lora_config),
-        text_attention_excess=text_attention_excess(len(text_ids)),
+        text_attention_excess=text_attention_excess(lm.config, len(text_ids)),
       )
       if lim is not None:
         row.update(path_floors(lim, k, length, prompt_tokens, lora, text, cache))
@@ -311,9 +332,9 @@ def format_table(rows: Sequence[dict]) -> str:
       line += f" {r['floor_ratio']:.2f}x |"
     lines.append(line)
   lines.append(
-    "\nFLOP-limit counts causal attention; the text path's prefill scores the full [T, S]"
-    " matrix over padded rows (executed-FLOP ratio), so ratio/limit > 1 reflects that"
-    " handicapped baseline. Floors (each path's prefill, `limits.Limits`): max((weights + LoRA"
+    "\nFLOP-limit counts causal attention; the text path's prefill scores whole key blocks"
+    " (the square, not the causal triangle) over padded rows (executed-FLOP ratio), so"
+    " ratio/limit > 1 reflects that excess. Floors (each path's prefill, `limits.Limits`): max((weights + LoRA"
     " + KV rows read and written) / bandwidth, FLOPs / matmul rate at the path's M)."
   )
   return "\n".join(lines)
