@@ -131,9 +131,11 @@ def check_branches(lm, branches: Branches, allow_foreign_branches: bool = False)
       raise ValueError(f"branch spans {spans.tolist()} must be >= the lengths {lengths.tolist()}")
 
 
-def branch_rows(branches: Branches) -> int:
-  """Static rows reserved for the merged branches: a bucket of sum_i len_i."""
-  return decode.bucket(int(np.asarray(branches.lengths).sum()))
+def branch_rows(branches: Branches, op: MergeOperator | None = None) -> int:
+  """Static rows reserved for the merged branches: a bucket of sum_i len_i (+ the rows
+  `op` adds after them, `MergeOperator.extra_rows`)."""
+  extra = 0 if op is None else op.extra_rows(branches.num_branches)
+  return decode.bucket(int(np.asarray(branches.lengths).sum()) + extra)
 
 
 def synthesize(
@@ -186,9 +188,13 @@ def synthesize(
   check_num_workers(branches, num_workers)
   spec, batch, _ = lm.prepare([synth_prompt], max_new_tokens, sampling, lora=lora)
   used = int(np.asarray(branches.lengths).sum())
-  rows = branch_rows(branches) if rows is None else rows
-  if rows < used:
-    raise ValueError(f"rows={rows} cannot hold the {used} branch tokens")
+  extra = op.extra_rows(branches.num_branches)
+  rows = branch_rows(branches, op) if rows is None else rows
+  if rows < used + extra:
+    raise ValueError(
+      f"rows={rows} cannot hold the {used} branch tokens"
+      + (f" and the merge's {extra} rows of its own" if extra else "")
+    )
   start = int(np.asarray(op.start(branches)))
   if start + batch.lengths[0] + max_new_tokens > lm.config.max_position_embeddings:
     raise ValueError(
@@ -295,11 +301,15 @@ def latent_hidden(
   lora_rng: jax.Array | None = None,
   remat: str = "none",  # psynth_jax.model.remat.POLICIES (training)
 ) -> jax.Array:
-  """Final hidden states [B, T, D] of the synthesizer over merged branch caches."""
+  """Final hidden states [B, T, D] of the synthesizer over merged branch caches.
+
+  `rows` holds the branch tokens; the operator's own rows (`extra_rows`) come on top.
+  """
   b, t = tokens.shape
   op = resolve(mapper)
   if num_workers is None:
     num_workers = jnp.full((b,), branches.lengths.shape[1])
+  rows = rows + op.extra_rows(branches.lengths.shape[1])
 
   def one(br, nw):
     cache = op.merge(params, br, rows=rows, capacity=rows + t, num_workers=nw)
@@ -339,4 +349,5 @@ def synthesis_logits(
     raise ValueError("the synthesizer prompt is empty")
   tokens = jnp.asarray([list(synth_prompt)], jnp.int32)
   lm.check_ids(tokens, lora)
-  return _synthesis_logits(lm.params, branches, tokens, op, lora, branch_rows(branches))
+  rows = decode.bucket(int(np.asarray(branches.lengths).sum()))  # latent_hidden adds extra_rows
+  return _synthesis_logits(lm.params, branches, tokens, op, lora, rows)

@@ -124,7 +124,7 @@ def synthesize_batch(
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[_padded(b, k, s) for b in branches_list])
   spec, batch, _ = lm.prepare([list(p) for p in synth_prompts], max_new_tokens, sampling, lora=lora)
   lengths = np.asarray(stacked.lengths)
-  rows = decode.bucket(int(lengths.sum(axis=1).max()))
+  rows = decode.bucket(int(lengths.sum(axis=1).max()) + op.extra_rows(k))
   longest = max(int(np.asarray(op.start(b))) for b in branches_list)
   if longest + batch.tokens.shape[1] + max_new_tokens > lm.config.max_position_embeddings:
     raise ValueError(

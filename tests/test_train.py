@@ -325,6 +325,40 @@ def test_a_step_under_a_merge_operator(base, batch, tmp_path):
     step_lib.StepConfig(branch_rows=SPEC.branch_rows, merge="blend")
 
 
+def test_link_tokens_train_and_export(base, batch, tmp_path):
+  """Under `links` the operator's own arrays train with the mapper: one step moves the
+  link vectors and the gate, the export loads back as the trained operator, and a
+  missing or misshapen operator file is refused."""
+  from psynth_jax import operators
+  from psynth_jax.train import checkpoints
+
+  spec = "links:num_links=2"
+  own = operators.wrapping(spec, CONFIG, None).own_params()
+  opt_config = step_lib.OptimizerConfig(learning_rate=1e-2)
+  state = step_lib.init_state(
+    *_trainables(perturb=0.05), step_lib.make_optimizer(opt_config, "both"), own
+  )
+  before = _copy(state.params["operator"])
+  config = step_lib.StepConfig(branch_rows=SPEC.branch_rows, merge=spec)
+  step_fn = step_lib.make_train_step(config, opt_config, compiler_options=FAST)
+  state, metrics = step_fn(state, base, jax.tree.map(jnp.asarray, batch))
+  assert np.isfinite(float(metrics["loss"]))
+  params = _copy(state.params)
+  for name in ("embeddings", "gate"):
+    assert not np.array_equal(getattr(before, name), getattr(params["operator"], name)), name
+  folder = checkpoints.export(params, str(tmp_path / "export"), merge=spec)
+  op, _ = checkpoints.load_export(folder, CONFIG)
+  assert isinstance(op, operators.Links) and op.mapper.kind == "affine"
+  np.testing.assert_array_equal(np.asarray(op.embeddings), params["operator"].embeddings)
+  np.testing.assert_array_equal(np.asarray(op.gate), params["operator"].gate)
+  wrong = checkpoints.export(params, str(tmp_path / "wrong"), merge="links:num_links=3")
+  with pytest.raises(ValueError, match="shape"):
+    checkpoints.load_export(wrong, CONFIG)
+  (tmp_path / "export" / "mapper" / checkpoints.OPERATOR_FILE).unlink()
+  with pytest.raises(FileNotFoundError, match="operator"):
+    checkpoints.load_export(folder, CONFIG)
+
+
 def test_a_batch_of_skipped_examples_changes_nothing(base, batch):
   optimizer, step_fn = _step_fn("both", 1e-2)
   state = step_lib.init_state(*_trainables(), optimizer)

@@ -209,6 +209,11 @@ class CacheSession:
   ) -> CacheSession:
     """The synthesizer over K branches, merged once by its first turn (see `synthesize`
     for `mapper`, `lora`, `rows`, `num_workers` and `allow_foreign_branches`)."""
+    if mapper is not None and not isinstance(mapper, Mapper):
+      raise NotImplementedError(
+        f"an agent session merges with the paper's operator and a mapper; {type(mapper).__name__}"
+        " (a merge operator) is not supported here"
+      )
     check_branches(lm, branches, allow_foreign_branches)
     check_adapters(lm, mapper, lora)
     check_num_workers(branches, num_workers)

@@ -180,6 +180,7 @@ def hidden_states(
   *,
   row_order: jax.Array | None = None,  # [B, S] int, with a cache: causal order of its rows
   num_layers: int | None = None,
+  embedded: jax.Array | None = None,  # [B, T, D]: input vectors in place of embed(tokens)
 ) -> tuple[jax.Array, KVCache | None]:
   """Runs the decoder stack; returns final-normed hidden states [B, T, D] and the cache.
 
@@ -193,7 +194,8 @@ def hidden_states(
   `row_order` replaces the row index as the causal order (a row sees valid rows
   whose order is <= its own), so tokens written after the cache's rows can sit
   between them; `num_layers` runs only the first layers (their cache only, hidden
-  states not final-normed).
+  states not final-normed); `embedded` feeds vectors that are no vocabulary entry
+  (`operators/links.py`: trained link tokens; `tokens` then only gives the shape).
   """
   model = params.module()
   config = params.config
@@ -238,7 +240,8 @@ def hidden_states(
   impl = check_impl(params.attention)
   moe_dispatch = check_dispatch(params.moe_dispatch)
   lora_layers = None if lora is None else lora.layers(lora_rng)
-  x = params.constrain(model.embed(tokens), sharding.ACTIVATION_AXES)
+  x = model.embed(tokens) if embedded is None else embedded.astype(jnp.dtype(config.dtype))
+  x = params.constrain(x, sharding.ACTIVATION_AXES)
   new_k, new_v = [], []
   for i, block in enumerate(model.layers):
     if num_layers is not None and i == num_layers:

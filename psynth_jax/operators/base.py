@@ -3,7 +3,8 @@
 Every way of reading worker caches is one `MergeOperator`: the paper's re-encode +
 mapper (`reencode`, whose mapper kinds come from `psynth_jax.mapper`'s registry, so
 mappers are one family of operators, not a second registry), branches laid end to
-end (`sequential`), selective recompute (`recompute`). An operator is a pytree
+end (`sequential`), selective recompute (`recompute`), APE reweighting (`ape`),
+outputs re-prefilled alone (`reprefill`), trained link tokens (`links`). An operator is a pytree
 (`flax.struct.dataclass`): its trainable arrays are leaves, its settings static,
 so one passes through `jax.jit` like a mapper does.
 
@@ -13,7 +14,10 @@ so one passes through `jax.jit` like a mapper does.
 The interface:
 
 * `merge(params, branches, *, rows, capacity, num_workers)` -> a batch-1 `KVCache`
-  of `capacity` rows whose first `rows` hold the merged branches, `index` = rows;
+  of `capacity` rows whose first `rows` hold the merged branches (and the operator's
+  own rows), `index` = rows;
+* `extra_rows(num_branches)` -> rows the operator adds after the branch rows (static;
+  0 but for `links`): callers reserve `rows` >= sum_i len_i + extra_rows(K);
 * `start(branches)` -> the position of the synthesizer's first token;
 * `flops(config, branches)` -> the merge's own FLOPs (host-side count, for the
   TTFT breakdown; the synthesizer's prefill is counted by `eval.ttft`);
@@ -108,6 +112,10 @@ class MergeOperator:
 
   def merge(self, params, branches, *, rows: int, capacity: int, num_workers=None) -> KVCache:
     raise NotImplementedError
+
+  def extra_rows(self, num_branches: int) -> int:
+    """Rows the merge writes after the branch rows (its own tokens, e.g. link tokens)."""
+    return 0
 
   def start(self, branches) -> jax.Array:
     """The synthesizer's first position: max_i span_i (the shared-start layout)."""

@@ -8,6 +8,7 @@ gives it the operator interface and its FLOP count.
 
 from __future__ import annotations
 
+import jax
 from flax import struct
 
 from psynth_jax import merge as merge_lib
@@ -66,6 +67,12 @@ class Reencode(MergeOperator):
 
   def check(self, config: ModelConfig) -> None:
     check_mapper(self.mapper, config.num_layers)
+
+  def own_params(self) -> Reencode | None:
+    """The operator's trainable arrays besides its mapper (this operator with the mapper
+    taken out), or None where it has none: what the trainer learns next to the mapper."""
+    rest = self.replace(mapper=None)
+    return rest if jax.tree.leaves(rest) else None
 
 
 def wrapping(spec: str, config: ModelConfig, mapper):

@@ -24,7 +24,9 @@ convert package, `lora.safetensors` + `lora_config.json`), and the mapper as
 (`net.0.weight` [hidden, F] with only the features its mode reads, plus 2 cache
 statistics for `head_affine`; `net.0.bias`, `net.2.weight` [4, hidden],
 `net.2.bias`; what `psynth_jax.convert.reference.mapper_from_state_dict` reads)
-plus `mapper_config.json` (kind, features, num_layers, hidden_dim).
+plus `mapper_config.json` (kind, features, num_layers, hidden_dim, and the merge
+operator's spec where it trained under one); an operator's own trained arrays (link
+tokens) go to `mapper/operator.safetensors` under their field names.
 `load_export` reads such a folder back for inference, and also the folders of
 older versions, whose ablation-mode mappers kept all 3 features (zero-fed).
 """
@@ -42,6 +44,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
@@ -307,7 +310,45 @@ def export(params: dict[str, Any], folder: str, base_model: str = "", merge: str
     if merge:
       meta["merge"] = merge
     json.dump(meta, f, indent=2)
+  if "operator" in params:  # the operator's own arrays (link tokens), by field name
+    arrays = {name: np.asarray(a) for name, a in _own_arrays(params["operator"]).items()}
+    safetensors.numpy.save_file(arrays, os.path.join(mapper_dir, OPERATOR_FILE))
   return folder
+
+
+OPERATOR_FILE = "operator.safetensors"
+
+
+def _own_arrays(op) -> dict[str, Any]:
+  """{field: array} of a merge operator's own trainable arrays (its mapper left out)."""
+  return {
+    f.name: getattr(op, f.name)
+    for f in dataclasses.fields(op)
+    if f.name != "mapper"
+    and f.metadata.get("pytree_node", True)
+    and getattr(op, f.name) is not None
+  }
+
+
+def _with_own_arrays(op, path: str):
+  """`op` (made from its spec, so of the trained shapes) with the arrays saved at `path`."""
+  own = op.own_params() if hasattr(op, "own_params") else None
+  if own is None:
+    if os.path.exists(path):
+      raise ValueError(f"{path}: the operator {op.name!r} has no trainable arrays to load")
+    return op
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: the operator {op.name!r} was trained with it")
+  saved = safetensors.numpy.load_file(path)
+  want = _own_arrays(own)
+  if set(saved) != set(want):
+    raise KeyError(f"{path}: holds {sorted(saved)}, the operator {op.name!r} has {sorted(want)}")
+  for name, value in saved.items():
+    if value.shape != want[name].shape:
+      raise ValueError(
+        f"{path}: {name} has shape {value.shape}, the operator's spec gives {want[name].shape}"
+      )
+  return op.replace(**{name: jnp.asarray(v) for name, v in saved.items()})
 
 
 def load_export(folder: str | os.PathLike, model_config) -> tuple[Any, Any]:
@@ -352,4 +393,7 @@ def load_export(folder: str | os.PathLike, model_config) -> tuple[Any, Any]:
   from psynth_jax.operators import wrapping
 
   lora = load_peft_lora(os.path.join(folder, "lora"), model_config)
-  return wrapping(meta.get("merge", ""), model_config, mapper), lora
+  op = wrapping(meta.get("merge", ""), model_config, mapper)
+  if meta.get("merge"):
+    op = _with_own_arrays(op, os.path.join(folder, "mapper", OPERATOR_FILE))
+  return op, lora

@@ -104,7 +104,9 @@ class StepConfig:
 
 
 def trains(trainable: str, part: str) -> bool:
-  """Whether `part` ("mapper" or "lora") learns in mode `trainable`."""
+  """Whether `part` ("mapper", "lora" or "operator": an operator's own arrays, trained
+  with the mapper) learns in mode `trainable`."""
+  part = "mapper" if part == "operator" else part
   return trainable == "both" or trainable == f"{part}_only"
 
 
@@ -171,8 +173,14 @@ class TrainState:
   skipped: jax.Array  # [] int32, examples skipped by the token guards so far
 
 
-def init_state(mapper: Mapper, lora: LoRAWeights, optimizer: Optimizer) -> TrainState:
+def init_state(
+  mapper: Mapper, lora: LoRAWeights, optimizer: Optimizer, operator=None
+) -> TrainState:
+  """`operator`: a merge operator's own trainable arrays (`Reencode.own_params`, e.g. link
+  tokens), learned with the mapper; None for operators that have none."""
   params = {"mapper": mapper, "lora": lora}
+  if operator is not None:
+    params["operator"] = operator
   state = TrainState(
     jnp.zeros((), jnp.int32), params, optimizer.tx.init(params), jnp.zeros((), jnp.int32)
   )
@@ -245,6 +253,14 @@ def teacher_logits(base: Params, batch: Batch, lora=None) -> jax.Array:
   return jax.lax.stop_gradient(unembed(base, x, lora))
 
 
+def merge_operator(params, merge: str, model_config):
+  """The operator the synthesizer trains under: its own arrays (`params["operator"]`) around
+  the mapper, or the operator `merge` names around it ("" : the mapper, the paper's)."""
+  if "operator" in params:
+    return params["operator"].replace(mapper=params["mapper"])
+  return operators.wrapping(merge, model_config, params["mapper"])
+
+
 def loss_fn(params, base: Params, batch: Batch, rng: jax.Array, config: StepConfig):
   """(loss, metrics) of one batch; differentiable in `params` only."""
   params = {
@@ -261,7 +277,7 @@ def loss_fn(params, base: Params, batch: Batch, rng: jax.Array, config: StepConf
     branches,
     batch.tokens,
     batch.mask,
-    operators.wrapping(config.merge, base.config, params["mapper"]),
+    merge_operator(params, config.merge, base.config),
     lora,
     config.branch_rows,
     batch.num_workers,

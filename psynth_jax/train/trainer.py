@@ -39,7 +39,7 @@ import tqdm
 from ml_collections import ConfigDict
 from tensorboardX import SummaryWriter
 
-from psynth_jax import compile_cache, sharding, tasks
+from psynth_jax import compile_cache, operators, sharding, tasks
 from psynth_jax.mapper import Mapper
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights, check_targets
@@ -196,11 +196,20 @@ def init_state(
   optimizer_config: step_lib.OptimizerConfig,
   trainable: str,
   seed: int,
+  merge: str = "",
 ) -> step_lib.TrainState:
-  """A fresh train state (module level with hashable arguments, so jit reuses its program)."""
+  """A fresh train state (module level with hashable arguments, so jit reuses its program).
+
+  `merge`: the operator spec the mapper trains under; its own arrays (link tokens) join
+  the trainable parameters, initialised as the spec says (its `seed=` option, default 0).
+  """
   mapper = Mapper.create(mapper_kind, model_config.num_layers, mapper_features)
   lora = LoRAWeights.init(model_config, lora_config, seed)
-  return step_lib.init_state(mapper, lora, step_lib.make_optimizer(optimizer_config, trainable))
+  own = None
+  if merge:
+    own = operators.wrapping(merge, model_config, None).own_params()
+  optimizer = step_lib.make_optimizer(optimizer_config, trainable)
+  return step_lib.init_state(mapper, lora, optimizer, own)
 
 
 def fetch(tree: Any) -> Any:
@@ -332,6 +341,7 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
     optimizer_config(config),
     config.train.trainable,
     config.seed,
+    config.train.merge,
   )
   options = _compiler_options(config)
   state = sharding.sharded_initializer(init_state, mesh, rules, options, init_args)()
