@@ -16,6 +16,11 @@ the time to the first generated token; decode tokens/s is measured as
 (N - 1) / (t(N) - t(1)) from two runs with N and 1 new tokens, with stop
 tokens disabled. Warm (compiled) runs, median of repeats.
 
+`--impls` picks rows (default all four); "psynth_jax fp32 matmul-decode" is psynth_jax fp32
+with the one-query attention step as a batched matmul at every batch size (the form used
+below `attention_ops.DECODE_REDUCE_MIN_BATCH`): the whole-step A/B of the decode form.
+Without "transformers fp32" no tokens are compared and no speedup is printed.
+
 Limits measured in the same run sit next to each time (`psynth_jax.eval.limits`,
 the formula every benchmark states its floors with): a decode step's floor is
 max((weight bytes, an untied unembedding counted, + the KV rows its B tokens
@@ -32,6 +37,7 @@ the start) unless --force, which marks the JSON "forced": true. Writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -40,11 +46,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import torch
 
 from psynth_jax import load_pretrained
 from psynth_jax.eval import bench_meta, limits
+from psynth_jax.model import attention_ops
+
+IMPLS = (
+  "transformers fp32",
+  "transformers bf16",
+  "psynth_jax fp32",
+  "psynth_jax bf16",
+  "psynth_jax fp32 matmul-decode",
+)
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -78,6 +94,22 @@ def psynth_generate(lm):
     return lm.generate(prompts, n, stop_ids=())
 
   return run
+
+
+@contextlib.contextmanager
+def decode_form(impl: str):
+  """The one-query attention step as a batched matmul at every B for the matmul-decode row."""
+  if not impl.endswith("matmul-decode"):
+    yield
+    return
+  kept = attention_ops.DECODE_REDUCE_MIN_BATCH
+  attention_ops.DECODE_REDUCE_MIN_BATCH = 1 << 30
+  jax.clear_caches()  # the constant is read at trace time
+  try:
+    yield
+  finally:
+    attention_ops.DECODE_REDUCE_MIN_BATCH = kept
+    jax.clear_caches()
 
 
 def hf_generate(model):
@@ -187,9 +219,13 @@ def main():
   parser.add_argument("--new-tokens", type=int, default=32)
   parser.add_argument("--prompt-tokens", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--impls", default=",".join(IMPLS[:4]), help=f"comma-separated of {IMPLS}")
   parser.add_argument("--force", action="store_true", help="run on a loaded machine (marked)")
   parser.add_argument("--out", default="outputs/bench_decode.json")
   args = parser.parse_args()
+  chosen = args.impls.split(",")
+  if unknown := sorted(set(chosen) - set(IMPLS)):
+    raise SystemExit(f"unknown --impls {unknown}; expected some of {IMPLS}")
   run = bench_meta.start(force=args.force)  # before loading anything: that raises the load
   bench_meta.print_warning(run.meta)
   torch.set_num_threads(os.cpu_count() or 1)
@@ -209,15 +245,19 @@ def main():
         "transformers bf16": (hf_generate(hf16), limits.Limits.of_torch(hf16, lm32.config, bw)),
         "psynth_jax fp32": (psynth_generate(lm32), limits.Limits.of(lm32.params, bw)),
         "psynth_jax bf16": (psynth_generate(lm16), limits.Limits.of(lm16.params, bw)),
+        "psynth_jax fp32 matmul-decode": (psynth_generate(lm32), limits.Limits.of(lm32.params, bw)),
       }
+      impls = {k: v for k, v in impls.items() if k in chosen}
       rng = np.random.default_rng(0)
       for b in map(int, args.batches.split(",")):
         prompts = rng.integers(100, 500, (b, args.prompt_tokens)).tolist()
-        ours = psynth_generate(lm32)(prompts, args.new_tokens)
-        theirs = hf_generate(hf)(prompts, args.new_tokens)
-        same = ours == theirs
+        same = None  # the fp32 greedy tokens, compared when transformers fp32 runs
+        if "transformers fp32" in impls:
+          ours = psynth_generate(lm32)(prompts, args.new_tokens)
+          same = ours == hf_generate(hf)(prompts, args.new_tokens)
         for impl, (gen, lim) in impls.items():
-          r = _bench(gen, prompts, args.new_tokens, args.repeats)
+          with decode_form(impl):
+            r = _bench(gen, prompts, args.new_tokens, args.repeats)
           r.update(model=name, batch=b, impl=impl, greedy_equal_fp32=same)
           r.update(row_limits(lim, b, args.prompt_tokens, args.new_tokens, r))
           rows.append(r)
@@ -246,18 +286,24 @@ def main():
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     base = next(
-      x
-      for x in rows
-      if x["model"] == r["model"] and x["batch"] == r["batch"] and x["impl"] == "transformers fp32"
+      (
+        x
+        for x in rows
+        if x["model"] == r["model"] and x["batch"] == r["batch"] and x["impl"] == IMPLS[0]
+      ),
+      None,
     )
-    r["decode_speedup_vs_transformers"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    r["decode_speedup_vs_transformers"] = (
+      base and r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    )
+    speedup = "-" if base is None else f"{r['decode_speedup_vs_transformers']:.2f}x"
     print(
       f"| {r['model']} | {r['batch']} | {r['impl']} | {r['prefill_tokens_per_s']:.1f} |"
       f" {r['prefill_s'] * 1e3:.1f} ({r['prefill_floor_s'] * 1e3:.2f}) |"
       f" {r['prefill_vs_floor']:.2f}x | {r['decode_tokens_per_s']:.1f} |"
       f" {r['decode_ms_per_step']:.2f} | {r['decode_floor_ms_per_step']:.2f}"
       f" ({r['decode_memory_floor_ms']:.2f}, {r['decode_compute_floor_ms']:.2f}) |"
-      f" {r['decode_vs_floor']:.2f}x | {r['decode_speedup_vs_transformers']:.2f}x |"
+      f" {r['decode_vs_floor']:.2f}x | {speedup} |"
     )
   bench_meta.print_warning(meta)
   meta.update(

@@ -49,9 +49,11 @@ PREFIX_STEP = 128  # their lengths are multiples of this; shorter caches are rea
 # Batch from which "dense" computes a one-query step (decode) as broadcast products summed
 # over H and S instead of a batched matmul: XLA:CPU's dot at M = Q (7 for Qwen 0.5B) copies
 # k and v into its own layout every step. Idle, one layer of Qwen 0.5B's shapes over 1,024
-# keys: 7.7 vs 30.6 ms at B = 48, 3.3 vs 3.7 at B = 16; at B <= 3 the dot is as fast or
-# faster (experiments/bench_attention.py, its decode cases).
-DECODE_REDUCE_MIN_BATCH = 8
+# keys: 7.7 vs 30.6 ms at B = 48 (experiments/bench_attention.py, its decode cases). A
+# whole 0.5B decode step over a 288-row cache (experiments/bench_decode.py, its
+# matmul-decode row, RESULTS.md): 773 vs 1,013 ms at B = 48, but 399 vs 321 ms at B = 16,
+# where the matmul wins; 32 sits between the two measured batches (not measured itself).
+DECODE_REDUCE_MIN_BATCH = 32
 
 
 def check_impl(impl: str) -> str:
