@@ -91,6 +91,12 @@ def counted_flops(lm, task, problems, modes) -> dict[str, float]:
   return {name: statistics.mean(v) for name, v in per_mode.items()}
 
 
+def _binary(score: float) -> int:
+  if score not in (0, 1):
+    raise ValueError(f"the suite scores 0 or 1, got {score}")
+  return int(score)
+
+
 def summarize(records, names, families) -> dict:
   text = [r.scores[workflow.TEXT_SYNTHESIS] for r in records]
   out = {}
@@ -176,6 +182,9 @@ def main():
     "families": families,
     "summary": summary,
     "flops": flops,
+    # per example, in generation order: one 0/1 character per example and mode, so any two
+    # modes of this file (or of another run with the same examples) can be paired later
+    "scores": {n: "".join("01"[_binary(r.scores[n])] for r in records) for n in names},
     "seconds": time.perf_counter() - t0,
   }
   out.write_text(json.dumps(result, indent=1))
