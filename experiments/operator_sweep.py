@@ -13,9 +13,11 @@ mapper on the reused rows, its LoRA on the synthesizer). Per mode: accuracy per
 family with a 95 % interval, the paired difference to text synthesis (exact
 McNemar), and the counted FLOPs to the first token (the operator's merge + the
 synthesizer's prefill; text synthesis: its whole prefill), averaged over examples
-from the gold branches' shapes. TTFT is left out: it is a timing and belongs to an
-idle machine (`experiments/ttft_eval.py`, `bench_cache_path.py`). Writes JSON and
-a PNG (accuracy vs FLOPs).
+from the gold branches' shapes. With `--ttft-examples N`, also each mode's warm TTFT
+(`workflow.measure_timings`: the median over the first N examples of the median of 3
+timed calls, the accuracy run's budgets): a timing, so that run refuses a loaded
+machine (1-minute load > 1.0 at the start) unless --force, and the JSON records the
+load ("meta"). Writes JSON and a PNG (accuracy vs FLOPs, and vs TTFT where measured).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 from psynth_jax import tasks
-from psynth_jax.eval import stats, workflow
+from psynth_jax.eval import bench_meta, stats, workflow
 from psynth_jax.eval.shipped import load_synthetic_base, load_synthetic_modes
 from psynth_jax.eval.ttft import prefill_flops
 from psynth_jax.tasks import synthetic
@@ -114,23 +116,27 @@ def summarize(records, names, families) -> dict:
   return out
 
 
-def plot(summary: dict, flops: dict, path: Path) -> None:
+def plot(summary: dict, flops: dict, path: Path, ttft: dict | None = None) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(8, 5))
-  for name, row in summary.items():
-    lo, hi = row["interval"]
-    acc = 100 * row["accuracy"]
-    yerr = [[acc - 100 * lo], [100 * hi - acc]]
-    ax.errorbar(flops[name], acc, yerr=yerr, fmt="o", capsize=3)
-    ax.annotate(name, (flops[name], acc), fontsize=7, xytext=(4, 2), textcoords="offset points")
-  ax.set_xscale("log")
-  ax.set_xlabel("FLOPs to the first token (counted, mean per example)")
-  ax.set_ylabel("accuracy, % (95 % interval)")
-  ax.set_title("merge operators on the synthetic suite (same worker outputs)")
+  axes_x = [("FLOPs to the first token (counted, mean per example)", flops)]
+  if ttft:
+    axes_x.append(("TTFT, ms (warm, median)", {n: 1e3 * t["ttft_s"] for n, t in ttft.items()}))
+  fig, axes = plt.subplots(1, len(axes_x), figsize=(8 * len(axes_x), 5), squeeze=False)
+  for ax, (label, xs) in zip(axes[0], axes_x, strict=True):
+    for name, row in summary.items():
+      lo, hi = row["interval"]
+      acc = 100 * row["accuracy"]
+      yerr = [[acc - 100 * lo], [100 * hi - acc]]
+      ax.errorbar(xs[name], acc, yerr=yerr, fmt="o", capsize=3)
+      ax.annotate(name, (xs[name], acc), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(label)
+    ax.set_ylabel("accuracy, % (95 % interval)")
+    ax.set_title("merge operators on the synthetic suite (same worker outputs)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -149,7 +155,12 @@ def main():
     "--adapter", action="append", default=[], metavar="NAME=EXPORT", help="a trained export"
   )
   parser.add_argument("--out", default="outputs/operator_sweep.json")
+  parser.add_argument("--ttft-examples", type=int, default=0, help="time TTFT on this many")
+  parser.add_argument("--force", action="store_true", help="time TTFT on a loaded machine")
   args = parser.parse_args()
+  run = bench_meta.start(force=args.force, refuse=args.ttft_examples > 0)
+  if args.ttft_examples:
+    bench_meta.print_warning(run.meta)
   t0 = time.perf_counter()
   lm = load_synthetic_base()
   task = tasks.get("synthetic")
@@ -163,8 +174,12 @@ def main():
   names = workflow.mode_names(modes)
   summary = summarize(records, names, families)
   flops = counted_flops(lm, task, problems, modes)
+  ttft = None
+  if args.ttft_examples:
+    ttft = workflow.measure_timings(lm, task, problems[: args.ttft_examples], modes)
   print(f"\n{args.examples} test examples (seed {args.seed}), families {', '.join(families)}")
   head = f"{'mode':<56}{'accuracy':>9}{'95% interval':>16}{'vs text p':>11}{'GFLOP':>9}"
+  head += f"{'TTFT ms':>9}" if ttft else ""
   print(head + "\n" + "-" * len(head))
   for name in names:
     row = summary[name]
@@ -172,7 +187,7 @@ def main():
     p = f"{row['vs_text']['p_value']:>11.3f}" if "vs_text" in row else f"{'-':>11}"
     print(
       f"{name:<56}{100 * row['accuracy']:>8.1f}% [{100 * lo:5.1f}, {100 * hi:5.1f}]{p}"
-      f"{flops[name] / 1e9:>9.3f}"
+      f"{flops[name] / 1e9:>9.3f}" + (f"{1e3 * ttft[name]['ttft_s']:>9.1f}" if ttft else "")
     )
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,13 +197,16 @@ def main():
     "families": families,
     "summary": summary,
     "flops": flops,
+    "ttft": ttft,
+    "ttft_examples": args.ttft_examples,
     # per example, in generation order: one 0/1 character per example and mode, so any two
     # modes of this file (or of another run with the same examples) can be paired later
     "scores": {n: "".join("01"[_binary(r.scores[n])] for r in records) for n in names},
     "seconds": time.perf_counter() - t0,
+    "meta": bench_meta.finish(run),
   }
   out.write_text(json.dumps(result, indent=1))
-  plot(summary, flops, out.with_suffix(".png"))
+  plot(summary, flops, out.with_suffix(".png"), ttft)
   print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
