@@ -294,6 +294,7 @@ def _agents(args) -> None:
       config.worker_tokens,
       config.answer_tokens,
       config.capacity,
+      config.final_without_calls,
     )
     rows = agent_harness.evaluate_agents(
       lm,

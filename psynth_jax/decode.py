@@ -81,6 +81,8 @@ class DecodeState:
     done: [B] bool, sequence has emitted a stop id.
     cache: the KV cache, holding everything before `last`.
     rng: PRNG key for sampling.
+    banned: None, or [B, M] int32 ids row b never samples (V pads a row: no id); an agent's
+      last turn bans the tool-call opener (`agents.react`).
   """
 
   tokens: jax.Array
@@ -90,6 +92,7 @@ class DecodeState:
   done: jax.Array
   cache: KVCache
   rng: jax.Array
+  banned: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +118,21 @@ def _record(state: DecodeState, token: jax.Array, spec: DecodeSpec) -> DecodeSta
   )
 
 
+def without_banned(logits: jax.Array, banned: jax.Array | None) -> jax.Array:
+  """[B, V] logits with row b's `banned[b]` ids at -inf (ids >= V are padding)."""
+  if banned is None:
+    return logits
+  rows = jnp.arange(logits.shape[0])[:, None]
+  return logits.at[rows, banned].set(-jnp.inf, mode="drop")
+
+
 def start(
   first_logits: jax.Array,  # [B, V] logits of the last prompt token
   next_position: jax.Array,  # [B] position of the first new token
   cache: KVCache,
   rng: jax.Array,
   spec: DecodeSpec,
+  banned: jax.Array | None = None,  # [B, M] ids never sampled (`DecodeState.banned`)
 ) -> DecodeState:
   """Samples the first token from prefill logits and builds the loop state."""
   b = first_logits.shape[0]
@@ -133,8 +145,9 @@ def start(
     done=jnp.zeros((b,), bool),
     cache=cache,
     rng=rng,
+    banned=banned,
   )
-  return _record(state, sample(first_logits, key, spec.sampling), spec)
+  return _record(state, sample(without_banned(first_logits, banned), key, spec.sampling), spec)
 
 
 def decode_step(params: Params, state: DecodeState, spec: DecodeSpec, lora=None) -> DecodeState:
@@ -145,7 +158,7 @@ def decode_step(params: Params, state: DecodeState, spec: DecodeSpec, lora=None)
   logits = unembed(params, x, lora)[:, 0]
   rng, key = jax.random.split(state.rng)
   state = state.replace(cache=cache, rng=rng, position=state.position + 1)
-  return _record(state, sample(logits, key, spec.sampling), spec)
+  return _record(state, sample(without_banned(logits, state.banned), key, spec.sampling), spec)
 
 
 def _running(state: DecodeState, spec: DecodeSpec) -> jax.Array:

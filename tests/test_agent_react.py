@@ -222,3 +222,59 @@ def test_an_untagged_call_object_is_one_call_and_other_json_is_an_answer():
   # Anything more than the object alone, or an object with other keys, is an answer.
   for text in (f"I would call {bare}", '{"name": "Ada", "age": 36}', '{"answer": 4}', "[1, 2]"):
     assert parse_output(text).is_final, text
+
+
+class Recording(Scripted):
+  """`Scripted`, also remembering the ids each turn was told never to sample."""
+
+  def __init__(self, tokenizer, outputs):
+    super().__init__(tokenizer, outputs)
+    self.banned = []
+
+  def turn(self, new_ids, banned=()):
+    self.banned.append(tuple(banned))
+    return super().turn(new_ids)
+
+
+def _with_call_tokens(tmp_path):
+  """The Qwen-template tokenizer with `<tool_call>` / `</tool_call>` as single added tokens,
+  as in Qwen2.5's own vocabulary."""
+  import tokenizers
+
+  folder = testing.bpe_tokenizer_folder(tmp_path / "calls")
+  (folder / "chat_template.jinja").write_text(QWEN_TEMPLATE.read_text())
+  backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+  backend.add_tokens(["<tool_call>", "</tool_call>"])
+  backend.save(str(folder / "tokenizer.json"))
+  return Tokenizer.from_folder(folder)
+
+
+def test_a_last_turn_without_calls_bans_the_opener_and_keeps_the_text(tmp_path, tokenizers):
+  tok = _with_call_tokens(tmp_path)
+  chat = ChatFormat(tok, TOOLBOX.schemas())
+  (opener,) = chat.call_opener_ids()
+  assert tok.encode("<tool_call>") == [opener]
+  bare = json.dumps({"name": "VACUUM"})  # a label written as a call: the 0.5B's habit
+  outputs = [call("add", a=i, b=1) for i in range(MAX_STEPS)] + [bare]
+  model = Recording(tok, outputs)
+  episode = run_react(model, chat, MESSAGES, TOOLBOX, final_without_calls=True)
+  assert episode.stopped == "step_limit" and len(episode.steps) == MAX_STEPS
+  assert model.banned == [()] * MAX_STEPS + [(opener,)]
+  assert episode.answer == bare  # the whole last output, not its calls dropped
+  # Without the flag: no ban, and the bare call is dropped from the answer (as before).
+  model = Recording(tok, outputs)
+  assert run_react(model, chat, MESSAGES, TOOLBOX).answer == ""
+  assert model.banned == [()] * (MAX_STEPS + 1)
+  # An answer before the limit is the same either way.
+  model = Recording(tok, ["5"])
+  assert run_react(model, chat, MESSAGES, TOOLBOX, final_without_calls=True).answer == "5"
+  # A tokenizer where the opener is several tokens cannot ban it: refused before any turn.
+  qwen, _ = tokenizers
+  with pytest.raises(ValueError, match="not one"):
+    run_react(
+      Recording(qwen, ["5"]),
+      ChatFormat(qwen, TOOLBOX.schemas()),
+      MESSAGES,
+      TOOLBOX,
+      final_without_calls=True,
+    )

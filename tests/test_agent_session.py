@@ -191,3 +191,27 @@ def test_an_episode_runs_workers_and_both_synthesizers(tmp_path):
   # prefilled); the baseline's holds the pasted worker outputs.
   assert latent.session.turns[0].fed == chat.prompt(latent_messages)
   assert text.session.turns[0].fed == chat.prompt(pasted_messages)
+
+
+def test_banned_ids_are_never_sampled_and_change_nothing_else(lm):
+  """A turn with banned ids: greedy picks the best allowed id at every step, i.e. the
+  argmax of the recomputed logits with those ids at -inf; other rows and turns unbanned."""
+  free = CacheSession.text(lm, NEW, CAPACITY)
+  first = free.turn(TURNS[0])
+  banned = (first[0], first[1])
+  session = CacheSession.text(lm, NEW, CAPACITY)
+  out = session.turn(TURNS[0], banned)
+  assert not set(out) & set(banned) and len(out) == NEW
+  ids = list(TURNS[0])
+  for token in out:
+    logits = np.asarray(lm.logits([ids])[0][-1], np.float64)
+    logits[list(banned)] = -np.inf
+    assert token == int(np.argmax(logits))
+    ids.append(token)
+  # The next turn is unbanned again: it equals a session that was fed the same tokens.
+  again = session.turn(TURNS[1])
+  replay = CacheSession.text(lm, NEW, CAPACITY)
+  replay.turn(TURNS[0], banned)
+  assert replay.turn(TURNS[1]) == again
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    CacheSession.text(lm, NEW, CAPACITY).turn(TURNS[0], [CONFIG.vocab_size])

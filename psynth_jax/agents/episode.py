@@ -52,6 +52,7 @@ def run_workers(
   max_new_tokens: int = 256,
   capacity: int = 4096,
   on_step=None,
+  final_without_calls: bool = False,
 ) -> list[WorkerRun]:
   """The worker agents of several episodes, together on one batched session.
 
@@ -65,6 +66,7 @@ def run_workers(
     capacity: cache rows of every conversation; a turn takes as many rows as the batch's
       widest input plus its longest output, so allow for the longest conversation.
     on_step: progress callback (`run_react_batch`).
+    final_without_calls: a worker's last turn cannot call (`react`'s module docstring).
   """
   if not episodes or not all(episodes):
     raise ValueError("run_workers needs at least one episode, each with at least one worker")
@@ -73,7 +75,7 @@ def run_workers(
   session = CacheSession.text(
     lm, max_new_tokens, capacity, batch=len(agents), sampling=sampling, seed=seed
   )
-  done = run_react_batch(session, agents, max_steps, on_step)
+  done = run_react_batch(session, agents, max_steps, on_step, final_without_calls)
   seconds = time.perf_counter() - t0
   runs, b = [], 0
   for workers in episodes:
@@ -111,6 +113,7 @@ def run_synthesizer(
   capacity: int = 4096,
   rows: int | None = None,
   num_workers: int | None = None,
+  final_without_calls: bool = False,
 ) -> SynthesizerRun:
   """The synthesizer agent: over `branches` as a latent prefix, or (None) the text baseline.
 
@@ -119,7 +122,7 @@ def run_synthesizer(
       baseline the prompt with the worker texts pasted) and tools.
     branches, mapper, lora, rows, num_workers: as for `synthesize`; with `branches` None the
       model (with `lora`, if given) reads only the messages.
-    max_steps, max_new_tokens, capacity: `run_react`, `CacheSession`.
+    max_steps, max_new_tokens, capacity, final_without_calls: `run_react`, `CacheSession`.
   """
   t0 = time.perf_counter()
   if branches is None:
@@ -128,5 +131,7 @@ def run_synthesizer(
     session = CacheSession.latent(
       lm, branches, mapper, lora, max_new_tokens, capacity, rows=rows, num_workers=num_workers
     )
-  episode = run_react(session, agent.chat, agent.messages, agent.toolbox, max_steps)
+  episode = run_react(
+    session, agent.chat, agent.messages, agent.toolbox, max_steps, final_without_calls
+  )
   return SynthesizerRun(episode, session, session.turns[0].first_token_s, time.perf_counter() - t0)

@@ -56,6 +56,7 @@ class AgentSettings:
   worker_tokens: int = 256  # budget per worker turn
   answer_tokens: int = 256  # budget per single-agent / synthesizer turn
   capacity: int = 6144  # cache rows per conversation
+  final_without_calls: bool = False  # every agent's last turn cannot call (`react`)
 
   def __post_init__(self):
     if self.memory not in MEMORY_MODES:
@@ -111,10 +112,13 @@ def evaluate_agents(
     )
   from tqdm.auto import tqdm
 
+  recorded = dataclasses.asdict(settings)
+  if not settings.final_without_calls:  # the behaviour of runs recorded before the flag
+    del recorded["final_without_calls"]
   info = {
     "task": task.name,
     "fingerprint": lm.params.fingerprint,
-    "settings": dataclasses.asdict(settings),
+    "settings": recorded,
     "adapters": dict(adapters or {}),
   }
   harness.check_run(workdir, info)
@@ -204,6 +208,7 @@ def _run_workers(lm, tok, problems, setups, settings, log) -> dict[str, tuple[di
     max_new_tokens=settings.worker_tokens,
     capacity=settings.capacity,
     on_step=log,
+    final_without_calls=settings.final_without_calls,
   )
   out = {}
   for p, run in zip(problems, runs, strict=True):
@@ -250,7 +255,7 @@ def _single_agents(lm, tok, task, problems, setups, settings, log):
   ]
   t0 = time.perf_counter()
   session = CacheSession.text(lm, settings.answer_tokens, settings.capacity, batch=len(agents))
-  episodes = run_react_batch(session, agents, settings.max_steps, log)
+  episodes = run_react_batch(session, agents, settings.max_steps, log, settings.final_without_calls)
   seconds = time.perf_counter() - t0
   # Batched: no TTFT of its own (the synthesizers' is the measured one).
   return [
@@ -261,7 +266,10 @@ def _single_agents(lm, tok, task, problems, setups, settings, log):
 
 def _synthesizer(lm, tok, task, mode, problem, setup, workers_row, branches, settings):
   budget = dict(
-    max_steps=settings.max_steps, max_new_tokens=settings.answer_tokens, capacity=settings.capacity
+    max_steps=settings.max_steps,
+    max_new_tokens=settings.answer_tokens,
+    capacity=settings.capacity,
+    final_without_calls=settings.final_without_calls,
   )
   if mode == workflow.TEXT_SYNTHESIS:
     prompt = task.text_synthesis_prompt(problem, workers_row["texts"])

@@ -19,6 +19,9 @@ Turn by turn:
 At most `max_steps` tool steps (the reference's 5). The last one's observations end with
 `LIMIT_NOTE`, and the next output is the answer whatever it holds: its calls are not run
 and `Episode.stopped` is "step_limit". Nothing in the loop raises on what a model writes.
+With `final_without_calls`, that last turn cannot call: the tool-call opener is never
+sampled (`ChatFormat.call_opener_ids`), and the whole output is the answer, a bare JSON
+call included as text (a small model that only knows how to call still names its answer).
 
 `run_react_batch` runs the same loop for many agents (workers of several episodes) on one
 batched `CacheSession`: each step, the agents still running take a turn together, the
@@ -45,8 +48,9 @@ LIMIT_NOTE = "You have used all your tool calls. Give your final answer now, wit
 
 
 class TurnModel(Protocol):
-  def turn(self, new_ids: Sequence[int]) -> Sequence[int]:
-    """Reads `new_ids` after everything so far and returns one output's ids (stop excluded)."""
+  def turn(self, new_ids: Sequence[int], banned: Sequence[int] = ()) -> Sequence[int]:
+    """Reads `new_ids` after everything so far and returns one output's ids (stop excluded),
+    never sampling the `banned` ids."""
     ...
 
 
@@ -93,10 +97,13 @@ class Agent:
 class _Loop:
   """One agent's loop state: what it feeds next, or its finished Episode."""
 
-  def __init__(self, agent: Agent, max_steps: int):
+  def __init__(self, agent: Agent, max_steps: int, final_without_calls: bool = False):
     if max_steps < 0:
       raise ValueError(f"max_steps must be >= 0, got {max_steps}")
     self.agent, self.max_steps = agent, max_steps
+    self.final_without_calls = final_without_calls
+    if final_without_calls:
+      agent.chat.call_opener_ids()  # refuses a format whose opener is no single token, now
     self.feed: list[int] | None = agent.chat.prompt(agent.messages)
     self.steps: list[Step] = []
     self.outputs: list[list[int]] = []
@@ -108,18 +115,32 @@ class _Loop:
     self.outputs.append(list(out))
     text = chat.decode(list(out))
     parsed = parse_output(text)
-    if parsed.is_final or len(self.steps) == self.max_steps:
-      # At the limit, calls left in the last output are dropped from the answer, not run.
+    if parsed.is_final or self.at_limit:
+      # At the limit, calls left in the last output are dropped from the answer, not run
+      # (with final_without_calls the output is the answer as written).
       stopped = "answer" if parsed.is_final else "step_limit"
-      self.episode = Episode(parsed.text, self.steps, stopped, self.outputs)
+      answer = text.strip() if self.final_without_calls and self.at_limit else parsed.text
+      self.episode = Episode(answer, self.steps, stopped, self.outputs)
       self.feed = None
       return
     observations = tuple(run_call(toolbox, c) for c in parsed.calls)
     self.steps.append(Step(text, parsed.text, parsed.calls, observations))
     texts = [o.text for o in observations]
-    if len(self.steps) == self.max_steps:
+    if self.at_limit:
       texts[-1] = f"{texts[-1]}\n\n{LIMIT_NOTE}"
     self.feed = chat.observations(texts)
+
+  @property
+  def at_limit(self) -> bool:
+    """Whether the next output is the last (every tool step taken)."""
+    return len(self.steps) == self.max_steps
+
+  @property
+  def banned(self) -> tuple[int, ...]:
+    """Ids the next turn must not sample: the call opener on a last turn without calls."""
+    if self.final_without_calls and self.at_limit:
+      return self.agent.chat.call_opener_ids()
+    return ()
 
 
 def run_react(
@@ -128,6 +149,7 @@ def run_react(
   messages: Sequence[dict],
   toolbox: Toolbox,
   max_steps: int = MAX_STEPS,
+  final_without_calls: bool = False,
 ) -> Episode:
   """Runs one agent until it answers or has taken `max_steps` tool steps (then one last turn).
 
@@ -138,15 +160,21 @@ def run_react(
     messages: the first turn's chat messages (system, user task).
     toolbox: the tools the agent may call.
     max_steps: the most tool steps; 0 lets the agent only answer.
+    final_without_calls: the last turn cannot call (see the module docstring).
   """
-  loop = _Loop(Agent(chat, messages, toolbox), max_steps)
+  loop = _Loop(Agent(chat, messages, toolbox), max_steps, final_without_calls)
   while loop.episode is None:
-    loop.consume(model.turn(loop.feed))
+    banned = loop.banned
+    loop.consume(model.turn(loop.feed, banned) if banned else model.turn(loop.feed))
   return loop.episode
 
 
 def run_react_batch(
-  session, agents: Sequence[Agent], max_steps: int = MAX_STEPS, on_step=None
+  session,
+  agents: Sequence[Agent],
+  max_steps: int = MAX_STEPS,
+  on_step=None,
+  final_without_calls: bool = False,
 ) -> list[Episode]:
   """Runs `len(agents)` agents in lockstep on a batched `CacheSession` (one row each): every
   step, the agents still running take one turn together; each agent's loop is `run_react`'s.
@@ -155,10 +183,11 @@ def run_react_batch(
   """
   if len(agents) != session.batch:
     raise ValueError(f"{len(agents)} agents for a session of batch {session.batch}")
-  loops = [_Loop(a, max_steps) for a in agents]
+  loops = [_Loop(a, max_steps, final_without_calls) for a in agents]
   step = 0
   while any(loop.episode is None for loop in loops):
-    outs = session.step([loop.feed for loop in loops])
+    banned = [loop.banned if loop.episode is None else () for loop in loops]
+    outs = session.step([loop.feed for loop in loops], banned if any(banned) else None)
     for loop, out in zip(loops, outs, strict=True):
       if out is not None:
         loop.consume(out)

@@ -125,11 +125,15 @@ class SessionRow:
     """Tokens this conversation prefilled, over all turns (merged branch rows are not)."""
     return sum(len(t.fed) for t in self._c.turns)
 
-  def turn(self, new_ids: Sequence[int]) -> list[int]:
-    """This conversation alone takes a turn (the others sit it out)."""
+  def turn(self, new_ids: Sequence[int], banned: Sequence[int] = ()) -> list[int]:
+    """This conversation alone takes a turn (the others sit it out), never sampling `banned`."""
     feeds = [None] * self.session.batch
     feeds[self.b] = new_ids
-    return self.session.step(feeds)[self.b]
+    bans = None
+    if banned:
+      bans = [()] * self.session.batch
+      bans[self.b] = banned
+    return self.session.step(feeds, bans)[self.b]
 
   def flush(self) -> None:
     self.session.flush()
@@ -256,9 +260,10 @@ class CacheSession:
   def take_rows(self, rows: jax.Array):
     return self._only().take_rows(rows)
 
-  def turn(self, new_ids: Sequence[int]) -> list[int]:
-    """Prefills `new_ids` after everything so far, decodes one output and returns its ids."""
-    return self._only().turn(new_ids)
+  def turn(self, new_ids: Sequence[int], banned: Sequence[int] = ()) -> list[int]:
+    """Prefills `new_ids` after everything so far, decodes one output (never sampling the
+    `banned` ids) and returns its ids."""
+    return self._only().turn(new_ids, banned)
 
   def _block(self, ids: Sequence[Sequence[int]], new_tokens: int):
     """Checks each conversation's ids (and room for `new_tokens` after them) and left-pads
@@ -301,8 +306,12 @@ class CacheSession:
       c.written.append(Written(int(token), row, position, last if out else last + 1, out))
     c.position += len(ids)
 
-  def step(self, feeds: Sequence[Sequence[int] | None]) -> list[list[int] | None]:
-    """One turn of every conversation given ids (None: it sits out); their outputs' ids."""
+  def step(
+    self, feeds: Sequence[Sequence[int] | None], banned: Sequence[Sequence[int]] | None = None
+  ) -> list[list[int] | None]:
+    """One turn of every conversation given ids (None: it sits out); their outputs' ids.
+
+    `banned[b]`: token ids conversation b does not sample in this turn (None: none)."""
     start = time.perf_counter()
     if len(feeds) != self.batch:
       raise ValueError(f"{len(feeds)} feeds for a batch of {self.batch}")
@@ -319,6 +328,7 @@ class CacheSession:
     tokens, positions, mask, width = self._block(ids, self.spec.max_new_tokens)
     rng = jax.random.fold_in(self._key, self._steps)
     params, spec = self.lm.params, self.spec
+    ban = programs.banned_ids(banned, self.batch, self.lm.config.vocab_size)
     t0 = time.perf_counter()  # from token ids, as `synthesize` times its first token
     if self._cache is None and self.prefix is not None:
       p = self.prefix
@@ -335,15 +345,16 @@ class CacheSession:
         spec,
         p.rows,
         self.capacity,
+        ban,
       )
     elif self._cache is None:
       state, logits = programs.begin_text(
-        params, tokens, positions, mask, rng, self.lora, spec, self.capacity
+        params, tokens, positions, mask, rng, self.lora, spec, self.capacity, ban
       )
     else:
       cache, self._cache = self._cache, None  # donated
       state, logits = programs.continue_(
-        params, cache, tokens, positions, mask, rng, self.lora, spec
+        params, cache, tokens, positions, mask, rng, self.lora, spec, ban
       )
     jax.device_get(state.tokens[:, 0])  # the first new tokens are on the host
     first_token_s = time.perf_counter() - t0

@@ -10,6 +10,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from psynth_jax import decode
 from psynth_jax.kv_cache import KVCache
@@ -17,27 +18,55 @@ from psynth_jax.merge import merge, synth_start_position
 from psynth_jax.model.transformer import hidden_states
 
 
+def banned_ids(banned, batch: int, vocab_size: int) -> jax.Array | None:
+  """Per-row ids never sampled -> [B, M] int32 padded with V (`decode.DecodeState.banned`);
+  None where no row bans anything (the programs without a ban)."""
+  if banned is None or not any(banned):
+    return None
+  if len(banned) != batch:
+    raise ValueError(f"{len(banned)} banned-id lists for a batch of {batch}")
+  width = max(len(b) for b in banned)
+  out = np.full((batch, width), vocab_size, np.int32)
+  for row, ids in enumerate(banned):
+    if any(not 0 <= int(i) < vocab_size for i in ids):
+      raise ValueError(f"banned ids {list(ids)} outside the vocabulary of {vocab_size}")
+    out[row, : len(ids)] = ids
+  return jnp.asarray(out)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "capacity"))
-def begin_text(params, tokens, positions, mask, rng, lora, spec, capacity):
+def begin_text(params, tokens, positions, mask, rng, lora, spec, capacity, banned=None):
   cache = KVCache.empty(params.config, tokens.shape[0], capacity)
   logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
-  return decode.start(logits, positions[:, -1] + 1, cache, rng, spec), logits
+  return decode.start(logits, positions[:, -1] + 1, cache, rng, spec, banned), logits
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "rows", "capacity"))
 def begin_latent(
-  params, branches, tokens, positions, mask, mapper, lora, num_workers, rng, spec, rows, capacity
+  params,
+  branches,
+  tokens,
+  positions,
+  mask,
+  mapper,
+  lora,
+  num_workers,
+  rng,
+  spec,
+  rows,
+  capacity,
+  banned=None,
 ):
   cache = merge(branches, params.config, mapper, rows, capacity, num_workers)
   positions = positions + synth_start_position(branches)
   logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
-  return decode.start(logits, positions[:, -1] + 1, cache, rng, spec), logits
+  return decode.start(logits, positions[:, -1] + 1, cache, rng, spec, banned), logits
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("cache",))
-def continue_(params, cache, tokens, positions, mask, rng, lora, spec):
+def continue_(params, cache, tokens, positions, mask, rng, lora, spec, banned=None):
   logits, cache = decode.prefill(params, tokens, positions, mask, cache, lora)
-  state = decode.start(logits, positions[:, -1] + 1, cache, rng, spec)
+  state = decode.start(logits, positions[:, -1] + 1, cache, rng, spec, banned)
   # A conversation sitting the turn out (no real input) is done from the start, so that it
   # does not keep the decode loop running.
   return state.replace(done=state.done | ~mask.any(axis=1)), logits

@@ -178,6 +178,21 @@ class ChatFormat:
     except jinja2.exceptions.TemplateError:  # no tool role: observations as one user message
       self.observation_role = "user"
 
+  def call_opener_ids(self) -> tuple[int, ...]:
+    """The token that opens a tool call (`OPEN`), to ban it on a turn without calls.
+
+    Raises:
+      ValueError: `OPEN` is not one token of this tokenizer (banning a piece of it would
+        ban ordinary text too).
+    """
+    ids = tuple(self.tokenizer.encode(OPEN))
+    if len(ids) != 1:
+      raise ValueError(
+        f"{OPEN!r} is {len(ids)} tokens {list(ids)} in this tokenizer, not one: a turn"
+        " without tool calls cannot ban it"
+      )
+    return ids
+
   def prompt(self, messages: Sequence[dict]) -> list[int]:
     """The first turn: messages ({"role", "content"}) rendered with the tools, then the
     generation prompt."""

@@ -26,6 +26,9 @@ def get_config(task: str = "gaia_offline") -> ConfigDict:
       worker_tokens=256,
       answer_tokens=256,
       capacity=6144,  # cache rows per conversation (prompts, tool responses, outputs)
+      # Every agent's last turn (after max_steps tool steps) cannot call: the tool-call
+      # opener is banned and the whole output is the answer (psynth_jax/agents/react.py).
+      final_without_calls=False,
       single_agent=True,
       text_synthesis=True,
       naive_merge=True,
