@@ -187,7 +187,8 @@ def run_react_batch(
   step = 0
   while any(loop.episode is None for loop in loops):
     banned = [loop.banned if loop.episode is None else () for loop in loops]
-    outs = session.step([loop.feed for loop in loops], banned if any(banned) else None)
+    feeds = [loop.feed for loop in loops]
+    outs = session.step(feeds, banned) if any(banned) else session.step(feeds)
     for loop, out in zip(loops, outs, strict=True):
       if out is not None:
         loop.consume(out)

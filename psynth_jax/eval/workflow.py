@@ -163,7 +163,8 @@ def answer(lm, task, mode, problem, outputs, branches, max_new_tokens, first_tok
   if mode in (SINGLE_AGENT, TEXT_SYNTHESIS):
     result = synthesize_text(lm, ids, max_new_tokens, first_token_only=first_token_only)
   else:
-    rows = merged_rows(int(branches.lengths.sum()))
+    extra = mode.merge.extra_rows(branches.num_branches)  # an operator's own rows (links)
+    rows = merged_rows(int(branches.lengths.sum()) + extra)
     result = synthesize(
       lm,
       branches,
