@@ -157,8 +157,9 @@ You are a helpful assistant.<|im_end|>
 {% endif %}"""
 
 
-# Projections stored [D_in, D_out] whose fan-in is their first axis.
-_FAN_IN_FIRST = ("q", "k", "v", "gate", "up", "lm_head", "router")
+# Projections stored [out, in] (torch's layout): fan-in is the last axis; attn.o is
+# [D, N, H] and its fan-in N * H. The router and the experts are [in, out].
+_FAN_IN_LAST = ("q", "k", "v", "gate", "up", "down", "lm_head")
 
 
 def random_params(config: ModelConfig, seed: int = 0) -> Params:
@@ -177,10 +178,15 @@ def random_params(config: ModelConfig, seed: int = 0) -> Params:
     elif name == "embed.embedding":
       a = rng.standard_normal(shape)
     else:
-      fan_in = shape[0] if name.endswith(_FAN_IN_FIRST) else None
       if ".experts." in name:  # stacked [E, in, out]
         fan_in = shape[1]
-      a = rng.standard_normal(shape) / np.sqrt(fan_in or np.prod(shape[:-1]))
+      elif name.endswith(_FAN_IN_LAST):
+        fan_in = shape[-1]
+      elif name.endswith("router"):  # [D, E]
+        fan_in = shape[0]
+      else:  # attn.o
+        fan_in = np.prod(shape[1:])
+      a = rng.standard_normal(shape) / np.sqrt(fan_in)
     arrays[name] = a.astype(np.float32)
   return params_from_flat(config, arrays)
 

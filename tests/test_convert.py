@@ -191,6 +191,45 @@ def test_round_trip(tmp_path):
   assert load_params(tmp_path / "hf").config == params.config
 
 
+def test_a_folder_of_the_first_layout_loads_the_same_weights_and_fingerprint(tmp_path):
+  """Folders converted before the projections were stored [out, in] hold them [in, out]
+  and no layout in the metadata: they load transposed, and the fingerprint (sampled in
+  the first layout's order) is the one recorded for them."""
+  import safetensors.numpy
+
+  from psynth_jax.model.fingerprint import first_layout_axes
+
+  model = make_hf_model("llama_mha")  # untied: the lm_head is transposed too
+  model.save_pretrained(tmp_path / "hf")
+  params = load_hf_folder(tmp_path / "hf")
+  out = save_converted(params, tmp_path / "conv")
+  arrays = {k: np.asarray(v) for k, v in flat_state(params).items()}
+  moved = [k for k in arrays if first_layout_axes(k) is not None]
+  assert {k.rsplit(".", 2)[-1] for k in moved} >= {"q", "k", "v", "o", "gate", "up", "down"}
+  assert "lm_head" in moved
+  first = {
+    k: np.ascontiguousarray(v.transpose(first_layout_axes(k)) if k in moved else v)
+    for k, v in arrays.items()
+  }
+  safetensors.numpy.save_file(
+    first, str(out / "model.safetensors"), metadata={"format": "psynth_jax"}
+  )
+  old = load_converted(out)
+  assert old.fingerprint == params.fingerprint != ""
+  for name, want in arrays.items():
+    np.testing.assert_array_equal(np.asarray(flat_state(old)[name]), want, err_msg=name)
+  # The fingerprint samples the first layout: the same as hashing the transposed arrays.
+  from psynth_jax.model.fingerprint import digest, fingerprint_sample
+
+  assert (
+    digest(params.config, {k: fingerprint_sample(v) for k, v in first.items()})
+    == params.fingerprint
+  )
+  safetensors.numpy.save_file(first, str(out / "model.safetensors"), metadata={"layout": "in_out"})
+  with pytest.raises(ValueError, match="unknown layout 'in_out'"):
+    load_converted(out)
+
+
 def _tiny_state(name="llama_mha"):
   model = make_hf_model(name)
   config = ModelConfig.from_hf(model.config.to_dict())

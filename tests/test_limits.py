@@ -115,7 +115,7 @@ def test_rate_uses_the_given_probe():
   calls = []
   lim = limits.Limits(CONFIG, 1.0, WEIGHTS, probe=lambda *shape: calls.append(shape) or 7.0)
   assert lim.rate(3) == 7.0 and lim.rate(3) == 7.0
-  assert calls == [(3, 16, 32, "float32")]  # [M, D] x [D, F] in the model's dtype, once
+  assert calls == [(3, 16, 32, "float32")]  # (M, D, F) in the model's dtype, once
 
 
 def test_of_torch_counts_the_peers_own_bytes():

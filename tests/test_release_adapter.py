@@ -244,9 +244,7 @@ def test_apply_adapter_embeddings_uses_the_copies(release, tmp_path):
   assert adapted.params.fingerprint != lm.params.fingerprint
   np.testing.assert_array_equal(np.asarray(lm.logits(TOKENS, lora=lora)), base_logits)  # untouched
   new, old = adapted.params.state, lm.params.state
-  np.testing.assert_array_equal(
-    new["lm_head"][...][:, V_ADAPTER:], old["lm_head"][...][:, V_ADAPTER:]
-  )
+  np.testing.assert_array_equal(new["lm_head"][...][V_ADAPTER:], old["lm_head"][...][V_ADAPTER:])
   with warnings.catch_warnings(record=True) as record:
     warnings.simplefilter("always")
     load_peft_lora(tmp_path, lm=adapted)
@@ -358,7 +356,7 @@ def _big_adapter(folder, lm, v: int):
   prefix = "base_model.model.model.layers.0.self_attn.q_proj"
   n_h = lm.config.num_heads * lm.config.head_dim
   embed = np.asarray(lm.params.state["embed"]["embedding"][...])[:v]
-  head = np.asarray(lm.params.state["lm_head"][...])[:, :v].T
+  head = np.asarray(lm.params.state["lm_head"][...])[:v]
   tensors = {
     f"{prefix}.lora_A.weight": rng.normal(size=(2, d)).astype(np.float32),
     f"{prefix}.lora_B.weight": rng.normal(size=(n_h, 2)).astype(np.float32),

@@ -6,8 +6,9 @@ layout and checks its HF shape first (a transposed weight can have the right
 number of elements, so reshaping alone would not catch it). Stacked tensors (the
 experts of a mixture-of-experts layer, [E, ...]) name a tuple of HF tensors, one
 per expert, and their quirk stacks the list. Torch `Linear`
-weights are [out, in]; ours are [in, ...out] with heads split out, e.g.
-q_proj.weight [N*H, D] -> attn.q [D, N, H]. RoPE uses the HF "rotate half"
+weights are [out, in], and so are ours, with heads split out, e.g.
+q_proj.weight [N*H, D] -> attn.q [N, H, D] (the experts and the router of a
+mixture-of-experts layer are [in, out]). RoPE uses the HF "rotate half"
 layout on both sides, so q/k need no permutation. Every HF tensor must be
 consumed; `params_from_flat` then checks every name and shape once more.
 """
@@ -51,28 +52,28 @@ def keep_embedding(w: np.ndarray, c: ModelConfig) -> np.ndarray:
   return w
 
 
-def lm_head_to_dv(w: np.ndarray, c: ModelConfig) -> np.ndarray:
-  """lm_head.weight [V, D] -> [D, V]."""
+def keep_lm_head(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """lm_head.weight [V, D] is already ours."""
   _expect(w, (c.vocab_size, c.hidden_size))
-  return w.T
+  return w
 
 
-def q_proj_to_dnh(w: np.ndarray, c: ModelConfig) -> np.ndarray:
-  """q_proj.weight [N*H, D] -> [D, N, H]."""
+def q_proj_to_nhd(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """q_proj.weight [N*H, D] -> [N, H, D]."""
   _expect(w, (c.num_heads * c.head_dim, c.hidden_size))
-  return w.T.reshape(c.hidden_size, c.num_heads, c.head_dim)
+  return w.reshape(c.num_heads, c.head_dim, c.hidden_size)
 
 
-def kv_proj_to_dgh(w: np.ndarray, c: ModelConfig) -> np.ndarray:
-  """k_proj/v_proj.weight [G*H, D] -> [D, G, H]."""
+def kv_proj_to_ghd(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """k_proj/v_proj.weight [G*H, D] -> [G, H, D]."""
   _expect(w, (c.num_kv_heads * c.head_dim, c.hidden_size))
-  return w.T.reshape(c.hidden_size, c.num_kv_heads, c.head_dim)
+  return w.reshape(c.num_kv_heads, c.head_dim, c.hidden_size)
 
 
-def o_proj_to_nhd(w: np.ndarray, c: ModelConfig) -> np.ndarray:
-  """o_proj.weight [D, N*H] -> [N, H, D]."""
+def o_proj_to_dnh(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """o_proj.weight [D, N*H] -> [D, N, H]."""
   _expect(w, (c.hidden_size, c.num_heads * c.head_dim))
-  return w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)
+  return w.reshape(c.hidden_size, c.num_heads, c.head_dim)
 
 
 def q_bias_to_nh(b: np.ndarray, c: ModelConfig) -> np.ndarray:
@@ -87,16 +88,16 @@ def kv_bias_to_gh(b: np.ndarray, c: ModelConfig) -> np.ndarray:
   return b.reshape(c.num_kv_heads, c.head_dim)
 
 
-def up_proj_to_df(w: np.ndarray, c: ModelConfig) -> np.ndarray:
-  """gate_proj/up_proj.weight [F, D] -> [D, F]."""
+def keep_up_proj(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """gate_proj/up_proj.weight [F, D] is already ours."""
   _expect(w, (c.intermediate_size, c.hidden_size))
-  return w.T
+  return w
 
 
-def down_proj_to_fd(w: np.ndarray, c: ModelConfig) -> np.ndarray:
-  """down_proj.weight [D, F] -> [F, D]."""
+def keep_down_proj(w: np.ndarray, c: ModelConfig) -> np.ndarray:
+  """down_proj.weight [D, F] is already ours."""
   _expect(w, (c.hidden_size, c.intermediate_size))
-  return w.T
+  return w
 
 
 def router_to_de(w: np.ndarray, c: ModelConfig) -> np.ndarray:
@@ -124,13 +125,13 @@ def stack_down_projs(ws: list[np.ndarray], c: ModelConfig) -> np.ndarray:
 LLAMA_LAYER: NameTable = {
   "attn_norm.scale": ("input_layernorm.weight", keep_vector),
   "mlp_norm.scale": ("post_attention_layernorm.weight", keep_vector),
-  "attn.q": ("self_attn.q_proj.weight", q_proj_to_dnh),
-  "attn.k": ("self_attn.k_proj.weight", kv_proj_to_dgh),
-  "attn.v": ("self_attn.v_proj.weight", kv_proj_to_dgh),
-  "attn.o": ("self_attn.o_proj.weight", o_proj_to_nhd),
-  "mlp.gate": ("mlp.gate_proj.weight", up_proj_to_df),
-  "mlp.up": ("mlp.up_proj.weight", up_proj_to_df),
-  "mlp.down": ("mlp.down_proj.weight", down_proj_to_fd),
+  "attn.q": ("self_attn.q_proj.weight", q_proj_to_nhd),
+  "attn.k": ("self_attn.k_proj.weight", kv_proj_to_ghd),
+  "attn.v": ("self_attn.v_proj.weight", kv_proj_to_ghd),
+  "attn.o": ("self_attn.o_proj.weight", o_proj_to_dnh),
+  "mlp.gate": ("mlp.gate_proj.weight", keep_up_proj),
+  "mlp.up": ("mlp.up_proj.weight", keep_up_proj),
+  "mlp.down": ("mlp.down_proj.weight", keep_down_proj),
 }
 # Qwen2 (only) has q/k/v biases and no o_proj bias.
 QKV_BIAS: NameTable = {
@@ -244,7 +245,7 @@ def _full_table(
     "final_norm.scale": ("model.norm.weight", keep_vector),
   }
   if not c.tie_word_embeddings:
-    table["lm_head"] = ("lm_head.weight", lm_head_to_dv)
+    table["lm_head"] = ("lm_head.weight", keep_lm_head)
   for i in range(c.num_layers):
     entries = expert_layer if c.is_moe(i) else layer
     for ours, (theirs, quirk) in entries.items():

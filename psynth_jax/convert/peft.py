@@ -26,7 +26,7 @@ vocabulary was resized to V' = 151,669 of Qwen3's 151,936) and
   base_model.model.model.embed_tokens.weight  [V', D]
   base_model.model.lm_head.weight             [V', D]
 
-(torch layout; our unembedding is [D, V]). The adapter then records
+(torch's layout and ours). The adapter then records
 `vocab_size = V'`: logits of ids >= V' are -inf wherever it is used. The
 copies themselves are not part of the adapter: `load_peft_lora(..., lm=lm)`
 compares them with the base model's first V' rows and warns if they differ,

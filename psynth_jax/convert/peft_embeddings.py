@@ -7,10 +7,9 @@ resized to V' = 151,669 of Qwen3's 151,936 before training) and
   base_model.model.model.embed_tokens.weight  [V', D]
   base_model.model.lm_head.weight             [V', D]
 
-in the torch layout (our unembedding is [D, V]; a tied model has only the
-embedding [V, D]). They are the model's, not the adapter's: `check_copies`
-compares them with the base's first V' rows, cast to the copy's dtype (bf16
-in the release), and `apply_adapter_embeddings` makes a model that uses them.
+in the torch layout, which is ours (a tied model has only the embedding [V, D]).
+They are the model's, not the adapter's: `check_copies` compares them with the
+base's first V' rows, cast to the copy's dtype (bf16 in the release), and `apply_adapter_embeddings` makes a model that uses them.
 Both read the copies in row chunks of `CHUNK_BYTES` in their own dtype, never
 whole and never as float32, and slice the base on its device.
 """
@@ -61,11 +60,11 @@ def copy_shapes(
   return shapes
 
 
-def _base_matrix(config: ModelConfig, module: str) -> tuple[str, bool]:
-  """(flat parameter name, stored [D, V]?) of the base weights a copy of `module` stands for."""
+def _base_matrix(config: ModelConfig, module: str) -> str:
+  """The flat parameter name ([V, D]) of the base weights a copy of `module` stands for."""
   if module == "embed_tokens" or config.tie_word_embeddings:
-    return "embed.embedding", False
-  return "lm_head", True
+    return "embed.embedding"
+  return "lm_head"
 
 
 def _chunks(v: int, d: int, itemsize: int) -> Iterator[tuple[int, int]]:
@@ -74,14 +73,12 @@ def _chunks(v: int, d: int, itemsize: int) -> Iterator[tuple[int, int]]:
     yield start, min(v, start + step)
 
 
-@functools.partial(jax.jit, static_argnames=("size", "transposed"))
-def _base_rows(x: jax.Array, start: jax.Array, size: int, transposed: bool) -> jax.Array:
-  """Rows [start, start + size) of an embedding [V, D], or of an unembedding [D, V] as [size, D].
+@functools.partial(jax.jit, static_argnames=("size",))
+def _base_rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
+  """Rows [start, start + size) of an embedding or unembedding [V, D].
 
   The start is traced: one compiled program per chunk size, not one per chunk.
   """
-  if transposed:
-    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1).T
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)
 
 
@@ -97,13 +94,13 @@ def check_copies(f: AdapterFile, folder: Path, copies: dict, lm) -> None:
   flat = _flat_vars(lm)
   for module, (v, d) in copies.items():
     key = EMBEDDING_KEYS[module]
-    name, transposed = _base_matrix(lm.config, module)
+    name = _base_matrix(lm.config, module)
     base = flat[name][1][...]
     rows, worst, dtype = 0, 0.0, None
     for start, stop in _chunks(v, d, base.dtype.itemsize):
       copy = f.rows(key, start, stop)  # [rows, D] in the file's dtype
       dtype = copy.dtype
-      ours = np.asarray(_base_rows(base, jnp.int32(start), stop - start, transposed)).astype(dtype)
+      ours = np.asarray(_base_rows(base, jnp.int32(start), stop - start)).astype(dtype)
       differ = copy != ours
       if differ.any():
         rows += int(differ.any(axis=1).sum())
@@ -127,11 +124,9 @@ def _copies_equal(f: AdapterFile, shape: tuple[int, int]) -> bool:
   return True
 
 
-@functools.partial(jax.jit, static_argnames=("transposed",), donate_argnums=0)
-def _put_rows(x: jax.Array, rows: jax.Array, start: jax.Array, transposed: bool) -> jax.Array:
-  """`x` with rows [start, start + len(rows)) replaced (columns, for an unembedding [D, V])."""
-  if transposed:
-    return jax.lax.dynamic_update_slice_in_dim(x, rows.T.astype(x.dtype), start, axis=1)
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_rows(x: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
+  """`x` [V, D] with rows [start, start + len(rows)) replaced."""
   return jax.lax.dynamic_update_slice_in_dim(x, rows.astype(x.dtype), start, axis=0)
 
 
@@ -169,12 +164,11 @@ def apply_adapter_embeddings(lm, folder: str | Path):
       modules = ["embed_tokens"]
     for module in modules:
       v, d = copies[module]
-      name, transposed = _base_matrix(lm.config, module)
-      path, var = flat[name]
+      path, var = flat[_base_matrix(lm.config, module)]
       x = jnp.array(var[...], copy=True)  # donated below; the base model keeps its own
       for start, stop in _chunks(v, d, x.dtype.itemsize):
         rows = jnp.asarray(f.rows(EMBEDDING_KEYS[module], start, stop))
-        x = _put_rows(x, rows, jnp.int32(start), transposed)
+        x = _put_rows(x, rows, jnp.int32(start))
       state[path] = var.replace(jax.device_put(x, var[...].sharding))
   params = with_fingerprint(lm.params.replace(state=nnx.from_flat_state(list(state.items()))))
   return dataclasses.replace(lm, params=params)

@@ -4,8 +4,8 @@
   default device and a NumPy copy (each byte read and written); the larger
   of the two is used, since a floor must be a lower bound on time. Weight-read
   floor of one decode step = bytes of the weights it reads / bandwidth.
-* Matmul GFLOP/s at the model's shapes: jitted [M, D] x [D, F] and
-  [M, F] x [F, D] products (D = hidden, F = intermediate; M = batch for
+* Matmul GFLOP/s at the model's shapes: jitted [M, D] -> [M, F] and
+  [M, F] -> [M, D] products of [out, in] weights (D = hidden, F = intermediate; M = batch for
   decode, prompt tokens for prefill), in the model's dtype. Compute floor = the step's FLOPs / that rate.
   `torch_matmul_gflops` is the same probe for a transformers peer, whose
   limit is oneDNN's, not XLA's.
@@ -94,15 +94,20 @@ def matmul_gflops(m: int, k: int, n: int, dtype: str = "float32", repeats: int =
   program (as a decode loop runs them), so that small shapes (a decode step's
   M = B) measure the matmul and not the cost of launching a program. (A
   `lax.map` over stacked inputs is no substitute: in bfloat16 on XLA:CPU it
-  runs ~15x slower than the same products in a loop.)
+  runs ~15x slower than the same products in a loop.) The weights are laid out
+  [out, in] and multiplied as the model's are (`psynth_jax.model.layers.MLP`).
   """
   r = _rounds(m, k, n)
   kx, ku, kd = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
   # Scaled so that activations stay O(1) through the chain.
-  up = (jax.random.normal(ku, (k, n), jnp.float32) * k**-0.5).astype(dtype)
-  down = (jax.random.normal(kd, (n, k), jnp.float32) * n**-0.5).astype(dtype)
-  chain = jax.jit(lambda x, up, down: jax.lax.fori_loop(0, r, lambda _, x: (x @ up) @ down, x))
+  up = (jax.random.normal(ku, (n, k), jnp.float32) * k**-0.5).astype(dtype)
+  down = (jax.random.normal(kd, (k, n), jnp.float32) * n**-0.5).astype(dtype)
+
+  def pair(x, up, down):
+    return jnp.einsum("mn,kn->mk", jnp.einsum("mk,nk->mn", x, up), down)
+
+  chain = jax.jit(lambda x, up, down: jax.lax.fori_loop(0, r, lambda _, x: pair(x, up, down), x))
   best = _best_s(lambda: jax.block_until_ready(chain(x, up, down)), repeats)
   return 4 * r * m * k * n / best / 1e9
 
@@ -111,20 +116,21 @@ def torch_matmul_gflops(
   m: int, k: int, n: int, dtype: str = "float32", repeats: int = 5, device: str = "cpu"
 ) -> float:
   """The same probe in eager PyTorch on `device` (on a CPU its matmul goes through oneDNN,
-  not XLA; on a GPU through cuBLAS, synchronised before the clock stops)."""
+  not XLA; on a GPU through cuBLAS, synchronised before the clock stops), with the weights
+  laid out as `torch.nn.Linear` keeps them."""
   import torch
 
   r = _rounds(m, k, n)
   gen = torch.Generator().manual_seed(0)
   dt = getattr(torch, dtype)
   x = torch.randn(m, k, generator=gen).to(device, dt)
-  up = (torch.randn(k, n, generator=gen) * k**-0.5).to(device, dt)
-  down = (torch.randn(n, k, generator=gen) * n**-0.5).to(device, dt)
+  up = (torch.randn(n, k, generator=gen) * k**-0.5).to(device, dt)  # [out, in], as Linear's
+  down = (torch.randn(k, n, generator=gen) * n**-0.5).to(device, dt)
 
   def chain():
     y = x
     for _ in range(r):
-      y = (y @ up) @ down
+      y = (y @ up.T) @ down.T
     if device != "cpu":
       torch.cuda.synchronize(device)
     return y

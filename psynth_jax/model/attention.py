@@ -24,10 +24,11 @@ class Attention(nnx.Module):
     d, n, g, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     dtype = jnp.dtype(config.dtype)
     self.config = config
-    self.q = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype)
-    self.k = param(rngs, (d, g, h), ("embed", "kv_heads", "head_dim"), dtype)
-    self.v = param(rngs, (d, g, h), ("embed", "kv_heads", "head_dim"), dtype)
-    self.o = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype, (n * h) ** -0.5)
+    # Stored [out, in] (torch's Linear layout): see `psynth_jax.model.layers.MLP`.
+    self.q = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype, d**-0.5)
+    self.k = param(rngs, (g, h, d), ("kv_heads", "head_dim", "embed"), dtype, d**-0.5)
+    self.v = param(rngs, (g, h, d), ("kv_heads", "head_dim", "embed"), dtype, d**-0.5)
+    self.o = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype, (n * h) ** -0.5)
     if config.qkv_bias:
       self.q_bias = nnx.Param(jnp.zeros((n, h), dtype), axes=("heads", "head_dim"))
       self.k_bias = nnx.Param(jnp.zeros((g, h), dtype), axes=("kv_heads", "head_dim"))
@@ -38,8 +39,11 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype, "head_dim", plus_one)
 
   def _project(self, x, name: str, lora: LoRALayer | None) -> jax.Array:
-    w = getattr(self, name)[...]  # [D, heads, H]
-    y = jnp.einsum("BTD,DNH->BTNH", x, w)
+    w = getattr(self, name)[...]  # [heads, H, D]
+    # As one [heads * H, D] matrix: XLA:CPU copies a weight with two free axes into
+    # another layout on every call.
+    y = jnp.einsum("BTD,MD->BTM", x, w.reshape(-1, w.shape[-1]))
+    y = y.reshape(*x.shape[:2], *w.shape[:2])
     if self.config.qkv_bias:
       y = y + getattr(self, f"{name}_bias")[...]
     if lora is not None and (delta := lora.delta(name, x)) is not None:
@@ -84,7 +88,8 @@ class Attention(nnx.Module):
     out = attention(q, k, v, key_mask, impl, scale, cfg.attn_softcap, key_bias)
     out = out.reshape(b, t, n, h)
 
-    y = jnp.einsum("BTNH,NHD->BTD", out, self.o[...])
+    o = self.o[...]  # [D, N, H], as one [D, N * H] matrix (see `_project`)
+    y = jnp.einsum("BTM,DM->BTD", out.reshape(b, t, n * h), o.reshape(o.shape[0], -1))
     if lora is not None and (delta := lora.delta("o", out.reshape(b, t, n * h))) is not None:
       y = y + delta
     return y, new_kv

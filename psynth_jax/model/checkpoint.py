@@ -3,7 +3,9 @@
 A converted folder holds:
   psynth_config.json   `ModelConfig.to_dict()`
   model.safetensors    our flat parameter names (`flat_state`), in the config's
-                       dtype (bfloat16 stored as bfloat16)
+                       dtype (bfloat16 stored as bfloat16); its metadata names the
+                       layout ("layout": "out_in"). A folder without one was written
+                       with the projections [in, out]: it is read and transposed.
   tokenizer.json, tokenizer_config.json, special_tokens_map.json,
   chat_template.jinja, generation_config.json   whichever the source had
 
@@ -26,10 +28,12 @@ import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
 from psynth_jax.model.config import ModelConfig
+from psynth_jax.model.fingerprint import first_layout_axes
 from psynth_jax.model.transformer import Params, flat_state, params_from_flat
 
 CONFIG_FILE = "psynth_config.json"
 WEIGHTS_FILE = "model.safetensors"
+LAYOUT = "out_in"  # projections stored [out, in] (`psynth_jax.model.layers.MLP`)
 TOKENIZER_FILES = (
   "tokenizer.json",
   "tokenizer_config.json",
@@ -68,7 +72,7 @@ def save_converted(
     _write_text(out / "generation_config.json", json.dumps(generation_config, indent=2) + "\n")
   arrays = {name: np.asarray(value) for name, value in flat_state(params).items()}
   tmp = out / (WEIGHTS_FILE + ".tmp")
-  safetensors.numpy.save_file(arrays, str(tmp), metadata={"format": "psynth_jax"})
+  safetensors.numpy.save_file(arrays, str(tmp), metadata={"format": "psynth_jax", "layout": LAYOUT})
   os.replace(tmp, out / WEIGHTS_FILE)
   _write_text(out / CONFIG_FILE, json.dumps(params.config.to_dict(), indent=2) + "\n")
   return out
@@ -99,7 +103,26 @@ def load_converted(path: str | Path, dtype: str | None = None, mesh=None, rules=
   weights = folder / WEIGHTS_FILE
   if not weights.is_file():
     raise FileNotFoundError(f"missing weights file {weights}")
-  return params_from_flat(config, read_safetensors([weights]), str(weights), mesh, rules)
+  arrays = read_safetensors([weights])
+  with _open(weights) as reader:
+    layout = (reader.metadata() or {}).get("layout")
+  if layout is None:
+    arrays = first_layout(arrays)
+  elif layout != LAYOUT:
+    raise ValueError(f"{weights}: unknown layout {layout!r} (this psynth_jax reads {LAYOUT!r})")
+  return params_from_flat(config, arrays, str(weights), mesh, rules)
+
+
+def first_layout(arrays: Mapping[str, np.ndarray]) -> LazyArrays:
+  """The tensors of a folder converted with the projections [in, out], in today's layout."""
+
+  def make(name):
+    axes = first_layout_axes(name)
+    if axes is None:
+      return lambda: arrays[name]
+    return lambda: np.ascontiguousarray(arrays[name].transpose(np.argsort(axes)))
+
+  return LazyArrays({name: make(name) for name in arrays})
 
 
 def read_json(path: Path) -> dict:

@@ -70,20 +70,25 @@ class MLP(nnx.Module):
 
   With a `LoRALayer` holding gate / up / down targets, each of those projections
   adds its delta on its own input (x for gate and up, act(gate) * up for down).
+
+  Projections are stored [out, in], torch's Linear layout (attention's and the
+  unembedding's too): on a CPU, XLA's products with one row (a decode step at B = 1)
+  read a weight laid out so faster than one laid out [in, out] (down_proj's shape:
+  1.6x; RESULTS.md, "Weight layout").
   """
 
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     d, f, dtype = config.hidden_size, config.intermediate_size, jnp.dtype(config.dtype)
-    self.gate = param(rngs, (d, f), ("embed", "mlp"), dtype)
-    self.up = param(rngs, (d, f), ("embed", "mlp"), dtype)
-    self.down = param(rngs, (f, d), ("mlp", "embed"), dtype)
+    self.gate = param(rngs, (f, d), ("mlp", "embed"), dtype, d**-0.5)
+    self.up = param(rngs, (f, d), ("mlp", "embed"), dtype, d**-0.5)
+    self.down = param(rngs, (d, f), ("embed", "mlp"), dtype, f**-0.5)
     self.gelu = config.mlp_activation == "gelu_tanh"
 
   def __call__(self, x: jax.Array, lora: LoRALayer | None = None) -> jax.Array:  # [B, T, D]
-    gate = self._project(x, "BTD,DF->BTF", "gate", lora)  # [B, T, F]
-    up = self._project(x, "BTD,DF->BTF", "up", lora)
+    gate = self._project(x, "BTD,FD->BTF", "gate", lora)  # [B, T, F]
+    up = self._project(x, "BTD,FD->BTF", "up", lora)
     act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
-    return self._project(act * up, "BTF,FD->BTD", "down", lora)
+    return self._project(act * up, "BTF,DF->BTD", "down", lora)
 
   def _project(self, x, spec: str, name: str, lora: LoRALayer | None) -> jax.Array:
     y = jnp.einsum(spec, x, getattr(self, name)[...])

@@ -8,8 +8,9 @@ the filter `nnx.LoRAParam`. Layouts match PEFT after a transpose (PEFT stores
 `lora_A.weight` [R, D_in] and `lora_B.weight` [D_out, R]); q/k/v outputs are
 flattened heads-major ([N, H] -> N*H), exactly like the torch projections.
 
-Targets (`TARGETS`): the attention projections q, k, v [D, N*H or G*H] and
-o [N*H, D], and the dense gated MLP's gate, up [D, F] and down [F, D]. The
+Targets (`TARGETS`), as maps in -> out: the attention projections q, k, v
+(D -> N*H or G*H) and o (N*H -> D), and the dense gated MLP's gate, up (D -> F) and
+down (F -> D). The
 default is the paper's: the attention four (`ATTENTION_TARGETS`). MLP targets
 need every layer's MLP to be dense: a mixture-of-experts layer has no single
 gate/up/down (per-expert LoRA is not implemented), so `check_lora` refuses

@@ -21,7 +21,7 @@ from psynth_jax.kv_cache import KVCache
 from psynth_jax.model.attention import Attention
 from psynth_jax.model.attention_ops import check_impl
 from psynth_jax.model.config import ModelConfig
-from psynth_jax.model.fingerprint import digest, fingerprint, fingerprint_sample
+from psynth_jax.model.fingerprint import digest, fingerprint, fingerprint_sample, first_layout_axes
 from psynth_jax.model.layers import MLP, Embed, RMSNorm, param
 from psynth_jax.model.lora import mask_vocab
 from psynth_jax.model.moe import MoE, check_dispatch
@@ -85,18 +85,19 @@ class Transformer(nnx.Module):
       plus_one=config.norm_plus_one,
     )
     if not config.tie_word_embeddings:
-      self.lm_head = param(
+      self.lm_head = param(  # [V, D], as the embedding and torch's Linear
         rngs,
-        (config.hidden_size, config.vocab_size),
-        ("embed", "vocab"),
+        (config.vocab_size, config.hidden_size),
+        ("vocab", "embed"),
         jnp.dtype(config.dtype),
+        config.hidden_size**-0.5,
       )
 
   def unembed(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
     if self.config.tie_word_embeddings:
       logits = self.embed.attend(x)
     else:
-      logits = jnp.einsum("BTD,DV->BTV", x, self.lm_head[...])
+      logits = jnp.einsum("BTD,VD->BTV", x, self.lm_head[...])
     logits = logits.astype(jnp.float32)
     if (cap := self.config.final_softcap) is not None:  # Gemma 2
       logits = cap * jnp.tanh(logits / cap)
@@ -362,7 +363,7 @@ def params_from_flat(
       value = sharding.place_array(arr, dtype, var.get_metadata().get("axes"), mesh, rules)
     flat.append((tuple(_key(p) for p in name.split(".")), var.replace(value)))
     # Sampled on the host now: slicing sharded arrays later would compile a gather each.
-    samples[name] = fingerprint_sample(np.asarray(arr)).astype(dtype)
+    samples[name] = fingerprint_sample(np.asarray(arr), first_layout_axes(name)).astype(dtype)
     del arr
   return Params(config, nnx.from_flat_state(flat), digest(config, samples), mesh, rules)
 
