@@ -176,24 +176,17 @@ def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap
   running denominator l and a running float32 output, rescaled by exp(m_old - m_new).
   A block that no query sees is skipped (`lax.cond`). Each step is rematerialised, so
   a backward pass keeps only the running state per block, never a score matrix.
+
+  Blocks are read in place (`dynamic_slice`); when `block` does not divide the key rows,
+  the last block starts `block` rows before the end and masks the rows the block before
+  it covered. Padding the keys to whole blocks instead copied every layer's cache once
+  per call: a tenth of the synthesizer's first token over 3 x 1,024 branch rows.
   """
   b, t, g, qh, h = q.shape
   s = k.shape[1]
   c = min(block, s)
   nb = -(-s // c)
-  if nb * c != s:  # pad the keys to whole blocks; padded keys are masked
-    pad = nb * c - s
-    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    key_mask = jnp.pad(key_mask, ((0, 0), (0, 0), (0, pad)))
-    bias = None if bias is None else jnp.pad(bias, ((0, 0), (0, pad)))
   qf = q.transpose(0, 2, 3, 1, 4).reshape(b, g, qh * t, h)
-  blocks = (
-    k.reshape(b, nb, c, g, h).swapaxes(0, 1),  # [nb, B, C, G, H]
-    v.reshape(b, nb, c, g, h).swapaxes(0, 1),
-    key_mask.reshape(b, t, nb, c).transpose(2, 0, 1, 3),  # [nb, B, T, C]
-    None if bias is None else bias.reshape(b, nb, c).swapaxes(0, 1),  # [nb, B, C]
-  )
 
   def update(carry, kc, vc, mc, bc):
     m, l, acc = carry  # [B, G, Q, T], [B, G, Q, T], [B, G, Q, T, H] float32
@@ -213,8 +206,13 @@ def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap
     return m_new, l * rescale + p.sum(-1), acc
 
   @jax.checkpoint
-  def step(carry, blk):
-    kc, vc, mc, bc = blk
+  def step(carry, i):
+    start = jnp.minimum(i * c, s - c)
+    kc = jax.lax.dynamic_slice_in_dim(k, start, c, axis=1)
+    vc = jax.lax.dynamic_slice_in_dim(v, start, c, axis=1)
+    mc = jax.lax.dynamic_slice_in_dim(key_mask, start, c, axis=2)
+    mc = mc & (start + jnp.arange(c) >= i * c)  # rows of the block before: already read
+    bc = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, c, axis=1)
     carry = jax.lax.cond(mc.any(), lambda cr: update(cr, kc, vc, mc, bc), lambda cr: cr, carry)
     return carry, None
 
@@ -223,7 +221,7 @@ def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap
     jnp.zeros((b, g, qh, t), jnp.float32),
     jnp.zeros((b, g, qh, t, h), jnp.float32),
   )
-  (_, l, acc), _ = jax.lax.scan(step, init, blocks)
+  (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(nb))
   out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # l = 0 only if every block was skipped
   return out.astype(v.dtype).transpose(0, 3, 1, 2, 4)
 
