@@ -207,12 +207,19 @@ def test_prefix_gradients_equal_the_full_read():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_the_decode_form_equals_float64_and_the_matmul_form(dtype, monkeypatch):
-  """One query per row at a batch that takes dense's decode form: a float64 softmax with
-  soft-cap and bias, the batched-matmul form and blocked all agree."""
-  b = attention_ops.DECODE_REDUCE_MIN_BATCH + 1
-  rng = np.random.default_rng(11)
-  q, k, v = _qkv(rng, b, 1, 2, 3, 16, 200, dtype)
+@pytest.mark.parametrize("form", ["broadcast", "flat", "matmul"])
+@pytest.mark.parametrize("g", [1, 2])
+def test_each_decode_form_equals_float64(form, g, dtype, monkeypatch):
+  """One query per row, each of dense's three forms (broadcast products at large batches,
+  flat [B, S*G, H] reads on a CPU, batched matmuls): a float64 softmax with soft-cap and
+  bias, and blocked, agree."""
+  b = attention_ops.DECODE_REDUCE_MIN_BATCH + 1 if form == "broadcast" else 3
+  if form != "broadcast":
+    monkeypatch.setattr(attention_ops, "DECODE_REDUCE_MIN_BATCH", 1 << 30)
+  if form == "matmul":
+    monkeypatch.setattr(attention_ops, "DECODE_FLAT_MAX_GROUPS", 0)
+  rng = np.random.default_rng(11 + g)
+  q, k, v = _qkv(rng, b, 1, g, 3, 16, 200, dtype)
   mask = jnp.asarray(_mask(rng, "merged", b, 1, 200))
   bias = jnp.asarray(rng.normal(size=(b, 200)), jnp.float32)
   got = np.asarray(dense_attention(q, k, v, mask, softcap=3.0, bias=bias), np.float32)
@@ -227,6 +234,3 @@ def test_the_decode_form_equals_float64_and_the_matmul_form(dtype, monkeypatch):
   np.testing.assert_allclose(got, want, atol=tol, rtol=0)
   blocked = blocked_attention(q, k, v, mask, block=64, softcap=3.0, bias=bias)
   np.testing.assert_allclose(np.asarray(blocked, np.float32), want, atol=max(tol, 1e-5), rtol=0)
-  monkeypatch.setattr(attention_ops, "DECODE_REDUCE_MIN_BATCH", 1 << 30)
-  matmul = np.asarray(dense_attention(q, k, v, mask, softcap=3.0, bias=bias), np.float32)
-  np.testing.assert_allclose(matmul, want, atol=max(tol, 1e-5), rtol=0)
