@@ -17,9 +17,11 @@ the time to the first generated token; decode tokens/s is measured as
 tokens disabled. Warm (compiled) runs, median of repeats.
 
 `--impls` picks rows (default all four); "psynth_jax fp32 matmul-decode" is psynth_jax fp32
-with the one-query attention step as a batched matmul at every batch size (neither the
-broadcast form from `attention_ops.DECODE_REDUCE_MIN_BATCH` nor the flat form of a CPU):
-the whole-step A/B of the decode form (`bench_decode_forms.py` for long caches).
+with the one-query attention step as a batched matmul at every batch size (the form used
+below `attention_ops.DECODE_REDUCE_MIN_BATCH`): the whole-step A/B of the decode form.
+Its decode time per step is (t(N) - t(1)) / (N - 1), so a long prompt's prefill noise
+swamps it (a 42 s prefill varying by 1 s moves a 16-token step by ~70 ms): time long
+caches with `bench_decode_forms.py`, which times steps over a filled cache, no prefill.
 Without "transformers fp32" no tokens are compared and no speedup is printed.
 
 Limits measured in the same run sit next to each time (`psynth_jax.eval.limits`,
@@ -103,13 +105,13 @@ def decode_form(impl: str):
   if not impl.endswith("matmul-decode"):
     yield
     return
-  kept = attention_ops.DECODE_REDUCE_MIN_BATCH, attention_ops.DECODE_FLAT_MAX_GROUPS
-  attention_ops.DECODE_REDUCE_MIN_BATCH, attention_ops.DECODE_FLAT_MAX_GROUPS = 1 << 30, 0
-  jax.clear_caches()  # the constants are read at trace time
+  kept = attention_ops.DECODE_REDUCE_MIN_BATCH
+  attention_ops.DECODE_REDUCE_MIN_BATCH = 1 << 30
+  jax.clear_caches()  # the constant is read at trace time
   try:
     yield
   finally:
-    attention_ops.DECODE_REDUCE_MIN_BATCH, attention_ops.DECODE_FLAT_MAX_GROUPS = kept
+    attention_ops.DECODE_REDUCE_MIN_BATCH = kept
     jax.clear_caches()
 
 

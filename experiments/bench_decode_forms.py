@@ -1,9 +1,8 @@
 """Whole decode steps of each one-query attention form, side by side, over a filled cache.
 
-`dense_attention` computes a decode step (T = 1) in one of three forms
-(`psynth_jax.model.attention_ops`): broadcast products (B >= DECODE_REDUCE_MIN_BATCH),
-flat [B, S*G, H] reads (a CPU, G <= DECODE_FLAT_MAX_GROUPS) and batched matmuls (the
-rest). This times the compiled `jit_decode_step` untraced with each form forced, the
+`dense_attention` computes a decode step (T = 1) in one of two forms
+(`psynth_jax.model.attention_ops`): broadcast products (B >= DECODE_REDUCE_MIN_BATCH)
+and batched matmuls (below). This times the compiled `jit_decode_step` untraced with each form forced, the
 forms alternating round by round so that drift on the machine hits them alike, over a
 cache of `--capacity` rows with `--filled` written (no prefill: the rows' values do not
 change the time), next to the step's floor (weights + the cache rows read, at the
@@ -30,10 +29,9 @@ from psynth_jax.eval import bench_meta, limits
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.model import attention_ops
 
-FORMS = {  # the two constants that pick a form, at trace time
-  "matmul": {"DECODE_REDUCE_MIN_BATCH": 1 << 30, "DECODE_FLAT_MAX_GROUPS": 0},
-  "flat": {"DECODE_REDUCE_MIN_BATCH": 1 << 30, "DECODE_FLAT_MAX_GROUPS": 1 << 30},
-  "broadcast": {"DECODE_REDUCE_MIN_BATCH": 1, "DECODE_FLAT_MAX_GROUPS": 0},
+FORMS = {  # the constant that picks a form, at trace time
+  "matmul": {"DECODE_REDUCE_MIN_BATCH": 1 << 30},
+  "broadcast": {"DECODE_REDUCE_MIN_BATCH": 1},
 }
 
 
@@ -42,7 +40,7 @@ def form(name: str):
   kept = {k: getattr(attention_ops, k) for k in FORMS[name]}
   for k, v in FORMS[name].items():
     setattr(attention_ops, k, v)
-  jax.clear_caches()  # the constants are read at trace time
+  jax.clear_caches()  # the constant is read at trace time
   try:
     yield
   finally:
@@ -79,7 +77,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--model", default="qwen", choices=("qwen", "qwen-shape", "tiny"))
   ap.add_argument("--batches", default="1,3,16")
-  ap.add_argument("--forms", default="matmul,flat", help=f"comma-separated of {tuple(FORMS)}")
+  ap.add_argument("--forms", default="matmul,broadcast", help=f"comma-separated of {tuple(FORMS)}")
   ap.add_argument("--capacity", type=int, default=6144, help="cache rows")
   ap.add_argument("--filled", type=int, default=4096, help="rows written")
   ap.add_argument("--steps", type=int, default=8, help="timed steps per form and round")

@@ -207,17 +207,14 @@ def test_prefix_gradients_equal_the_full_read():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("form", ["broadcast", "flat", "matmul"])
+@pytest.mark.parametrize("form", ["broadcast", "matmul"])
 @pytest.mark.parametrize("g", [1, 2])
 def test_each_decode_form_equals_float64(form, g, dtype, monkeypatch):
-  """One query per row, each of dense's three forms (broadcast products at large batches,
-  flat [B, S*G, H] reads on a CPU, batched matmuls): a float64 softmax with soft-cap and
-  bias, and blocked, agree."""
+  """One query per row, each of dense's two forms (broadcast products at large batches,
+  batched matmuls below): a float64 softmax with soft-cap and bias, and blocked, agree."""
   b = attention_ops.DECODE_REDUCE_MIN_BATCH + 1 if form == "broadcast" else 3
   if form != "broadcast":
     monkeypatch.setattr(attention_ops, "DECODE_REDUCE_MIN_BATCH", 1 << 30)
-  if form == "matmul":
-    monkeypatch.setattr(attention_ops, "DECODE_FLAT_MAX_GROUPS", 0)
   rng = np.random.default_rng(11 + g)
   q, k, v = _qkv(rng, b, 1, g, 3, 16, 200, dtype)
   mask = jnp.asarray(_mask(rng, "merged", b, 1, 200))

@@ -54,12 +54,6 @@ PREFIX_STEP = 128  # their lengths are multiples of this; shorter caches are rea
 # matmul-decode row, RESULTS.md): 773 vs 1,013 ms at B = 48, but 399 vs 321 ms at B = 16,
 # where the matmul wins; 32 sits between the two measured batches (not measured itself).
 DECODE_REDUCE_MIN_BATCH = 32
-# Below that batch, on a CPU, with at most this many kv heads, a one-query step reads k and
-# v as [B, S*G, H] (a free reshape of the cache's [B, S, G, H]) and scores every query head
-# against every kv head's keys, keeping its own: G times the (small) score products, but no
-# copy of the cache prefix into [B, G, S, H] per layer and step. Qwen 0.5B (G = 2) with 4,096
-# cache rows written: those copies were 29 % of a B = 1 step (experiments/profile_ops.py).
-DECODE_FLAT_MAX_GROUPS = 2
 
 
 def check_impl(impl: str) -> str:
@@ -151,8 +145,6 @@ def dense_attention(q, k, v, key_mask, scale=None, softcap=None, bias=None) -> j
   b, t, g, qh, h = q.shape
   if t == 1 and b >= DECODE_REDUCE_MIN_BATCH:
     return _decode_attention(q, k, v, key_mask, scale, softcap, bias)
-  if t == 1 and g <= DECODE_FLAT_MAX_GROUPS and jax.default_backend() == "cpu":
-    return _decode_attention_flat(q, k, v, key_mask, scale, softcap, bias)
   q = q.transpose(0, 2, 3, 1, 4).reshape(b, g, qh * t, h)  # [B, G, M, H]
   logits = jnp.einsum("BGMH,BSGH->BGMS", q, k, preferred_element_type=jnp.float32)
   logits = _biased(_scores(logits.reshape(b, g, qh, t, -1), h, scale, softcap), bias)
@@ -175,30 +167,6 @@ def _decode_attention(q, k, v, key_mask, scale, softcap, bias) -> jax.Array:
   probs = jax.nn.softmax(logits, axis=1)
   out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
   return out.astype(v.dtype)[:, None]  # [B, 1, G, Q, H]
-
-
-def _decode_attention_flat(q, k, v, key_mask, scale, softcap, bias) -> jax.Array:
-  """`dense_attention` for one query per row (T = 1) over k and v read as [B, S*G, H]:
-  scores of every query head against every kv head's keys, masked to its own kv head, so
-  that neither k nor v is copied into a per-head layout."""
-  b, _, g, qh, h = q.shape
-  s = k.shape[1]
-  logits = jnp.einsum(
-    "BMH,BNH->BMN",
-    q.reshape(b, g * qh, h),
-    k.reshape(b, s * g, h),
-    preferred_element_type=jnp.float32,
-  ).reshape(b, g, qh, s, g)  # [B, G, Q, S, G'] (the key's kv head last)
-  logits = jnp.diagonal(logits, axis1=1, axis2=4)  # [B, Q, S, G]: g' = g
-  logits = _scores(logits, h, scale, softcap)
-  if bias is not None:
-    logits = logits + bias[:, None, :, None]
-  logits = jnp.where(key_mask[:, 0, None, :, None], logits, _MASKED)
-  probs = jax.nn.softmax(logits, axis=2).astype(v.dtype)  # [B, Q, S, G]
-  own = jnp.eye(g, dtype=v.dtype)  # [G, G']: each query head weighs its own kv head's rows
-  probs = jnp.einsum("BQSG,GK->BGQSK", probs, own).reshape(b, g * qh, s * g)
-  out = jnp.einsum("BMN,BNH->BMH", probs, v.reshape(b, s * g, h))
-  return out.reshape(b, 1, g, qh, h)
 
 
 def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap=None, bias=None):
