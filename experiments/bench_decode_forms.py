@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
-from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from bench_cache_path import load
+from profile_ops import filled_decode_state
 
 from psynth_jax import decode
 from psynth_jax.eval import bench_meta, limits
-from psynth_jax.kv_cache import KVCache
 from psynth_jax.model import attention_ops
 
 FORMS = {  # the constant that picks a form, at trace time
@@ -51,17 +48,8 @@ def form(name: str):
 
 def step_ms(params, batch: int, capacity: int, filled: int, steps: int) -> list[float]:
   """ms of each of `steps` compiled decode steps (a fresh state each: the step donates it)."""
-  cfg = params.config
   spec = decode.DecodeSpec(max_new_tokens=steps + 2)
-  logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
-
-  def make():
-    cache = KVCache.empty(cfg, batch, capacity).replace(
-      valid=jnp.arange(capacity)[None].repeat(batch, 0) < filled,
-      positions=jnp.arange(capacity, dtype=jnp.int32)[None].repeat(batch, 0),
-      index=jnp.asarray(filled, jnp.int32),
-    )
-    return decode.start(logits, jnp.full((batch,), filled), cache, jax.random.key(0), spec)
+  make = lambda: filled_decode_state(params.config, batch, capacity, filled, spec)  # noqa: E731
 
   jax.block_until_ready(decode.jit_decode_step(params, make(), spec=spec))  # compile, warm
   times = []
@@ -113,10 +101,7 @@ def main():
   meta.update(
     bandwidth_gbps=bandwidth, model=args.model, capacity=args.capacity, filled=args.filled
   )
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-  print(f"\nwrote {out}")
+  bench_meta.write(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import re
 import tempfile
 import time
@@ -180,20 +179,24 @@ def trace_ops(jitted, make_args, steps: int, vocab: int, rank: int | None = None
   }
 
 
+def filled_decode_state(config, batch: int, capacity: int, filled: int, spec):
+  """A decode state over a cache of `capacity` rows, the first `filled` written (zeros:
+  the values do not change a step's time), as after a prefill of `filled` tokens."""
+  cache = KVCache.empty(config, batch, capacity).replace(
+    valid=jnp.arange(capacity)[None].repeat(batch, 0) < filled,
+    positions=jnp.arange(capacity, dtype=jnp.int32)[None].repeat(batch, 0),
+    index=jnp.asarray(filled, jnp.int32),
+  )
+  logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
+  return decode.start(logits, jnp.full((batch,), filled), cache, jax.random.key(0), spec)
+
+
 def profile_decode(params, batch: int, capacity: int, filled: int, steps: int) -> dict:
   cfg = params.config
   spec = decode.DecodeSpec(max_new_tokens=steps + 2)
-  logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
 
   def make():  # a fresh state each time: the step donates its input
-    cache = KVCache.empty(cfg, batch, capacity)
-    cache = cache.replace(
-      valid=jnp.arange(capacity)[None].repeat(batch, 0) < filled,
-      positions=jnp.arange(capacity, dtype=jnp.int32)[None].repeat(batch, 0),
-      index=jnp.asarray(filled, jnp.int32),
-    )
-    state = decode.start(logits, jnp.full((batch,), filled), cache, jax.random.key(0), spec)
-    return params, state
+    return params, filled_decode_state(cfg, batch, capacity, filled, spec)
 
   row = trace_ops(decode.jit_decode_step, make, steps, cfg.vocab_size, spec=spec)
   return {"case": f"decode B={batch}", "capacity": capacity, "filled": filled, **row}
@@ -274,10 +277,7 @@ def main():
   meta = bench_meta.finish(run)
   bench_meta.print_warning(meta)
   meta.update(bandwidth_gbps=bandwidth, weight_floor_ms=weight_floor_ms, model=args.model)
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-  print(f"\nwrote {out}")
+  bench_meta.write(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from psynth_jax import compile_cache
@@ -151,6 +153,15 @@ def finish(run: Run) -> dict[str, Any]:
   # Programs loaded from the persistent cache report their load time, not a compile time.
   meta["compilations"] = compile_cache.counts()
   return meta
+
+
+def write(path: str | Path, meta: dict[str, Any], rows: list[dict]) -> Path:
+  """Writes a benchmark's JSON ({"meta", "rows"}), creating its folder; says where."""
+  out = Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+  print(f"\nwrote {out}")
+  return out
 
 
 def warning(meta: dict[str, Any]) -> str | None:
