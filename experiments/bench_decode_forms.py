@@ -2,11 +2,13 @@
 
 `dense_attention` computes a decode step (T = 1) in one of two forms
 (`psynth_jax.model.attention_ops`): broadcast products (B >= DECODE_REDUCE_MIN_BATCH)
-and batched matmuls (below). This times the compiled `jit_decode_step` untraced with each form forced, the
-forms alternating round by round so that drift on the machine hits them alike, over a
-cache of `--capacity` rows with `--filled` written (no prefill: the rows' values do not
-change the time), next to the step's floor (weights + the cache rows read, at the
-bandwidth measured in this run). Prints a table and writes JSON.
+and batched matmuls (below). This times the compiled `jit_decode_step` untraced with
+each form forced, the forms alternating round by round so that drift on the machine
+hits them alike, over a cache of `--capacity` rows with `--filled` written (no prefill:
+the rows' values do not change the time), next to the step's floor (weights + the cache
+rows read, at the bandwidth measured in this run). Prints a table and writes JSON.
+Another form is A/B'd by adding its switch to `FORMS` (the flat form of session 19 was,
+at 8f7ebdc).
 
   python bench_decode_forms.py --batches 1,3,16 --capacity 6144 --filled 4096
 """

@@ -18,7 +18,8 @@ and where an instruction sits):
 * lora: products whose output is the adapter's rank wide (x A);
 * projections: every other matrix product (q/k/v/o, gate/up/down, B of the LoRA);
 * attention: what runs inside the cache-prefix switch of `attention_ops.attention`
-  (and the blocked attention's loop), except "kv copy": copies and transposes of cache rows there;
+  (and the blocked attention's loop), except "kv copy": copies and transposes of cache
+  rows there;
 * cache write: writes into a layer's [B, S, G, H] keys or values (new rows, the merge);
 * other: norms, RoPE, residual adds, loop bookkeeping, the rest.
 
