@@ -49,13 +49,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import torch
+from bench_decode_forms import form
 
 from psynth_jax import load_pretrained
 from psynth_jax.eval import bench_meta, limits
-from psynth_jax.model import attention_ops
 
 IMPLS = (
   "transformers fp32",
@@ -99,20 +98,9 @@ def psynth_generate(lm):
   return run
 
 
-@contextlib.contextmanager
 def decode_form(impl: str):
   """The one-query attention step as a batched matmul at every B for the matmul-decode row."""
-  if not impl.endswith("matmul-decode"):
-    yield
-    return
-  kept = attention_ops.DECODE_REDUCE_MIN_BATCH
-  attention_ops.DECODE_REDUCE_MIN_BATCH = 1 << 30
-  jax.clear_caches()  # the constant is read at trace time
-  try:
-    yield
-  finally:
-    attention_ops.DECODE_REDUCE_MIN_BATCH = kept
-    jax.clear_caches()
+  return form("matmul") if impl.endswith("matmul-decode") else contextlib.nullcontext()
 
 
 def hf_generate(model):
