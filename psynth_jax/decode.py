@@ -20,8 +20,8 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from psynth_jax import pytree
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.model.transformer import Params, hidden_states, unembed
 
@@ -69,7 +69,7 @@ def sample(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@struct.dataclass
+@pytree.dataclass
 class DecodeState:
   """Everything the decode loop carries.
 

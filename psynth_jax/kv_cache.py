@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from psynth_jax import pytree
 from psynth_jax.model.config import ModelConfig
 
 
-@struct.dataclass
+@pytree.dataclass
 class KVCache:
   k: tuple[jax.Array, ...]  # L x [B, S, G, H]
   v: tuple[jax.Array, ...]  # L x [B, S, G, H]

@@ -45,7 +45,9 @@ import operator
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+from flax import nnx
+
+from psynth_jax import pytree
 
 FEATURE_MODES = ("both", "length", "num_workers", "none")
 # The reference release names K "num_agents"; either name means the same mode.
@@ -180,7 +182,7 @@ def cache_statistics(
   return jnp.log1p(jnp.stack(per_layer, axis=1))
 
 
-@struct.dataclass
+@pytree.dataclass
 class Mapper:
   """A cache mapper as a pytree: kind, feature mode, depth and width static; `state` its params.
 
@@ -188,11 +190,11 @@ class Mapper:
   depth); otherwise it is the only depth the mapper accepts.
   """
 
-  kind: str = struct.field(pytree_node=False)
-  features: str = struct.field(pytree_node=False)
-  num_layers: int | None = struct.field(pytree_node=False)
+  kind: str = pytree.field(static=True)
+  features: str = pytree.field(static=True)
+  num_layers: int | None = pytree.field(static=True)
   state: nnx.State
-  hidden_dim: int = struct.field(pytree_node=False, default=HIDDEN)
+  hidden_dim: int = pytree.field(static=True, default=HIDDEN)
 
   @classmethod
   def create(

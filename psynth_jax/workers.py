@@ -38,20 +38,19 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
-from psynth_jax import decode
+from psynth_jax import decode, pytree
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.model.transformer import Params, hidden_states
 
 
-@struct.dataclass
+@pytree.dataclass
 class Branches:
   cache: KVCache  # batch axis = K branches
   lengths: jax.Array  # [K] int32, output tokens kept per branch
   offsets: jax.Array  # [K] int32, RoPE position of row 0 of each branch
   tokens: jax.Array  # [K, S] int32, the branch tokens (pad beyond lengths)
-  fingerprint: str = struct.field(pytree_node=False, default="")  # of the model that made them
+  fingerprint: str = pytree.field(static=True, default="")  # of the model that made them
   # [K] int32, multi-turn branches only: last kept position - offsets[i] + 1 (read as 0
   # where a branch is empty). None: rows at consecutive positions offsets[i] + r (span = length).
   spans: jax.Array | None = None

@@ -40,8 +40,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import nnx
 
+from psynth_jax import pytree
 from psynth_jax.model.config import ModelConfig
 
 ATTENTION_TARGETS = ("q", "k", "v", "o")
@@ -146,14 +147,14 @@ class LoRA(nnx.Module):
       setattr(self, f"b_{t}", nnx.LoRAParam(b, axes=("layers", None, None)))
 
 
-@struct.dataclass
+@pytree.dataclass
 class LoRAWeights:
   """A LoRA adapter as a pytree: its config static, `state` the nnx.LoRAParam arrays.
 
   Shapes (layers, D_in / D_out per target, rank) are those of the arrays.
   """
 
-  config: LoRAConfig = struct.field(pytree_node=False)
+  config: LoRAConfig = pytree.field(static=True)
   state: nnx.State
 
   @classmethod

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, struct
+from flax import nnx
 
-from psynth_jax import sharding
+from psynth_jax import pytree, sharding
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.model.attention import Attention
 from psynth_jax.model.attention_ops import check_impl
@@ -104,7 +104,7 @@ class Transformer(nnx.Module):
     return logits
 
 
-@struct.dataclass
+@pytree.dataclass
 class Params:
   """A model's weights: its config (static), the decoder's `nnx.State` and a fingerprint.
 
@@ -115,19 +115,19 @@ class Params:
   from the synthesizer's. Empty for abstract or hand-built params.
   """
 
-  config: ModelConfig = struct.field(pytree_node=False)
+  config: ModelConfig = pytree.field(static=True)
   state: nnx.State
-  fingerprint: str = struct.field(pytree_node=False, default="")
+  fingerprint: str = pytree.field(static=True, default="")
   # The mesh the weights were placed on (`params_from_flat(mesh=)`) and its logical-axis
   # rules: the forward constrains caches and activations to match (`sharding.constrain`).
-  mesh: jax.sharding.Mesh | None = struct.field(pytree_node=False, default=None)
-  rules: sharding.Rules = struct.field(pytree_node=False, default=sharding.DEFAULT_RULES)
+  mesh: jax.sharding.Mesh | None = pytree.field(static=True, default=None)
+  rules: sharding.Rules = pytree.field(static=True, default=sharding.DEFAULT_RULES)
   # How attention is computed (`psynth_jax.model.attention_ops`): the same function,
   # a runtime choice and not part of the model, so it is not in the fingerprint.
-  attention: str = struct.field(pytree_node=False, default="auto")
+  attention: str = pytree.field(static=True, default="auto")
   # How expert layers dispatch tokens (`psynth_jax.model.moe.DISPATCHES`): likewise the
   # same function computed another way, so not in the fingerprint.
-  moe_dispatch: str = struct.field(pytree_node=False, default="sorted")
+  moe_dispatch: str = pytree.field(static=True, default="sorted")
 
   def module(self) -> Transformer:
     return nnx.merge(graphdef(self.config), self.state)

@@ -21,18 +21,18 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
-from flax import struct
 
+from psynth_jax import pytree
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.operators.base import register
 from psynth_jax.operators.reencode import Reencode, stored_elements
 
 
 @register("ape")
-@struct.dataclass
+@pytree.dataclass
 class APE(Reencode):
-  temperature: float = struct.field(pytree_node=False, default=1.0)
-  scale: float = struct.field(pytree_node=False, default=1.0)
+  temperature: float = pytree.field(static=True, default=1.0)
+  scale: float = pytree.field(static=True, default=1.0)
 
   @classmethod
   def create(cls, config, mapper=None, seed=0, temperature: float = 1.0, scale: float = 1.0):

@@ -5,7 +5,7 @@ mapper (`reencode`, whose mapper kinds come from `psynth_jax.mapper`'s registry,
 mappers are one family of operators, not a second registry), branches laid end to
 end (`sequential`), selective recompute (`recompute`), APE reweighting (`ape`),
 outputs re-prefilled alone (`reprefill`), trained link tokens (`links`). An operator is a pytree
-(`flax.struct.dataclass`): its trainable arrays are leaves, its settings static,
+(`psynth_jax.pytree.dataclass`): its trainable arrays are leaves, its settings static,
 so one passes through `jax.jit` like a mapper does.
 
   op = operators.create("reencode", config, mapper="affine")
@@ -96,7 +96,7 @@ def create(name: str, config: ModelConfig, **options) -> MergeOperator:
 
 
 class MergeOperator:
-  """The interface; subclasses are `flax.struct.dataclass`es registered by name."""
+  """The interface; subclasses are `pytree.dataclass`es registered by name."""
 
   kind: ClassVar[str] = ""
   order_free: ClassVar[bool] = True

@@ -31,8 +31,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from psynth_jax import pytree
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import hidden_states
 from psynth_jax.operators.base import register
@@ -43,7 +43,7 @@ INIT_STD = 0.02  # the embedding table's init scale (x sqrt(D) for Gemma's scale
 
 
 @register("links")
-@struct.dataclass
+@pytree.dataclass
 class Links(Reencode):
   """Reencode + n trained link tokens per branch, recomputed over the merged cache."""
 

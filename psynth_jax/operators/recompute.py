@@ -30,9 +30,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from psynth_jax import merge as merge_lib
+from psynth_jax import pytree
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import hidden_states
@@ -63,12 +63,12 @@ def _deviation(params, cache: KVCache, tokens, positions, valid, layer: int) -> 
 
 
 @register("recompute")
-@struct.dataclass
+@pytree.dataclass
 class Recompute(Reencode):
   """Reencode + CacheBlend-style recompute of a fraction of the branch tokens."""
 
-  fraction: float = struct.field(pytree_node=False, default=0.15)
-  select_layer: int = struct.field(pytree_node=False, default=1)
+  fraction: float = pytree.field(static=True, default=0.15)
+  select_layer: int = pytree.field(static=True, default=1)
 
   order_free = False
 

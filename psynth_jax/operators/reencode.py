@@ -9,9 +9,9 @@ gives it the operator interface and its FLOP count.
 from __future__ import annotations
 
 import jax
-from flax import struct
 
 from psynth_jax import merge as merge_lib
+from psynth_jax import pytree
 from psynth_jax.mapper import Mapper, check_mapper
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.operators.base import MergeOperator, register
@@ -37,7 +37,7 @@ def mapper_flops(config: ModelConfig, mapper: Mapper | None, branches) -> float:
 
 
 @register("reencode")
-@struct.dataclass
+@pytree.dataclass
 class Reencode(MergeOperator):
   """Re-encoding to the shared start + an optional mapper (None: the naive merge)."""
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from psynth_jax import pytree
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import hidden_states
@@ -38,7 +38,7 @@ def standalone(params, branches):
 
 
 @register("reprefill")
-@struct.dataclass
+@pytree.dataclass
 class Reprefill(Reencode):
   @property
   def name(self) -> str:

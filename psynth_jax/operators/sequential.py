@@ -11,8 +11,8 @@ the new distances). The mapper, if any, reads the same features as in `reencode`
 from __future__ import annotations
 
 import jax.numpy as jnp
-from flax import struct
 
+from psynth_jax import pytree
 from psynth_jax.operators.base import register
 from psynth_jax.operators.reencode import Reencode
 
@@ -31,7 +31,7 @@ def laid_end_to_end(branches):
 
 
 @register("sequential")
-@struct.dataclass
+@pytree.dataclass
 class Sequential(Reencode):
   order_free = False
 

@@ -44,9 +44,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from flax import struct
 
-from psynth_jax import tasks
+from psynth_jax import pytree, tasks
 from psynth_jax.tasks import Problem, Task
 
 MIN_BUCKET = 32  # the smallest bucket of a token length (a budget below it is its own bucket)
@@ -139,7 +138,7 @@ class BatchShape:
     return BatchShape(*(max(column) for column in zip(*rows, strict=True)))
 
 
-@struct.dataclass
+@pytree.dataclass
 class Batch:
   """Token arrays of B examples (numpy on the host, jax arrays inside the step)."""
 

@@ -24,9 +24,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
-from psynth_jax import operators, sharding
+from psynth_jax import operators, pytree, sharding
 from psynth_jax.kv_cache import KVCache
 from psynth_jax.mapper import Mapper, check_mapper
 from psynth_jax.model.lora import LoRAWeights, check_lora
@@ -163,7 +162,7 @@ def make_optimizer(cfg: OptimizerConfig, trainable: str | None) -> Optimizer:
   return Optimizer(tx, schedule, cfg.grad_accum_steps)
 
 
-@struct.dataclass
+@pytree.dataclass
 class TrainState:
   """Everything a checkpoint holds besides the data position (never the frozen base)."""
 
