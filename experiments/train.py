@@ -4,9 +4,14 @@ r"""Trains the Parallel-Synthesis cache mapper and synthesizer LoRA from a confi
   python experiments/train.py --config psynth_jax/configs/qwen2_5_coder_0_5b.py --workdir /tmp/psynth/qwen05 \
     --config.data.train_jsonl=/tmp/psynth/traces/train.jsonl
 
-Running it again with the same workdir resumes from the newest checkpoint.
+Running it again with the same workdir resumes from the newest checkpoint. SIGTERM
+(`kill PID`) stops it after the step in flight with a checkpoint there; it then exits
+with status 143 (128 + SIGTERM), so a script running arms one after another stops too.
 Any config field can be overridden (`--config.train.trainable=lora_only`).
 """
+
+import signal
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -33,6 +38,8 @@ def main(argv):
     f"step {result.step}  loss {last.get('loss')}  skipped {last.get('skipped_total')}  "
     f"export {result.export_dir}"
   )
+  if result.interrupted:
+    sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -324,6 +325,33 @@ def test_kill_and_resume_gives_the_uninterrupted_params(tmp_path, uninterrupted)
   for got, ref in zip(resumed.history, want.history[2:], strict=True):
     assert got["loss"] == ref["loss"] and got["skipped_total"] == ref["skipped_total"]
   assert _logged_steps(workdir) == [1, 2, 3, 4, 5, 6]  # rows after step 2 were replaced
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_loses_nothing(
+  tmp_path, uninterrupted, monkeypatch
+):
+  _, want = uninterrupted
+  workdir = str(tmp_path)
+  before = signal.getsignal(signal.SIGTERM)
+  write = trainer.MetricsLog.write
+
+  def write_then_sigterm(self, row):  # a `kill PID` arriving after step 2's check: 3 runs
+    write(self, row)
+    if row["step"] == 2:
+      assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, before), "not handled"
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(trainer.MetricsLog, "write", write_then_sigterm)
+  stopped = trainer.train(_config(), workdir)
+  monkeypatch.undo()
+  assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
+  assert stopped.interrupted and stopped.step == 3 and stopped.export_dir is None
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+  resumed = trainer.train(_config(), workdir)
+  assert not resumed.interrupted and resumed.export_dir is not None
+  assert [row["step"] for row in resumed.history] == [4, 5, 6]  # no step ran twice
+  jax.tree.map(np.testing.assert_array_equal, _params(resumed), _params(want))
+  assert _logged_steps(workdir) == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

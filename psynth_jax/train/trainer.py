@@ -20,6 +20,11 @@ lists every field; `psynth_jax/configs/*.py` start from it), and:
    exports the LoRA (a PEFT adapter) and the mapper (the reference's state
    dict names) to `workdir/export/` (`checkpoints.export`).
 
+SIGTERM (a scheduler's stop, `kill PID`) ends a single-process run after the step in
+flight, with its metrics row and a checkpoint at that step, and no export: rerunning
+resumes there and loses no step. A multi-process run keeps the default (a kill loses
+the steps since the last checkpoint): the hosts would have to agree on the step to stop.
+
 The workdir must be shared storage in a multi-host run (checkpoints, data).
 """
 
@@ -30,6 +35,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -56,6 +63,7 @@ class TrainResult:
   history: list[dict[str, Any]]  # the metrics rows this run logged
   skip_reasons: dict[str, int]  # this host's skipped examples by reason (whole run, resumed too)
   export_dir: str | None
+  interrupted: bool = False  # stopped by SIGTERM (checkpointed at `step`, not exported)
 
 
 # ---------------------------------------------------------------- config -> library types
@@ -256,6 +264,29 @@ class MetricsLog:
       self.writer.close()
 
 
+class StopOnSigterm:
+  """A context in which SIGTERM asks the loop to stop (`requested`) instead of killing
+  the process; the previous handler comes back on exit. Only in a single-process run's
+  main thread (the only place Python delivers signals)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> StopOnSigterm:
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    self.requested = True
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
 def plan_shapes(config, workdir, batcher, iterator, num_steps, d_model):
   """`batch.max_shapes` > 0 (bucketed): the run's planned batch shapes (`shape_plan`),
   from every global batch of its epochs; recorded in workdir/batch_shapes.json. [] = off."""
@@ -373,66 +404,74 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
   )
   compile_cache.listen()
   t_last, compiled_last, step = time.perf_counter(), compile_cache.counts(), start
-  for step in range(start + 1, num_steps + 1):
-    encoded, reasons = batcher.encode_all(next(iterator))
-    skip_reasons.update(reasons)
-    shape = batcher.shape(encoded)
-    if spec.bucketed:
-      shape = common_shape(shape)
-    if planned:
-      shape = shape_plan.cover(shape, planned, base.config.hidden_size)
-    batch = sharding.host_local_to_global(batcher.pack(encoded, local_batch, shape), mesh, rules)
-    if shape not in shapes:
-      shapes.add(shape)
-      logging.info(
-        "step %d: batch shape %d, %s (compiles a step program)", step, len(shapes), shape
-      )
-    if shape.branch_rows not in step_fns:
-      step_fns[shape.branch_rows] = step_lib.make_train_step(
-        dataclasses.replace(step_config(config), branch_rows=shape.branch_rows),
-        optimizer_config(config),
-        mesh,
-        rules,
-        state,
-        base,
-        batch,
-        options,
-      )
-    state, metrics = step_fns[shape.branch_rows](state, base, batch)
-    pending.append(metrics)
-    bar.update(1)
-    if step % config.log_every == 0 or step == num_steps or step == start + 1:
-      rows = fetch(pending)
-      now = time.perf_counter()
-      dt = max(now - t_last, 1e-9)
-      row = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
-      for k in ("examples", "tokens", "target_tokens"):
-        row[f"{k}_per_s"] = float(sum(r[k] for r in rows)) / dt
-      row.update(step=step, skipped_total=int(fetch(state.skipped)), seconds=dt)
-      row["batch_shapes"] = len(shapes)  # distinct shapes (step programs) of this run so far
-      # XLA compilation (or loads from the persistent cache) inside `seconds`
-      compiled = compile_cache.counts()
-      row["compile_s"] = compiled["compile_s"] - compiled_last["compile_s"]
-      row["programs_compiled"] = compiled["compiled"] - compiled_last["compiled"]
-      compiled_last = compiled
-      row["skip_reasons"] = dict(skip_reasons)
-      log.write(row)
-      history.append(row)
-      bar.set_postfix(loss=f"{row['loss']:.4f}", skipped=row["skipped_total"])
-      pending, t_last = [], time.perf_counter()
-    if stop_after is not None and step >= stop_after:
-      break
-    if step % config.checkpoint.every == 0 or step == num_steps:
-      position = {"iterator": iterator.get_state(), "skip_reasons": dict(skip_reasons)}
-      ckpt.save(step, state, position, {"config": config.to_json_best_effort()})
+  interrupted = False  # by SIGTERM: checkpointed at `step`, not exported
+  with StopOnSigterm() as stop:
+    for step in range(start + 1, num_steps + 1):
+      encoded, reasons = batcher.encode_all(next(iterator))
+      skip_reasons.update(reasons)
+      shape = batcher.shape(encoded)
+      if spec.bucketed:
+        shape = common_shape(shape)
+      if planned:
+        shape = shape_plan.cover(shape, planned, base.config.hidden_size)
+      batch = sharding.host_local_to_global(batcher.pack(encoded, local_batch, shape), mesh, rules)
+      if shape not in shapes:
+        shapes.add(shape)
+        logging.info(
+          "step %d: batch shape %d, %s (compiles a step program)", step, len(shapes), shape
+        )
+      if shape.branch_rows not in step_fns:
+        step_fns[shape.branch_rows] = step_lib.make_train_step(
+          dataclasses.replace(step_config(config), branch_rows=shape.branch_rows),
+          optimizer_config(config),
+          mesh,
+          rules,
+          state,
+          base,
+          batch,
+          options,
+        )
+      state, metrics = step_fns[shape.branch_rows](state, base, batch)
+      pending.append(metrics)
+      bar.update(1)
+      stopping = stop.requested  # read once: the row and the checkpoint agree
+      if step % config.log_every == 0 or step == num_steps or step == start + 1 or stopping:
+        rows = fetch(pending)
+        now = time.perf_counter()
+        dt = max(now - t_last, 1e-9)
+        row = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]}
+        for k in ("examples", "tokens", "target_tokens"):
+          row[f"{k}_per_s"] = float(sum(r[k] for r in rows)) / dt
+        row.update(step=step, skipped_total=int(fetch(state.skipped)), seconds=dt)
+        row["batch_shapes"] = len(shapes)  # distinct shapes (step programs) of this run so far
+        # XLA compilation (or loads from the persistent cache) inside `seconds`
+        compiled = compile_cache.counts()
+        row["compile_s"] = compiled["compile_s"] - compiled_last["compile_s"]
+        row["programs_compiled"] = compiled["compiled"] - compiled_last["compiled"]
+        compiled_last = compiled
+        row["skip_reasons"] = dict(skip_reasons)
+        log.write(row)
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", skipped=row["skipped_total"])
+        pending, t_last = [], time.perf_counter()
+      if stop_after is not None and step >= stop_after:
+        break
+      if step % config.checkpoint.every == 0 or step == num_steps or stopping:
+        position = {"iterator": iterator.get_state(), "skip_reasons": dict(skip_reasons)}
+        ckpt.save(step, state, position, {"config": config.to_json_best_effort()})
+      if stopping:
+        tqdm.tqdm.write(f"SIGTERM: stopped after step {step}, checkpoint saved; rerun to resume")
+        interrupted = True
+        break
   bar.close()
   ckpt.wait()
   ckpt.close()
   log.close()
   export_dir = None
-  if stop_after is None and config.export.enabled and jax.process_index() == 0:
+  finished = stop_after is None and not interrupted
+  if finished and config.export.enabled and jax.process_index() == 0:
     folder = os.path.join(workdir, "export")
     export_dir = checkpoints.export(
       fetch(state.params), folder, config.model.path, merge=config.train.merge
     )
-  return TrainResult(state, step, history, dict(skip_reasons), export_dir)
+  return TrainResult(state, step, history, dict(skip_reasons), export_dir, interrupted)
