@@ -24,10 +24,8 @@ loaded machine (1-minute load > 1.0) unless --force, which marks the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -176,9 +174,7 @@ def main():
   bench_meta.print_warning(meta)
   probed = [{"m": m, "k": H, "n": n, "gflops": g} for (m, n), g in probes.items()]
   meta["limits"] = {**bandwidth, "matmul_gflops": probed}
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-  print(f"wrote {args.out}")
+  bench_meta.write(args.out, meta, rows)
 
 
 if __name__ == "__main__":

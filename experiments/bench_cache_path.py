@@ -25,9 +25,7 @@ start) unless --force, which marks the JSON "forced": true.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -138,9 +136,7 @@ def main():
     repeats=args.repeats,
     limits={**bandwidth, "matmul_gflops": lim.rates},
   )
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-  print(f"wrote {args.out}")
+  bench_meta.write(args.out, meta, rows)
 
 
 if __name__ == "__main__":

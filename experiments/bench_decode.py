@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import statistics
 import tempfile
@@ -302,9 +301,7 @@ def main():
     prompt_tokens=args.prompt_tokens,
     limits={**bandwidth, "matmul_gflops": rates},
   )
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-  print(f"wrote {args.out}")
+  bench_meta.write(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,8 @@ true. Writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -182,9 +180,7 @@ def main():
   bench_meta.print_warning(meta)
   meta.update(vars(args))
   meta["limits"] = {**bandwidth, "matmul_gflops": rates}
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-  print(f"wrote {args.out}")
+  bench_meta.write(args.out, meta, rows)
 
 
 if __name__ == "__main__":

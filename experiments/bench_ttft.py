@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
 import time
 from pathlib import Path
@@ -240,9 +239,9 @@ def main():
     else {**lora_meta, "impl": "peft", "targets": peer_targets(lora_config)},
     limits={**bandwidth, "matmul_gflops": rates},
   )
-  (out / "ttft.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+  bench_meta.write(out / "ttft.json", meta, rows)
   plot_sweep(rows, out / "ttft.png")
-  print(f"wrote {out}/ttft.json and ttft.png")
+  print(f"wrote {out}/ttft.png")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -136,9 +134,7 @@ def main():
   print_table(rows, meta)
   bench_meta.print_warning(meta)
   meta["limits"] = {**bandwidth, "matmul_gflops": rates}
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-  Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-  print(f"wrote {args.out}")
+  bench_meta.write(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ unless --force, which marks the JSON "forced": true.
 from __future__ import annotations
 
 import functools
-import json
 import statistics
 import time
 from pathlib import Path
@@ -145,7 +144,7 @@ def _report(rows: list[dict], meta: dict, out: Path) -> None:
       f" {r['text_tokenize_s'] * 1e3:.1f} / {r['cache_tokenize_s'] * 1e3:.1f} |"
     )
   bench_meta.print_warning(meta)
-  (out / "demo.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+  bench_meta.write(out / "demo.json", meta, rows)
   fig, ax = plt.subplots(figsize=(6, 3.5))
   x = range(len(rows))
   ax.bar([i - 0.2 for i in x], [r["text_ttft_s"] * 1e3 for r in rows], 0.4, label="text synthesis")
