@@ -50,8 +50,8 @@ CASES = {  # name: (batch, queries T, cache rows S, causal offset: first query's
 
 def inputs(rng, b, t, s, offset):
   q = jnp.asarray(rng.normal(size=(b, t, G, Q, H)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(b, s, G, H)), jnp.float32)
-  v = jnp.asarray(rng.normal(size=(b, s, G, H)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, G, s, H)), jnp.float32)  # the cache layout
+  v = jnp.asarray(rng.normal(size=(b, G, s, H)), jnp.float32)
   rows = np.arange(s)
   mask = rows[None, :] <= (offset + np.arange(t))[:, None]
   return q, k, v, jnp.asarray(np.broadcast_to(mask, (b, t, s)))

@@ -20,7 +20,7 @@ and where an instruction sits):
 * attention: what runs inside the cache-prefix switch of `attention_ops.attention`
   (and the blocked attention's loop), except "kv copy": copies and transposes of cache
   rows there;
-* cache write: writes into a layer's [B, S, G, H] keys or values (new rows, the merge);
+* cache write: writes into a layer's [B, G, S, H] keys or values (new rows, the merge);
 * other: norms, RoPE, residual adds, loop bookkeeping, the rest.
 
 Prints a table per case (ms per run, share, each group's top instructions) with the
@@ -124,7 +124,7 @@ def group_of(name: str, info: dict, vocab: int, rank: int | None) -> str:
     moved = name.startswith(("copy", "transpose")) or info["opcode"] in ("copy", "transpose")
     return "kv copy" if moved else "attention"
   dus = "dynamic-update-slice" in name or info["opcode"] in ("dynamic-update-slice", "scatter")
-  if dus and shape.count(",") == 3:  # [B, S, G, H]: a cache layer's keys or values
+  if dus and shape.count(",") == 3:  # [B, G, S, H]: a cache layer's keys or values
     return "cache write"
   if f",{vocab}]" in shape or f"[{vocab}" in shape:
     return "unembed" if matmul else "sample"

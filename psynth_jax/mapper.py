@@ -170,13 +170,13 @@ def cache_statistics(
   k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], lengths: jax.Array
 ) -> jax.Array:
   """log1p of mean key / value norms over each branch's valid rows: [K, L, G, 2]."""
-  s = k[0].shape[1]
+  s = k[0].shape[2]
   valid = (jnp.arange(s)[None, :] < lengths[:, None]).astype(jnp.float32)  # [K, S]
   denom = jnp.maximum(valid.sum(-1), 1.0)[:, None]
 
-  def mean_norm(x):  # [K, S, G, H] -> [K, G]
+  def mean_norm(x):  # [K, G, S, H] -> [K, G]
     norms = jnp.linalg.norm(x.astype(jnp.float32), axis=-1)
-    return jnp.einsum("KSG,KS->KG", norms, valid) / denom
+    return jnp.einsum("KGS,KS->KG", norms, valid) / denom
 
   per_layer = [jnp.stack([mean_norm(kl), mean_norm(vl)], -1) for kl, vl in zip(k, v, strict=True)]
   return jnp.log1p(jnp.stack(per_layer, axis=1))
@@ -235,7 +235,7 @@ class Mapper:
   def coefficients(
     self, k, v, lengths: jax.Array, num_workers: jax.Array, spans: jax.Array | None = None
   ) -> jax.Array:
-    """Coefficients [K, L, G or 1, 4] for branch caches k, v (L x [K, S, G, H]; L = len(k)).
+    """Coefficients [K, L, G or 1, 4] for branch caches k, v (L x [K, G, S, H]; L = len(k)).
 
     `spans` (multi-turn branches: last position + 1) is the length feature where given;
     the cache statistics always average the `lengths` valid rows.
@@ -286,10 +286,10 @@ def _new_module(kind: str, seed: int, features: str, hidden_dim: int) -> nnx.Mod
 
 
 def apply(coeffs: jax.Array, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...]):
-  """Maps L x [K, S, G, H] keys/values with coefficients [K, L, G|1, 4]."""
+  """Maps L x [K, G, S, H] keys/values with coefficients [K, L, G|1, 4]."""
   new_k, new_v = [], []
   for layer, (kl, vl) in enumerate(zip(k, v, strict=True)):
-    c = coeffs[:, layer, None, :, None, :].astype(jnp.float32)  # [K, 1, G|1, 1, 4]
+    c = coeffs[:, layer, :, None, None, :].astype(jnp.float32)  # [K, G|1, 1, 1, 4]
     new_k.append((c[..., 0] * kl.astype(jnp.float32) + c[..., 1]).astype(kl.dtype))
     new_v.append((c[..., 2] * vl.astype(jnp.float32) + c[..., 3]).astype(vl.dtype))
   return tuple(new_k), tuple(new_v)

@@ -40,14 +40,14 @@ from psynth_jax.model.rope import apply_rope, inv_frequencies
 def reencode(
   k: jax.Array, offsets: jax.Array, config: ModelConfig, layer: int | None = None
 ) -> jax.Array:
-  """Rotates keys [K, S, G, H] by -offsets [K] (every row of branch i alike), with
+  """Rotates keys [K, G, S, H] by -offsets [K] (every row of branch i alike), with
   `layer`'s own RoPE table (Gemma 3: local and global layers differ; None: the global)."""
-  shift = jnp.broadcast_to(-offsets[:, None], k.shape[:2])
+  shift = -offsets[:, None]  # [K, 1]: one angle per branch, broadcast over heads and rows
   return apply_rope(k, shift, inv_frequencies(config, layer))
 
 
 def mapped_branch_kv(branches, config: ModelConfig, mapper: Mapper | None, num_workers=None):
-  """Re-encoded and mapped branch keys/values: two tuples of L x [K, S, G, H]."""
+  """Re-encoded and mapped branch keys/values: two tuples of L x [K, G, S, H]."""
   k = tuple(reencode(kl, branches.offsets, config, i) for i, kl in enumerate(branches.cache.k))
   v = branches.cache.v
   if mapper is not None and not mapper.is_identity:
@@ -87,8 +87,9 @@ def merge(
   else:
     position = branches.cache.positions[branch, local] - branches.offsets[branch]
 
-  def gather(x):  # [K, S, G, H] -> [1, capacity, G, H]
-    return jnp.pad(x[branch, local], ((0, capacity - rows), (0, 0), (0, 0)))[None]
+  def gather(x):  # [K, G, S, H] -> [1, G, capacity, H]
+    rows_first = x[branch, :, local]  # [rows, G, H]: the advanced indices' axis leads
+    return jnp.pad(rows_first, ((0, capacity - rows), (0, 0), (0, 0))).transpose(1, 0, 2)[None]
 
   return KVCache(
     k=tuple(gather(kl) for kl in k),

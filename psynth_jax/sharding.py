@@ -175,7 +175,7 @@ def _warn_replicated(name: str | None, size: int, mesh_axes: tuple[str, ...], wa
 
 
 # Logical axes of what inference and training compute, for `constrain`.
-CACHE_AXES = ("batch", None, "kv_heads", "head_dim")  # k, v [B, S, G, H]: over kv heads
+CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # k, v [B, G, S, H]: over kv heads
 ACTIVATION_AXES = ("batch", None, None)  # [B, T, D]: the residual stream, D not split
 
 

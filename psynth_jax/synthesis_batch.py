@@ -56,13 +56,16 @@ def _padded(branches: Branches, k: int, s: int) -> Branches:
   """`branches` with empty branches up to K = k and invalid rows up to capacity s."""
   dk, ds = k - branches.num_branches, s - branches.capacity
 
-  def pad(x):
+  def pad(x, row_axis=1):
     if x.ndim == 0:
       return x
-    widths = [(0, dk)] + [(0, ds) if i == 1 else (0, 0) for i in range(1, x.ndim)]
+    widths = [(0, dk)] + [(0, ds) if i == row_axis else (0, 0) for i in range(1, x.ndim)]
     return jnp.pad(x, widths)
 
-  return jax.tree.map(pad, branches)
+  padded = jax.tree.map(pad, branches)  # every leaf but the keys and values: rows on axis 1
+  cache = branches.cache
+  kv = {name: tuple(pad(x, 2) for x in getattr(cache, name)) for name in ("k", "v")}
+  return padded.replace(cache=padded.cache.replace(**kv))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "rows", "capacity"))

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psynth_jax import decode, pytree
-from psynth_jax.kv_cache import KVCache
+from psynth_jax.kv_cache import KVCache, take_rows
 from psynth_jax.model.transformer import Params, hidden_states
 
 
@@ -135,8 +135,8 @@ def _output_branches(
   valid = jnp.arange(n)[None, :] < lengths[:, None]
   rows = slice(prompt_rows, prompt_rows + n)
   out = KVCache(
-    k=tuple(k[:, rows] for k in cache.k),
-    v=tuple(v[:, rows] for v in cache.v),
+    k=tuple(k[:, :, rows] for k in cache.k),
+    v=tuple(v[:, :, rows] for v in cache.v),
     positions=cache.positions[:, rows],
     valid=valid,
     index=jnp.asarray(n, jnp.int32),
@@ -249,12 +249,12 @@ def _rebuild_program(params: Params, tokens, mask, starts, lengths, rows: int):
   idx = jnp.minimum(starts[:, None] + jnp.arange(rows)[None, :], s - 1)
   valid = jnp.arange(rows)[None, :] < lengths[:, None]
 
-  def cut(x):  # [K, S, ...] -> [K, rows, ...]
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+  def cut(x):  # [K, S] -> [K, rows]
+    return jnp.take_along_axis(x, idx, axis=1)
 
   out = KVCache(
-    k=tuple(cut(x) for x in cache.k),
-    v=tuple(cut(x) for x in cache.v),
+    k=tuple(take_rows(x, idx) for x in cache.k),
+    v=tuple(take_rows(x, idx) for x in cache.v),
     positions=cut(cache.positions),
     valid=valid,
     index=jnp.asarray(rows, jnp.int32),

@@ -80,7 +80,9 @@ def test_batched_rows_give_the_same_memory_branches(sessions, mode):
   for layer in range(CONFIG.num_layers):
     for i in range(3):
       for ours, theirs in ((got.cache.k, want.cache.k), (got.cache.v, want.cache.v)):
-        np.testing.assert_allclose(ours[layer][i, : n[i]], theirs[layer][i, : n[i]], atol=ATOL)
+        np.testing.assert_allclose(
+          ours[layer][i, :, : n[i]], theirs[layer][i, :, : n[i]], atol=ATOL
+        )
 
 
 def test_only_a_conversations_own_tokens_are_valid(sessions):
@@ -202,8 +204,8 @@ def test_a_replayed_conversation_gives_the_live_memory_branches(lm, sessions, mo
   for layer in range(CONFIG.num_layers):
     for i in range(3):
       np.testing.assert_allclose(
-        got.cache.k[layer][i, : n[i]], want.cache.k[layer][i, : n[i]], atol=ATOL
+        got.cache.k[layer][i, :, : n[i]], want.cache.k[layer][i, :, : n[i]], atol=ATOL
       )
       np.testing.assert_allclose(
-        got.cache.v[layer][i, : n[i]], want.cache.v[layer][i, : n[i]], atol=ATOL
+        got.cache.v[layer][i, :, : n[i]], want.cache.v[layer][i, :, : n[i]], atol=ATOL
       )

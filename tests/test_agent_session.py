@@ -130,7 +130,7 @@ def test_the_persistent_prefix_equals_recomputing_it_turn_by_turn(lm, branch_set
   rows = branch_rows(branches)
   fresh = jax.jit(merge, static_argnums=(1, 3, 4))(branches, CONFIG, mapper, rows, rows)
   for got, want in zip(session.cache.k + session.cache.v, fresh.k + fresh.v, strict=True):
-    np.testing.assert_array_equal(got[:, :rows], want)
+    np.testing.assert_array_equal(got[:, :, :rows], want)
   np.testing.assert_array_equal(session.cache.positions[:, :rows], fresh.positions)
   np.testing.assert_array_equal(session.cache.valid[:, :rows], fresh.valid)
   assert len(set(pointers)) == 1  # updated in place, never copied

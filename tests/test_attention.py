@@ -16,8 +16,8 @@ from psynth_jax.testing import random_params, tiny_config
 
 def _qkv(rng, b, t, g, qh, h, s, dtype):
   q = jnp.asarray(rng.normal(size=(b, t, g, qh, h)), dtype)
-  k = jnp.asarray(rng.normal(size=(b, s, g, h)), dtype)
-  v = jnp.asarray(rng.normal(size=(b, s, g, h)), dtype)
+  k = jnp.asarray(rng.normal(size=(b, g, s, h)), dtype)
+  v = jnp.asarray(rng.normal(size=(b, g, s, h)), dtype)
   return q, k, v
 
 
@@ -74,10 +74,10 @@ def test_a_score_bias_is_added_to_every_query_of_its_key():
   dense = np.asarray(dense_attention(q, k, v, mask, bias=bias))
   blocked = np.asarray(blocked_attention(q, k, v, mask, block=64, bias=bias))
   q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
-  scores = np.einsum("btgqh,bsgh->btgqs", q64, k64) / 4.0 + np.asarray(bias)[:, None, None, None]
+  scores = np.einsum("btgqh,bgsh->btgqs", q64, k64) / 4.0 + np.asarray(bias)[:, None, None, None]
   scores = np.where(np.asarray(mask)[:, :, None, None], scores, -np.inf)
   probs = np.exp(scores - scores.max(-1, keepdims=True))
-  want = np.einsum("btgqs,bsgh->btgqh", probs / probs.sum(-1, keepdims=True), v64)
+  want = np.einsum("btgqs,bgsh->btgqh", probs / probs.sum(-1, keepdims=True), v64)
   np.testing.assert_allclose(dense, want, atol=1e-5)
   np.testing.assert_allclose(blocked, want, atol=1e-5)
   with pytest.raises(ValueError, match="score bias"):
@@ -121,12 +121,12 @@ def test_blocks_no_query_sees_are_skipped():
   mask = np.zeros((1, 8, 256), bool)
   mask[:, :, :64] = True
   mask[:, :, 192:] = True
-  k = k.at[:, 64:192].set(jnp.nan)
-  v = v.at[:, 64:192].set(jnp.nan)
+  k = k.at[:, :, 64:192].set(jnp.nan)
+  v = v.at[:, :, 64:192].set(jnp.nan)
   out = blocked_attention(q, k, v, jnp.asarray(mask), block=64)
   assert np.isfinite(np.asarray(out)).all()
   keep = np.r_[0:64, 192:256]
-  want = dense_attention(q, k[:, keep], v[:, keep], jnp.asarray(mask[:, :, keep]))
+  want = dense_attention(q, k[:, :, keep], v[:, :, keep], jnp.asarray(mask[:, :, keep]))
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-6)
 
 
@@ -134,7 +134,7 @@ def test_auto_and_refusals():
   assert attention_ops.resolve("auto", (1, 1, 2, 7, 64), 4096, jnp.float32) == "dense"  # decode
   assert attention_ops.resolve("auto", (1, 1024, 2, 7, 64), 4096, jnp.float32) == "blocked"
   q = jnp.zeros((1, 2, 1, 1, 8))
-  k = jnp.zeros((1, 4, 1, 8))
+  k = jnp.zeros((1, 1, 4, 8))
   mask = jnp.ones((1, 2, 4), bool)
   with pytest.raises(NotImplementedError, match="Pallas"):
     attention(q, k, k, mask, "splash")
@@ -180,7 +180,9 @@ def test_over_a_cache_only_the_visible_prefix_is_read(impl, filled):
   np.testing.assert_allclose(got[seen], want[seen], atol=2e-6, rtol=0)
   sizes = attention_ops.prefix_sizes(t, s)
   read = next((n for n in sizes if n >= filled), s)
-  poisoned = attention(q, k.at[:, read:].set(jnp.nan), v.at[:, read:].set(jnp.nan), mask, impl)
+  poisoned = attention(
+    q, k.at[:, :, read:].set(jnp.nan), v.at[:, :, read:].set(jnp.nan), mask, impl
+  )
   assert read == s or np.isfinite(np.asarray(poisoned)).all()
 
 
@@ -221,12 +223,12 @@ def test_each_decode_form_equals_float64(form, g, dtype, monkeypatch):
   bias = jnp.asarray(rng.normal(size=(b, 200)), jnp.float32)
   got = np.asarray(dense_attention(q, k, v, mask, softcap=3.0, bias=bias), np.float32)
   q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v))
-  scores = 3.0 * np.tanh(np.einsum("btgqh,bsgh->btgqs", q64, k64) / 4.0 / 3.0)
+  scores = 3.0 * np.tanh(np.einsum("btgqh,bgsh->btgqs", q64, k64) / 4.0 / 3.0)
   scores = np.where(
     np.asarray(mask)[:, :, None, None], scores + np.asarray(bias)[:, None, None, None], -np.inf
   )
   probs = np.exp(scores - scores.max(-1, keepdims=True))
-  want = np.einsum("btgqs,bsgh->btgqh", probs / probs.sum(-1, keepdims=True), v64)
+  want = np.einsum("btgqs,bgsh->btgqh", probs / probs.sum(-1, keepdims=True), v64)
   tol = 2e-6 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(got, want, atol=tol, rtol=0)
   blocked = blocked_attention(q, k, v, mask, block=64, softcap=3.0, bias=bias)

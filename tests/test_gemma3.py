@@ -174,8 +174,8 @@ def test_each_feature_changes_the_logits():
 def test_blocked_attention_equals_dense_with_scale_and_softcap():
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(2, 9, 2, 2, 16)) * 3, jnp.float32)
-  k = jnp.asarray(rng.normal(size=(2, 40, 2, 16)) * 3, jnp.float32)
-  v = jnp.asarray(rng.normal(size=(2, 40, 2, 16)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(2, 2, 40, 16)) * 3, jnp.float32)
+  v = jnp.asarray(rng.normal(size=(2, 2, 40, 16)), jnp.float32)
   mask = jnp.asarray(rng.random((2, 9, 40)) > 0.3)
   for scale, softcap in ((None, None), (24**-0.5, None), (0.2, 1.5)):
     want = dense_attention(q, k, v, mask, scale, softcap)

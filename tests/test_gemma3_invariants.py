@@ -77,8 +77,8 @@ def test_reencode_equals_recomputing_keys_on_every_layer_type():
   keep = slice(w, w + n)
   branches = Branches(
     cache=KVCache(
-      k=tuple(kl[:, keep] for kl in worker.k),
-      v=tuple(vl[:, keep] for vl in worker.v),
+      k=tuple(kl[:, :, keep] for kl in worker.k),
+      v=tuple(vl[:, :, keep] for vl in worker.v),
       positions=worker.positions[:, keep],
       valid=jnp.ones((2, n), bool),
       index=jnp.asarray(n, jnp.int32),
@@ -90,9 +90,9 @@ def test_reencode_equals_recomputing_keys_on_every_layer_type():
   k, v = mapped_branch_kv(branches, CONFIG, None)
   recomputed = _prefill(params, tokens, np.broadcast_to(np.arange(rows) - w, (2, rows)))
   for layer in range(CONFIG.num_layers):
-    want = np.asarray(recomputed.k[layer][:, keep])
+    want = np.asarray(recomputed.k[layer][:, :, keep])
     np.testing.assert_allclose(k[layer], want, atol=2e-4, err_msg=f"layer {layer}")
-    np.testing.assert_array_equal(v[layer], worker.v[layer][:, keep])
+    np.testing.assert_array_equal(v[layer], worker.v[layer][:, :, keep])
     if CONFIG.is_sliding(layer):  # the global table is the wrong one here
       wrong = reencode(branches.cache.k[layer], branches.offsets, CONFIG)
       assert np.abs(np.asarray(wrong) - want).max() > 0.1
@@ -110,14 +110,16 @@ def test_single_table_families_reencode_exactly_as_before(name):
   tables = layer_inv_frequencies(config)
   assert all(np.array_equal(t, inv_frequencies(config)) for t in tables)
   rng = np.random.default_rng(0)
-  k = tuple(jnp.asarray(rng.normal(size=(2, 7, 2, 8)), jnp.float32) for _ in range(2))
+  k = tuple(jnp.asarray(rng.normal(size=(2, 2, 7, 8)), jnp.float32) for _ in range(2))
   offsets = jnp.asarray([3, 200], jnp.int32)
   cache = KVCache(k, k, jnp.zeros((2, 7), jnp.int32), jnp.ones((2, 7), bool), jnp.asarray(7))
   branches = Branches(cache, jnp.asarray([7, 7]), offsets, jnp.zeros((2, 7), jnp.int32))
   got, _ = mapped_branch_kv(branches, config, None)
   shift = jnp.broadcast_to(-offsets[:, None], (2, 7))
   for layer in range(2):  # the formula of the one-table merge, bit for bit
-    np.testing.assert_array_equal(got[layer], apply_rope(k[layer], shift, inv_frequencies(config)))
+    rows_first = k[layer].transpose(0, 2, 1, 3)  # [K, S, G, H], as apply_rope reads it
+    want = apply_rope(rows_first, shift, inv_frequencies(config)).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(got[layer], want)
 
 
 def test_earlier_config_digests_are_unchanged():
@@ -176,12 +178,15 @@ def test_windows_over_a_merged_cache_follow_the_reencoded_positions(lm):
   def pad(x):  # room for the prompt, then a batch axis of 1
     return jnp.pad(x, ((0, t),) + ((0, 0),) * (x.ndim - 1))[None]
 
-  def pack(x):  # [K, S, ...] -> the valid rows, branch after branch
+  def pack(x):  # [K, S] -> the valid rows, branch after branch
     return pad(jnp.stack([x[i, r] for i, r in rows]))
 
+  def pack_kv(x):  # [K, G, S, H] -> [1, G, rows, H]
+    return pad(jnp.stack([x[i, :, r] for i, r in rows])).transpose(0, 2, 1, 3)
+
   cache = KVCache(
-    k=tuple(pack(kl) for kl in branches.cache.k),
-    v=tuple(pack(vl) for vl in branches.cache.v),
+    k=tuple(pack_kv(kl) for kl in branches.cache.k),
+    v=tuple(pack_kv(vl) for vl in branches.cache.v),
     positions=pad(jnp.asarray([r for _, r in rows], jnp.int32)),
     valid=pad(jnp.ones((total,), bool)),
     index=jnp.asarray(total, jnp.int32),

@@ -77,7 +77,7 @@ def test_link_rows_equal_decoding_the_links_over_the_merged_cache(lm, branches):
       for layer in range(CONFIG.num_layers):
         for have, want in ((got.k, cache.k), (got.v, cache.v)):
           np.testing.assert_allclose(
-            np.asarray(have[layer][0, row]), np.asarray(want[layer][0, rows + j]), atol=ATOL
+            np.asarray(have[layer][0, :, row]), np.asarray(want[layer][0, :, rows + j]), atol=ATOL
           )
   np.testing.assert_array_equal(np.asarray(got.valid[0, :rows]), np.arange(rows) < used)
   bias = np.asarray(got.bias[0])

@@ -67,9 +67,9 @@ G, H, S = 2, 8, 12
 
 
 def _branches(k, v, lengths, offsets=None) -> Branches:
-  """Branches from given keys/values (L x [K, S, G, H]); rows >= lengths[i] are padding."""
+  """Branches from given keys/values (L x [K, G, S, H]); rows >= lengths[i] are padding."""
   lengths = jnp.asarray(lengths, jnp.int32)
-  num, rows = k[0].shape[:2]
+  num, rows = k[0].shape[0], k[0].shape[2]
   valid = jnp.arange(rows)[None] < lengths[:, None]
   cache = KVCache(
     k=tuple(k),
@@ -84,7 +84,7 @@ def _branches(k, v, lengths, offsets=None) -> Branches:
 
 def random_branches(lengths, seed=0, num_layers=NUM_LAYERS) -> Branches:
   rng = np.random.default_rng(seed)
-  shape = (len(lengths), S, G, H)
+  shape = (len(lengths), G, S, H)
   k = tuple(jnp.asarray(rng.normal(0, 1.5, shape), jnp.float32) for _ in range(num_layers))
   v = tuple(jnp.asarray(rng.normal(0.3, 1.0, shape), jnp.float32) for _ in range(num_layers))
   return _branches(k, v, lengths)
@@ -100,12 +100,14 @@ def test_reencode_undoes_a_rotation_exactly(name):
   offsets = jnp.asarray([0, 7, 300], jnp.int32)
   t = jnp.broadcast_to(jnp.arange(10), (3, 10))
   inv_freq = inv_frequencies(config)
-  rotated = apply_rope(x, t + offsets[:, None], inv_freq)
-  branches = _branches(tuple([rotated] * 2), tuple([x] * 2), [10, 10, 10], offsets)
+  rotated = apply_rope(x, t + offsets[:, None], inv_freq).transpose(0, 2, 1, 3)  # the cache's
+  heads_first = x.transpose(0, 2, 1, 3)  # [K, G, S, H]
+  branches = _branches(tuple([rotated] * 2), tuple([heads_first] * 2), [10, 10, 10], offsets)
   k, v = mapped_branch_kv(branches, config, None)
   for layer in range(2):
-    np.testing.assert_allclose(k[layer], apply_rope(x, t, inv_freq), atol=1e-4)
-    np.testing.assert_array_equal(v[layer], x)  # values are untouched
+    want = apply_rope(x, t, inv_freq).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(k[layer], want, atol=1e-4)
+    np.testing.assert_array_equal(v[layer], heads_first)  # values are untouched
 
 
 @jax.jit
@@ -132,8 +134,8 @@ def test_reencode_equals_recomputing_keys_at_new_positions(name):
   rows = slice(w, w + n)
   branches = Branches(
     cache=KVCache(
-      k=tuple(kl[:, rows] for kl in worker.k),
-      v=tuple(vl[:, rows] for vl in worker.v),
+      k=tuple(kl[:, :, rows] for kl in worker.k),
+      v=tuple(vl[:, :, rows] for vl in worker.v),
       positions=worker.positions[:, rows],
       valid=jnp.ones((2, n), bool),
       index=jnp.asarray(n, jnp.int32),
@@ -145,14 +147,15 @@ def test_reencode_equals_recomputing_keys_at_new_positions(name):
   k, v = mapped_branch_kv(branches, config, None)
   recomputed = _prefill(params, tokens, np.broadcast_to(np.arange(ROWS) - w, (2, ROWS)))
   for layer in range(config.num_layers):
-    np.testing.assert_allclose(k[layer], recomputed.k[layer][:, rows], atol=2e-4)
-    np.testing.assert_allclose(v[layer], recomputed.v[layer][:, rows], atol=2e-4)
+    np.testing.assert_allclose(k[layer], recomputed.k[layer][:, :, rows], atol=2e-4)
+    np.testing.assert_allclose(v[layer], recomputed.v[layer][:, :, rows], atol=2e-4)
   # The merged cache puts both branches at positions 0..n-1, in rows 0..2n-1.
   merged = merge(branches, config, None, rows=2 * n, capacity=2 * n + 4)
   np.testing.assert_array_equal(merged.positions[0], [*range(n), *range(n), 0, 0, 0, 0])
   for layer in range(config.num_layers):
-    want = np.concatenate([recomputed.k[layer][0, rows], recomputed.k[layer][1, rows]])
-    np.testing.assert_allclose(merged.k[layer][0, : 2 * n], want, atol=2e-4)
+    per_branch = [recomputed.k[layer][i, :, rows] for i in range(2)]
+    want = np.concatenate(per_branch, axis=1)
+    np.testing.assert_allclose(merged.k[layer][0, :, : 2 * n], want, atol=2e-4)
 
 
 # --- the paper's affine mapper ------------------------------------------------------
@@ -381,7 +384,7 @@ def test_mappers_ignore_padding_rows_and_branch_order(kind):
 
   # Garbage in the padding rows changes no valid row.
   junk = random_branches(lengths, seed=7)
-  pad = np.arange(S)[None, :, None, None] >= np.asarray(lengths)[:, None, None, None]
+  pad = np.arange(S)[None, None, :, None] >= np.asarray(lengths)[:, None, None, None]
   noisy = branches.replace(
     cache=branches.cache.replace(
       k=tuple(
@@ -395,7 +398,7 @@ def test_mappers_ignore_padding_rows_and_branch_order(kind):
   k2, v2 = mapped_branch_kv(noisy, _config(), mapper)
   for i, n in enumerate(lengths):
     for a, b in zip(k + v, k2 + v2, strict=True):
-      np.testing.assert_allclose(a[i, :n], b[i, :n], rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(a[i, :, :n], b[i, :, :n], rtol=1e-6, atol=1e-6)
 
   # Mapping permuted branches == permuting mapped branches.
   order = [2, 0, 3, 1]
@@ -403,7 +406,7 @@ def test_mappers_ignore_padding_rows_and_branch_order(kind):
   for new, old in enumerate(order):
     n = lengths[old]
     for a, b in zip(k + v, k3 + v3, strict=True):
-      np.testing.assert_allclose(b[new, :n], a[old, :n], rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(b[new, :, :n], a[old, :, :n], rtol=1e-6, atol=1e-6)
   assert np.abs(np.asarray(k[0]) - np.asarray(branches.cache.k[0])).max() > 1e-2
 
 
@@ -419,10 +422,10 @@ def test_merge_packs_valid_rows_in_branch_order():
   want_pos = np.concatenate([np.arange(n) for n in lengths])
   np.testing.assert_array_equal(merged.positions[0, :total], want_pos)
   for layer in range(NUM_LAYERS):
-    want_k = np.concatenate([k[layer][i, :n] for i, n in enumerate(lengths)])
-    want_v = np.concatenate([v[layer][i, :n] for i, n in enumerate(lengths)])
-    np.testing.assert_array_equal(merged.k[layer][0, :total], want_k)
-    np.testing.assert_array_equal(merged.v[layer][0, :total], want_v)
+    want_k = np.concatenate([k[layer][i, :, :n] for i, n in enumerate(lengths)], axis=1)
+    want_v = np.concatenate([v[layer][i, :, :n] for i, n in enumerate(lengths)], axis=1)
+    np.testing.assert_array_equal(merged.k[layer][0, :, :total], want_k)
+    np.testing.assert_array_equal(merged.v[layer][0, :, :total], want_v)
 
 
 def test_mapper_with_another_depth_is_refused():

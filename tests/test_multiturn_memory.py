@@ -118,13 +118,13 @@ def _prefill(params, tokens, positions):
 
 
 def recomputed(lm, session, shift):
-  """k, v (L x [N, G, H]) of a plain prefill of the whole conversation at positions t - shift."""
+  """k, v (L x [G, N, H]) of a plain prefill of the whole conversation at positions t - shift."""
   ids = [w.id for w in session.written]
   n = len(ids)
   tokens = np.zeros((1, 256), np.int32)
   tokens[0, :n] = ids
   cache = _prefill(lm.params, tokens, (np.arange(256, dtype=np.int32) - shift)[None])
-  return [np.asarray(x[0, :n]) for x in cache.k], [np.asarray(x[0, :n]) for x in cache.v]
+  return [np.asarray(x[0, :, :n]) for x in cache.k], [np.asarray(x[0, :, :n]) for x in cache.v]
 
 
 @pytest.mark.parametrize("mode", MEMORY_MODES)
@@ -144,8 +144,8 @@ def test_reencoded_keys_equal_recomputing_them_at_the_stated_positions(lm, sessi
     np.testing.assert_array_equal(branches.cache.positions[i, :n], kept)  # stored: original
     rk, rv = recomputed(lm, session, offset)
     for layer in range(CONFIG.num_layers):
-      np.testing.assert_allclose(k[layer][i, :n], rk[layer][kept], atol=ATOL)
-      np.testing.assert_allclose(v[layer][i, :n], rv[layer][kept], atol=ATOL)
+      np.testing.assert_allclose(k[layer][i, :, :n], rk[layer][:, kept], atol=ATOL)
+      np.testing.assert_allclose(v[layer][i, :, :n], rv[layer][:, kept], atol=ATOL)
     merged_positions += [j - offset for j in kept]
     spans.append(kept[-1] - offset + 1 if kept else 0)
   total = len(merged_positions)
@@ -181,8 +181,8 @@ def test_the_synthesizer_reads_multiturn_rows_at_their_positions(lm, sessions):
   for name in ("a", "b"):
     kept, offset = stated(name, sessions[name], "turns")
     rk, rv = recomputed(lm, sessions[name], offset)
-    ks.append([x[kept] for x in rk])
-    vs.append([x[kept] for x in rv])
+    ks.append([x[:, kept] for x in rk])
+    vs.append([x[:, kept] for x in rv])
     positions += [j - offset for j in kept]
     spans.append(kept[-1] - offset + 1)
   mapper, lora = random_mapper("affine", 5), random_lora(5)
@@ -195,9 +195,9 @@ def test_the_synthesizer_reads_multiturn_rows_at_their_positions(lm, sessions):
   ]
   total, t = len(positions), len(PROMPT)
 
-  def stack(kv):  # per branch L x [1, n, G, H] -> L x [1, total + t, G, H]
+  def stack(kv):  # per branch L x [1, G, n, H] -> L x [1, G, total + t, H]
     return tuple(
-      jnp.pad(jnp.concatenate(layer, 1), ((0, 0), (0, t), (0, 0), (0, 0)))
+      jnp.pad(jnp.concatenate(layer, 2), ((0, 0), (0, 0), (0, t), (0, 0)))
       for layer in zip(*kv, strict=True)
     )
 
@@ -259,9 +259,9 @@ def _old_merge(branches, config, mapper, rows, capacity, num_workers=None):
   local = jnp.clip(r - starts[branch], 0, branches.capacity - 1)  # [rows]
   valid = r < total
 
-  def gather(x):  # [K, S, G, H] -> [1, capacity, G, H]
-    packed = x[branch, local]
-    return jnp.pad(packed, ((0, capacity - rows), (0, 0), (0, 0)))[None]
+  def gather(x):  # [K, G, S, H] -> [1, G, capacity, H] (the cache's layout since 2026-12)
+    packed = x[branch, :, local]
+    return jnp.pad(packed, ((0, capacity - rows), (0, 0), (0, 0))).transpose(1, 0, 2)[None]
 
   return KVCache(
     k=tuple(gather(kl) for kl in k),

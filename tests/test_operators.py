@@ -106,9 +106,9 @@ def test_sequential_lays_branches_end_to_end(lm, branches):
     _, fresh = hidden_states(lm.params, jnp.asarray([text]), positions, KVCache.empty(CONFIG, 1, n))
     np.testing.assert_array_equal(np.asarray(cache.positions[0, before : before + n]), positions[0])
     for layer in range(CONFIG.num_layers):
-      got = np.asarray(cache.k[layer][0, before : before + n])
+      got = np.asarray(cache.k[layer][0, :, before : before + n])
       np.testing.assert_allclose(got, np.asarray(fresh.k[layer][0]), atol=ATOL)
-      got = np.asarray(cache.v[layer][0, before : before + n])
+      got = np.asarray(cache.v[layer][0, :, before : before + n])
       np.testing.assert_allclose(got, np.asarray(fresh.v[layer][0]), atol=ATOL)
     before += n
   assert bool(cache.valid[0, :before].all()) and not bool(cache.valid[0, before:].any())
@@ -198,8 +198,8 @@ def test_recompute_everything_is_the_concatenated_forward(lm, branches):
   want = fresh_cache(lm, CONCAT, PS_POSITIONS)
   n = len(CONCAT)
   for layer in range(CONFIG.num_layers):
-    np.testing.assert_allclose(got.k[layer][0, :n], want.k[layer][0], atol=ATOL)
-    np.testing.assert_allclose(got.v[layer][0, :n], want.v[layer][0], atol=ATOL)
+    np.testing.assert_allclose(got.k[layer][0, :, :n], want.k[layer][0], atol=ATOL)
+    np.testing.assert_allclose(got.v[layer][0, :, :n], want.v[layer][0], atol=ATOL)
   np.testing.assert_array_equal(np.asarray(got.positions[0, :n]), PS_POSITIONS)
   # The synthesizer over it == one forward of [branch tokens, prompt] at the PS positions.
   start = max(map(len, TEXTS))
@@ -227,7 +227,7 @@ def test_recompute_a_fraction_equals_token_by_token_recompute(lm, branches):
   paper = paper_cache(lm, branches, ROWS)
   n = len(CONCAT)
   dev = sum(
-    ((np.asarray(f[1][0]) - np.asarray(p[1][0, :n])) ** 2).sum(axis=(1, 2))
+    ((np.asarray(f[1][0]) - np.asarray(p[1][0, :, :n])) ** 2).sum(axis=(0, 2))
     for f, p in ((fresh.k, paper.k), (fresh.v, paper.v))
   )
   assert set(chosen) == set(np.argsort(-dev)[: len(chosen)].tolist())
@@ -237,8 +237,8 @@ def test_recompute_a_fraction_equals_token_by_token_recompute(lm, branches):
     token, position = jnp.asarray([[CONCAT[r]]]), jnp.asarray([[PS_POSITIONS[r]]])
     _, new = hidden_states(lm.params, token, position, ctx)
     ref = ref.replace(
-      k=tuple(a.at[0, r].set(b[0, r]) for a, b in zip(ref.k, new.k, strict=True)),
-      v=tuple(a.at[0, r].set(b[0, r]) for a, b in zip(ref.v, new.v, strict=True)),
+      k=tuple(a.at[0, :, r].set(b[0, :, r]) for a, b in zip(ref.k, new.k, strict=True)),
+      v=tuple(a.at[0, :, r].set(b[0, :, r]) for a, b in zip(ref.v, new.v, strict=True)),
     )
   got = op.merge(lm.params, branches, rows=ROWS, capacity=ROWS)
   for layer in range(CONFIG.num_layers):

@@ -52,7 +52,7 @@ def test_keys_are_probed_without_their_rotation(lm):
   for shift in (0, 9):
     positions = shift + jnp.arange(n)[None]
     _, cache = hidden_states(lm.params, ids, positions, KVCache.empty(lm.config, 1, n))
-    k = np.asarray(cache.k[1][0])
+    k = np.asarray(cache.k[1][0]).transpose(1, 0, 2)  # [S, G, H]
     rows.append(probe._unrotated(k, np.asarray(positions[0]), lm.config, 1))
   np.testing.assert_allclose(rows[0], rows[1], atol=1e-4)
 

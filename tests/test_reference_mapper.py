@@ -68,7 +68,7 @@ class TorchMapper(torch.nn.Module):
     return torch.stack([1 + t[..., 0], t[..., 1], 1 + t[..., 2], t[..., 3]], -1)
 
   def map(self, k, v, lengths, num_agents):
-    """K' = alpha_k K + beta_k, V' = alpha_v V + beta_v for L x [K, S, G, H] caches."""
+    """K' = alpha_k K + beta_k, V' = alpha_v V + beta_v for L x [K, G, S, H] caches."""
     c = self.coefficients(lengths, num_agents, len(k))
     out_k, out_v = [], []
     for layer, (kl, vl) in enumerate(zip(k, v, strict=True)):
@@ -115,8 +115,12 @@ def _check_matches(mapper, ref, layer_counts=(1, 2, 5)):
     k, v = mapped_branch_kv(branches, _config(layers), mapper)
     for layer in range(layers):
       for i, n in enumerate(lengths):
-        np.testing.assert_allclose(k[layer][i, :n], want_k[layer][i, :n], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(v[layer][i, :n], want_v[layer][i, :n], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+          k[layer][i, :, :n], want_k[layer][i, :, :n], rtol=1e-6, atol=1e-6
+        )
+        np.testing.assert_allclose(
+          v[layer][i, :, :n], want_v[layer][i, :, :n], rtol=1e-6, atol=1e-6
+        )
     # Sanity: the random mapper is far from the identity, so the comparison means something.
     assert np.abs(np.asarray(k[0]) - np.asarray(branches.cache.k[0])).max() > 1e-2
 

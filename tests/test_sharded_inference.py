@@ -87,8 +87,8 @@ def test_sharded_inference_equals_one_device(one_device, folder, shape):
   for a, b in zip(got_workers.branches.cache.k, ref_workers.branches.cache.k, strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
   cache = got_workers.branches.cache
-  for x in (*cache.k, *cache.v):  # [K, S, G, H]: every layer's kv heads over the tensor axis
-    assert tuple(x.sharding.spec)[:3] == (None, None, "tensor"), x.sharding.spec
+  for x in (*cache.k, *cache.v):  # [K, G, S, H]: every layer's kv heads over the tensor axis
+    assert tuple(x.sharding.spec)[:2] == (None, "tensor"), x.sharding.spec
 
   mapper = Mapper.create("affine", CONFIG.num_layers, seed=2)
   prompt = [3, 4, 5]

@@ -102,15 +102,18 @@ def test_branches_equal_a_hand_merged_cache(lm, branches):
   total, t = sum(lengths), len(PROMPT)
   rows = [(i, r) for i, n in enumerate(lengths) for r in range(n)]
 
-  def take(x):  # [K, S, ...] -> the valid rows, branch after branch
-    return jnp.stack([x[i, r] for i, r in rows])
+  def take(x):  # [K, G, S, H] -> [rows, G, H]: the valid rows, branch after branch
+    return jnp.stack([x[i, :, r] for i, r in rows])
 
   def pad(x):  # room for the prompt, then a batch axis of 1
     return jnp.pad(x, ((0, t),) + ((0, 0),) * (x.ndim - 1))[None]
 
+  def heads_first(x):  # [1, S, G, H] -> the cache's [1, G, S, H]
+    return x.transpose(0, 2, 1, 3)
+
   cache = KVCache(
-    k=tuple(pad(take(kl)) for kl in branches.cache.k),
-    v=tuple(pad(take(vl)) for vl in branches.cache.v),
+    k=tuple(heads_first(pad(take(kl))) for kl in branches.cache.k),
+    v=tuple(heads_first(pad(take(vl))) for vl in branches.cache.v),
     positions=pad(jnp.asarray([r for _, r in rows], jnp.int32)),
     valid=pad(jnp.ones((total,), bool)),
     index=jnp.asarray(total, jnp.int32),

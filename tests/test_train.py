@@ -435,7 +435,7 @@ def test_branches_after_worker_prompts_are_the_caches_the_workers_wrote(base):
       if name == "k":  # both at position 0 after re-encoding (the offsets differ)
         a, b = reencode(a, got.offsets[0], CONFIG), reencode(b, want.offsets, CONFIG)
       for i, n in enumerate(np.asarray(want.lengths)):
-        np.testing.assert_allclose(a[i, :n], b[i, :n], atol=2e-5)
+        np.testing.assert_allclose(a[i, :, :n], b[i, :, :n], atol=2e-5)
   # Without prompts (start 0, W = 0) it is encode_branches, as before.
   plain = step_lib.encode_branch_batch(
     base, jnp.asarray(rows[..., :s]), jnp.asarray(mask[..., :s]), np.zeros((1, 3), np.int32)

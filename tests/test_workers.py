@@ -34,15 +34,15 @@ def _prefill(params, tokens, positions, mask):
 
 
 def reference(lm, tokens, start_position=0):
-  """(logits [T, V], k, v: L x [T, G, H]) of a plain prefill of `tokens` at start_position + t."""
+  """(logits [T, V], k, v: L x [G, T, H]) of a plain prefill of `tokens` at start_position + t."""
   n = len(tokens)
   padded = np.zeros((1, ROWS), np.int32)
   padded[0, :n] = tokens
   positions = (np.arange(ROWS, dtype=np.int32) + start_position)[None]
   mask = (np.arange(ROWS) < n)[None]
   logits, cache = _prefill(lm.params, padded, positions, mask)
-  k = [np.asarray(kl[0, :n]) for kl in cache.k]
-  v = [np.asarray(vl[0, :n]) for vl in cache.v]
+  k = [np.asarray(kl[0, :, :n]) for kl in cache.k]
+  v = [np.asarray(vl[0, :, :n]) for vl in cache.v]
   return np.asarray(logits[0, :n]), k, v
 
 
@@ -93,13 +93,13 @@ def test_branch_rows_equal_an_independent_prefill(lm, workers):
     _, k, v = reference(lm, prompt + out)
     np.testing.assert_array_equal(br.cache.positions[i, :n], w + np.arange(n))
     for layer in range(CONFIG.num_layers):
-      np.testing.assert_allclose(br.cache.k[layer][i, :n], k[layer][w:], atol=ATOL)
-      np.testing.assert_allclose(br.cache.v[layer][i, :n], v[layer][w:], atol=ATOL)
+      np.testing.assert_allclose(br.cache.k[layer][i, :, :n], k[layer][:, w:], atol=ATOL)
+      np.testing.assert_allclose(br.cache.v[layer][i, :, :n], v[layer][:, w:], atol=ATOL)
     # Re-encoded by -|W|: the same tokens recomputed at positions -|W| .. -1, 0 .. n-1.
     _, k0, v0 = reference(lm, prompt + out, start_position=-w)
     for layer in range(CONFIG.num_layers):
-      np.testing.assert_allclose(reencoded_k[layer][i, :n], k0[layer][w:], atol=ATOL)
-      np.testing.assert_allclose(reencoded_v[layer][i, :n], v0[layer][w:], atol=ATOL)
+      np.testing.assert_allclose(reencoded_k[layer][i, :, :n], k0[layer][:, w:], atol=ATOL)
+      np.testing.assert_allclose(reencoded_v[layer][i, :, :n], v0[layer][:, w:], atol=ATOL)
   assert sum(len(t) for t in workers.tokens) > NEW  # the comparison covers real rows
 
 
@@ -111,7 +111,7 @@ def _assert_same_branch(a, i, b, j):
   np.testing.assert_array_equal(a.cache.valid[i, :n], b.cache.valid[j, :n])
   np.testing.assert_array_equal(a.cache.positions[i, :n], b.cache.positions[j, :n])
   for ka, kb in zip(a.cache.k + a.cache.v, b.cache.k + b.cache.v, strict=True):
-    np.testing.assert_allclose(ka[i, :n], kb[j, :n], atol=ATOL)
+    np.testing.assert_allclose(ka[i, :, :n], kb[j, :, :n], atol=ATOL)
 
 
 def test_batched_workers_equal_one_at_a_time(lm, workers):
@@ -143,8 +143,8 @@ def test_encode_branches_rows_equal_a_plain_prefill(lm):
     _, k, v = reference(lm, toks)
     np.testing.assert_array_equal(br.cache.positions[i, :n], np.arange(n))
     for layer in range(CONFIG.num_layers):
-      np.testing.assert_allclose(br.cache.k[layer][i, :n], k[layer], atol=ATOL)
-      np.testing.assert_allclose(br.cache.v[layer][i, :n], v[layer], atol=ATOL)
+      np.testing.assert_allclose(br.cache.k[layer][i, :, :n], k[layer], atol=ATOL)
+      np.testing.assert_allclose(br.cache.v[layer][i, :, :n], v[layer], atol=ATOL)
   # A bigger capacity pads more but keeps the rows.
   wide = encode_branches(lm, texts, capacity=32)
   assert wide.capacity == 32
@@ -191,7 +191,7 @@ def test_recorded_workers_rebuild_the_same_branches(lm):
     np.testing.assert_array_equal(rebuilt.tokens[i, :n], b.tokens[i, :n])
     np.testing.assert_array_equal(rebuilt.cache.positions[i, :n], b.cache.positions[i, :n])
     for got, want in zip(rebuilt.cache.k + rebuilt.cache.v, b.cache.k + b.cache.v, strict=True):
-      np.testing.assert_allclose(got[i, :n], want[i, :n], atol=2e-5)
+      np.testing.assert_allclose(got[i, :, :n], want[i, :, :n], atol=2e-5)
   with pytest.raises(ValueError, match="one output per prompt"):
     worker_branches(lm, prompts, out.tokens[:1])
 
@@ -207,5 +207,5 @@ def test_a_batch_of_problems_gives_each_problems_own_workers(lm):
     np.testing.assert_array_equal(got.branches.offsets, want.branches.offsets)
     for i, m in enumerate(n):
       np.testing.assert_allclose(
-        got.branches.cache.k[0][i, :m], want.branches.cache.k[0][i, :m], atol=2e-5
+        got.branches.cache.k[0][i, :, :m], want.branches.cache.k[0][i, :, :m], atol=2e-5
       )

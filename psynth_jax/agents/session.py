@@ -139,7 +139,7 @@ class SessionRow:
     self.session.flush()
 
   def take_rows(self, rows: jax.Array):
-    """Cache rows of this conversation: (k, v: L x [S, G, H], positions [S])."""
+    """Cache rows of this conversation: (k, v: L x [G, S, H], positions [S])."""
     return programs.take_rows(self.session.cache, jnp.asarray(self.b, jnp.int32), rows)
 
 

@@ -87,7 +87,7 @@ def invalidate(cache: KVCache, first: jax.Array, end: jax.Array) -> KVCache:
 
 @jax.jit
 def take_rows(cache: KVCache, b: jax.Array, rows: jax.Array):
-  """Rows [S] of conversation b: (k, v: L x [S, G, H], positions [S])."""
-  k = tuple(x[b, rows] for x in cache.k)
-  v = tuple(x[b, rows] for x in cache.v)
+  """Rows [S] of conversation b: (k, v: L x [G, S, H], positions [S])."""
+  k = tuple(x[b][:, rows] for x in cache.k)
+  v = tuple(x[b][:, rows] for x in cache.v)
   return k, v, cache.positions[b, rows]

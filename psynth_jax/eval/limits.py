@@ -391,7 +391,7 @@ def attention_cost(
   offset: int | None = None,
   itemsize: int = 4,
 ) -> dict[str, float]:
-  """Work of one attention call q [B, T, N, H] over k, v [B, S, G, H] and a [B, T, S] bool mask.
+  """Work of one attention call q [B, T, N, H] over k, v [B, G, S, H] and a [B, T, S] bool mask.
 
   Args:
     offset: causal: query j sits at row offset + j and sees rows <= it

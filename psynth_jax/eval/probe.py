@@ -99,9 +99,11 @@ def collect(lm, examples, items: Sequence[str], encoding: str, which: str = "val
         continue
       rows = [value if which == "value" else item for value, item, _ in slots]
       for layer in range(config.num_layers):
-        k = _unrotated(np.asarray(branches.cache.k[layer][b]), positions[b], config, layer)
+        k = np.asarray(branches.cache.k[layer][b]).transpose(1, 0, 2)  # [S, G, H]
+        k = _unrotated(k, positions[b], config, layer)
         keys[layer].append(k[rows].reshape(len(rows), -1))
-        values[layer].append(np.asarray(branches.cache.v[layer][b])[rows].reshape(len(rows), -1))
+        v = np.asarray(branches.cache.v[layer][b]).transpose(1, 0, 2)
+        values[layer].append(v[rows].reshape(len(rows), -1))
       labels += [items.index(item) for _, _, item in slots]
       groups += [n] * len(slots)
   if not labels:

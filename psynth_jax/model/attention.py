@@ -55,7 +55,7 @@ class Attention(nnx.Module):
     x: jax.Array,  # [B, T, D]
     positions: jax.Array,  # [B, T]
     inv_freq: np.ndarray,
-    cache_kv: tuple[jax.Array, jax.Array] | None,  # 2 x [B, S, G, H]
+    cache_kv: tuple[jax.Array, jax.Array] | None,  # 2 x [B, G, S, H]
     index: jax.Array | None,  # [] first row written by x
     key_mask: jax.Array,  # [B, T, S] bool
     lora: LoRALayer | None = None,
@@ -69,11 +69,12 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)  # [B, G, T, H]: the cache's
+    v = v.transpose(0, 2, 1, 3)  # layout (`psynth_jax.kv_cache`)
 
     if cache_kv is not None:
       k_cache, v_cache = cache_kv
-      start = (0, index, 0, 0)
+      start = (0, 0, index, 0)
       k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
       v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
       k, v, new_kv = k_cache, v_cache, (k_cache, v_cache)

@@ -1,7 +1,7 @@
 """Grouped-query softmax attention, one entry point and its implementations.
 
 `attention(q, k, v, key_mask, impl, scale, softcap, bias)` takes q [B, T, G, Q, H] (Q
-query heads per kv head), k, v [B, S, G, H] and key_mask [B, T, S] (True: the query may see
+query heads per kv head), k, v [B, G, S, H] (the cache's layout) and key_mask [B, T, S] (True: the query may see
 the key) and returns [B, T, G, Q, H]. Scores are q.k * scale (default H**-0.5), then, with a
 `softcap` (Gemma 2), softcap * tanh(scores / softcap), then + bias [B, S] (a per-key score
 bias, None: 0). The implementations compute the same function:
@@ -71,10 +71,10 @@ def check_impl(impl: str) -> str:
 def attention(
   q, k, v, key_mask, impl: str = "auto", scale=None, softcap=None, bias=None
 ) -> jax.Array:
-  """Softmax attention of q [B, T, G, Q, H] over k, v [B, S, G, H] -> [B, T, G, Q, H]."""
+  """Softmax attention of q [B, T, G, Q, H] over k, v [B, G, S, H] -> [B, T, G, Q, H]."""
   impl = check_impl(impl)
-  sizes = prefix_sizes(q.shape[1], k.shape[1])
-  if len(sizes) == 1 or resolve(impl, q.shape, k.shape[1], q.dtype, softcap, bias) == "cudnn":
+  sizes = prefix_sizes(q.shape[1], k.shape[2])
+  if len(sizes) == 1 or resolve(impl, q.shape, k.shape[2], q.dtype, softcap, bias) == "cudnn":
     return _attention(q, k, v, key_mask, impl, scale, softcap, bias)
   # The last key any query sees, + 1; 0 if none does.
   seen = key_mask.any(axis=(0, 1))  # [S]
@@ -84,7 +84,8 @@ def attention(
   def on_prefix(n):
     def run(q, k, v, key_mask, bias):
       bias = None if bias is None else bias[:, :n]
-      return _attention(q, k[:, :n], v[:, :n], key_mask[..., :n], impl, scale, softcap, bias)
+      k, v = k[:, :, :n], v[:, :, :n]
+      return _attention(q, k, v, key_mask[..., :n], impl, scale, softcap, bias)
 
     return run
 
@@ -102,7 +103,7 @@ def prefix_sizes(queries: int, keys: int) -> tuple[int, ...]:
 
 
 def _attention(q, k, v, key_mask, impl, scale, softcap, bias) -> jax.Array:
-  impl = resolve(impl, q.shape, k.shape[1], q.dtype, softcap, bias)
+  impl = resolve(impl, q.shape, k.shape[2], q.dtype, softcap, bias)
   if impl == "dense":
     return dense_attention(q, k, v, key_mask, scale, softcap, bias)
   if impl == "blocked":
@@ -140,32 +141,33 @@ def _biased(logits, bias):
 
 def dense_attention(q, k, v, key_mask, scale=None, softcap=None, bias=None) -> jax.Array:
   """The reference: the Q query heads that share a kv head are folded with T into one
-  matmul dimension M = Q*T, one [M, H] x [H, S] product per (batch, kv head); on CPU
-  2-4x faster than a 5-D einsum, and k/v are never copied per query head."""
+  matmul dimension M = Q*T, one [M, H] x [S, H]^T product per (batch, kv head), each
+  key matrix read in place; on CPU 2-4x faster than a 5-D einsum, and k/v are never
+  copied per query head."""
   b, t, g, qh, h = q.shape
   if t == 1 and b >= DECODE_REDUCE_MIN_BATCH:
     return _decode_attention(q, k, v, key_mask, scale, softcap, bias)
   q = q.transpose(0, 2, 3, 1, 4).reshape(b, g, qh * t, h)  # [B, G, M, H]
-  logits = jnp.einsum("BGMH,BSGH->BGMS", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("BGMH,BGSH->BGMS", q, k, preferred_element_type=jnp.float32)
   logits = _biased(_scores(logits.reshape(b, g, qh, t, -1), h, scale, softcap), bias)
   logits = jnp.where(key_mask[:, None, None], logits, _MASKED)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, g, qh * t, -1)
-  out = jnp.einsum("BGMS,BSGH->BGMH", probs, v)
+  out = jnp.einsum("BGMS,BGSH->BGMH", probs, v)
   return out.reshape(b, g, qh, t, h).transpose(0, 3, 1, 2, 4)
 
 
 def _decode_attention(q, k, v, key_mask, scale, softcap, bias) -> jax.Array:
-  """`dense_attention` for one query per row (T = 1), with k and v read in their own
-  [B, S, G, H] layout: scores and outputs as broadcast products reduced over H and S."""
+  """`dense_attention` for one query per row (T = 1) as broadcast products reduced over
+  H and S instead of batched matmuls."""
   h = q.shape[-1]
   q1 = q[:, 0].astype(jnp.float32)  # [B, G, Q, H]
-  logits = jnp.sum(q1[:, None] * k[:, :, :, None, :].astype(jnp.float32), -1)  # [B, S, G, Q]
+  logits = jnp.sum(q1[:, :, :, None] * k[:, :, None].astype(jnp.float32), -1)  # [B, G, Q, S]
   logits = _scores(logits, h, scale, softcap)
   if bias is not None:
-    logits = logits + bias[:, :, None, None]
-  logits = jnp.where(key_mask[:, 0, :, None, None], logits, _MASKED)
-  probs = jax.nn.softmax(logits, axis=1)
-  out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
+    logits = logits + bias[:, None, None, :]
+  logits = jnp.where(key_mask[:, :, None, :], logits, _MASKED)  # key_mask [B, 1, S]
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=3)  # [B, G, Q, H]
   return out.astype(v.dtype)[:, None]  # [B, 1, G, Q, H]
 
 
@@ -183,21 +185,21 @@ def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap
   per call: a tenth of the synthesizer's first token over 3 x 1,024 branch rows.
   """
   b, t, g, qh, h = q.shape
-  s = k.shape[1]
+  s = k.shape[2]
   c = min(block, s)
   nb = -(-s // c)
   qf = q.transpose(0, 2, 3, 1, 4).reshape(b, g, qh * t, h)
 
   def update(carry, kc, vc, mc, bc):
     m, l, acc = carry  # [B, G, Q, T], [B, G, Q, T], [B, G, Q, T, H] float32
-    logits = jnp.einsum("BGMH,BCGH->BGMC", qf, kc, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("BGMH,BGCH->BGMC", qf, kc, preferred_element_type=jnp.float32)
     logits = _biased(_scores(logits.reshape(b, g, qh, t, c), h, scale, softcap), bc)
     logits = jnp.where(mc[:, None, None], logits, _MASKED)
     m_new = jnp.maximum(m, logits.max(-1))
     p = jnp.exp(logits - m_new[..., None])
     rescale = jnp.exp(m - m_new)
     pv = jnp.einsum(
-      "BGMC,BCGH->BGMH",
+      "BGMC,BGCH->BGMH",
       p.astype(v.dtype).reshape(b, g, qh * t, c),
       vc,
       preferred_element_type=jnp.float32,
@@ -208,8 +210,8 @@ def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap
   @jax.checkpoint
   def step(carry, i):
     start = jnp.minimum(i * c, s - c)
-    kc = jax.lax.dynamic_slice_in_dim(k, start, c, axis=1)
-    vc = jax.lax.dynamic_slice_in_dim(v, start, c, axis=1)
+    kc = jax.lax.dynamic_slice_in_dim(k, start, c, axis=2)
+    vc = jax.lax.dynamic_slice_in_dim(v, start, c, axis=2)
     mc = jax.lax.dynamic_slice_in_dim(key_mask, start, c, axis=2)
     mc = mc & (start + jnp.arange(c) >= i * c)  # rows of the block before: already read
     bc = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, c, axis=1)
@@ -236,8 +238,8 @@ def cudnn_attention(q, k, v, key_mask, scale=None) -> jax.Array:
   b, t, g, qh, h = q.shape
   out = jax.nn.dot_product_attention(
     q.reshape(b, t, g * qh, h),  # query head n = kv head n // Q: our grouping
-    k,
-    v,
+    k.transpose(0, 2, 1, 3),  # it takes [B, S, G, H]: a copy of the keys read, per call
+    v.transpose(0, 2, 1, 3),
     mask=key_mask[:, None],
     scale=scale,
     implementation="cudnn",

@@ -56,7 +56,8 @@ def layer_inv_frequencies(config: ModelConfig) -> tuple[np.ndarray, ...]:
 
 
 def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:
-  """Rotates x [B, T, N, H] to positions [B, T] (int or float)."""
+  """Rotates x [B, T, N, H] to positions [B, T] (int or float); positions broadcast
+  against x's first two axes (x [K, G, S, H] and positions [K, 1]: one angle per K)."""
   angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
   sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, H/2]
   cos = jnp.cos(angles)[:, :, None, :]

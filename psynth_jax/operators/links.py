@@ -91,16 +91,17 @@ class Links(Reencode):
     def run(span):  # branch i's links over the merged cache -> their rows
       positions = span + jnp.arange(n, dtype=jnp.int32)
       _, out = hidden_states(params, dummy, positions[None], cache, embedded=embedded)
-      return tuple(x[0, base:] for x in out.k), tuple(x[0, base:] for x in out.v), positions
+      return tuple(x[0, :, base:] for x in out.k), tuple(x[0, :, base:] for x in out.v), positions
 
-    link_k, link_v, link_pos = jax.vmap(run)(branches.span)  # L x [K, n, G, H], [K, n]
+    link_k, link_v, link_pos = jax.vmap(run)(branches.span)  # L x [K, G, n, H], [K, n]
     link_valid = jnp.repeat(branches.lengths > 0, n)  # [K * n]
     pad = capacity - rows
 
-    def place(branch_x, link_x):  # [1, base + n, G, H], [K, n, G, H] -> [1, capacity, G, H]
-      links = link_x.reshape(k * n, *link_x.shape[2:])
-      x = jnp.concatenate([branch_x[0, :base], links], axis=0)
-      return jnp.pad(x, ((0, pad), (0, 0), (0, 0)))[None]
+    def place(branch_x, link_x):  # [1, G, base + n, H], [K, G, n, H] -> [1, G, capacity, H]
+      g, h = link_x.shape[1], link_x.shape[3]
+      links = link_x.transpose(1, 0, 2, 3).reshape(g, k * n, h)  # branch-major, as the rows
+      x = jnp.concatenate([branch_x[0, :, :base], links], axis=1)
+      return jnp.pad(x, ((0, 0), (0, pad), (0, 0)))[None]
 
     def column(branch_row, link_row):  # [base + n], [K * n] -> [1, capacity]
       return jnp.pad(jnp.concatenate([branch_row[:base], link_row]), (0, pad))[None]

@@ -54,9 +54,9 @@ def _deviation(params, cache: KVCache, tokens, positions, valid, layer: int) -> 
     params, tokens[None], positions[None], fresh, valid[None], num_layers=layer + 1
   )
 
-  def dist(a, b):  # [1, S, G, H] -> [S]
-    d = a[0, :rows].astype(jnp.float32) - b[0, :rows].astype(jnp.float32)
-    return (d * d).sum(axis=(1, 2))
+  def dist(a, b):  # [1, G, S, H] -> [S]
+    d = a[0, :, :rows].astype(jnp.float32) - b[0, :, :rows].astype(jnp.float32)
+    return (d * d).sum(axis=(0, 2))
 
   dev = dist(fresh.k[layer], cache.k[layer]) + dist(fresh.v[layer], cache.v[layer])
   return jnp.where(valid, dev, -jnp.inf)
@@ -110,9 +110,9 @@ class Recompute(Reencode):
       row_order=row_order[None],
     )
 
-    def place(x):  # [1, rows + slots, G, H]: slot j's rows back to row chosen[j]
-      merged = x[0, :rows].at[chosen].set(x[0, rows:], mode="drop")
-      return jnp.pad(merged, ((0, capacity - rows), (0, 0), (0, 0)))[None]
+    def place(x):  # [1, G, rows + slots, H]: slot j's rows back to row chosen[j]
+      merged = x[0, :, :rows].at[:, chosen].set(x[0, :, rows:], mode="drop")
+      return jnp.pad(merged, ((0, 0), (0, capacity - rows), (0, 0)))[None]
 
     return KVCache(
       k=tuple(place(x) for x in work.k),

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from psynth_jax import operators, pytree, sharding
-from psynth_jax.kv_cache import KVCache
+from psynth_jax.kv_cache import KVCache, take_rows
 from psynth_jax.mapper import Mapper, check_mapper
 from psynth_jax.model.lora import LoRAWeights, check_lora
 from psynth_jax.model.remat import check_policy
@@ -217,9 +217,9 @@ def encode_branch_batch(
   rows = jnp.minimum(start[:, None] + jnp.arange(s, dtype=jnp.int32), r - 1)  # [BK, S]
   valid = jnp.arange(s)[None] < lengths[:, None]
 
-  def branch_rows(x):  # [B*K, rows, ...] -> [B, K, S, ...]: the branch's rows only
-    idx = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, idx, axis=1).reshape((b, k, s) + x.shape[2:])
+  def branch_rows(x):  # [B*K, G, rows, H] -> [B, K, G, S, H]: the branch's rows only
+    g, h = x.shape[1], x.shape[3]
+    return take_rows(x, rows).reshape(b, k, g, s, h)
 
   cache = KVCache(
     k=tuple(branch_rows(x) for x in cache.k),
@@ -228,7 +228,7 @@ def encode_branch_batch(
     valid=valid.reshape(b, k, s),
     index=jnp.full((b,), s, jnp.int32),  # latent_hidden vmaps every leaf over B
   )
-  branch_tokens = jnp.where(valid, branch_rows(flat_tokens[..., None])[..., 0].reshape(b * k, s), 0)
+  branch_tokens = jnp.where(valid, jnp.take_along_axis(flat_tokens, rows, axis=1), 0)
   return Branches(
     cache,
     lengths.reshape(b, k),
