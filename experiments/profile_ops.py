@@ -18,7 +18,7 @@ and where an instruction sits):
 * lora: products whose output is the adapter's rank wide (x A);
 * projections: every other matrix product (q/k/v/o, gate/up/down, B of the LoRA);
 * attention: what runs inside the cache-prefix switch of `attention_ops.attention`
-  (and the blocked attention's loop), except "kv copy": copies and transposes of cache
+  (and the blocked attention's loop), except "kv copy": copies, slices and transposes of cache
   rows there;
 * cache write: writes into a layer's [B, G, S, H] keys or values (new rows, the merge);
 * other: norms, RoPE, residual adds, loop bookkeeping, the rest.
@@ -121,7 +121,8 @@ def group_of(name: str, info: dict, vocab: int, rank: int | None) -> str:
   matmul = info["opcode"] == "dot" or name.startswith("ynn_fusion")
   if info["attention"]:
     # A copy or transpose there moves the cache's k / v into another layout (q's are tiny).
-    moved = name.startswith(("copy", "transpose")) or info["opcode"] in ("copy", "transpose")
+    moved = name.startswith(("copy", "transpose")) or "slice" in name
+    moved = moved or info["opcode"] in ("copy", "transpose", "slice")
     return "kv copy" if moved else "attention"
   dus = "dynamic-update-slice" in name or info["opcode"] in ("dynamic-update-slice", "scatter")
   if dus and shape.count(",") == 3:  # [B, G, S, H]: a cache layer's keys or values

@@ -6,8 +6,8 @@ H head dim.
 * `k[l]`, `v[l]`: layer l's keys and values, `[B, G, S, H]`. Keys are stored
   *after* RoPE at `positions`, so a row carries its position with it. Heads come
   before rows so that attention reads a prefix of rows per (batch, kv head) as one
-  [S, H] matrix in place: stored [B, S, G, H], XLA:CPU copied the prefix it read into
-  that layout on every decode step (39 of 125 ms a step at B = 1 over 4,096 rows).
+  [S, H] matrix: stored [B, S, G, H], XLA:CPU transposed the prefix it read into that
+  layout on every decode step (RESULTS.md, "KV cache layout").
 * `positions`: `[B, S]` int32, the RoPE position of each row.
 * `valid`: `[B, S]` bool, rows that hold a real token (False for padding and
   for rows not yet written).

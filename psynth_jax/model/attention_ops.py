@@ -47,8 +47,10 @@ _MASKED = -1e30  # finite, so a fully masked (padding) query stays NaN-free
 PREFIXES = 8  # static key prefixes over a cache (one program branch each)
 PREFIX_STEP = 128  # their lengths are multiples of this; shorter caches are read whole
 # Batch from which "dense" computes a one-query step (decode) as broadcast products summed
-# over H and S instead of a batched matmul: XLA:CPU's dot at M = Q (7 for Qwen 0.5B) copies
-# k and v into its own layout every step. Idle, one layer of Qwen 0.5B's shapes over 1,024
+# over H and S instead of a batched matmul. Measured while the cache was stored
+# [B, S, G, H], when XLA:CPU's dot at M = Q (7 for Qwen 0.5B) copied k and v into its own
+# layout every step; with [B, G, S, H] the two forms were level at B = 1, 3 and 16 over
+# 4,096 rows (RESULTS.md, "KV cache layout"), and B = 32-48 is not re-measured. Idle, one layer of Qwen 0.5B's shapes over 1,024
 # keys: 7.7 vs 30.6 ms at B = 48 (experiments/bench_attention.py, its decode cases). A
 # whole 0.5B decode step over a 288-row cache (experiments/bench_decode.py, its
 # matmul-decode row, RESULTS.md): 773 vs 1,013 ms at B = 48, but 399 vs 321 ms at B = 16,
