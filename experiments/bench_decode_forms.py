@@ -31,6 +31,7 @@ from psynth_jax.model import attention_ops
 FORMS = {  # the constant that picks a form, at trace time
   "matmul": {"DECODE_REDUCE_MIN_BATCH": 1 << 30},
   "broadcast": {"DECODE_REDUCE_MIN_BATCH": 1},
+  "whole": {"PREFIX_STEP": 1 << 30},  # the matmul form over every cache row (no prefix read)
 }
 
 
