@@ -1,10 +1,11 @@
 """Grouped-query softmax attention, one entry point and its implementations.
 
 `attention(q, k, v, key_mask, impl, scale, softcap, bias)` takes q [B, T, G, Q, H] (Q
-query heads per kv head), k, v [B, G, S, H] (the cache's layout) and key_mask [B, T, S] (True: the query may see
-the key) and returns [B, T, G, Q, H]. Scores are q.k * scale (default H**-0.5), then, with a
-`softcap` (Gemma 2), softcap * tanh(scores / softcap), then + bias [B, S] (a per-key score
-bias, None: 0). The implementations compute the same function:
+query heads per kv head), k, v [B, G, S, H] (the cache's layout) and key_mask [B, T, S]
+(True: the query may see the key) and returns [B, T, G, Q, H]. Scores are q.k * scale
+(default H**-0.5), then, with a `softcap` (Gemma 2), softcap * tanh(scores / softcap),
+then + bias [B, S] (a per-key score bias, None: 0). The implementations compute the same
+function:
 
 * "dense": one [Q*T, S] float32 score matrix per (batch, kv head). Fastest for short
   rows and for decode (T = 1); its memory grows with T x S.
@@ -50,10 +51,10 @@ PREFIX_STEP = 128  # their lengths are multiples of this; shorter caches are rea
 # over H and S instead of a batched matmul. Measured while the cache was stored
 # [B, S, G, H], when XLA:CPU's dot at M = Q (7 for Qwen 0.5B) copied k and v into its own
 # layout every step; with [B, G, S, H] the two forms were level at B = 1, 3 and 16 over
-# 4,096 rows (RESULTS.md, "KV cache layout"), and B = 32-48 is not re-measured. Idle, one layer of Qwen 0.5B's shapes over 1,024
-# keys: 7.7 vs 30.6 ms at B = 48 (experiments/bench_attention.py, its decode cases). A
-# whole 0.5B decode step over a 288-row cache (experiments/bench_decode.py, its
-# matmul-decode row, RESULTS.md): 773 vs 1,013 ms at B = 48, but 399 vs 321 ms at B = 16,
+# 4,096 rows (RESULTS.md, "KV cache layout"), and B = 32-48 is not re-measured. Idle, one
+# layer of Qwen 0.5B's shapes over 1,024 keys: 7.7 vs 30.6 ms at B = 48
+# (experiments/bench_attention.py, its decode cases). A whole 0.5B decode step over a
+# 288-row cache (experiments/bench_decode.py, its matmul-decode row, RESULTS.md): 773 vs 1,013 ms at B = 48, but 399 vs 321 ms at B = 16,
 # where the matmul wins; 32 sits between the two measured batches (not measured itself).
 DECODE_REDUCE_MIN_BATCH = 32
 
