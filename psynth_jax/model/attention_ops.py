@@ -54,8 +54,9 @@ PREFIX_STEP = 128  # their lengths are multiples of this; shorter caches are rea
 # 4,096 rows (RESULTS.md, "KV cache layout"), and B = 32-48 is not re-measured. Idle, one
 # layer of Qwen 0.5B's shapes over 1,024 keys: 7.7 vs 30.6 ms at B = 48
 # (experiments/bench_attention.py, its decode cases). A whole 0.5B decode step over a
-# 288-row cache (experiments/bench_decode.py, its matmul-decode row, RESULTS.md): 773 vs 1,013 ms at B = 48, but 399 vs 321 ms at B = 16,
-# where the matmul wins; 32 sits between the two measured batches (not measured itself).
+# 288-row cache (experiments/bench_decode.py, its matmul-decode row, RESULTS.md): 773 vs
+# 1,013 ms at B = 48, but 399 vs 321 ms at B = 16, where the matmul wins; 32 sits between
+# the two measured batches (not measured itself).
 DECODE_REDUCE_MIN_BATCH = 32
 
 
