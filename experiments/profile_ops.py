@@ -134,11 +134,9 @@ def group_of(name: str, info: dict, vocab: int, rank: int | None) -> str:
   return "projections" if matmul else "other"
 
 
-def trace_ops(jitted, make_args, steps: int, vocab: int, rank: int | None = None, **static):
-  """Traces `steps` runs of `jitted(*make_args(), **static)`: per-group ms per run.
-
-  `make_args` returns fresh arguments for each run (a program may donate its input).
-  """
+def op_times(jitted, make_args, steps: int, **static):
+  """Traces `steps` runs of `jitted(*make_args(), **static)`: (the compiled program's
+  instructions, ns per instruction summed over the runs, wall seconds per run)."""
   compiled = jitted.lower(*make_args(), **static).compile()
   instructions = hlo_instructions(compiled.as_text())
   jax.block_until_ready(jitted(*make_args(), **static))  # warm
@@ -157,6 +155,15 @@ def trace_ops(jitted, make_args, steps: int, vocab: int, rank: int | None = None
       for ev in line.events:
         if ev.name in instructions:
           per_op[ev.name] += ev.duration_ns
+  return instructions, per_op, wall
+
+
+def trace_ops(jitted, make_args, steps: int, vocab: int, rank: int | None = None, **static):
+  """Traces `steps` runs of `jitted(*make_args(), **static)`: per-group ms per run.
+
+  `make_args` returns fresh arguments for each run (a program may donate its input).
+  """
+  instructions, per_op, wall = op_times(jitted, make_args, steps, **static)
   # Thunks nest (a loop's or a conditional's spans its body's): the run's time is the sum
   # over the entry computation's thunks, the groups are summed over the leaves.
   busy = sum(ns for n, ns in per_op.items() if instructions[n]["entry"]) / 1e6 / steps

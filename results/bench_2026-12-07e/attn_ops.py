@@ -4,10 +4,6 @@
 import collections
 import re
 import sys
-import tempfile
-from pathlib import Path
-
-import jax
 
 sys.path.insert(0, "/work/main/experiments")
 import profile_ops as po
@@ -19,24 +15,13 @@ b, cap, filled = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 lm = load("qwen")
 params = lm.params
 spec = decode.DecodeSpec(max_new_tokens=10)
+
+
 def make():
   return (params, po.filled_decode_state(params.config, b, cap, filled, spec))
-jitted = decode.jit_decode_step
-compiled = jitted.lower(*make(), spec=spec).compile()
-ins = po.hlo_instructions(compiled.as_text())
-jax.block_until_ready(jitted(*make(), spec=spec))
-inputs = [make() for _ in range(4)]
-with tempfile.TemporaryDirectory() as tmp:
-  with jax.profiler.trace(tmp):
-    for a in inputs:
-      jax.block_until_ready(jitted(*a, spec=spec))
-  data = jax.profiler.ProfileData.from_file(str(next(Path(tmp).rglob("*.xplane.pb"))))
-per = collections.Counter()
-for p in data.planes:
-  for l in p.lines:
-    for ev in l.events:
-      if ev.name in ins:
-        per[ev.name] += ev.duration_ns
+
+
+ins, per, _ = po.op_times(decode.jit_decode_step, make, 4, spec=spec)
 agg = collections.defaultdict(lambda: [0.0, 0, ""])
 for n, ns in per.items():
   i = ins[n]
