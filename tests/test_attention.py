@@ -222,14 +222,49 @@ def test_each_decode_form_equals_float64(form, g, dtype, monkeypatch):
   mask = jnp.asarray(_mask(rng, "merged", b, 1, 200))
   bias = jnp.asarray(rng.normal(size=(b, 200)), jnp.float32)
   got = np.asarray(dense_attention(q, k, v, mask, softcap=3.0, bias=bias), np.float32)
-  q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v))
-  scores = 3.0 * np.tanh(np.einsum("btgqh,bgsh->btgqs", q64, k64) / 4.0 / 3.0)
-  scores = np.where(
-    np.asarray(mask)[:, :, None, None], scores + np.asarray(bias)[:, None, None, None], -np.inf
-  )
-  probs = np.exp(scores - scores.max(-1, keepdims=True))
-  want = np.einsum("btgqs,bgsh->btgqh", probs / probs.sum(-1, keepdims=True), v64)
+  want = _float64(q, k, v, mask, 3.0, bias)
   tol = 2e-6 if dtype == jnp.float32 else 2e-2
   np.testing.assert_allclose(got, want, atol=tol, rtol=0)
   blocked = blocked_attention(q, k, v, mask, block=64, softcap=3.0, bias=bias)
   np.testing.assert_allclose(np.asarray(blocked, np.float32), want, atol=max(tol, 1e-5), rtol=0)
+
+
+def _float64(q, k, v, mask, softcap, bias):
+  """Soft-capped, biased softmax attention in float64 (q [B, T, G, Q, H], k/v [B, G, S, H])."""
+  q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v))
+  h = q64.shape[-1]
+  scores = softcap * np.tanh(np.einsum("btgqh,bgsh->btgqs", q64, k64) * h**-0.5 / softcap)
+  scores = np.where(
+    np.asarray(mask)[:, :, None, None], scores + np.asarray(bias)[:, None, None, None], -np.inf
+  )
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  return np.einsum("btgqs,bgsh->btgqh", probs / probs.sum(-1, keepdims=True), v64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+  "s,filled", [(1000, 1), (1000, 511), (1000, 700), (1000, 1000), (2048, 513), (2048, 1024)]
+)
+def test_decode_over_a_cache_reads_only_its_key_blocks(s, filled, dtype):
+  """One query per sequence over a cache (what `attention` runs at T = 1: `decode_attention`)
+  equals a float64 softmax with soft-cap and bias, with per-sequence lengths and holes, the
+  block size dividing the rows or not; blocks past the last visible key are not read (NaN
+  there changes nothing)."""
+  rng = np.random.default_rng(filled)
+  b, g, qh, c = 3, 2, 3, 512
+  q, k, v = _qkv(rng, b, 1, g, qh, 16, s, dtype)
+  mask = np.broadcast_to(np.arange(s) < filled, (b, 1, s)).copy()
+  mask[1, :, max(1, filled // 2) :] = False  # a shorter sequence
+  mask[2, :, : filled // 3] = False  # a sequence whose first rows are padding
+  mask, bias = jnp.asarray(mask), jnp.asarray(rng.normal(size=(b, s)), jnp.float32)
+  run = jax.jit(attention, static_argnums=4)
+  got = np.asarray(run(q, k, v, mask, "auto", None, 3.0, bias), np.float32)
+  want = _float64(q, k, v, mask, 3.0, bias)
+  tol = 2e-6 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(got, want, atol=tol, rtol=0)
+  read = -(-filled // c) * c
+  if read <= s - c or s % c == 0:  # else the last block starts c rows before the end
+    poison = jnp.nan
+    k, v = k.at[:, :, read:].set(poison), v.at[:, :, read:].set(poison)
+    poisoned = np.asarray(run(q, k, v, mask, "auto", None, 3.0, bias), np.float32)
+    np.testing.assert_array_equal(poisoned, got)

@@ -23,7 +23,10 @@ the cache's capacity is split into at most `PREFIXES` static prefixes, the short
 that holds the last visible key is chosen at run time (`lax.switch`), and the
 implementation runs on that prefix alone. A decode step over a 1,024-row cache holding
 200 rows reads 256 of them, not 1,024; the result is the same function (the keys left
-out are masked for every query).
+out are masked for every query). One query per sequence (T = 1, where "auto" and
+"dense" compute dense scores) runs `decode_attention` instead: a loop over the key
+blocks up to the last visible key, each read where it lies, as XLA:CPU copies a
+sliced prefix before it multiplies it.
 
 A query that sees no key at all (a padding token) gets the mean of the values in
 "dense" and an undefined but finite output elsewhere: nothing reads it.
@@ -40,6 +43,7 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "dense", "blocked", "cudnn")
 BLOCK = 512  # key rows per block of "blocked"
+DECODE_BLOCK = 512  # key rows per block of `decode_attention` (one query over a cache)
 # Q*T*S per (batch, kv head) above which "auto" blocks: on this CPU blocked is 3x faster
 # already at 3M scores (a synthesizer prompt), and 2x slower at decode (T = 1); see
 # experiments/bench_attention.py.
@@ -47,16 +51,14 @@ DENSE_MAX_SCORES = 1 << 18
 _MASKED = -1e30  # finite, so a fully masked (padding) query stays NaN-free
 PREFIXES = 8  # static key prefixes over a cache (one program branch each)
 PREFIX_STEP = 128  # their lengths are multiples of this; shorter caches are read whole
-# Batch from which "dense" computes a one-query step (decode) as broadcast products summed
-# over H and S instead of a batched matmul. Measured while the cache was stored
-# [B, S, G, H], when XLA:CPU's dot at M = Q (7 for Qwen 0.5B) copied k and v into its own
-# layout every step; with [B, G, S, H] the two forms were level at B = 1, 3 and 16 over
-# 4,096 rows (RESULTS.md, "KV cache layout"), and B = 32-48 is not re-measured. Idle, one
-# layer of Qwen 0.5B's shapes over 1,024 keys: 7.7 vs 30.6 ms at B = 48
-# (experiments/bench_attention.py, its decode cases). A whole 0.5B decode step over a
-# 288-row cache (experiments/bench_decode.py, its matmul-decode row, RESULTS.md): 773 vs
-# 1,013 ms at B = 48, but 399 vs 321 ms at B = 16, where the matmul wins; 32 sits between
-# the two measured batches (not measured itself).
+# Batch from which "dense" computes a one-query step as broadcast products summed over H
+# and S instead of a batched matmul. Over a cache of more than `PREFIX_STEP` rows a
+# one-query step runs `decode_attention` instead, so this form is left for short key sets
+# (a cache of <= 128 rows). Measured while the cache was stored [B, S, G, H]: a whole 0.5B
+# decode step over 288 rows (experiments/bench_decode.py, RESULTS.md) took 773 vs 1,013 ms
+# at B = 48, but 399 vs 321 ms at B = 16, where the matmul wins; 32 sits between the two
+# (not measured itself). `decode_attention` is level with this form at B = 48 over 288 rows
+# (RESULTS.md, "Decode attention over key blocks").
 DECODE_REDUCE_MIN_BATCH = 32
 
 
@@ -83,6 +85,8 @@ def attention(
   # The last key any query sees, + 1; 0 if none does.
   seen = key_mask.any(axis=(0, 1))  # [S]
   rows = jnp.where(seen.any(), seen.shape[0] - jnp.argmax(seen[::-1]), 0)
+  if q.shape[1] == 1 and resolve(impl, q.shape, k.shape[2], q.dtype, softcap, bias) == "dense":
+    return decode_attention(q, k, v, key_mask, rows, scale=scale, softcap=softcap, bias=bias)
   branch = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), rows), len(sizes) - 1)
 
   def on_prefix(n):
@@ -172,6 +176,50 @@ def _decode_attention(q, k, v, key_mask, scale, softcap, bias) -> jax.Array:
   logits = jnp.where(key_mask[:, :, None, :], logits, _MASKED)  # key_mask [B, 1, S]
   probs = jax.nn.softmax(logits, axis=-1)
   out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=3)  # [B, G, Q, H]
+  return out.astype(v.dtype)[:, None]  # [B, 1, G, Q, H]
+
+
+def decode_attention(
+  q, k, v, key_mask, rows, block: int | None = None, scale=None, softcap=None, bias=None
+) -> jax.Array:
+  """One query per sequence (T = 1) over a cache whose first `rows` keys may be seen (a
+  traced count): an online softmax over the key blocks that hold them, in a loop whose
+  trip count is ceil(rows / block), each block sliced where it lies. On this CPU that
+  is ~4x faster than slicing the prefix for "dense": XLA:CPU copies such a prefix on
+  every call (a 4,096-row prefix of Qwen 0.5B's 24 layers: ~30 ms a step), where a
+  block's copy stays in cache (RESULTS.md, "Decode attention over key blocks").
+  Forward only: the loop has a traced trip count, so reverse-mode differentiation is
+  refused by jax (training steps have T > 1 and never come here)."""
+  b, t, g, qh, h = q.shape
+  s = k.shape[2]
+  c = min(block or DECODE_BLOCK, s)
+  q1 = q[:, 0]  # [B, G, Q, H]
+
+  def step(i, carry):
+    m, l, acc = carry  # [B, G, Q], [B, G, Q], [B, G, Q, H] float32
+    start = jnp.minimum(i * c, s - c)
+    kc = jax.lax.dynamic_slice_in_dim(k, start, c, axis=2)
+    vc = jax.lax.dynamic_slice_in_dim(v, start, c, axis=2)
+    mc = jax.lax.dynamic_slice_in_dim(key_mask[:, 0], start, c, axis=1)  # [B, C]
+    mc = mc & (start + jnp.arange(c) >= i * c)  # rows of the block before: already read
+    logits = jnp.einsum("BGQH,BGCH->BGQC", q1, kc, preferred_element_type=jnp.float32)
+    logits = _scores(logits, h, scale, softcap)
+    if bias is not None:
+      logits = logits + jax.lax.dynamic_slice_in_dim(bias, start, c, axis=1)[:, None, None]
+    logits = jnp.where(mc[:, None, None], logits, _MASKED)
+    m_new = jnp.maximum(m, logits.max(-1))
+    p = jnp.exp(logits - m_new[..., None])
+    rescale = jnp.exp(m - m_new)
+    pv = jnp.einsum("BGQC,BGCH->BGQH", p.astype(v.dtype), vc, preferred_element_type=jnp.float32)
+    return m_new, l * rescale + p.sum(-1), acc * rescale[..., None] + pv
+
+  init = (
+    jnp.full((b, g, qh), -jnp.inf, jnp.float32),
+    jnp.zeros((b, g, qh), jnp.float32),
+    jnp.zeros((b, g, qh, h), jnp.float32),
+  )
+  _, l, acc = jax.lax.fori_loop(0, (rows + c - 1) // c, step, init)
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # l = 0: no key seen (padding)
   return out.astype(v.dtype)[:, None]  # [B, 1, G, Q, H]
 
 
