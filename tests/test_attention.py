@@ -49,6 +49,8 @@ CASES = [  # (kind, T, G, Q, S): GQA ratios 1-4, S not a multiple of the block, 
   ("window", 50, 1, 4, 260),
   ("padded", 64, 2, 1, 200),
   ("merged", 1, 2, 2, 290),
+  ("window", 150, 2, 2, 260),  # more queries than a block: query chunks
+  ("padded", 130, 1, 3, 200),
 ]
 
 
@@ -84,10 +86,10 @@ def test_a_score_bias_is_added_to_every_query_of_its_key():
     attention(q, k, v, mask, "cudnn", bias=bias)
 
 
-@pytest.mark.parametrize("kind", ["merged", "window"])
-def test_blocked_gradients_equal_dense(kind):
+@pytest.mark.parametrize("kind,t", [("merged", 20), ("window", 20), ("window", 100)])
+def test_blocked_gradients_equal_dense(kind, t):
   rng = np.random.default_rng(3)
-  t, s = 20, 150
+  s = 150
   q, k, v = _qkv(rng, 2, t, 2, 2, 8, s, jnp.float32)
   mask = jnp.asarray(_mask(rng, kind, 2, t, s))
   weight = jnp.asarray(rng.normal(size=q.shape)) * mask.any(-1)[:, :, None, None, None]
@@ -128,6 +130,20 @@ def test_blocks_no_query_sees_are_skipped():
   keep = np.r_[0:64, 192:256]
   want = dense_attention(q, k[:, :, keep], v[:, :, keep], jnp.asarray(mask[:, :, keep]))
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-6)
+
+
+def test_each_query_chunk_skips_the_blocks_it_does_not_see():
+  """Queries 0-63 see keys 0-63, queries 64-127 keys 64-127 (block 64): with NaN in keys
+  64-127, the first chunk's outputs equal dense over keys 0-63."""
+  rng = np.random.default_rng(6)
+  q, k, v = _qkv(rng, 1, 128, 1, 2, 8, 128, jnp.float32)
+  mask = np.zeros((1, 128, 128), bool)
+  mask[:, :64, :64] = True
+  mask[:, 64:, 64:] = True
+  poisoned = [x.at[:, :, 64:].set(jnp.nan) for x in (k, v)]
+  out = blocked_attention(q, *poisoned, jnp.asarray(mask), block=64)
+  want = dense_attention(q[:, :64], k[:, :, :64], v[:, :, :64], jnp.asarray(mask[:, :64, :64]))
+  np.testing.assert_allclose(np.asarray(out[:, :64]), np.asarray(want), atol=1e-6)
 
 
 def test_auto_and_refusals():
