@@ -7,12 +7,14 @@ unembedding 2 D V = 2048, and each attended key 4 N H = 64 (QK^T and PV).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from psynth_jax.eval import limits
 from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.lora import LoRAConfig, LoRAWeights
 from psynth_jax.model.transformer import init_params
+from psynth_jax.testing import tiny_config
 
 CONFIG = ModelConfig("llama", 64, 16, 32, 1, 2, 2, 8)
 WEIGHTS = 4 * (16 * 16 + 2 * 16 * 16 + 16 * 16 + 3 * 16 * 32 + 2 * 16) + 4 * 64 * 16 + 4 * 16
@@ -183,3 +185,28 @@ def test_moe_counts_the_routed_experts_only():
   step = lim.decode([0, 0], steps=1)
   assert step["bytes"] == pytest.approx(lim.weights_read(2) + 2 * limits.kv_row_bytes(MOE))
   assert limits.experts_read(CONFIG, 1) == 1.0  # dense: every weight
+
+
+@pytest.mark.parametrize("queries,keys", [(1100, 1152), (1536, 1664), (600, 1024), (80, 3328)])
+def test_executed_scores_count_the_blocks_attention_computes(queries, keys):
+  """`executed_scores` against the blocks `blocked_attention` runs on a causal prefill (the
+  queries the last rows of what is visible): per chunk of queries, the key blocks of the
+  prefix read (the last one ending at the prefix) that one of the chunk's queries sees."""
+  from psynth_jax.eval.ttft import executed_scores
+  from psynth_jax.model import attention_ops
+
+  config = tiny_config(num_heads=14, num_kv_heads=2, head_dim=64)  # Q = 7: "auto" blocks
+  visible = min(keys, queries + 1000 if queries < 512 else queries)
+  sizes = attention_ops.prefix_sizes(queries, keys)
+  n = next(size for size in sizes if size >= visible)
+  rows = np.arange(n)
+  query_rows = visible - queries + np.arange(queries)
+  mask = rows[None, :] <= query_rows[:, None]
+  c, chunk = min(attention_ops.BLOCK, n), attention_ops.BLOCK
+  count = 0
+  for q0 in range(0, queries, chunk):
+    for i in range(-(-n // c)):
+      start = min(i * c, n - c)
+      if mask[q0 : q0 + chunk, max(start, i * c) : start + c].any():
+        count += chunk * c if queries > chunk else queries * c
+  assert executed_scores(config, queries, keys, visible) == count
