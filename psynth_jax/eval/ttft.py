@@ -27,9 +27,10 @@ Two FLOP ratios sit next to the measured one:
   whole blocks, so a staircase over the causal triangle, no unwritten capacity).
   So a text prefill of T tokens computes more score entries than the causal
   T(T+1)/2 (`text_attention_excess` in each row: 2.4x / 2.0x / 1.5x at T = 464 /
-  1,616 / 3,152, from the diagonal blocks and the bucket's padding); the cache path's P prompt rows
-  see nearly every key anyway. A measured ratio above the FLOP limit reflects
-  that excess of the text baseline, not a cache path faster than its FLOPs allow.
+  1,616 / 3,152, from the diagonal blocks and the bucket's padding); the cache
+  path's P prompt rows see nearly every key anyway. A measured ratio above the
+  FLOP limit reflects that excess of the text baseline, not a cache path faster
+  than its FLOPs allow.
 
 Given the run's limits (`limits.Limits`, measured in the same run), each row
 also carries each path's floor, stated as in every benchmark: its prefill's

@@ -184,10 +184,10 @@ def decode_attention(
 ) -> jax.Array:
   """One query per sequence (T = 1) over a cache whose first `rows` keys may be seen (a
   traced count): an online softmax over the key blocks that hold them, in a loop whose
-  trip count is ceil(rows / block), each block sliced where it lies. On this CPU that
-  is ~4x faster than slicing the prefix for "dense": XLA:CPU copies such a prefix on
-  every call (a 4,096-row prefix of Qwen 0.5B's 24 layers: ~30 ms a step), where a
-  block's copy stays in cache (RESULTS.md, "Decode attention over key blocks").
+  trip count is ceil(rows / block), each block sliced where it lies, where "dense" over
+  a prefix has XLA:CPU copy the whole prefix first. Whole Qwen 0.5B decode steps over
+  4,096 rows: level at B = 1, 1.1x at B = 3, 1.1-1.3x at B = 16 (RESULTS.md, "Decode
+  attention over key blocks"; what is left is the cost per call of the small products).
   Forward only: the loop has a traced trip count, so reverse-mode differentiation is
   refused by jax (training steps have T > 1 and never come here)."""
   b, t, g, qh, h = q.shape
