@@ -190,37 +190,16 @@ def decode_attention(
   attention over key blocks"; what is left is the cost per call of the small products).
   Forward only: the loop has a traced trip count, so reverse-mode differentiation is
   refused by jax (training steps have T > 1 and never come here)."""
-  b, t, g, qh, h = q.shape
-  s = k.shape[2]
-  c = min(block or DECODE_BLOCK, s)
-  q1 = q[:, 0]  # [B, G, Q, H]
+  b, _, g, qh, h = q.shape
+  c = min(block or DECODE_BLOCK, k.shape[2])
+  qf = q.transpose(0, 2, 3, 1, 4).reshape(b, g, qh, h)
 
   def step(i, carry):
-    m, l, acc = carry  # [B, G, Q], [B, G, Q], [B, G, Q, H] float32
-    start = jnp.minimum(i * c, s - c)
-    kc = jax.lax.dynamic_slice_in_dim(k, start, c, axis=2)
-    vc = jax.lax.dynamic_slice_in_dim(v, start, c, axis=2)
-    mc = jax.lax.dynamic_slice_in_dim(key_mask[:, 0], start, c, axis=1)  # [B, C]
-    mc = mc & (start + jnp.arange(c) >= i * c)  # rows of the block before: already read
-    logits = jnp.einsum("BGQH,BGCH->BGQC", q1, kc, preferred_element_type=jnp.float32)
-    logits = _scores(logits, h, scale, softcap)
-    if bias is not None:
-      logits = logits + jax.lax.dynamic_slice_in_dim(bias, start, c, axis=1)[:, None, None]
-    logits = jnp.where(mc[:, None, None], logits, _MASKED)
-    m_new = jnp.maximum(m, logits.max(-1))
-    p = jnp.exp(logits - m_new[..., None])
-    rescale = jnp.exp(m - m_new)
-    pv = jnp.einsum("BGQC,BGCH->BGQH", p.astype(v.dtype), vc, preferred_element_type=jnp.float32)
-    return m_new, l * rescale + p.sum(-1), acc * rescale[..., None] + pv
+    kc, vc, mc, bc = _key_block(k, v, key_mask, bias, i, c)
+    return _online_update(carry, qf, kc, vc, mc, bc, q.shape, scale, softcap)
 
-  init = (
-    jnp.full((b, g, qh), -jnp.inf, jnp.float32),
-    jnp.zeros((b, g, qh), jnp.float32),
-    jnp.zeros((b, g, qh, h), jnp.float32),
-  )
-  _, l, acc = jax.lax.fori_loop(0, (rows + c - 1) // c, step, init)
-  out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # l = 0: no key seen (padding)
-  return out.astype(v.dtype)[:, None]  # [B, 1, G, Q, H]
+  carry = jax.lax.fori_loop(0, (rows + c - 1) // c, step, _online_init(q.shape))
+  return _online_output(carry, v.dtype)
 
 
 def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap=None, bias=None):
@@ -252,47 +231,73 @@ def blocked_attention(q, k, v, key_mask, block: int = BLOCK, scale=None, softcap
       lambda c: blocked_attention(c[0], k, v, c[1], block, scale, softcap, bias), chunks
     )
     return out.swapaxes(0, 1).reshape(b, n * block, g, qh, h)[:, :t]
-  s = k.shape[2]
-  c = min(block, s)
-  nb = -(-s // c)
+  c = min(block, k.shape[2])
   qf = q.transpose(0, 2, 3, 1, 4).reshape(b, g, qh * t, h)
-
-  def update(carry, kc, vc, mc, bc):
-    m, l, acc = carry  # [B, G, Q, T], [B, G, Q, T], [B, G, Q, T, H] float32
-    logits = jnp.einsum("BGMH,BGCH->BGMC", qf, kc, preferred_element_type=jnp.float32)
-    logits = _biased(_scores(logits.reshape(b, g, qh, t, c), h, scale, softcap), bc)
-    logits = jnp.where(mc[:, None, None], logits, _MASKED)
-    m_new = jnp.maximum(m, logits.max(-1))
-    p = jnp.exp(logits - m_new[..., None])
-    rescale = jnp.exp(m - m_new)
-    pv = jnp.einsum(
-      "BGMC,BGCH->BGMH",
-      p.astype(v.dtype).reshape(b, g, qh * t, c),
-      vc,
-      preferred_element_type=jnp.float32,
-    )
-    acc = acc * rescale[..., None] + pv.reshape(b, g, qh, t, h)
-    return m_new, l * rescale + p.sum(-1), acc
 
   @jax.checkpoint
   def step(carry, i):
-    start = jnp.minimum(i * c, s - c)
-    kc = jax.lax.dynamic_slice_in_dim(k, start, c, axis=2)
-    vc = jax.lax.dynamic_slice_in_dim(v, start, c, axis=2)
-    mc = jax.lax.dynamic_slice_in_dim(key_mask, start, c, axis=2)
-    mc = mc & (start + jnp.arange(c) >= i * c)  # rows of the block before: already read
-    bc = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, c, axis=1)
-    carry = jax.lax.cond(mc.any(), lambda cr: update(cr, kc, vc, mc, bc), lambda cr: cr, carry)
-    return carry, None
+    kc, vc, mc, bc = _key_block(k, v, key_mask, bias, i, c)
 
-  init = (
+    def update(cr):
+      return _online_update(cr, qf, kc, vc, mc, bc, q.shape, scale, softcap)
+
+    return jax.lax.cond(mc.any(), update, lambda cr: cr, carry), None
+
+  carry, _ = jax.lax.scan(step, _online_init(q.shape), jnp.arange(-(-k.shape[2] // c)))
+  return _online_output(carry, v.dtype)
+
+
+def _key_block(k, v, key_mask, bias, i, c: int):
+  """Key block i of c rows, sliced in place: (keys, values, mask [B, T, C], bias [B, C] or
+  None). The last block ends at the last row; the rows of the block before it are masked."""
+  s = k.shape[2]
+  start = jnp.minimum(i * c, s - c)
+  kc = jax.lax.dynamic_slice_in_dim(k, start, c, axis=2)
+  vc = jax.lax.dynamic_slice_in_dim(v, start, c, axis=2)
+  mc = jax.lax.dynamic_slice_in_dim(key_mask, start, c, axis=2)
+  mc = mc & (start + jnp.arange(c) >= i * c)  # rows of the block before: already read
+  bc = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, c, axis=1)
+  return kc, vc, mc, bc
+
+
+def _online_init(q_shape):
+  """The online softmax's running max m, denominator l [B, G, Q, T] and output
+  [B, G, Q, T, H], float32."""
+  b, t, g, qh, h = q_shape
+  return (
     jnp.full((b, g, qh, t), -jnp.inf, jnp.float32),
     jnp.zeros((b, g, qh, t), jnp.float32),
     jnp.zeros((b, g, qh, t, h), jnp.float32),
   )
-  (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(nb))
-  out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # l = 0 only if every block was skipped
-  return out.astype(v.dtype).transpose(0, 3, 1, 2, 4)
+
+
+def _online_update(carry, qf, kc, vc, mc, bc, q_shape, scale, softcap):
+  """One key block into the running state: scores of the queries qf [B, G, Q*T, H]
+  against its keys, the maximum and denominator rescaled by exp(m_old - m_new)."""
+  b, t, g, qh, h = q_shape
+  c = kc.shape[2]
+  m, l, acc = carry
+  logits = jnp.einsum("BGMH,BGCH->BGMC", qf, kc, preferred_element_type=jnp.float32)
+  logits = _biased(_scores(logits.reshape(b, g, qh, t, c), h, scale, softcap), bc)
+  logits = jnp.where(mc[:, None, None], logits, _MASKED)
+  m_new = jnp.maximum(m, logits.max(-1))
+  p = jnp.exp(logits - m_new[..., None])
+  rescale = jnp.exp(m - m_new)
+  pv = jnp.einsum(
+    "BGMC,BGCH->BGMH",
+    p.astype(vc.dtype).reshape(b, g, qh * t, c),
+    vc,
+    preferred_element_type=jnp.float32,
+  )
+  acc = acc * rescale[..., None] + pv.reshape(b, g, qh, t, h)
+  return m_new, l * rescale + p.sum(-1), acc
+
+
+def _online_output(carry, dtype) -> jax.Array:
+  """The running state's output [B, T, G, Q, H]; l = 0 only where no key was seen."""
+  _, l, acc = carry
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+  return out.astype(dtype).transpose(0, 3, 1, 2, 4)
 
 
 def cudnn_attention(q, k, v, key_mask, scale=None) -> jax.Array:
