@@ -5,7 +5,7 @@
 # arm with its held-out CE in results/ is skipped), so rerunning this script continues.
 # Each arm's metrics and held-out CE are copied to results/ as soon as it ends: runs/ is
 # git-ignored and may not outlive the session.
-#   LIMIT=50 bash experiments/run_training.sh smollm2 "both mapper_only lora_only kl quarter"
+#   LIMIT=50 bash experiments/run_training.sh smollm2 "both mapper_only lora_only kl quarter text"
 #   bash experiments/run_training.sh qwen05 "both quarter"
 set -euo pipefail
 MODEL=$1                      # smollm2 | qwen05 (its config: psynth_jax/configs/<file>.py)
@@ -37,6 +37,7 @@ for arm in $ARMS; do
   [ -f "$out" ] && { echo "$arm: done ($out)"; continue; }
   python experiments/train.py --config "$CONFIG:$arg" --workdir "$work"
   cp "$work/metrics.jsonl" "$RESULTS_DIR/stage1_${arm}_metrics.jsonl"
+  flag=--adapter; [ "$arm" = text ] && flag=--text-adapter  # the text synthesizer's LoRA
   python experiments/heldout_ce.py --config "$CONFIG:stage1" \
-    --jsonl "$HELDOUT" --adapter "$arm=$work/export" --out "$out"
+    --jsonl "$HELDOUT" "$flag" "$arm=$work/export" --out "$out"
 done

@@ -240,6 +240,21 @@ def test_export_round_trips_through_peft_and_the_reference_mapper(uninterrupted)
   )
 
 
+def test_a_text_arm_run_exports_its_lora_marked_for_the_text_synthesizer(tmp_path):
+  """train.path="text" end to end: the batches carry the teacher text, the LoRA learns,
+  and the export says which synthesizer it belongs to."""
+  config = _config(num_steps=2)
+  config.train.path, config.train.trainable = "text", "lora_only"
+  result = trainer.train(config, str(tmp_path))
+  assert result.step == 2 and all(np.isfinite(row["loss"]) for row in result.history)
+  with open(tmp_path / "export" / "mapper" / "mapper_config.json") as f:
+    assert json.load(f)["path"] == "text"
+  lora = load_peft_lora(os.path.join(tmp_path, "export", "lora"))
+  trained = _params(result)["lora"]
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, lora.state), trained.state)
+  assert any(np.abs(np.asarray(b)).max() > 0 for _, b in map(trained.arrays, ("q", "v")))
+
+
 def _randomise(tree, seed=0):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), tree)

@@ -1,6 +1,8 @@
-"""Held-out CE: the teacher's equals a plain forward over the pasted text, the naive merge's
-the inference path's (`synthesis_logits`), an identity adapter equals the naive merge, tasks are pooled apart and over-budget traces are counted."""
+"""Held-out CE: the teacher's equals a plain forward over the pasted text (a text arm's: with
+its LoRA), the naive merge's the inference path's (`synthesis_logits`), an identity adapter
+equals the naive merge, tasks are pooled apart and over-budget traces are counted."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -54,13 +56,14 @@ def setup(tmp_path_factory):
   return lm, batcher, traces
 
 
-def _teacher_ce(lm, trace):
-  """Mean target CE of the base model over the text-synthesis prompt + target (no batching)."""
+def _teacher_ce(lm, trace, lora=None):
+  """Summed target CE of the base model (+ `lora`) over the text-synthesis prompt + target
+  (no batching), and the number of target tokens."""
   task = tasks.get(trace["task"])
   prompt = task.encode(lm.tokenizer, batching.teacher_prompt(trace))
   target = lm.tokenizer.encode(trace["target"]) + [lm.stop_ids[0]]
   tokens = jnp.asarray([prompt + target])
-  logits, _ = forward(lm.params, tokens, jnp.arange(tokens.shape[1])[None])
+  logits, _ = forward(lm.params, tokens, jnp.arange(tokens.shape[1])[None], lora=lora)
   pred = logits[0, len(prompt) - 1 : len(prompt) + len(target) - 1]
   return float(
     optax.softmax_cross_entropy_with_integer_labels(pred, jnp.asarray(target)).sum()
@@ -85,7 +88,13 @@ def test_heldout_ce_against_plain_references(setup):
     LoRAWeights.init(lm.config, LoRAConfig(rank=2)),  # B = 0: the base model
   )
   arms = {"naive_merge": (None, None), "fresh": fresh}
-  result = heldout.evaluate(lm.params, batcher, traces, arms, batch_size=2, progress=False)
+  text_lora = jax.tree.map(  # moved off B = 0, so that it changes the text synthesizer
+    lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), fresh[1]
+  )
+  text_arms = {"text_fresh": fresh[1], "text_lora": text_lora}
+  result = heldout.evaluate(
+    lm.params, batcher, traces, arms, text_arms=text_arms, batch_size=2, progress=False
+  )
   assert result["skipped"] == {"branch_too_long": 1}
   by_task = result["tasks"]
   assert {t: r["examples"] for t, r in by_task.items()} == {"chat_rounds": 3, "retrieved_chunks": 2}
@@ -96,11 +105,17 @@ def test_heldout_ce_against_plain_references(setup):
     sums = [_teacher_ce(lm, t) for t in kept]
     assert r["tokens"] == sum(n for _, n in sums)
     np.testing.assert_allclose(r["text"], sum(s for s, _ in sums) / r["tokens"], rtol=2e-5)
+    np.testing.assert_allclose(r["text_fresh"], r["text"], rtol=1e-5)
+    with_lora = sum(_teacher_ce(lm, t, text_lora)[0] for t in kept) / r["tokens"]
+    np.testing.assert_allclose(r["text_lora"], with_lora, rtol=2e-5)
+    assert abs(r["text_lora"] - r["text"]) > 1e-4
     naive = sum(_synthesizer_ce(lm, t) for t in kept) / r["tokens"]
     np.testing.assert_allclose(r["naive_merge"], naive, rtol=2e-5)
     assert np.isfinite(r["naive_merge"]) and r["naive_merge"] > 0
-  table = heldout.format_table(result, list(arms))
-  assert "| chat_rounds | 3 |" in table and "branch_too_long" in table
+  table = heldout.format_table(result, [*text_arms, *arms])
+  assert "| chat_rounds | 3 |" in table and "branch_too_long" in table and "text_lora" in table
+  with pytest.raises(ValueError, match="distinct"):
+    heldout.evaluate(lm.params, batcher, traces, arms, text_arms={"fresh": fresh[1]})
 
 
 def test_heldout_ce_needs_the_teacher(setup):

@@ -325,6 +325,82 @@ def test_a_step_under_a_merge_operator(base, batch, tmp_path):
     step_lib.StepConfig(branch_rows=SPEC.branch_rows, merge="blend")
 
 
+def _text_ce_reference(base, batch, lora):
+  """The example-normalised target CE of a plain forward (with `lora`) over the teacher text."""
+  positions = np.broadcast_to(np.arange(batch.teacher_tokens.shape[1]), batch.teacher_mask.shape)
+  logits, _ = jax.jit(forward)(
+    base, jnp.asarray(batch.teacher_tokens), positions, None, batch.teacher_mask, lora
+  )
+  logits = np.asarray(logits, np.float64)
+  means = []
+  for row in range(len(batch.weights)):
+    n = int(batch.weights[row].sum())
+    rows = logits[row, batch.teacher_pos[row, :n]]
+    log_z = np.log(np.exp(rows - rows.max(-1, keepdims=True)).sum(-1)) + rows.max(-1)
+    means.append(np.mean(log_z - rows[np.arange(n), batch.labels[row, :n]]))
+  return float(np.mean(means))
+
+
+def test_the_text_arm_trains_a_lora_on_the_text_synthesizer(base, batch, tmp_path):
+  """path="text": the loss is the CE of the base + LoRA over the branches pasted as text
+  (a plain forward's), branch caches play no part, only the LoRA learns, and its export
+  refuses to load as a cache adapter."""
+  from psynth_jax import configs
+  from psynth_jax.train import checkpoints, trainer
+
+  opt_config = step_lib.OptimizerConfig(learning_rate=1e-2)
+  config = step_lib.StepConfig(branch_rows=SPEC.branch_rows, trainable="lora_only", path="text")
+  mapper, lora = _trainables(perturb=0.05)
+  device_batch = jax.tree.map(jnp.asarray, batch)
+  loss_fn = jax.jit(step_lib.loss_fn, static_argnums=4)
+  params = {"mapper": mapper, "lora": lora}
+  loss, _ = loss_fn(params, base, device_batch, jax.random.key(0), config)
+  np.testing.assert_allclose(float(loss), _text_ce_reference(base, batch, lora), rtol=1e-5)
+  scrambled = device_batch.replace(branch_tokens=jnp.zeros_like(device_batch.branch_tokens))
+  assert float(loss_fn(params, base, scrambled, jax.random.key(0), config)[0]) == float(loss)
+
+  optimizer = step_lib.make_optimizer(opt_config, "lora_only")
+  step_fn = step_lib.make_train_step(config, opt_config, compiler_options=FAST)
+  state = step_lib.init_state(*_trainables(), optimizer)
+  before = _copy(state.params)
+  history = []
+  for _ in range(3):
+    state, metrics = step_fn(state, base, device_batch)
+    history.append(float(metrics["loss"]))
+  assert history[-1] < history[0], history
+  assert int(metrics["tokens"]) == int(batch.teacher_mask.sum())
+  after = _copy(state.params)
+  jax.tree.map(np.testing.assert_array_equal, after["mapper"], before["mapper"])
+  assert any(
+    not np.array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(after["lora"]), jax.tree.leaves(before["lora"]), strict=True)
+  )
+
+  folder = checkpoints.export(after, str(tmp_path / "text"), path="text")
+  assert not (tmp_path / "text" / "mapper" / "mapper.safetensors").exists()  # no mapper kept
+  with pytest.raises(ValueError, match="text synthesizer"):
+    checkpoints.load_export(folder, CONFIG)
+  none, loaded = checkpoints.load_export(folder, CONFIG, path="text")
+  assert none is None
+  for t in loaded.config.targets:
+    for got, want in zip(loaded.arrays(t), after["lora"].arrays(t), strict=True):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+  cache_export = checkpoints.export(after, str(tmp_path / "cache"))
+  with pytest.raises(ValueError, match="cache synthesizer"):
+    checkpoints.load_export(cache_export, CONFIG, path="text")
+
+  for bad in (dict(trainable="both"), dict(trainable="lora_only", kl_weight=0.5)):
+    with pytest.raises(ValueError, match="path='text'"):
+      step_lib.StepConfig(branch_rows=8, path="text", **bad)
+  with pytest.raises(ValueError, match="path must be"):
+    step_lib.StepConfig(branch_rows=8, path="texts")
+  stage1 = "psynth_jax/configs/smollm2_135m.py:stage1"
+  assert trainer.batch_spec(configs.load(stage1)).teacher_tokens == 0  # no KL: no teacher
+  c = configs.load(stage1 + ",text")  # the stage configs' control arm
+  assert trainer.batch_spec(c).teacher_tokens == c.batch.teacher_tokens > 0
+  assert trainer.step_config(c).path == "text" and c.train.trainable == "lora_only"
+
+
 def test_link_tokens_train_and_export(base, batch, tmp_path):
   """Under `links` the operator's own arrays train with the mapper: one step moves the
   link vectors and the gate, the export loads back as the trained operator, and a

@@ -76,6 +76,10 @@ def default_config() -> ConfigDict:
         # A merge operator the mapper and LoRA train under (psynth_jax.operators spec, e.g.
         # "recompute:fraction=0.15"); recorded in the export, which then loads as it.
         merge="",
+        # The synthesizer trained: "cache" (Parallel-Synthesis, over merged branch caches) or
+        # "text" (a LoRA on the text synthesizer reading the branches pasted as text, the
+        # control arm; trainable lora_only, batch.teacher_tokens its budget).
+        path="cache",
       ),
       optimizer=dataclasses.asdict(OptimizerConfig()),
       # shape over (data, fsdp, tensor); rules: logical axis -> "data,fsdp" | "fsdp" | "".

@@ -21,6 +21,8 @@ Arms (comma-separated after the stage):
   kl                       add the token-level KL to the text teacher (weight 0.5)
   quarter                  the data ablation: runs/<model>/<stage>_quarter/ (built with a
                            quarter of the --limit)
+  text                     the control: a LoRA on the text synthesizer (branches pasted as
+                           text), same targets; tells format learning from cache reading
 One epoch over the traces at batch 2, the paper's AdamW at 1e-4. Batches are bucketed
 (`batch.bucketed`): an epoch of the SmolLM2 stage-1 traces meets 97 batch shapes, each a
 step program compiled for about a minute on 2 cores, so the run plans 8 shapes that hold
@@ -30,7 +32,7 @@ them all (`batch.max_shapes`, psynth_jax/train/shape_plan.py), at 4.3 % more pad
 from ml_collections import ConfigDict
 
 STAGES = ("stage1", "stage2")
-ARMS = ("mapper_only", "lora_only", "kl", "quarter")
+ARMS = ("mapper_only", "lora_only", "kl", "quarter", "text")
 
 
 def apply(c: ConfigDict, arg: str, model: str) -> ConfigDict:
@@ -75,4 +77,7 @@ def apply(c: ConfigDict, arg: str, model: str) -> ConfigDict:
       c.train.trainable = arm
     elif arm == "kl":
       c.train.kl_weight = 0.5
+    elif arm == "text":  # the control: a LoRA on the text synthesizer, same targets
+      c.train.path = "text"
+      c.train.trainable = "lora_only"
   return c

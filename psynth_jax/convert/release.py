@@ -89,7 +89,9 @@ def save_release(folder: str | os.PathLike, mapper=None, lora=None, base_model: 
   return folder
 
 
-def load_adapter(folder: str | os.PathLike, lm=None, *, embeddings: str = "check") -> Any:
+def load_adapter(
+  folder: str | os.PathLike, lm=None, *, embeddings: str = "check", path: str = "cache"
+) -> Any:
   """(Mapper or None, LoRAWeights or None) of any adapter folder psynth_jax reads.
 
   Args:
@@ -99,19 +101,23 @@ def load_adapter(folder: str | os.PathLike, lm=None, *, embeddings: str = "check
     lm: optional: the base `LanguageModel`; with it, shapes are checked now (a
       trainer export needs it: its mapper records the layer count it was made for).
     embeddings: a PEFT / release LoRA's embedding copies: "check" | "ignore".
+    path: the synthesizer that will run it, "cache" (Parallel-Synthesis) or "text"; a
+      trainer export made for the other is refused, a release folder is cache-only.
   """
   from psynth_jax.convert.peft import CONFIG_FILE, load_peft_lora
 
-  path = Path(folder).expanduser()
+  synthesizer, path = path, Path(folder).expanduser()
   if (path / "mapper" / "mapper_config.json").is_file():
     from psynth_jax.train.checkpoints import load_export
 
     if lm is None:
       raise ValueError(f"{path} is a trainer export: pass the base model (lm=) to load it")
-    return load_export(path, lm.config)
+    return load_export(path, lm.config, synthesizer)
   if (path / CONFIG_FILE).is_file():
     return None, load_peft_lora(path, lm=lm, embeddings=embeddings)
   if release_root(path) is not None:
+    if synthesizer != "cache":
+      raise ValueError(f"{path} is a Parallel-Synthesis release: it runs the cache synthesizer")
     return load_release(path, lm=lm, embeddings=embeddings)
   raise FileNotFoundError(
     f"{path} is not an adapter: expected a trainer export (mapper/mapper_config.json), a PEFT"

@@ -25,8 +25,9 @@ convert package, `lora.safetensors` + `lora_config.json`), and the mapper as
 statistics for `head_affine`; `net.0.bias`, `net.2.weight` [4, hidden],
 `net.2.bias`; what `psynth_jax.convert.reference.mapper_from_state_dict` reads)
 plus `mapper_config.json` (kind, features, num_layers, hidden_dim, and the merge
-operator's spec where it trained under one); an operator's own trained arrays (link
-tokens) go to `mapper/operator.safetensors` under their field names.
+operator's spec where it trained under one; "path": "text" for a LoRA trained on the text
+synthesizer, which must never load as a cache adapter); an operator's own trained arrays
+(link tokens) go to `mapper/operator.safetensors` under their field names.
 `load_export` reads such a folder back for inference, and also the folders of
 older versions, whose ablation-mode mappers kept all 3 features (zero-fed).
 """
@@ -279,9 +280,12 @@ class Checkpointer:
     self._manager.close()
 
 
-def export(params: dict[str, Any], folder: str, base_model: str = "", merge: str = "") -> str:
+def export(
+  params: dict[str, Any], folder: str, base_model: str = "", merge: str = "", path: str = "cache"
+) -> str:
   """Writes the LoRA as a PEFT adapter and the mapper with the reference's names (see top);
-  `merge`: the operator spec the adapter was trained under, recorded with the mapper."""
+  `merge`: the operator spec the adapter was trained under, recorded with the mapper;
+  `path`: the synthesizer it was trained for (`step.PATHS`), recorded when "text"."""
   lora, mapper = params["lora"], params["mapper"]
   lora_dir, mapper_dir = os.path.join(folder, "lora"), os.path.join(folder, "mapper")
   os.makedirs(mapper_dir, exist_ok=True)
@@ -295,7 +299,7 @@ def export(params: dict[str, Any], folder: str, base_model: str = "", merge: str
       json.dump(dataclasses.asdict(lora.config), f, indent=2)
   else:
     export_peft_lora(lora, lora_dir, base_model)
-  if not mapper.is_identity:
+  if not mapper.is_identity and path == "cache":  # a text arm has no mapper to keep
     # torch Linear layout, weight [out, in]: `affine` is the reference mapper
     # itself; `head_affine` has the same layers with 2 more inputs.
     arrays = reference.mapper_to_state_dict(mapper)
@@ -309,6 +313,8 @@ def export(params: dict[str, Any], folder: str, base_model: str = "", merge: str
     }
     if merge:
       meta["merge"] = merge
+    if path != "cache":
+      meta["path"] = path
     json.dump(meta, f, indent=2)
   if "operator" in params:  # the operator's own arrays (link tokens), by field name
     arrays = {name: np.asarray(a) for name, a in _own_arrays(params["operator"]).items()}
@@ -351,8 +357,11 @@ def _with_own_arrays(op, path: str):
   return op.replace(**{name: jnp.asarray(v) for name, v in saved.items()})
 
 
-def load_export(folder: str | os.PathLike, model_config) -> tuple[Any, Any]:
+def load_export(folder: str | os.PathLike, model_config, path: str = "cache") -> tuple[Any, Any]:
   """Reads an `export` folder back: (Mapper, LoRAWeights) for `model_config`'s base model.
+
+  `path` is the synthesizer the caller runs ("cache" or "text"); an adapter trained for
+  the other one is refused. A text adapter comes back as (None, LoRAWeights).
 
   An adapter trained under a merge operator (`train.merge`, recorded as "merge" in
   mapper_config.json) comes back as that operator around its mapper (a
@@ -365,7 +374,7 @@ def load_export(folder: str | os.PathLike, model_config) -> tuple[Any, Any]:
   Raises:
     FileNotFoundError: the folder lacks mapper/mapper_config.json or the LoRA files.
     KeyError / ValueError: tensors missing or of the wrong shape (named); a
-      mapper made for another layer count.
+      mapper made for another layer count; an adapter of the other `path`.
   """
   from psynth_jax.mapper import HIDDEN, Mapper
 
@@ -377,6 +386,16 @@ def load_export(folder: str | os.PathLike, model_config) -> tuple[Any, Any]:
     meta = json.load(f)
   if not isinstance(meta, dict) or "kind" not in meta:
     raise ValueError(f"{config_path}: expected a JSON object with the mapper's 'kind'")
+  trained_for = meta.get("path", "cache")
+  if trained_for != path:
+    raise ValueError(
+      f"{folder}: an adapter trained on the {trained_for} synthesizer (train.path="
+      f"{trained_for!r}) cannot run the {path} synthesizer"
+    )
+  from psynth_jax.convert.peft import load_peft_lora
+
+  if path == "text":
+    return None, load_peft_lora(os.path.join(folder, "lora"), model_config)
   num_layers = meta.get("num_layers")
   if num_layers is not None and num_layers != model_config.num_layers:
     raise ValueError(
@@ -385,11 +404,10 @@ def load_export(folder: str | os.PathLike, model_config) -> tuple[Any, Any]:
   kind, features, hidden = meta["kind"], meta.get("features", "both"), meta.get("hidden_dim")
   mapper = Mapper.create(kind, num_layers, features, hidden_dim=hidden or HIDDEN)
   if not mapper.is_identity:
-    path = os.path.join(folder, "mapper", "mapper.safetensors")
+    weights = os.path.join(folder, "mapper", "mapper.safetensors")
     mapper = reference.mapper_from_state_dict(
-      safetensors.numpy.load_file(path), num_layers, features, path, kind, hidden
+      safetensors.numpy.load_file(weights), num_layers, features, weights, kind, hidden
     )
-  from psynth_jax.convert.peft import load_peft_lora
   from psynth_jax.operators import wrapping
 
   lora = load_peft_lora(os.path.join(folder, "lora"), model_config)

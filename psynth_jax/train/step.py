@@ -6,6 +6,11 @@
   --> CE on target tokens (+ kl_weight * KL to the text-concatenation teacher,
   whose logits the frozen base computes in the same program).
 
+With `path="text"` the step trains the control arm instead: a LoRA on the text
+synthesizer (the branches pasted as text: the teacher's prompt), the same CE on the
+same targets, no branch caches, no mapper. It tells how much of an arm's gain over the
+untrained text synthesizer is learning the targets' format rather than reading caches.
+
 Trainable parameters are `{"mapper": Mapper, "lora": LoRAWeights}`; the
 frozen base `Params` is a separate argument that is never differentiated and
 never returned. `trainable` picks what learns (`both | mapper_only |
@@ -37,6 +42,7 @@ from psynth_jax.train.batching import Batch
 from psynth_jax.workers import Branches
 
 TRAINABLE = ("both", "mapper_only", "lora_only")
+PATHS = ("cache", "text")  # the synthesizer trained: over merged branch caches, or over text
 SCHEDULES = ("constant", "warmup_constant", "warmup_cosine")
 
 
@@ -84,11 +90,20 @@ class StepConfig:
   # A merge operator spec the mapper trains inside (psynth_jax.operators.from_spec, e.g.
   # "recompute:fraction=0.15"); "": the paper's re-encode + mapper.
   merge: str = ""
+  path: str = "cache"  # PATHS; "text": the text-synthesizer LoRA (module docstring)
 
   def __post_init__(self):
     check_policy(self.remat)
     if self.trainable not in TRAINABLE:
       raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+    if self.path not in PATHS:
+      raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+    if self.path == "text":
+      # The text synthesizer has no mapper, no merge and is its own teacher.
+      if self.trainable != "lora_only":
+        raise ValueError(f"path='text' trains the LoRA only; got trainable={self.trainable!r}")
+      if self.merge or self.kl_weight > 0:
+        raise ValueError("path='text' takes no merge operator and no KL (it is the teacher)")
     if self.merge:
       name = operators.parse_spec(self.merge)[0]
       if name not in operators.names():
@@ -238,6 +253,20 @@ def encode_branch_batch(
   )
 
 
+def text_hidden(base: Params, batch: Batch, lora=None, lora_rng=None, remat: str = "none"):
+  """Hidden states [B, Y, D] at the target positions of the text-concatenation synthesizer:
+  the base (with `lora` in its layers, if given) over the branches pasted as text, the
+  batch's teacher prompt."""
+  if batch.teacher_tokens is None:
+    raise ValueError("the text synthesizer needs teacher tokens (BatchSpec.teacher_tokens > 0)")
+  p = batch.teacher_tokens.shape[1]
+  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), batch.teacher_tokens.shape)
+  x, _ = hidden_states(
+    base, batch.teacher_tokens, positions, None, batch.teacher_mask, lora, lora_rng, remat
+  )
+  return losses.gather_positions(x, batch.teacher_pos)
+
+
 def teacher_logits(base: Params, batch: Batch, lora=None) -> jax.Array:
   """The text-concatenation teacher's logits at the target positions [B, Y, V] (no gradient).
 
@@ -245,10 +274,7 @@ def teacher_logits(base: Params, batch: Batch, lora=None) -> jax.Array:
   student's (`lora.config.vocab_size`), so that the KL compares distributions
   over the same ids.
   """
-  p = batch.teacher_tokens.shape[1]
-  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), batch.teacher_tokens.shape)
-  x, _ = hidden_states(base, batch.teacher_tokens, positions, None, batch.teacher_mask)
-  x = losses.gather_positions(jax.lax.stop_gradient(x), batch.teacher_pos)
+  x = jax.lax.stop_gradient(text_hidden(base, batch))
   return jax.lax.stop_gradient(unembed(base, x, lora))
 
 
@@ -260,6 +286,26 @@ def merge_operator(params, merge: str, model_config):
   return operators.wrapping(merge, model_config, params["mapper"])
 
 
+def cache_hidden(params, base: Params, batch: Batch, config: StepConfig, lora_rng=None):
+  """The Parallel-Synthesis synthesizer's hidden states [B, T, D] over the merged branch
+  caches (the branches prefilled by the frozen base in the same program)."""
+  branches = encode_branch_batch(
+    base, batch.branch_tokens, batch.branch_mask, batch.branch_start, config.worker_prompt_tokens
+  )
+  return latent_hidden(
+    base,
+    branches,
+    batch.tokens,
+    batch.mask,
+    merge_operator(params, config.merge, base.config),
+    params["lora"],
+    config.branch_rows,
+    batch.num_workers,
+    lora_rng,
+    config.remat,
+  )
+
+
 def loss_fn(params, base: Params, batch: Batch, rng: jax.Array, config: StepConfig):
   """(loss, metrics) of one batch; differentiable in `params` only."""
   params = {
@@ -267,23 +313,13 @@ def loss_fn(params, base: Params, batch: Batch, rng: jax.Array, config: StepConf
     for part, tree in params.items()
   }
   lora = params["lora"]
-  branches = encode_branch_batch(
-    base, batch.branch_tokens, batch.branch_mask, batch.branch_start, config.worker_prompt_tokens
-  )
   lora_rng = rng if lora.config.dropout > 0 else None
-  x = latent_hidden(
-    base,
-    branches,
-    batch.tokens,
-    batch.mask,
-    merge_operator(params, config.merge, base.config),
-    lora,
-    config.branch_rows,
-    batch.num_workers,
-    lora_rng,
-    config.remat,
-  )
-  logits = unembed(base, losses.gather_positions(x, batch.score_pos), lora)  # [B, Y, V]
+  if config.path == "text":
+    x = text_hidden(base, batch, lora, lora_rng, config.remat)
+  else:
+    x = cache_hidden(params, base, batch, config, lora_rng)
+    x = losses.gather_positions(x, batch.score_pos)
+  logits = unembed(base, x, lora)  # [B, Y, V]
   ce = losses.cross_entropy(logits, batch.labels, batch.weights, config.loss_normalize)
   metrics = {"ce": ce, "accuracy": losses.accuracy(logits, batch.labels, batch.weights)}
   loss = config.ce_weight * ce
@@ -306,10 +342,13 @@ def _select(pred, new, old):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
-def _processed_tokens(batch: Batch, with_teacher: bool) -> jax.Array:
-  """Tokens run through a model this step: branch prefill + synthesizer (+ teacher)."""
+def _processed_tokens(batch: Batch, config: StepConfig) -> jax.Array:
+  """Tokens run through a model this step: branch prefill + synthesizer (+ teacher), or the
+  text synthesizer's alone."""
+  if config.path == "text":
+    return jnp.sum(batch.teacher_mask)
   total = jnp.sum(batch.branch_mask) + jnp.sum(batch.mask)
-  if with_teacher:
+  if config.kl_weight > 0:
     total = total + jnp.sum(batch.teacher_mask)
   return total
 
@@ -348,7 +387,7 @@ def train_step(
     skipped=skipped,
     examples=batch.skipped.shape[0] - skipped,
     target_tokens=jnp.sum(batch.weights),
-    tokens=_processed_tokens(batch, with_teacher=config.kl_weight > 0),
+    tokens=_processed_tokens(batch, config),
   )
   new_state = TrainState(state.step + 1, params, opt_state, state.skipped + skipped)
   return new_state, metrics

@@ -69,7 +69,8 @@ class TrainResult:
 # ---------------------------------------------------------------- config -> library types
 def batch_spec(config: ConfigDict) -> batching.BatchSpec:
   b = config.batch
-  teacher = b.teacher_tokens if config.train.kl_weight > 0 else 0
+  uses_teacher = config.train.kl_weight > 0 or config.train.path == "text"
+  teacher = b.teacher_tokens if uses_teacher else 0
   return batching.BatchSpec(
     b.max_branches,
     b.branch_tokens,
@@ -95,6 +96,7 @@ def step_config(config: ConfigDict) -> step_lib.StepConfig:
     worker_prompt_tokens=config.batch.worker_prompt_tokens,
     remat=t.remat,
     merge=t.merge,
+    path=t.path,
   )
 
 
@@ -472,6 +474,6 @@ def train(config: ConfigDict, workdir: str, stop_after: int | None = None) -> Tr
   if finished and config.export.enabled and jax.process_index() == 0:
     folder = os.path.join(workdir, "export")
     export_dir = checkpoints.export(
-      fetch(state.params), folder, config.model.path, merge=config.train.merge
+      fetch(state.params), folder, config.model.path, config.train.merge, config.train.path
     )
   return TrainResult(state, step, history, dict(skip_reasons), export_dir, interrupted)
