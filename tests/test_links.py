@@ -1,6 +1,8 @@
 """Learned link tokens (`psynth_jax/operators/links.py`).
 
 * Closed links (gate -inf) are the paper's path exactly; open ones change the logits.
+  Under `layout="sequential"` closed links are the sequential-positions path, each
+  branch's links after it in the end-to-end layout.
 * Branch i's link rows equal the link tokens decoded one at a time over the paper's
   merged cache at positions span_i + j (an independent path: token ids, not vectors).
 * `embedded=` vectors equal the embedding of the same token ids.
@@ -55,6 +57,25 @@ def test_closed_links_are_the_paper_path(lm, branches):
   assert np.abs(logits(lm, branches, opened) - paper).max() > 1e-3
   got = synthesize(lm, branches, PROMPT, max_new_tokens=4, merge=op.closed())
   assert got.tokens == synthesize(lm, branches, PROMPT, mapper, max_new_tokens=4).tokens
+
+
+def test_closed_sequential_links_are_the_sequential_path(lm, branches):
+  mapper = Mapper.create("head_affine", CONFIG.num_layers, seed=3)
+  op = operators.create("links", CONFIG, mapper=mapper, num_links=2, layout="sequential")
+  assert op.name == "links2_sequential/head_affine" and not op.order_free
+  sequential = operators.create("sequential", CONFIG, mapper=mapper)
+  want = logits(lm, branches, sequential)
+  np.testing.assert_allclose(logits(lm, branches, op.closed()), want, atol=ATOL)
+  assert np.abs(logits(lm, branches, op) - want).max() > 1e-4  # open (gate -4): they count
+  rows = 32
+  got = op.merge(lm.params, branches, rows=rows + op.extra_rows(3), capacity=rows + 16)
+  ends = np.cumsum([len(t) for t in TEXTS])
+  np.testing.assert_array_equal(
+    np.asarray(got.positions[0, rows : rows + 6]), (ends[:, None] + np.arange(2)).reshape(-1)
+  )
+  assert int(op.start(branches)) == ends[-1]
+  with pytest.raises(ValueError, match="layout"):
+    operators.create("links", CONFIG, layout="interleaved")
 
 
 def test_link_rows_equal_decoding_the_links_over_the_merged_cache(lm, branches):

@@ -22,6 +22,11 @@ gradient at once, so the links start nearly off: at the default gate -4 a link r
 whose score equals a branch row's gets e^-4 (1.8 %) of its weight; gate = -inf is the
 paper's path exactly (`closed()`). Order-free: permuting the branches permutes their
 rows and their links' rows, and every link sees the branches as a set.
+
+`layout="sequential"` lays the branches end to end first (`sequential.py`: branch i
+starts where branch i - 1 ends), each branch's links right after it, and the synthesizer
+after the last branch: closed links are then the sequential-positions path exactly. That
+layout is order-dependent, as `sequential` is.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ from psynth_jax.model.config import ModelConfig
 from psynth_jax.model.transformer import hidden_states
 from psynth_jax.operators.base import register
 from psynth_jax.operators.reencode import Reencode
+from psynth_jax.operators.sequential import laid_end_to_end
+
+LAYOUTS = ("shared", "sequential")  # the branches' positions: a shared start, or end to end
 
 GATE_INIT = -4.0
 INIT_STD = 0.02  # the embedding table's init scale (x sqrt(D) for Gemma's scaled inputs)
@@ -49,9 +57,20 @@ class Links(Reencode):
 
   embeddings: jax.Array | None = None  # [n, D] float32, the links' input vectors
   gate: jax.Array | None = None  # [n] float32, the synthesizer's score bias per link
+  layout: str = pytree.field(static=True, default="shared")  # LAYOUTS
 
   @classmethod
-  def create(cls, config, mapper=None, seed=0, num_links: int = 2, gate: float = GATE_INIT):
+  def create(
+    cls,
+    config,
+    mapper=None,
+    seed=0,
+    num_links: int = 2,
+    gate: float = GATE_INIT,
+    layout: str = "shared",
+  ):
+    if layout not in LAYOUTS:
+      raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
     if not (isinstance(num_links, int) and num_links >= 1):
       raise ValueError(f"num_links={num_links!r} must be a positive integer")
     if not (isinstance(gate, (int, float)) and gate < math.inf and not math.isnan(gate)):
@@ -60,7 +79,8 @@ class Links(Reencode):
     std = INIT_STD * (math.sqrt(config.hidden_size) if config.embed_scale else 1.0)
     rng = np.random.default_rng(seed)  # host-side: the same links for a seed everywhere
     embeddings = (std * rng.standard_normal((num_links, config.hidden_size))).astype(np.float32)
-    op = cls(base.mapper, jnp.asarray(embeddings), jnp.full((num_links,), gate, jnp.float32))
+    gates = jnp.full((num_links,), gate, jnp.float32)
+    op = cls(base.mapper, jnp.asarray(embeddings), gates, layout)
     op.check(config)
     return op
 
@@ -69,9 +89,13 @@ class Links(Reencode):
     return self.embeddings.shape[0]
 
   @property
+  def order_free(self) -> bool:
+    return self.layout == "shared"
+
+  @property
   def name(self) -> str:
     inner = super().name
-    head = f"links{self.num_links}"
+    head = f"links{self.num_links}" + ("" if self.layout == "shared" else f"_{self.layout}")
     return head if inner == "naive_merge" else f"{head}/{self.mapper.kind}"
 
   def closed(self) -> Links:
@@ -84,16 +108,18 @@ class Links(Reencode):
   def merge(self, params, branches, *, rows, capacity, num_workers=None):
     n, k = self.num_links, branches.num_branches
     base = rows - self.extra_rows(k)  # the caller sized rows for both (`extra_rows`)
-    cache = super().merge(params, branches, rows=base, capacity=base + n, num_workers=num_workers)
+    laid = branches if self.layout == "shared" else laid_end_to_end(branches)
+    cache = super().merge(params, laid, rows=base, capacity=base + n, num_workers=num_workers)
     embedded = self.embeddings.astype(jnp.float32)[None]  # [1, n, D]
     dummy = jnp.zeros((1, n), jnp.int32)
 
-    def run(span):  # branch i's links over the merged cache -> their rows
-      positions = span + jnp.arange(n, dtype=jnp.int32)
+    def run(end):  # branch i's links over the merged cache, after its last row -> their rows
+      positions = end + jnp.arange(n, dtype=jnp.int32)
       _, out = hidden_states(params, dummy, positions[None], cache, embedded=embedded)
       return tuple(x[0, :, base:] for x in out.k), tuple(x[0, :, base:] for x in out.v), positions
 
-    link_k, link_v, link_pos = jax.vmap(run)(branches.span)  # L x [K, G, n, H], [K, n]
+    ends = branches.span if self.layout == "shared" else jnp.cumsum(branches.span)
+    link_k, link_v, link_pos = jax.vmap(run)(ends)  # L x [K, G, n, H], [K, n]
     link_valid = jnp.repeat(branches.lengths > 0, n)  # [K * n]
     pad = capacity - rows
 
@@ -115,6 +141,9 @@ class Links(Reencode):
       bias=column(jnp.zeros(base + n, jnp.float32), gate),
       index=jnp.asarray(rows, jnp.int32),
     )
+
+  def start(self, branches):
+    return super().start(branches) if self.layout == "shared" else branches.span.sum()
 
   def flops(self, config: ModelConfig, branches) -> float:
     from psynth_jax.eval.ttft import prefill_flops
