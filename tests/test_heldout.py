@@ -114,8 +114,28 @@ def test_heldout_ce_against_plain_references(setup):
     assert np.isfinite(r["naive_merge"]) and r["naive_merge"] > 0
   table = heldout.format_table(result, [*text_arms, *arms])
   assert "| chat_rounds | 3 |" in table and "branch_too_long" in table and "text_lora" in table
+  assert "naive_merge - text teacher, all 5 examples" in table
   with pytest.raises(ValueError, match="distinct"):
     heldout.evaluate(lm.params, batcher, traces, arms, text_arms={"fresh": fresh[1]})
+
+  # Per-example records: they sum to the task figures and pair by id.
+  records = result["examples"]
+  assert sorted(r["id"] for r in records) == sorted(t["id"] for t in traces if t["id"] != "long")
+  for task, r in by_task.items():
+    mine = [x for x in records if x["task"] == task]
+    tokens = sum(x["tokens"] for x in mine)
+    for arm in ("text", "naive_merge", "text_lora"):
+      np.testing.assert_allclose(sum(x[arm] for x in mine) / tokens, r[arm], rtol=1e-6)
+  same = heldout.paired_difference(records, "naive_merge", records, "naive_merge")
+  assert same["difference"] == 0 and same["interval"] == [0.0, 0.0]
+  gap = heldout.paired_difference(records, "naive_merge", records[::-1], "text", resamples=500)
+  tokens = sum(x["tokens"] for x in records)
+  want = sum(x["naive_merge"] - x["text"] for x in records) / tokens
+  assert gap["examples"] == len(records) and gap["tokens"] == tokens
+  np.testing.assert_allclose(gap["difference"], want, rtol=1e-9)
+  assert gap["interval"][0] <= gap["difference"] <= gap["interval"][1]
+  with pytest.raises(ValueError, match="share no example"):
+    heldout.paired_difference(records[:1], "text", records[1:], "text")
 
 
 def test_heldout_ce_needs_the_teacher(setup):

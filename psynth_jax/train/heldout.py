@@ -87,8 +87,10 @@ def evaluate(
 
   Returns:
     {"tasks": {task: {"examples", "tokens", "text", arm: ..., text arm: ...}},
-    "skipped": {reason: n}},
-    CE in nats per target token (the tokens of all a task's examples pooled).
+    "skipped": {reason: n}, "examples": [{"id", "task", "tokens", "text", arm: ...}]},
+    CE in nats per target token (the tokens of all a task's examples pooled); the
+    per-example records hold summed nats, so that runs on the same traces pair by id
+    (`paired_difference`).
   """
   from tqdm.auto import tqdm
 
@@ -97,9 +99,11 @@ def evaluate(
     raise ValueError("held-out CE needs the text teacher: set batch.teacher_tokens > 0")
   text_arms = dict(text_arms or {})
   names = set(arms) | set(text_arms)
-  if clash := (set(arms) & set(text_arms)) | (names & {"text", "examples", "tokens"}):
-    raise ValueError(f"arm names must be distinct and not 'text'/'examples'/'tokens': {clash}")
+  reserved = {"text", "examples", "tokens", "id", "task"}
+  if clash := (set(arms) & set(text_arms)) | (names & reserved):
+    raise ValueError(f"arm names must be distinct and none of {sorted(reserved)}: {clash}")
   sums: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  per_example: list[dict[str, Any]] = []
   skipped: collections.Counter[str] = collections.Counter()
   kept = []
   for ex in examples:
@@ -115,23 +119,22 @@ def evaluate(
     batch, _ = batcher(chunk, batch_size)
     tokens = np.asarray(batch.weights).sum(-1)
     jbatch = jax.tree.map(jnp.asarray, batch)
-    for i, ex in enumerate(chunk):
-      sums[ex["task"]]["examples"] += 1
-      sums[ex["task"]]["tokens"] += float(tokens[i])
-    teacher = np.asarray(text_ce(base, jbatch))
+    scores = {"text": np.asarray(text_ce(base, jbatch))}
     for name, lora in text_arms.items():
-      student = np.asarray(text_ce(base, jbatch, lora))
-      for i, ex in enumerate(chunk):
-        sums[ex["task"]][name] += float(student[i])
+      scores[name] = np.asarray(text_ce(base, jbatch, lora))
       bar.update(len(chunk))
     for name, (mapper, lora) in arms.items():
       rows, prompt = spec.branch_rows, spec.worker_prompt_tokens
-      student = np.asarray(synthesizer_ce(base, mapper, lora, jbatch, rows, prompt))
-      for i, ex in enumerate(chunk):
-        sums[ex["task"]][name] += float(student[i])
+      scores[name] = np.asarray(synthesizer_ce(base, mapper, lora, jbatch, rows, prompt))
       bar.update(len(chunk))
     for i, ex in enumerate(chunk):
-      sums[ex["task"]]["text"] += float(teacher[i])
+      record = {"id": ex["id"], "task": ex["task"], "tokens": float(tokens[i])}
+      record.update({name: float(ce[i]) for name, ce in scores.items()})
+      per_example.append(record)
+      task_sums = sums[ex["task"]]
+      task_sums["examples"] += 1
+      for name in ("tokens", *scores):
+        task_sums[name] += record[name]
   bar.close()
   tasks = {}
   for task, s in sorted(sums.items()):
@@ -139,11 +142,47 @@ def evaluate(
     tasks[task] = {"examples": int(s["examples"]), "tokens": int(s["tokens"])}
     tasks[task]["text"] = s["text"] / n
     tasks[task].update({name: s[name] / n for name in [*text_arms, *arms]})
-  return {"tasks": tasks, "skipped": dict(skipped)}
+  return {"tasks": tasks, "skipped": dict(skipped), "examples": per_example}
+
+
+def paired_difference(
+  a: Sequence[Mapping[str, Any]],
+  arm_a: str,
+  b: Sequence[Mapping[str, Any]],
+  arm_b: str,
+  *,
+  resamples: int = 10_000,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """Token-weighted CE of `arm_a` minus `arm_b` over the examples both records hold (by id),
+  with a 95 % percentile-bootstrap interval over examples.
+
+  `a`, `b`: the "examples" of two `evaluate` results (the same run, or two runs on the
+  same traces). Examples must agree on their target tokens (the same budgets).
+  """
+  by_id = {r["id"]: r for r in b}
+  pairs = [(r, by_id[r["id"]]) for r in a if r["id"] in by_id]
+  if not pairs:
+    raise ValueError("the two records share no example id")
+  if bad := [ra["id"] for ra, rb in pairs if ra["tokens"] != rb["tokens"]]:
+    raise ValueError(f"examples {bad[:5]} have other target token counts in the two records")
+  tokens = np.asarray([ra["tokens"] for ra, _ in pairs])
+  diff = np.asarray([ra[arm_a] - rb[arm_b] for ra, rb in pairs])  # summed nats per example
+  rng = np.random.default_rng(seed)
+  picks = rng.integers(0, len(pairs), (resamples, len(pairs)))
+  boot = diff[picks].sum(-1) / tokens[picks].sum(-1)
+  lo, hi = np.percentile(boot, [2.5, 97.5])
+  return {
+    "examples": len(pairs),
+    "tokens": int(tokens.sum()),
+    "difference": float(diff.sum() / tokens.sum()),
+    "interval": [float(lo), float(hi)],
+  }
 
 
 def format_table(result: Mapping[str, Any], arms: Sequence[str]) -> str:
-  """A markdown table: task, examples, target tokens, text CE, each arm's CE and gap."""
+  """A markdown table: task, examples, target tokens, text CE, each arm's CE and gap; then
+  each arm against the text teacher over all examples, with its paired 95 % interval."""
   head = "| task | examples | target tokens | text teacher | " + " | ".join(arms) + " |"
   lines = [head, "|" + "---|" * (4 + len(arms))]
   for task, r in result["tasks"].items():
@@ -154,4 +193,12 @@ def format_table(result: Mapping[str, Any], arms: Sequence[str]) -> str:
   if result["skipped"]:
     lines.append(f"\nskipped (over budget): {result['skipped']}")
   lines.append("\nnats per target token; in parentheses the arm minus the text teacher.")
+  if examples := result.get("examples"):
+    for arm in arms:
+      d = paired_difference(examples, arm, examples, "text")
+      lo, hi = d["interval"]
+      lines.append(
+        f"{arm} - text teacher, all {d['examples']} examples (token-weighted):"
+        f" {d['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired bootstrap, 95 %)"
+      )
   return "\n".join(lines)
