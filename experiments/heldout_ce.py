@@ -43,7 +43,7 @@ def main() -> None:
   for name, folder in parse_adapters(args.adapter).items():
     arms[name] = load_adapter(folder, lm)
   text_arms = {
-    name: load_adapter(folder, lm, path="text")[1]
+    name: load_adapter(folder, lm, synthesizer="text")[1]
     for name, folder in parse_adapters(args.text_adapter).items()
   }
   examples = data.read_jsonl(args.jsonl)

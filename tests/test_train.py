@@ -376,18 +376,18 @@ def test_the_text_arm_trains_a_lora_on_the_text_synthesizer(base, batch, tmp_pat
     for x, y in zip(jax.tree.leaves(after["lora"]), jax.tree.leaves(before["lora"]), strict=True)
   )
 
-  folder = checkpoints.export(after, str(tmp_path / "text"), path="text")
+  folder = checkpoints.export(after, str(tmp_path / "text"), synthesizer="text")
   assert not (tmp_path / "text" / "mapper" / "mapper.safetensors").exists()  # no mapper kept
   with pytest.raises(ValueError, match="text synthesizer"):
     checkpoints.load_export(folder, CONFIG)
-  none, loaded = checkpoints.load_export(folder, CONFIG, path="text")
+  none, loaded = checkpoints.load_export(folder, CONFIG, synthesizer="text")
   assert none is None
   for t in loaded.config.targets:
     for got, want in zip(loaded.arrays(t), after["lora"].arrays(t), strict=True):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
   cache_export = checkpoints.export(after, str(tmp_path / "cache"))
   with pytest.raises(ValueError, match="cache synthesizer"):
-    checkpoints.load_export(cache_export, CONFIG, path="text")
+    checkpoints.load_export(cache_export, CONFIG, synthesizer="text")
 
   for bad in (dict(trainable="both"), dict(trainable="lora_only", kl_weight=0.5)):
     with pytest.raises(ValueError, match="path='text'"):

@@ -90,7 +90,7 @@ def save_release(folder: str | os.PathLike, mapper=None, lora=None, base_model: 
 
 
 def load_adapter(
-  folder: str | os.PathLike, lm=None, *, embeddings: str = "check", path: str = "cache"
+  folder: str | os.PathLike, lm=None, *, embeddings: str = "check", synthesizer: str = "cache"
 ) -> Any:
   """(Mapper or None, LoRAWeights or None) of any adapter folder psynth_jax reads.
 
@@ -101,12 +101,12 @@ def load_adapter(
     lm: optional: the base `LanguageModel`; with it, shapes are checked now (a
       trainer export needs it: its mapper records the layer count it was made for).
     embeddings: a PEFT / release LoRA's embedding copies: "check" | "ignore".
-    path: the synthesizer that will run it, "cache" (Parallel-Synthesis) or "text"; a
-      trainer export made for the other is refused, a release folder is cache-only.
+    synthesizer: what will run it, "cache" (Parallel-Synthesis) or "text" (`train.path`);
+      a trainer export made for the other is refused, a release folder is cache-only.
   """
   from psynth_jax.convert.peft import CONFIG_FILE, load_peft_lora
 
-  synthesizer, path = path, Path(folder).expanduser()
+  path = Path(folder).expanduser()
   if (path / "mapper" / "mapper_config.json").is_file():
     from psynth_jax.train.checkpoints import load_export
 

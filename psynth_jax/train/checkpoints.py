@@ -281,11 +281,15 @@ class Checkpointer:
 
 
 def export(
-  params: dict[str, Any], folder: str, base_model: str = "", merge: str = "", path: str = "cache"
+  params: dict[str, Any],
+  folder: str,
+  base_model: str = "",
+  merge: str = "",
+  synthesizer: str = "cache",
 ) -> str:
   """Writes the LoRA as a PEFT adapter and the mapper with the reference's names (see top);
   `merge`: the operator spec the adapter was trained under, recorded with the mapper;
-  `path`: the synthesizer it was trained for (`step.PATHS`), recorded when "text"."""
+  `synthesizer`: the one it was trained for (`train.path`), recorded when "text"."""
   lora, mapper = params["lora"], params["mapper"]
   lora_dir, mapper_dir = os.path.join(folder, "lora"), os.path.join(folder, "mapper")
   os.makedirs(mapper_dir, exist_ok=True)
@@ -299,7 +303,7 @@ def export(
       json.dump(dataclasses.asdict(lora.config), f, indent=2)
   else:
     export_peft_lora(lora, lora_dir, base_model)
-  if not mapper.is_identity and path == "cache":  # a text arm has no mapper to keep
+  if not mapper.is_identity and synthesizer == "cache":  # a text arm has no mapper to keep
     # torch Linear layout, weight [out, in]: `affine` is the reference mapper
     # itself; `head_affine` has the same layers with 2 more inputs.
     arrays = reference.mapper_to_state_dict(mapper)
@@ -313,8 +317,8 @@ def export(
     }
     if merge:
       meta["merge"] = merge
-    if path != "cache":
-      meta["path"] = path
+    if synthesizer != "cache":
+      meta["path"] = synthesizer
     json.dump(meta, f, indent=2)
   if "operator" in params:  # the operator's own arrays (link tokens), by field name
     arrays = {name: np.asarray(a) for name, a in _own_arrays(params["operator"]).items()}
@@ -357,11 +361,13 @@ def _with_own_arrays(op, path: str):
   return op.replace(**{name: jnp.asarray(v) for name, v in saved.items()})
 
 
-def load_export(folder: str | os.PathLike, model_config, path: str = "cache") -> tuple[Any, Any]:
+def load_export(
+  folder: str | os.PathLike, model_config, synthesizer: str = "cache"
+) -> tuple[Any, Any]:
   """Reads an `export` folder back: (Mapper, LoRAWeights) for `model_config`'s base model.
 
-  `path` is the synthesizer the caller runs ("cache" or "text"); an adapter trained for
-  the other one is refused. A text adapter comes back as (None, LoRAWeights).
+  `synthesizer` is what the caller runs ("cache" or "text", as `train.path`); an adapter
+  trained for the other is refused. A text adapter comes back as (None, LoRAWeights).
 
   An adapter trained under a merge operator (`train.merge`, recorded as "merge" in
   mapper_config.json) comes back as that operator around its mapper (a
@@ -374,7 +380,7 @@ def load_export(folder: str | os.PathLike, model_config, path: str = "cache") ->
   Raises:
     FileNotFoundError: the folder lacks mapper/mapper_config.json or the LoRA files.
     KeyError / ValueError: tensors missing or of the wrong shape (named); a
-      mapper made for another layer count; an adapter of the other `path`.
+      mapper made for another layer count; an adapter of the other synthesizer.
   """
   from psynth_jax.mapper import HIDDEN, Mapper
 
@@ -387,14 +393,14 @@ def load_export(folder: str | os.PathLike, model_config, path: str = "cache") ->
   if not isinstance(meta, dict) or "kind" not in meta:
     raise ValueError(f"{config_path}: expected a JSON object with the mapper's 'kind'")
   trained_for = meta.get("path", "cache")
-  if trained_for != path:
+  if trained_for != synthesizer:
     raise ValueError(
       f"{folder}: an adapter trained on the {trained_for} synthesizer (train.path="
-      f"{trained_for!r}) cannot run the {path} synthesizer"
+      f"{trained_for!r}) cannot run the {synthesizer} synthesizer"
     )
   from psynth_jax.convert.peft import load_peft_lora
 
-  if path == "text":
+  if synthesizer == "text":
     return None, load_peft_lora(os.path.join(folder, "lora"), model_config)
   num_layers = meta.get("num_layers")
   if num_layers is not None and num_layers != model_config.num_layers:
