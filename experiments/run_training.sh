@@ -37,7 +37,10 @@ for arm in $ARMS; do
   [ -f "$out" ] && { echo "$arm: done ($out)"; continue; }
   python experiments/train.py --config "$CONFIG:$arg" --workdir "$work"
   cp "$work/metrics.jsonl" "$RESULTS_DIR/stage1_${arm}_metrics.jsonl"
-  flag=--adapter; [ "$arm" = text ] && flag=--text-adapter  # the text synthesizer's LoRA
+  flag=--adapter; name=$arm
+  if [ "$arm" = text ]; then  # a LoRA of the text synthesizer ("text" names the teacher)
+    flag=--text-adapter; name=text_lora
+  fi
   python experiments/heldout_ce.py --config "$CONFIG:stage1" \
-    --jsonl "$HELDOUT" "$flag" "$arm=$work/export" --out "$out"
+    --jsonl "$HELDOUT" "$flag" "$name=$work/export" --out "$out"
 done
